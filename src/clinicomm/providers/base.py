@@ -1,0 +1,188 @@
+"""What every provider adapter is: its credentials model, its message, its contract.
+
+An adapter module (`providers/<channel>/<provider>.py`) declares a credentials model (a
+`ProviderCredentials` subclass whose secret fields are `SecretStr`) and a `ProviderAdapter`
+subclass, and registers the adapter with one line (`registry.register(MyAdapter)`). This package
+imports nothing from the rest of clinicomm, so an adapter can be read, tested and reused alone.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic.alias_generators import to_camel
+
+MASK = "********"
+
+
+class Channel(StrEnum):
+    """A way of reaching a patient."""
+
+    EMAIL = "email"  # an email address, through SMTP or an email API
+    WHATSAPP = "whatsapp"  # an E.164 number on WhatsApp
+    SMS = "sms"  # an E.164 number by text message
+
+
+class ProviderCredentials(BaseModel):
+    """Base of every provider's credentials model.
+
+    Field names are snake_case in Python and camelCase in JSON (`accessKeyId`). Secret fields
+    are typed `SecretStr` (or `SecretStr | None`): that one declaration drives encryption at
+    rest, masking in answers and redaction in logs. Unknown fields are rejected.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        str_strip_whitespace=True,
+        hide_input_in_errors=True,
+    )
+
+    #: When the credentials stop working (token expiry); drives the expiry alert.
+    expires_at: datetime | None = None
+
+    @classmethod
+    def secret_fields(cls) -> tuple[str, ...]:
+        """The JSON (alias) names of the secret fields, in declaration order."""
+        return tuple(
+            (info.alias or name)
+            for name, info in cls.model_fields.items()
+            if _is_secret(info.annotation)
+        )
+
+    def public_dict(self) -> dict[str, Any]:
+        """JSON form with every secret replaced by the mask; safe to answer and to log."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for key in self.secret_fields():
+            if key in data:
+                data[key] = MASK
+        return data
+
+    def secret_dict(self) -> dict[str, Any]:
+        """JSON form with secrets in clear. Only for the encrypted store; never log it."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                data[info.alias or name] = value.get_secret_value()
+        return data
+
+
+def _is_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    args = getattr(annotation, "__args__", ())
+    return any(a is SecretStr for a in args)
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateRef:
+    """A provider-side template to send instead of free text.
+
+    `name` is either the clinic's logical name (a key of the credentials' `templates` map) or
+    the provider's own template name; `variables` are positional ("1", "2", …) or named.
+    """
+
+    name: str
+    language: str = "en"
+    variables: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """One message to one recipient on one channel, as the worker hands it to an adapter.
+
+    `to` is an email address (email) or a canonical E.164 number with `+` (WhatsApp, SMS).
+    `reference` is our opaque delivery id: the only thing an adapter may put in provider
+    metadata (tags, custom args); never a name, address or body.
+    """
+
+    channel: Channel
+    to: str
+    reference: str
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    template: TemplateRef | None = None
+    from_email: str | None = None  # clinic's defaultFrom, when the credentials have none
+    from_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What a provider answered when it took the message."""
+
+    provider_message_id: str | None
+    #: Provider's own status word, if it gave one ("queued", "accepted", "202").
+    provider_status: str | None = None
+
+
+@dataclass(slots=True)
+class AdapterContext:
+    """Process-wide things an adapter may use; built once, shared by all adapters."""
+
+    #: The one aiohttp session of the process (connection pool, keep-alive).
+    http: aiohttp.ClientSession | None = None
+    #: Per-request timeout for provider calls, in seconds.
+    timeout: float = 10.0
+    #: `production` refuses unsafe settings (plain-text SMTP to remote hosts, no cert checks).
+    environment: str = "development"
+    #: Extra CA file for TLS (tests use a local CA); None means the system store.
+    ca_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ProviderAdapter(abc.ABC):
+    """One provider, configured for one clinic (or the global config).
+
+    Subclasses set the class attributes and implement `send` and `probe`. An adapter instance
+    is built per (clinic, config version) and reused for every message until the config
+    changes; `close` releases what it holds (SMTP connections). `repr` never shows a secret.
+    """
+
+    key: ClassVar[str]
+    channel: ClassVar[Channel]
+    display_name: ClassVar[str]
+    credentials_model: ClassVar[type[ProviderCredentials]]
+
+    def __init__(self, credentials: ProviderCredentials, context: AdapterContext) -> None:
+        self.credentials = credentials
+        self.context = context
+
+    @abc.abstractmethod
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Hand one message to the provider.
+
+        Returns the provider's message id. Raises a `ProviderError` subclass, classified at
+        this boundary: `RateLimitedError` (with `retry_after`) when the provider asked us to slow
+        down, `TransientError` for timeouts and 5xx worth retrying on the same provider,
+        `ProviderDownError` when it is unreachable or out of quota, `ConfigurationError` for
+        bad credentials or sender, `RecipientError` for a bad address, `ComplianceError` for an
+        opt-out or a closed WhatsApp window. Never raises anything else for a provider answer.
+        """
+
+    @abc.abstractmethod
+    async def probe(self) -> None:
+        """Check connectivity and credentials cheaply, without sending a message.
+
+        Returns None when the provider answers and accepts the credentials; raises the same
+        classified errors as `send` otherwise.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections held by this adapter. Safe to call twice."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} key={self.key} channel={self.channel.value}>"
+
+    def describe(self) -> Iterator[str]:
+        """Non-secret facts for logs: provider key and channel."""
+        yield f"{self.channel.value}:{self.key}"

@@ -1,0 +1,166 @@
+"""The one exception tree for provider failures.
+
+Every adapter translates what its provider answers (HTTP status, provider error code, SMTP
+reply, network failure) into exactly one of these classes, at one boundary: the adapter. The
+delivery worker decides what to do from the class alone:
+
+    ProviderError
+    ├── TransientError          retry later on the *same* provider (backoff, Retry-After)
+    │   └── RateLimitedError    provider said "slow down"; not a health failure
+    │       └── RecipientRateLimitedError   only this recipient must wait (WA 131056)
+    ├── ProviderDownError       try the next provider now (5xx storm, quota exhausted, unreachable)
+    ├── ConfigurationError      credentials/sender wrong: trip the breaker, alert, fail over
+    ├── RecipientError          this address can't receive on this channel: fail, no failover
+    └── ComplianceError         opt-out, 24-hour window, template required: never routed around
+
+Each error carries the provider key, the HTTP/SMTP status, the provider's own error code and a
+truncated, redacted excerpt of the response (`detail`); never a credential, never a body we sent.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+_MAX_DETAIL = 300
+# Things that look like an email address or a phone number are masked in error details:
+# a provider may echo the recipient back, and details end up in logs and API answers.
+_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_PHONE_RE = re.compile(r"\+?\d[\d\s().-]{6,}\d")
+
+
+class ErrorClass(StrEnum):
+    """What the worker does about a failure; stored on every delivery attempt."""
+
+    TRANSIENT = "transient"  # retry the same provider after a backoff
+    RATE_LIMITED = "rate_limited"  # retry the same provider after Retry-After; not a health failure
+    RECIPIENT_RATE_LIMITED = "recipient_rate_limited"  # delay only this recipient
+    PROVIDER_DOWN = "provider_down"  # fail over to the next provider now
+    CONFIGURATION = "configuration"  # bad credentials or sender: fail over and alert
+    RECIPIENT = "recipient"  # permanent for this address: fail, no failover
+    COMPLIANCE = "compliance"  # opt-out / window: fail, never routed around
+
+
+def redact(text: str | None, limit: int = _MAX_DETAIL) -> str | None:
+    """Truncate a provider response and mask anything that looks like an address or number."""
+    if text is None:
+        return None
+    text = _EMAIL_RE.sub("<email>", text)
+    text = _PHONE_RE.sub("<phone>", text)
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return text
+
+
+class ProviderError(Exception):
+    """Base of every classified provider failure."""
+
+    error_class: ErrorClass = ErrorClass.TRANSIENT
+    #: Whether this failure lowers the provider's health (rate limits do not).
+    counts_for_health: bool = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        status_code: int | None = None,
+        code: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.status_code = status_code
+        self.code = code
+        self.detail = redact(detail)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-safe summary for attempt rows and API answers (already redacted)."""
+        return {
+            "class": self.error_class.value,
+            "provider": self.provider,
+            "message": self.message,
+            "statusCode": self.status_code,
+            "code": self.code,
+            "detail": self.detail,
+        }
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.provider:
+            parts.append(f"provider={self.provider}")
+        if self.status_code is not None:
+            parts.append(f"status={self.status_code}")
+        if self.code:
+            parts.append(f"code={self.code}")
+        return " ".join(parts)
+
+
+class TransientError(ProviderError):
+    """Retry later on the same provider; `retry_after` (seconds) when the provider said so."""
+
+    error_class = ErrorClass.TRANSIENT
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class RateLimitedError(TransientError):
+    """The provider asked us to slow down (429, 20429, 130429, Throttling, SMTP 454)."""
+
+    error_class = ErrorClass.RATE_LIMITED
+    counts_for_health = False
+
+
+class RecipientRateLimitedError(RateLimitedError):
+    """Only this recipient must wait (WhatsApp pair rate limit 131056); others keep flowing."""
+
+    error_class = ErrorClass.RECIPIENT_RATE_LIMITED
+
+
+class ProviderDownError(ProviderError):
+    """Provider unreachable, failing or out of quota: try the next provider in the chain now."""
+
+    error_class = ErrorClass.PROVIDER_DOWN
+
+
+class ConfigurationError(ProviderError):
+    """Credentials, sender or template setup is wrong for this clinic: fail over and alert."""
+
+    error_class = ErrorClass.CONFIGURATION
+
+
+class RecipientError(ProviderError):
+    """This address cannot receive on this channel: fail the delivery, no failover."""
+
+    error_class = ErrorClass.RECIPIENT
+    counts_for_health = False
+
+
+class ComplianceError(ProviderError):
+    """Opt-out, 24-hour window or missing template: fail, never retried or routed around."""
+
+    error_class = ErrorClass.COMPLIANCE
+    counts_for_health = False
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delay-seconds or HTTP-date, RFC 9110)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+    import time
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)

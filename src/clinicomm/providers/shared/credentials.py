@@ -1,0 +1,65 @@
+"""Credentials models shared by a provider's adapters on several channels.
+
+Twilio, MessageBird and Vonage use one account for WhatsApp and SMS, so their credentials
+models live here and both channel modules import them.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, model_validator
+
+from clinicomm.providers.base import ProviderCredentials
+
+
+class TwilioCredentials(ProviderCredentials):
+    """Twilio account credentials; a sender is `fromNumber` or `messagingServiceSid`."""
+
+    account_sid: str = Field(min_length=2)
+    auth_token: SecretStr
+    from_number: str | None = None
+    messaging_service_sid: str | None = None
+    base_url: str = "https://api.twilio.com"
+
+    @model_validator(mode="after")
+    def _sender(self) -> TwilioCredentials:
+        if not self.from_number and not self.messaging_service_sid:
+            raise ValueError("fromNumber or messagingServiceSid is required")
+        return self
+
+
+class MessageBirdCredentials(ProviderCredentials):
+    """MessageBird access key; `channelId` for WhatsApp, `originator` for SMS."""
+
+    access_key: SecretStr
+    channel_id: str | None = None
+    originator: str | None = None
+    signing_key: SecretStr | None = None
+    base_url: str | None = None
+
+
+class VonageCredentials(ProviderCredentials):
+    """Vonage API key and secret (basic auth) or application id and private key (JWT)."""
+
+    api_key: str | None = None
+    api_secret: SecretStr | None = None
+    application_id: str | None = None
+    private_key: SecretStr | None = None
+    from_number: str = Field(min_length=1)
+    base_url: str = "https://api.nexmo.com"
+
+    @model_validator(mode="after")
+    def _auth(self) -> VonageCredentials:
+        if not (self.api_key and self.api_secret) and not (
+            self.application_id and self.private_key
+        ):
+            raise ValueError("apiKey and apiSecret, or applicationId and privateKey, are required")
+        return self
+
+
+class AwsCredentials(ProviderCredentials):
+    """An AWS access key for one region (SES, SNS)."""
+
+    region: str = Field(min_length=1)
+    access_key_id: str = Field(min_length=1)
+    secret_access_key: SecretStr
+    endpoint_url: str | None = None
