@@ -89,7 +89,7 @@ def assert_valid(
     `path` overrides the captured path (for specs whose server URL carries a path prefix).
     Raises openapi-core's validation error with every problem when the request is invalid.
     """
-    headers = {k: v for k, v in request.headers.items()}
+    headers = dict(request.headers)
     mock = MockRequest(
         host_url,
         request.method.lower(),

@@ -12,7 +12,7 @@ from clinicomm.providers.base import Channel, ProviderCredentials
 
 
 class MailgunCredentials(ProviderCredentials):
-    """A Mailgun API key and sending domain; `region` picks api.mailgun.net or api.eu.mailgun.net."""
+    """A Mailgun API key and sending domain; `region` picks the US or EU API host."""
 
     api_key: SecretStr
     domain: str = Field(min_length=1)

@@ -1,0 +1,58 @@
+"""Process settings from the environment (`CLINICOMM_*`), as `API.md` names them.
+
+The global provider variables of the seed (`EMAIL_*`, `WHATSAPP_*`, `SMS_*`) are read by
+`settings.globals`, not here, because they form a `communicationSettings` document.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./clinicomm.db"
+
+
+class Settings(BaseSettings):
+    """Everything a clinicomm process is configured with; read once per process."""
+
+    model_config = SettingsConfigDict(env_prefix="CLINICOMM_", extra="ignore")
+
+    database_url: str = DEFAULT_SQLITE_URL
+    redis_url: str | None = None
+    #: `kid1:base64key,kid2:base64key`; the first encrypts, all decrypt.
+    master_keys: str | None = None
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker: bool = True
+    env: Literal["development", "test", "production"] = "development"
+    global_settings_file: Path | None = None
+    #: Where dev keys are generated when none are configured.
+    data_dir: Path = Path(".clinicomm")
+    #: Seconds a config entry lives in the L1/L2 caches.
+    cache_ttl_seconds: int = Field(default=3600, ge=1)
+    #: How often each process checks the database for config changes (the safety net when
+    #: Redis is absent or unreachable), in seconds.
+    config_poll_seconds: float = Field(default=0.5, gt=0)
+    #: How long a save waits for every process to acknowledge an invalidation (Redis).
+    invalidation_ack_timeout: float = Field(default=2.0, ge=0)
+    log_level: str = "INFO"
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings (cached; tests build their own `Settings` instead)."""
+    return Settings()

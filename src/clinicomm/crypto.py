@@ -1,0 +1,240 @@
+"""Envelope encryption: per-clinic AES-256-GCM data keys wrapped by master keys.
+
+- Master keys come from `CLINICOMM_MASTER_KEYS` (`kid:base64(32 bytes)`, comma-separated). The
+  first key wraps new and rotated data keys; every listed key can unwrap.
+- Each clinic has its own random 256-bit data key, stored only wrapped (`clinic_keys`); the
+  wrap's associated data is the clinic id, so a wrapped key copied to another clinic fails.
+- Each secret field is encrypted with the clinic's data key. Its associated data is
+  `clinic id | field path`, so a ciphertext copied to another clinic or another field fails to
+  decrypt. The stored form is versioned: `cc1:<data key version>:<base64(nonce || ct+tag)>`.
+
+Errors are `CryptoError` subclasses with messages that name the key id, the clinic and the
+field, never a value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+log = logging.getLogger(__name__)
+
+CIPHERTEXT_PREFIX = "cc1:"
+_NONCE = 12
+_KEY_BYTES = 32
+
+
+class CryptoError(Exception):
+    """Base of every encryption failure; the message is safe to show an operator."""
+
+
+class MasterKeyConfigError(CryptoError):
+    """`CLINICOMM_MASTER_KEYS` is malformed, missing, or a dev key is refused."""
+
+
+class MasterKeyMissingError(CryptoError):
+    """A data key is wrapped with a master key id that is not configured."""
+
+    def __init__(self, kid: str, clinic_id: str) -> None:
+        super().__init__(
+            f"clinic {clinic_id!r}: its data key is wrapped with master key {kid!r}, which is not "
+            f"in CLINICOMM_MASTER_KEYS; add that key (any position) to read this clinic"
+        )
+        self.kid = kid
+        self.clinic_id = clinic_id
+
+
+class MasterKeyMismatchError(CryptoError):
+    """The configured master key with that id is not the one that wrapped the data key."""
+
+    def __init__(self, kid: str, clinic_id: str) -> None:
+        super().__init__(
+            f"clinic {clinic_id!r}: master key {kid!r} cannot unwrap its data key "
+            f"(wrong key material for that id, or the wrapped key was tampered with)"
+        )
+        self.kid = kid
+        self.clinic_id = clinic_id
+
+
+class FieldDecryptionError(CryptoError):
+    """A secret field's ciphertext does not belong to this clinic and field, or was altered."""
+
+    def __init__(self, clinic_id: str, field: str, reason: str) -> None:
+        super().__init__(f"clinic {clinic_id!r}: secret {field!r} cannot be decrypted: {reason}")
+        self.clinic_id = clinic_id
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class MasterKey:
+    kid: str
+    key: bytes
+
+
+class MasterKeyring:
+    """The configured master keys; the first one is the current key."""
+
+    def __init__(self, keys: list[MasterKey], *, generated: bool = False) -> None:
+        if not keys:
+            raise MasterKeyConfigError("no master key configured")
+        kids = [k.kid for k in keys]
+        if len(set(kids)) != len(kids):
+            raise MasterKeyConfigError("CLINICOMM_MASTER_KEYS lists a key id twice")
+        self._keys = {k.kid: k for k in keys}
+        self.current = keys[0]
+        self.generated = generated
+
+    @property
+    def kids(self) -> list[str]:
+        return list(self._keys)
+
+    @classmethod
+    def parse(cls, value: str) -> MasterKeyring:
+        """Parse `kid:base64key,…`; raises MasterKeyConfigError naming the bad entry."""
+        keys: list[MasterKey] = []
+        for position, item in enumerate(p.strip() for p in value.split(",")):
+            if not item:
+                continue
+            kid, sep, b64 = item.partition(":")
+            kid = kid.strip()
+            if not sep or not kid:
+                raise MasterKeyConfigError(
+                    f"CLINICOMM_MASTER_KEYS entry {position + 1} is not 'kid:base64key'"
+                )
+            try:
+                raw = base64.b64decode(b64.strip(), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise MasterKeyConfigError(f"master key {kid!r} is not valid base64") from exc
+            if len(raw) != _KEY_BYTES:
+                raise MasterKeyConfigError(
+                    f"master key {kid!r} is {len(raw)} bytes; AES-256 needs {_KEY_BYTES}"
+                )
+            keys.append(MasterKey(kid, raw))
+        return cls(keys)
+
+    @classmethod
+    def from_environment(
+        cls, value: str | None, *, data_dir: Path, production: bool
+    ) -> MasterKeyring:
+        """The keyring from `CLINICOMM_MASTER_KEYS`, or a dev key kept in `data_dir/master.key`.
+
+        In production a missing value is an error, never a generated key.
+        """
+        if value:
+            return cls.parse(value)
+        if production:
+            raise MasterKeyConfigError(
+                "CLINICOMM_MASTER_KEYS is not set; CLINICOMM_ENV=production refuses a dev key"
+            )
+        path = data_dir / "master.key"
+        if not path.exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            encoded = base64.b64encode(secrets.token_bytes(_KEY_BYTES)).decode()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"dev:{encoded}\n")
+        log.warning(
+            "using a DEVELOPMENT master key; set CLINICOMM_MASTER_KEYS for real data",
+            extra={"event": "dev_master_key", "path": str(path)},
+        )
+        ring = cls.parse(path.read_text().strip())
+        ring.generated = True
+        return ring
+
+    def wrap(self, data_key: bytes, clinic_id: str) -> tuple[str, bytes]:
+        """Wrap a data key with the current master key; returns (kid, nonce || ciphertext)."""
+        nonce = os.urandom(_NONCE)
+        blob = AESGCM(self.current.key).encrypt(nonce, data_key, _wrap_aad(clinic_id))
+        return self.current.kid, nonce + blob
+
+    def unwrap(self, kid: str, wrapped: bytes, clinic_id: str) -> bytes:
+        """Unwrap a clinic's data key. Raises MasterKeyMissingError / MasterKeyMismatchError."""
+        master = self._keys.get(kid)
+        if master is None:
+            raise MasterKeyMissingError(kid, clinic_id)
+        try:
+            return AESGCM(master.key).decrypt(
+                wrapped[:_NONCE], wrapped[_NONCE:], _wrap_aad(clinic_id)
+            )
+        except InvalidTag as exc:
+            raise MasterKeyMismatchError(kid, clinic_id) from exc
+
+
+def _wrap_aad(clinic_id: str) -> bytes:
+    return f"clinicomm:datakey:{clinic_id}".encode()
+
+
+def new_data_key() -> bytes:
+    """A fresh random AES-256 key."""
+    return AESGCM.generate_key(bit_length=256)
+
+
+class FieldCipher:
+    """Encrypts and decrypts one clinic's secret fields with its data key."""
+
+    __slots__ = ("_aead", "clinic_id", "key_version")
+
+    def __init__(self, clinic_id: str, data_key: bytes, key_version: int = 1) -> None:
+        self.clinic_id = clinic_id
+        self.key_version = key_version
+        self._aead = AESGCM(data_key)
+
+    def __repr__(self) -> str:
+        return f"<FieldCipher clinic={self.clinic_id!r} v{self.key_version}>"
+
+    def _aad(self, field: str) -> bytes:
+        return f"clinicomm:field:{self.clinic_id}|{field}".encode()
+
+    def encrypt(self, plaintext: str, field: str) -> str:
+        """The stored form of a secret at `field` (a dotted JSON path)."""
+        nonce = os.urandom(_NONCE)
+        ct = self._aead.encrypt(nonce, plaintext.encode(), self._aad(field))
+        body = base64.b64encode(nonce + ct).decode()
+        return f"{CIPHERTEXT_PREFIX}{self.key_version}:{body}"
+
+    def encrypt_bytes(self, plaintext: bytes, context: str) -> bytes:
+        """Binary form (message bodies): nonce || ciphertext, bound to `context`."""
+        nonce = os.urandom(_NONCE)
+        return nonce + self._aead.encrypt(nonce, plaintext, self._aad(context))
+
+    def decrypt_bytes(self, blob: bytes, context: str) -> bytes:
+        try:
+            return self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], self._aad(context))
+        except InvalidTag as exc:
+            raise FieldDecryptionError(self.clinic_id, context, "authentication failed") from exc
+
+    def decrypt(self, stored: str, field: str) -> str:
+        """Plaintext of a stored secret. Raises FieldDecryptionError naming clinic and field."""
+        if not is_ciphertext(stored):
+            raise FieldDecryptionError(self.clinic_id, field, "value is not a clinicomm ciphertext")
+        _, version, body = stored.split(":", 2)
+        if version != str(self.key_version):
+            raise FieldDecryptionError(
+                self.clinic_id,
+                field,
+                f"encrypted with data key v{version}, have v{self.key_version}",
+            )
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise FieldDecryptionError(self.clinic_id, field, "malformed ciphertext") from exc
+        try:
+            return self._aead.decrypt(raw[:_NONCE], raw[_NONCE:], self._aad(field)).decode()
+        except InvalidTag as exc:
+            raise FieldDecryptionError(
+                self.clinic_id,
+                field,
+                "authentication failed (copied from another clinic or field, or altered)",
+            ) from exc
+
+
+def is_ciphertext(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(CIPHERTEXT_PREFIX) and value.count(":") >= 2

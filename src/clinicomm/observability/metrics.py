@@ -1,0 +1,78 @@
+"""Prometheus metrics under the seed's names ("Metrics to Track", `.` written as `_`).
+
+Labels carry ids only (`clinicId`, `provider`, `channel`, `errorType`): never a recipient,
+a name or a body. The global provider is labelled `clinicId="global"`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5, 10)
+_FETCH_BUCKETS = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1)
+
+CONFIG_FETCH_LATENCY = Histogram(
+    "communication_config_fetch_latency",
+    "Config fetch latency in seconds (cache hits included)",
+    ["clinicId", "channel"],
+    buckets=_FETCH_BUCKETS,
+)
+CONFIG_CACHE_HIT = Counter(
+    "communication_config_cache_hit",
+    "Config reads answered from a cache",
+    ["clinicId", "channel", "level"],
+)
+CONFIG_CACHE_MISS = Counter(
+    "communication_config_cache_miss",
+    "Config reads that went to the database",
+    ["clinicId", "channel"],
+)
+
+EMAIL_SENT = Counter(
+    "communication_email_sent", "Emails handed to a provider", ["clinicId", "provider"]
+)
+EMAIL_FAILED = Counter(
+    "communication_email_failed",
+    "Email attempts that failed",
+    ["clinicId", "provider", "errorType"],
+)
+EMAIL_LATENCY = Histogram(
+    "communication_email_latency",
+    "Email provider call latency in seconds",
+    ["clinicId", "provider"],
+    buckets=_LATENCY_BUCKETS,
+)
+WHATSAPP_SENT = Counter(
+    "communication_whatsapp_sent",
+    "WhatsApp messages handed to a provider",
+    ["clinicId", "provider"],
+)
+WHATSAPP_FAILED = Counter(
+    "communication_whatsapp_failed",
+    "WhatsApp attempts that failed",
+    ["clinicId", "provider", "errorType"],
+)
+WHATSAPP_LATENCY = Histogram(
+    "communication_whatsapp_latency",
+    "WhatsApp provider call latency in seconds",
+    ["clinicId", "provider"],
+    buckets=_LATENCY_BUCKETS,
+)
+SMS_SENT = Counter("communication_sms_sent", "SMS handed to a provider", ["clinicId", "provider"])
+SMS_FAILED = Counter(
+    "communication_sms_failed", "SMS attempts that failed", ["clinicId", "provider", "errorType"]
+)
+SMS_LATENCY = Histogram(
+    "communication_sms_latency",
+    "SMS provider call latency in seconds",
+    ["clinicId", "provider"],
+    buckets=_LATENCY_BUCKETS,
+)
+TOTAL_SENT = Counter("communication_total_sent", "Deliveries sent, all clinics", ["channel"])
+TOTAL_FAILED = Counter("communication_total_failed", "Deliveries failed, all clinics", ["channel"])
+ACTIVE_CLINICS = Gauge(
+    "communication_active_clinics", "Clinics with their own communication settings"
+)
+PROVIDERS_IN_USE = Gauge(
+    "communication_providers_in_use", "Configured provider slots by provider", ["provider"]
+)

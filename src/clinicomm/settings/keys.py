@@ -1,0 +1,129 @@
+"""Per-clinic data keys: create, unwrap (cached in process), rotate under a new master key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from clinicomm.crypto import FieldCipher, MasterKeyring, new_data_key
+from clinicomm.store.db import Database
+from clinicomm.store.models import AuditEntry, ClinicKey, utcnow
+
+
+class KeyStore:
+    """Finds a clinic's field cipher. Unwrapped data keys live only in this process's memory."""
+
+    def __init__(self, keyring: MasterKeyring) -> None:
+        self.keyring = keyring
+        self._ciphers: dict[str, FieldCipher] = {}
+
+    async def create(self, session: AsyncSession, clinic_id: str) -> FieldCipher:
+        """Make and store (wrapped) a new data key for a new clinic."""
+        data_key = new_data_key()
+        kid, wrapped = self.keyring.wrap(data_key, clinic_id)
+        session.add(ClinicKey(clinic_id=clinic_id, version=1, master_kid=kid, wrapped_key=wrapped))
+        cipher = FieldCipher(clinic_id, data_key, 1)
+        self._ciphers[clinic_id] = cipher
+        return cipher
+
+    async def cipher(self, session: AsyncSession, clinic_id: str) -> FieldCipher:
+        """The clinic's cipher; raises KeyError if the clinic has no data key, CryptoError if the
+        configured master keys cannot unwrap it."""
+        cached = self._ciphers.get(clinic_id)
+        if cached is not None:
+            return cached
+        row = (
+            await session.execute(
+                select(ClinicKey)
+                .where(ClinicKey.clinic_id == clinic_id)
+                .order_by(ClinicKey.version.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            raise KeyError(clinic_id)
+        data_key = self.keyring.unwrap(row.master_kid, row.wrapped_key, clinic_id)
+        cipher = FieldCipher(clinic_id, data_key, row.version)
+        self._ciphers[clinic_id] = cipher
+        return cipher
+
+    def forget(self, clinic_id: str | None = None) -> None:
+        """Drop cached ciphers (all when clinic_id is None)."""
+        if clinic_id is None:
+            self._ciphers.clear()
+        else:
+            self._ciphers.pop(clinic_id, None)
+
+
+@dataclass
+class RotationReport:
+    total: int
+    rotated: int
+    already_current: int
+
+
+async def rotate(
+    db: Database,
+    keyring: MasterKeyring,
+    *,
+    batch_size: int = 100,
+    progress: Callable[[int, int], None] | None = None,
+    actor: str = "cli",
+) -> RotationReport:
+    """Re-wrap every data key not yet wrapped by the current master key.
+
+    Works in batches, each its own transaction, so an interrupted run keeps what it finished
+    and a second run picks up the rest (keys already under the current key are skipped).
+    Each re-wrapped key writes an audit entry. `progress(done, total)` is called per key.
+    """
+    current = keyring.current.kid
+    async with db.session() as session:
+        total = (await session.execute(select(func.count()).select_from(ClinicKey))).scalar_one()
+        pending = (
+            await session.execute(
+                select(func.count()).select_from(ClinicKey).where(ClinicKey.master_kid != current)
+            )
+        ).scalar_one()
+    done = total - pending
+    if progress:
+        progress(done, total)
+    rotated = 0
+    while True:
+        async with db.session() as session:
+            rows = (
+                (
+                    await session.execute(
+                        select(ClinicKey)
+                        .where(ClinicKey.master_kid != current)
+                        .order_by(ClinicKey.clinic_id, ClinicKey.version)
+                        .limit(batch_size)
+                        .with_for_update()
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if not rows:
+                break
+            for row in rows:
+                data_key = keyring.unwrap(row.master_kid, row.wrapped_key, row.clinic_id)
+                old = row.master_kid
+                row.master_kid, row.wrapped_key = keyring.wrap(data_key, row.clinic_id)
+                row.rotated_at = utcnow()
+                session.add(
+                    AuditEntry(
+                        clinic_id=row.clinic_id,
+                        actor=actor,
+                        role="Operator",
+                        action="key.rotate",
+                        diff={"masterKey": {"from": old, "to": row.master_kid}},
+                    )
+                )
+                rotated += 1
+                done += 1
+                if progress:
+                    progress(done, total)
+    return RotationReport(total=total, rotated=rotated, already_current=total - rotated)

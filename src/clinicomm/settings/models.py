@@ -1,0 +1,192 @@
+"""The `communicationSettings` document (the seed's schema), as pydantic models.
+
+One document per clinic (and one for the global providers). Each channel has a primary
+provider, fallbacks, a fallback strategy and a rate limit. The provider slot is a tagged union
+over the registered providers of that channel, so `credentials` is validated by that
+provider's own credentials model and every problem is reported with its JSON path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from clinicomm.providers import registry
+from clinicomm.providers.base import Channel, ProviderCredentials
+
+CHANNELS: tuple[Channel, ...] = (Channel.EMAIL, Channel.WHATSAPP, Channel.SMS)
+
+
+class CamelModel(BaseModel):
+    """Base for settings models: camelCase JSON, snake_case Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        hide_input_in_errors=True,
+    )
+
+
+class ProviderConfig(CamelModel):
+    """One provider slot: which provider, whether it is on, and its credentials."""
+
+    provider: str
+    enabled: bool = True
+    credentials: ProviderCredentials | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.provider != registry.DISABLED
+
+
+class FallbackStrategy(CamelModel):
+    """What happens when the clinic's own providers fail.
+
+    `fallbackProvider` is `global` (the platform's provider for the channel), a provider key
+    (only that provider of the global chain), or another channel (`sms`: re-send by SMS).
+    `enabled: false` means the clinic's own providers only.
+    """
+
+    enabled: bool = True
+    fallback_provider: str = "global"
+    retry_attempts: int = Field(default=3, ge=0, le=10)
+
+
+class RateLimit(CamelModel):
+    """The clinic's own send limits for one channel; a limit left out is not enforced."""
+
+    enabled: bool = False
+    max_per_minute: int | None = Field(default=None, ge=1)
+    max_per_hour: int | None = Field(default=None, ge=1)
+    max_per_day: int | None = Field(default=None, ge=1)
+    #: Over the day limit: wait for the next window, or fail the delivery.
+    on_day_limit: Literal["wait", "fail"] = "wait"
+
+
+def _provider_union(channel: Channel) -> Any:
+    """A discriminated union of one config model per provider of `channel`, tagged by `provider`."""
+    members: list[Any] = []
+    for spec in registry.specs(channel):
+        tags = [spec.key, *(a for a, k in registry.ALIASES[channel].items() if k == spec.key)]
+        model = create_model(
+            f"{channel.value.capitalize()}{_pascal(spec.key)}Config",
+            __base__=ProviderConfig,
+            provider=_literal(tags),
+            credentials=(spec.credentials_model, ...),
+            __validators__={"_canonical": field_validator("provider")(_canonicalize(channel))},
+        )
+        members.append(model)
+    disabled = create_model(
+        f"{channel.value.capitalize()}DisabledConfig",
+        __base__=ProviderConfig,
+        provider=_literal([registry.DISABLED]),
+        enabled=(bool, False),
+        credentials=(dict[str, Any] | None, None),
+    )
+    members.append(disabled)
+    return Annotated[Union[tuple(members)], Field(discriminator="provider")]  # noqa: UP007
+
+
+def _literal(values: list[str]) -> Any:
+    """A required field whose type is `Literal[*values]` (built at run time)."""
+    return (Literal.__getitem__(tuple(values)), ...)
+
+
+def _canonicalize(channel: Channel) -> Any:
+    def canonical(cls: type, value: str) -> str:
+        return registry.canonical_key(channel, value)
+
+    return classmethod(canonical)
+
+
+def _pascal(key: str) -> str:
+    return "".join(part.capitalize() for part in key.split("_"))
+
+
+if TYPE_CHECKING:
+    EmailProviderConfig = ProviderConfig
+    WhatsAppProviderConfig = ProviderConfig
+    SmsProviderConfig = ProviderConfig
+else:
+    EmailProviderConfig = _provider_union(Channel.EMAIL)
+    WhatsAppProviderConfig = _provider_union(Channel.WHATSAPP)
+    SmsProviderConfig = _provider_union(Channel.SMS)
+
+
+class ChannelSettings(CamelModel):
+    """Common shape of a channel's settings."""
+
+    enabled: bool = True
+    primary: ProviderConfig | None = None
+    fallback: list[ProviderConfig] = Field(default_factory=list)
+    fallback_strategy: FallbackStrategy = Field(default_factory=FallbackStrategy)
+    rate_limit: RateLimit | None = None
+
+    def slots(self) -> Iterator[tuple[str, ProviderConfig]]:
+        """(JSON path inside the channel, slot) for the primary and every fallback."""
+        if self.primary is not None:
+            yield "primary", self.primary
+        for index, slot in enumerate(self.fallback):
+            yield f"fallback.{index}", slot
+
+    def own_providers(self) -> list[ProviderConfig]:
+        """The clinic's active providers, primary first."""
+        return [slot for _, slot in self.slots() if slot.active]
+
+
+class EmailSettings(ChannelSettings):
+    """Email: adds the clinic's default sender."""
+
+    primary: EmailProviderConfig | None = None
+    fallback: list[EmailProviderConfig] = Field(default_factory=list)
+    default_from: str | None = None
+    default_from_name: str | None = None
+
+
+class WhatsAppSettings(ChannelSettings):
+    """WhatsApp: numbers without `+` are read in `defaultRegion` when set."""
+
+    primary: WhatsAppProviderConfig | None = None
+    fallback: list[WhatsAppProviderConfig] = Field(default_factory=list)
+    default_region: str | None = Field(default=None, min_length=2, max_length=2)
+
+
+class SmsSettings(ChannelSettings):
+    """SMS: optional cap on segments per message and a default region for numbers."""
+
+    primary: SmsProviderConfig | None = None
+    fallback: list[SmsProviderConfig] = Field(default_factory=list)
+    default_region: str | None = Field(default=None, min_length=2, max_length=2)
+    max_segments: int | None = Field(default=None, ge=1, le=20)
+
+
+class CommunicationSettings(CamelModel):
+    """A clinic's whole `communicationSettings` document."""
+
+    version: str = "1.0.0"
+    email: EmailSettings | None = None
+    whatsapp: WhatsAppSettings | None = None
+    sms: SmsSettings | None = None
+
+    def channel(self, channel: Channel) -> ChannelSettings | None:
+        value: ChannelSettings | None = getattr(self, channel.value)
+        return value
+
+
+#: Which JSON path elements are provider union tags (pydantic puts the tag into error paths).
+def union_tags() -> frozenset[str]:
+    tags: set[str] = {registry.DISABLED}
+    for channel in CHANNELS:
+        tags.update(registry.keys(channel))
+        tags.update(registry.ALIASES[channel])
+    return frozenset(tags)
