@@ -88,3 +88,96 @@ class AuditEntry(Base):
     note: Mapped[str | None] = mapped_column(Text, default=None)
 
     __table_args__ = (Index("ix_audit_log_clinic_at", "clinic_id", "at"),)
+
+
+class Message(Base):
+    """One send request: who asked, for which clinic, and its content (encrypted)."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: None: no clinic given, the global providers are used.
+    clinic_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    category: Mapped[str] = mapped_column(String(60))
+    #: title, body, html and template (variables may be PHI), AES-GCM with the clinic's data
+    #: key, associated data `message:{id}`.
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    #: The caller's metadata (opaque ids such as appointmentId), never content.
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Delivery(Base):
+    """One (recipient, channel) of a message; the deliveries table is the outbox queue."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    message_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    clinic_id: Mapped[str | None] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16))
+    #: Canonical address: an email address or an E.164 number.
+    recipient: Mapped[str] = mapped_column(String(320))
+    #: DeliveryStatus value.
+    status: Mapped[str] = mapped_column(String(16))
+    #: When a queued delivery may next be claimed.
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: Position in the provider chain the next attempt starts from.
+    chain_position: Mapped[int] = mapped_column(Integer, default=0)
+    #: Transient attempts made on the provider at `chain_position`.
+    provider_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    provider: Mapped[str | None] = mapped_column(String(80), default=None)
+    provider_message_id: Mapped[str | None] = mapped_column(String(200), default=None, index=True)
+    #: Why it failed: {"reason", "errors": [one per provider tried]}.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    #: The delivery this one replaces on another channel (channel fallback).
+    parent_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (
+        Index("ix_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_deliveries_clinic_created", "clinic_id", "created_at"),
+    )
+
+
+class DeliveryAttempt(Base):
+    """One call to one provider for one delivery, and how it ended."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("deliveries.id", ondelete="CASCADE"), index=True
+    )
+    #: `clinic:sendgrid` or `global:smtp`.
+    provider: Mapped[str] = mapped_column(String(80))
+    #: `sent` or `failed`.
+    outcome: Mapped[str] = mapped_column(String(16))
+    error_class: Mapped[str | None] = mapped_column(String(32), default=None)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """The first answer to a send with an `Idempotency-Key`, kept 24 hours."""
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str] = mapped_column(String(36))
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
