@@ -12,6 +12,7 @@ check the declared parameter count before any call).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import ssl
 from collections.abc import Mapping
@@ -60,6 +61,19 @@ class Answer:
         return parse_retry_after(self.headers.get("Retry-After"))
 
 
+def _user_agent() -> str:
+    try:
+        version = importlib.metadata.version("clinicomm")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.0.0"
+    return f"clinicomm/{version}"
+
+
+#: Sent on every provider call instead of aiohttp's default ("Python/3.11 aiohttp/…"), which
+#: Meta's spec rejects: its User-Agent pattern wants `name/x.y.z`.
+USER_AGENT = _user_agent()
+
+
 class RestAdapter(ProviderAdapter):
     """Base of the HTTP adapters: session handling and the one request seam."""
 
@@ -96,13 +110,14 @@ class RestAdapter(ProviderAdapter):
     ) -> Answer:
         """Send one request and read the whole answer; network failures become ProviderErrors."""
         timeout = aiohttp.ClientTimeout(total=self.context.timeout)
+        all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
         try:
             async with self._session().request(
                 method,
                 url,
                 json=json_body,
                 data=data,
-                headers=headers,
+                headers=all_headers,
                 auth=auth,
                 params=params,
                 timeout=timeout,
