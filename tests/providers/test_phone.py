@@ -70,7 +70,7 @@ def test_wa_id_maps_to_the_same_canonical_number() -> None:
     assert from_wa_id("14155552671") == "+14155552671" == normalize_e164("+1 415 555 2671")
     assert from_wa_id("442071838750") == normalize_e164("+442071838750")
     for bad in ("+14155552671", "0123456", "1415555267a", "", "1" * 16):
-        with pytest.raises(ValueError, match="wa_id|phone|number"):
+        with pytest.raises(ValueError, match=r"wa_id|phone|number"):
             from_wa_id(bad)
 
 

@@ -12,6 +12,7 @@ check the declared parameter count before any call).
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
 import json
 import ssl
@@ -61,6 +62,12 @@ class Answer:
         return parse_retry_after(self.headers.get("Retry-After"))
 
 
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    """An HTTP Basic `Authorization` header (aiohttp.BasicAuth is deprecated in 3.14)."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return {"Authorization": f"Basic {token}"}
+
+
 def _user_agent() -> str:
     try:
         version = importlib.metadata.version("clinicomm")
@@ -105,7 +112,6 @@ class RestAdapter(ProviderAdapter):
         json_body: Any = None,
         data: Any = None,
         headers: Mapping[str, str] | None = None,
-        auth: aiohttp.BasicAuth | None = None,
         params: Mapping[str, str] | None = None,
     ) -> Answer:
         """Send one request and read the whole answer; network failures become ProviderErrors."""
@@ -118,7 +124,6 @@ class RestAdapter(ProviderAdapter):
                 json=json_body,
                 data=data,
                 headers=all_headers,
-                auth=auth,
                 params=params,
                 timeout=timeout,
                 ssl=self._ssl if self._ssl is not None else True,

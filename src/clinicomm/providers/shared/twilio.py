@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import aiohttp
-
 from clinicomm.providers.base import OutboundMessage, SendResult
 from clinicomm.providers.errors import (
     ComplianceError,
@@ -30,6 +28,7 @@ from clinicomm.providers.shared.credentials import TwilioCredentials
 from clinicomm.providers.shared.rest import (
     Answer,
     RestAdapter,
+    basic_auth,
     check_param_count,
     classify_status,
     ordered_variables,
@@ -88,8 +87,8 @@ class TwilioAdapterBase(RestAdapter):
         assert isinstance(self.credentials, TwilioCredentials)
         return self.credentials
 
-    def _auth(self) -> aiohttp.BasicAuth:
-        return aiohttp.BasicAuth(self.creds.account_sid, self.creds.auth_token.get_secret_value())
+    def _auth(self) -> dict[str, str]:
+        return basic_auth(self.creds.account_sid, self.creds.auth_token.get_secret_value())
 
     def _account_url(self) -> str:
         return f"{self.creds.base_url.rstrip('/')}/{API_VERSION}/Accounts/{self.creds.account_sid}"
@@ -133,7 +132,7 @@ class TwilioAdapterBase(RestAdapter):
         """Create the Message resource; returns its `sid` (SM…/MM…) and initial status."""
         form = self.build_form(message)
         answer = await self._request(
-            "POST", f"{self._account_url()}/Messages.json", data=form, auth=self._auth()
+            "POST", f"{self._account_url()}/Messages.json", data=form, headers=self._auth()
         )
         if answer.status >= 300:
             raise classify_twilio_error(answer, self.key)
@@ -147,6 +146,6 @@ class TwilioAdapterBase(RestAdapter):
 
     async def probe(self) -> None:
         """GET the account resource: checks the credentials, sends nothing."""
-        answer = await self._request("GET", f"{self._account_url()}.json", auth=self._auth())
+        answer = await self._request("GET", f"{self._account_url()}.json", headers=self._auth())
         if answer.status >= 300:
             raise classify_twilio_error(answer, self.key)

@@ -16,7 +16,6 @@ import time
 import uuid
 from typing import Any
 
-import aiohttp
 import jwt
 
 from clinicomm.providers.base import OutboundMessage, SendResult
@@ -33,6 +32,7 @@ from clinicomm.providers.shared.credentials import VonageCredentials
 from clinicomm.providers.shared.rest import (
     Answer,
     RestAdapter,
+    basic_auth,
     classify_status,
     require_text,
 )
@@ -108,14 +108,14 @@ class VonageAdapterBase(RestAdapter):
             self._jwt_expires = now + JWT_TTL
         return self._jwt
 
-    def _auth(self) -> tuple[dict[str, str], aiohttp.BasicAuth | None]:
+    def _auth(self) -> dict[str, str]:
         creds = self.creds
         if creds.application_id and creds.private_key:
-            return {"Authorization": f"Bearer {self._bearer()}"}, None
+            return {"Authorization": f"Bearer {self._bearer()}"}
         # The credentials model guarantees one complete pair.
         assert creds.api_key is not None
         assert creds.api_secret is not None
-        return {}, aiohttp.BasicAuth(creds.api_key, creds.api_secret.get_secret_value())
+        return basic_auth(creds.api_key, creds.api_secret.get_secret_value())
 
     def _from(self) -> str:
         sender = self.creds.from_number
@@ -145,9 +145,8 @@ class VonageAdapterBase(RestAdapter):
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST /v1/messages; returns the `message_uuid`."""
         payload = self.build_payload(message)
-        headers, auth = self._auth()
         url = f"{self.creds.base_url.rstrip('/')}/v1/messages"
-        answer = await self._request("POST", url, json_body=payload, headers=headers, auth=auth)
+        answer = await self._request("POST", url, json_body=payload, headers=self._auth())
         if answer.status >= 300:
             raise classify_vonage_error(answer, self.key)
         body = answer.json()
@@ -170,8 +169,8 @@ class VonageAdapterBase(RestAdapter):
             base = creds.base_url.rstrip("/")
             if base == "https://api.nexmo.com":
                 base = "https://rest.nexmo.com"
-            auth = aiohttp.BasicAuth(creds.api_key, creds.api_secret.get_secret_value())
-            answer = await self._request("GET", f"{base}/account/get-balance", auth=auth)
+            auth = basic_auth(creds.api_key, creds.api_secret.get_secret_value())
+            answer = await self._request("GET", f"{base}/account/get-balance", headers=auth)
             if answer.status >= 300:
                 raise classify_vonage_error(answer, self.key)
             return
