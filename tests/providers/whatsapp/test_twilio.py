@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from openapi_core.exceptions import OpenAPIError
 
 from clinicomm.providers import registry
 from clinicomm.providers.base import AdapterContext, Channel
@@ -139,3 +140,17 @@ def test_repr_never_shows_secrets() -> None:
     )
     a = TwilioWhatsAppAdapter(model, AdapterContext())
     assert_no_secret(a, model, model.public_dict())
+
+
+def test_spec_rejects_a_malformed_request() -> None:
+    """The validator really validates: no `To`, or a bad account path, fails."""
+    from multidict import MultiDict
+
+    from tests.support.http_capture import CapturedRequest
+
+    ct = "application/x-www-form-urlencoded"
+    bad = CapturedRequest("POST", f"/2010-04-01/Accounts/{SID}/Messages.json", MultiDict(),
+                          {"Content-Type": ct, "Authorization": "Basic YTpi"},
+                          b"From=whatsapp%3A%2B1&Body=x", ct)
+    with pytest.raises(OpenAPIError):
+        assert_valid("twilio", bad, host_url=HOST)

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from openapi_core.exceptions import OpenAPIError
 
 from clinicomm.providers import registry
 from clinicomm.providers.base import AdapterContext, Channel
@@ -138,3 +139,17 @@ def test_repr_never_shows_secrets() -> None:
         )
         assert_no_secret(VonageWhatsAppAdapter(model, AdapterContext()), model,
                          model.public_dict())
+
+
+def test_spec_rejects_a_malformed_request() -> None:
+    """The validator really validates: a WhatsApp text without `text` fails."""
+    from multidict import MultiDict
+
+    from tests.support.http_capture import CapturedRequest
+
+    bad = CapturedRequest("POST", "/v1/messages", MultiDict(),
+                          {"Content-Type": "application/json", "Authorization": "Basic YTpi"},
+                          b'{"message_type":"text","channel":"whatsapp","to":"14155552671",'
+                          b'"from":"447700900001"}', "application/json")
+    with pytest.raises(OpenAPIError):
+        assert_valid("vonage-messages", bad, host_url=HOST, path=SPEC_PATH)
