@@ -6,6 +6,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from openapi_core.exceptions import OpenAPIError
 
 from clinicomm.providers import registry
 from clinicomm.providers.base import AdapterContext, Channel
@@ -134,7 +135,7 @@ def test_spec_rejects_a_malformed_request() -> None:
         body=b'{"to": "1", "type": "text", "text": {"body": "x"}}',
         content_type="application/json",
     )
-    with pytest.raises(Exception):
+    with pytest.raises(OpenAPIError):
         assert_valid("meta", bad, host_url="https://graph.facebook.com")
 
 
