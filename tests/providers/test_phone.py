@@ -16,6 +16,9 @@ from clinicomm.providers.phone import (
     sms_segments,
 )
 
+#: Same examples on every run (a deterministic suite); 300 cases per property.
+DETERMINISTIC = settings(derandomize=True, max_examples=300, database=None)
+
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
@@ -75,6 +78,7 @@ def test_wa_id_maps_to_the_same_canonical_number() -> None:
 
 
 @given(st.sampled_from(["+14155552671", "+442071838750", "+4915123456789", "+5511912345678"]))
+@DETERMINISTIC
 def test_normalisation_is_idempotent_and_round_trips_wa_id(number: str) -> None:
     canonical = normalize_e164(number)
     assert normalize_e164(canonical) == canonical
@@ -82,7 +86,7 @@ def test_normalisation_is_idempotent_and_round_trips_wa_id(number: str) -> None:
 
 
 @given(st.text(max_size=25))
-@settings(max_examples=300)
+@DETERMINISTIC
 def test_any_text_either_normalises_to_e164_or_raises_value_error(raw: str) -> None:
     try:
         result = normalize_e164(raw)
@@ -129,6 +133,7 @@ GSM_CHARS = sorted(GSM7_BASIC | GSM7_EXTENSION)
 
 
 @given(st.text(alphabet=st.sampled_from(GSM_CHARS), max_size=700))
+@DETERMINISTIC
 def test_gsm7_bounds(text: str) -> None:
     encoding, parts = sms_segments(text)
     assert encoding == "GSM-7"
@@ -143,6 +148,7 @@ def test_gsm7_bounds(text: str) -> None:
 @given(st.text(min_size=1, max_size=300).filter(
     lambda t: any(ch not in GSM7_BASIC and ch not in GSM7_EXTENSION for ch in t)
 ))
+@DETERMINISTIC
 def test_ucs2_bounds(text: str) -> None:
     encoding, parts = sms_segments(text)
     assert encoding == "UCS-2"
@@ -154,6 +160,7 @@ def test_ucs2_bounds(text: str) -> None:
 
 
 @given(st.text(alphabet=st.sampled_from(GSM_CHARS), max_size=400), st.sampled_from("ç😀Ж"))
+@DETERMINISTIC
 def test_one_non_gsm_character_switches_to_ucs2(text: str, odd: str) -> None:
     assert sms_segments(text + odd)[0] == "UCS-2"
     assert sms_segments(text + odd)[1] >= sms_segments(text)[1]
