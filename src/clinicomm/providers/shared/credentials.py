@@ -19,6 +19,10 @@ class TwilioCredentials(ProviderCredentials):
     from_number: str | None = None
     messaging_service_sid: str | None = None
     base_url: str = "https://api.twilio.com"
+    #: Logical template name (otp, appointmentReminder, …) → Content API `ContentSid` (HX…).
+    templates: dict[str, str] = Field(default_factory=dict)
+    #: Template name (logical or ContentSid) → number of variables it takes; checked locally.
+    template_params: dict[str, int] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _sender(self) -> TwilioCredentials:
@@ -35,6 +39,12 @@ class MessageBirdCredentials(ProviderCredentials):
     originator: str | None = None
     signing_key: SecretStr | None = None
     base_url: str | None = None
+    #: WhatsApp template namespace (the WABA's), needed for `hsm` template sends.
+    template_namespace: str | None = None
+    #: Logical template name → the approved WhatsApp template's name.
+    templates: dict[str, str] = Field(default_factory=dict)
+    #: Template name (logical or provider's) → number of parameters; checked locally.
+    template_params: dict[str, int] = Field(default_factory=dict)
 
 
 class VonageCredentials(ProviderCredentials):
@@ -46,6 +56,10 @@ class VonageCredentials(ProviderCredentials):
     private_key: SecretStr | None = None
     from_number: str = Field(min_length=1)
     base_url: str = "https://api.nexmo.com"
+    #: Logical template name → WhatsApp template name (`namespace:name` for older accounts).
+    templates: dict[str, str] = Field(default_factory=dict)
+    #: Template name (logical or provider's) → number of parameters; checked locally.
+    template_params: dict[str, int] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _auth(self) -> VonageCredentials:

@@ -1,12 +1,53 @@
-"""Meta WhatsApp Cloud API."""
+"""Meta WhatsApp Cloud API: `POST {apiUrl}/{phoneNumberId}/messages` with a bearer token.
+
+Text messages go out as `type: text`; templates as `type: template` with the body parameters
+in variable order ("1", "2", …). `to` is sent in canonical E.164 *with* `+`: Meta accepts the
+number with or without it and recommends the `+` and country code
+(https://developers.facebook.com/docs/whatsapp/cloud-api/reference/messages); its answer echoes
+`wa_id` without `+`, which `providers.phone.from_wa_id` maps back to the same number.
+
+Errors are classified from the Graph error body `{"error": {"code", "error_subcode", "message",
+"error_data": {"details"}}}` by `code`, as Meta advises, never by title:
+https://developers.facebook.com/documentation/business-messaging/whatsapp/support/error-codes/
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import Field, SecretStr
 
 from clinicomm.providers import registry
-from clinicomm.providers._pending import PendingAdapter
-from clinicomm.providers.base import Channel, ProviderCredentials
+from clinicomm.providers.base import (
+    Channel,
+    OutboundMessage,
+    ProviderCredentials,
+    SendResult,
+)
+from clinicomm.providers.errors import (
+    ComplianceError,
+    ConfigurationError,
+    ProviderDownError,
+    ProviderError,
+    RateLimitedError,
+    RecipientError,
+    RecipientRateLimitedError,
+    TransientError,
+)
+from clinicomm.providers.shared.rest import (
+    Answer,
+    RestAdapter,
+    check_param_count,
+    classify_status,
+    ordered_variables,
+    require_text,
+    template_name,
+)
+
+#: The pair rate limit allows about one message per 6 s to one user (PROVIDER-FACTS §1.3).
+PAIR_RATE_DELAY = 6.0
+#: A throughput upgrade makes the number unusable for up to a minute (131057).
+UPGRADE_DELAY = 60.0
 
 
 class MetaBusinessCredentials(ProviderCredentials):
@@ -18,14 +59,129 @@ class MetaBusinessCredentials(ProviderCredentials):
     business_account_id: str | None = None
     #: Logical name (otp, appointmentReminder, …) → the approved template's name at Meta.
     templates: dict[str, str] = Field(default_factory=dict)
+    #: Template name (logical or Meta's) → number of body parameters it takes; checked locally.
+    template_params: dict[str, int] = Field(default_factory=dict)
     app_secret: SecretStr | None = None
     #: Messages per second this number may send (80 default, 20 coexistence, up to 1,000).
     max_per_second: int = Field(default=80, ge=1, le=1000)
 
 
+# Graph error code → what the worker does. Codes not listed fall back to the HTTP status.
+_CONFIG_CODES = frozenset({100, 190, 33, 132001, 131030, 131031, 368})
+_TRANSIENT_CODES = frozenset({1, 2, 131057})
+
+
+def classify_meta_error(answer: Answer, provider: str = "meta_business") -> ProviderError:
+    """Turn a Graph API error answer into the exception the worker acts on."""
+    body = answer.json()
+    error: dict[str, Any] = body.get("error", {}) if isinstance(body, dict) else {}
+    raw_code = error.get("code")
+    code = int(raw_code) if isinstance(raw_code, int | str) and str(raw_code).isdigit() else None
+    details = (error.get("error_data") or {}).get("details") if isinstance(error, dict) else None
+    text = " ".join(str(p) for p in (error.get("message"), details) if p) or answer.text
+    kw: dict[str, Any] = {
+        "provider": provider,
+        "status_code": answer.status,
+        "code": str(code) if code is not None else None,
+        "detail": text,
+    }
+    retry_after = answer.retry_after
+    if code == 130429:  # throughput of this sender number exceeded: slow the number down
+        return RateLimitedError("sender throughput exceeded", retry_after=retry_after, **kw)
+    if code == 80007:  # WABA API-call rate limit
+        return RateLimitedError("account rate limit", retry_after=retry_after, **kw)
+    if code == 131056:  # pair rate limit: only this recipient waits
+        wait = max(PAIR_RATE_DELAY, retry_after or 0.0)
+        return RecipientRateLimitedError("recipient rate limited", retry_after=wait, **kw)
+    if code == 131047:  # more than 24 h since the user last wrote: a template is required
+        return ComplianceError("outside the 24-hour window", **kw)
+    if code == 131026:
+        return RecipientError("recipient cannot receive WhatsApp messages", **kw)
+    if code == 131048:  # spam rate limit (quality): stop using this sender, fail over
+        return ProviderDownError("sender restricted for quality", **kw)
+    if code == 131057:
+        wait = max(UPGRADE_DELAY, retry_after or 0.0)
+        return TransientError("throughput upgrade in progress", retry_after=wait, **kw)
+    if code in _TRANSIENT_CODES:
+        return TransientError("provider temporarily failing", retry_after=retry_after, **kw)
+    if answer.status == 401 or code in _CONFIG_CODES:
+        return ConfigurationError("account or template setup refused", **kw)
+    return classify_status(answer, provider=provider, code=kw["code"], detail=text)
+
+
 @registry.register
-class MetaBusinessAdapter(PendingAdapter):
+class MetaBusinessAdapter(RestAdapter):
+    """Sends WhatsApp text and template messages through Meta's Cloud API."""
+
     key = "meta_business"
     channel = Channel.WHATSAPP
     display_name = "Meta WhatsApp Cloud API"
     credentials_model = MetaBusinessCredentials
+
+    @property
+    def creds(self) -> MetaBusinessCredentials:
+        assert isinstance(self.credentials, MetaBusinessCredentials)
+        return self.credentials
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.creds.api_key.get_secret_value()}"}
+
+    def _base(self) -> str:
+        return f"{self.creds.api_url.rstrip('/')}/{self.creds.phone_number_id}"
+
+    def build_payload(self, message: OutboundMessage) -> dict[str, Any]:
+        """The JSON body for one message; raises ConfigurationError/RecipientError locally."""
+        to = self._recipient(message)
+        payload: dict[str, Any] = {
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to,
+        }
+        if message.template is not None:
+            template = message.template
+            name = template_name(template, self.creds.templates)
+            params = ordered_variables(template.variables)
+            check_param_count(
+                self.creds.template_params, template, name, len(params), provider=self.key
+            )
+            body: dict[str, Any] = {
+                "name": name,
+                # The spec requires `policy`; "deterministic" is the only value.
+                "language": {"policy": "deterministic", "code": template.language},
+            }
+            if params:
+                body["components"] = [
+                    {"type": "body", "parameters": [{"type": "text", "text": p} for p in params]}
+                ]
+            payload.update(type="template", template=body)
+        else:
+            text = require_text(message, self.key)
+            payload.update(type="text", text={"preview_url": False, "body": text})
+        return payload
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """POST the message; returns the `wamid` from `messages[0].id`."""
+        payload = self.build_payload(message)
+        answer = await self._request(
+            "POST", f"{self._base()}/messages", json_body=payload, headers=self._headers()
+        )
+        if answer.status >= 300:
+            raise classify_meta_error(answer, self.key)
+        body = answer.json()
+        try:
+            wamid = str(body["messages"][0]["id"])
+        except (KeyError, IndexError, TypeError):
+            raise TransientError(
+                "answer without a message id", provider=self.key, status_code=answer.status,
+                detail=answer.text,
+            ) from None
+        status = body["messages"][0].get("message_status")
+        return SendResult(provider_message_id=wamid, provider_status=status)
+
+    async def probe(self) -> None:
+        """GET the phone number's id: checks the token and the number, sends nothing."""
+        answer = await self._request(
+            "GET", self._base(), params={"fields": "id"}, headers=self._headers()
+        )
+        if answer.status >= 300:
+            raise classify_meta_error(answer, self.key)

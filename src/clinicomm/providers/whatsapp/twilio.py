@@ -1,16 +1,19 @@
-"""Twilio Programmable Messaging for WhatsApp."""
+"""Twilio Programmable Messaging for WhatsApp (`whatsapp:+…` addresses)."""
 
 from __future__ import annotations
 
 from clinicomm.providers import registry
-from clinicomm.providers._pending import PendingAdapter
 from clinicomm.providers.base import Channel
 from clinicomm.providers.shared.credentials import TwilioCredentials
+from clinicomm.providers.shared.twilio import WHATSAPP_PREFIX, TwilioAdapterBase
 
 
 @registry.register
-class TwilioWhatsAppAdapter(PendingAdapter):
+class TwilioWhatsAppAdapter(TwilioAdapterBase):
+    """WhatsApp through Twilio: `To`/`From` carry the `whatsapp:` prefix."""
+
     key = "twilio"
     channel = Channel.WHATSAPP
     display_name = "Twilio"
     credentials_model = TwilioCredentials
+    address_prefix = WHATSAPP_PREFIX

@@ -1,0 +1,1 @@
+from tests.support.messaging import http  # noqa: F401  (fixture)
