@@ -16,7 +16,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -42,7 +42,7 @@ from clinicomm.settings.validation import (
     validate_settings,
 )
 from clinicomm.store.db import Database
-from clinicomm.store.models import Clinic, utcnow
+from clinicomm.store.models import Clinic, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class ConfigService:
                 for clinic_id, version, updated_at in rows:
                     if version > self.cache.known_version(clinic_id):
                         self.cache.drop(clinic_id, version)
-                    stamp = _aware(updated_at) - timedelta(seconds=2)
+                    stamp = aware(updated_at) - timedelta(seconds=2)
                     since = max(since, stamp)
             except asyncio.CancelledError:
                 raise
@@ -304,8 +304,8 @@ class ConfigService:
             name=row.name,
             version=row.version,
             settings=settings,
-            created_at=_aware(row.created_at),
-            updated_at=_aware(row.updated_at),
+            created_at=aware(row.created_at),
+            updated_at=aware(row.updated_at),
         )
 
     # ---- writes (caller commits, then awaits committed()) ---------------------------------
@@ -395,7 +395,7 @@ class ConfigService:
         row.updated_at = utcnow()
         await session.flush()
         record = ClinicRecord(
-            row.id, row.name, row.version, plain, current.created_at, _aware(row.updated_at)
+            row.id, row.name, row.version, plain, current.created_at, aware(row.updated_at)
         )
         return Change(row.id, row.version, action, current.communication, plain.get(COMM), record)
 
@@ -468,10 +468,6 @@ def _resolve_masks(doc: dict[str, Any], stored: dict[str, Any] | None) -> dict[s
             assert holder is not None
             holder[name] = old[name]
     return out
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 __all__ = [

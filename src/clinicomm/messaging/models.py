@@ -1,0 +1,108 @@
+"""The send request (HTTP and Python share it), its answer, and the delivery vocabulary."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from clinicomm.providers.base import Channel
+
+
+class DeliveryStatus(StrEnum):
+    """Where one delivery is. Every delivery ends in one of the last six."""
+
+    QUEUED = "queued"  # stored, waiting for a worker (first try or a scheduled retry)
+    SENDING = "sending"  # claimed by a worker (leased)
+    SENT = "sent"  # a provider took it (its message id is recorded)
+    DELIVERED = "delivered"  # the provider reported delivery to the device or mailbox
+    READ = "read"  # the recipient opened or read it
+    FAILED = "failed"  # no provider could take it; `error` says why, per provider
+    BOUNCED = "bounced"  # the provider reported a bounce after `sent`
+    SUPPRESSED = "suppressed"  # not sent: the recipient opted out of this channel
+
+
+TERMINAL = frozenset(
+    {
+        DeliveryStatus.SENT,
+        DeliveryStatus.DELIVERED,
+        DeliveryStatus.READ,
+        DeliveryStatus.FAILED,
+        DeliveryStatus.BOUNCED,
+        DeliveryStatus.SUPPRESSED,
+    }
+)
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Recipient(_Camel):
+    """One patient's addresses; each requested channel uses the matching one."""
+
+    email: str | None = Field(default=None, max_length=320)
+    #: E.164 (`+14155552671`); used for SMS, and for WhatsApp unless `whatsapp` is given.
+    phone: str | None = Field(default=None, max_length=32)
+    #: A different number for WhatsApp, if the patient has one.
+    whatsapp: str | None = Field(default=None, max_length=32)
+
+
+class TemplateSpec(_Camel):
+    """A provider template: the clinic's logical name (`appointmentConfirmation`) or the
+    provider's own name, with language and positional or named variables."""
+
+    name: str = Field(min_length=1, max_length=200)
+    language: str = Field(default="en", min_length=2, max_length=15)
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+class SendMetadata(BaseModel):
+    """Routing and correlation ids. `clinicId` picks the clinic's providers; other keys are
+    kept as opaque ids (they must not carry patient data)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    clinic_id: str | None = Field(default=None, alias="clinicId", max_length=64)
+
+
+class SendRequest(_Camel):
+    """What a business service asks: one message, to recipients, on channels."""
+
+    category: str = Field(default="GENERAL", min_length=1, max_length=60)
+    title: str | None = Field(default=None, max_length=998)
+    body: str | None = Field(default=None, max_length=100_000)
+    html: str | None = Field(default=None, max_length=1_000_000)
+    recipients: list[Recipient] = Field(min_length=1, max_length=1000)
+    channels: list[Channel] = Field(min_length=1, max_length=3)
+    template: TemplateSpec | None = None
+    metadata: SendMetadata = Field(default_factory=SendMetadata)
+
+    @field_validator("channels")
+    @classmethod
+    def _unique(cls, value: list[Channel]) -> list[Channel]:
+        return list(dict.fromkeys(value))
+
+    def content(self) -> dict[str, Any]:
+        """The part stored encrypted: title, body, html, template."""
+        return self.model_dump(
+            mode="json", by_alias=True, include={"title", "body", "html", "template"}
+        )
+
+
+class DeliverySummary(_Camel):
+    id: str
+    channel: Channel
+    recipient: str
+    status: DeliveryStatus
+    error: dict[str, Any] | None = None
+
+
+class SendAccepted(_Camel):
+    """The 202 answer: the message and its deliveries, as stored."""
+
+    id: str
+    status: str = "queued"
+    deliveries: list[DeliverySummary]

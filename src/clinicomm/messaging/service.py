@@ -1,0 +1,293 @@
+"""Accepting a send: validate, apply idempotency, write the message and its deliveries in one
+transaction. The caller gets its answer only after the commit: an accepted message is durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from clinicomm.ids import new_id
+from clinicomm.messaging.models import (
+    DeliveryStatus,
+    DeliverySummary,
+    SendAccepted,
+    SendRequest,
+)
+from clinicomm.providers.base import Channel
+from clinicomm.providers.phone import normalize_e164
+from clinicomm.settings.service import ConfigService
+from clinicomm.settings.validation import Problem
+from clinicomm.store.db import Database
+from clinicomm.store.models import Delivery, IdempotencyKey, Message, aware, utcnow
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+#: Key id of the data key that encrypts messages sent without a clinic (global providers).
+PLATFORM_KEY_OWNER = "_platform"
+
+
+class SendValidationError(Exception):
+    """The request is invalid; `problems` name each JSON path."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(f"{p.path}: {p.message}" for p in problems))
+        self.problems = problems
+
+
+class UnknownClinicError(Exception):
+    def __init__(self, clinic_id: str) -> None:
+        super().__init__(f"clinic {clinic_id!r} not found")
+        self.clinic_id = clinic_id
+
+
+class IdempotencyConflictError(Exception):
+    """The key was used within 24 hours for a different payload."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedDelivery:
+    channel: Channel
+    recipient: str
+    #: Set when the delivery cannot be attempted at all (no address for the channel).
+    failure: str | None = None
+
+
+class Notifier:
+    """Wakes workers when deliveries are due: an in-process event, plus PostgreSQL NOTIFY."""
+
+    CHANNEL = "clinicomm_deliveries"
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.event = asyncio.Event()
+
+    async def in_transaction(self, session: AsyncSession) -> None:
+        """Queue a NOTIFY that PostgreSQL delivers at commit (no-op on SQLite)."""
+        if session.get_bind().dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            await session.execute(text(f"NOTIFY {self.CHANNEL}"))
+
+    def after_commit(self) -> None:
+        self.event.set()
+
+
+class MessagingService:
+    """`accept(request)`: the durable half of sending."""
+
+    def __init__(self, db: Database, config: ConfigService, notifier: Notifier) -> None:
+        self.db = db
+        self.config = config
+        self.notifier = notifier
+
+    async def accept(
+        self,
+        request: SendRequest,
+        *,
+        idempotency_key: str | None = None,
+        requested_by: str | None = None,
+    ) -> SendAccepted:
+        """Store the message and one delivery per (recipient, channel); return the 202 answer.
+
+        Raises SendValidationError (422), UnknownClinicError (404), IdempotencyConflictError (409).
+        With the same `idempotency_key` and payload within 24 h, answers the first answer again.
+        """
+        clinic_id = request.metadata.clinic_id
+        regions = await self._regions(clinic_id, request.channels)
+        planned = plan(request, regions)
+        scope = clinic_id or PLATFORM_KEY_OWNER
+        digest = request_hash(request) if idempotency_key else ""
+        if idempotency_key:
+            previous = await self._previous(scope, idempotency_key, digest)
+            if previous is not None:
+                return previous
+        message_id = new_id()
+        now = utcnow()
+        rows: list[dict[str, Any]] = []
+        summaries: list[DeliverySummary] = []
+        for item in planned:
+            delivery_id = new_id()
+            status = DeliveryStatus.FAILED if item.failure else DeliveryStatus.QUEUED
+            error = {"reason": item.failure, "errors": []} if item.failure else None
+            rows.append(
+                {
+                    "id": delivery_id,
+                    "message_id": message_id,
+                    "clinic_id": clinic_id,
+                    "channel": item.channel.value,
+                    "recipient": item.recipient,
+                    "status": status.value,
+                    "next_attempt_at": now,
+                    "error": error,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            summaries.append(
+                DeliverySummary(
+                    id=delivery_id,
+                    channel=item.channel,
+                    recipient=item.recipient,
+                    status=status,
+                    error=error,
+                )
+            )
+        answer = SendAccepted(id=message_id, deliveries=summaries)
+        try:
+            async with self.db.session() as session:
+                cipher = await self.config.keys.cipher(session, scope)
+                content = cipher.encrypt_bytes(
+                    orjson.dumps(request.content()), f"message:{message_id}"
+                )
+                meta = request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
+                await session.execute(
+                    insert(Message).values(
+                        id=message_id,
+                        clinic_id=clinic_id,
+                        category=request.category,
+                        content=content,
+                        meta=meta,
+                        requested_by=requested_by,
+                        created_at=now,
+                    )
+                )
+                await session.execute(insert(Delivery), rows)
+                if idempotency_key:
+                    await session.execute(
+                        insert(IdempotencyKey).values(
+                            scope=scope,
+                            key=idempotency_key,
+                            request_hash=digest,
+                            message_id=message_id,
+                            response=answer.model_dump(mode="json", by_alias=True),
+                            created_at=now,
+                            expires_at=now + IDEMPOTENCY_TTL,
+                        )
+                    )
+                if any(r["status"] == DeliveryStatus.QUEUED.value for r in rows):
+                    await self.notifier.in_transaction(session)
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            # A concurrent request with the same key committed first: answer as it did.
+            previous = await self._previous(scope, idempotency_key, digest)
+            if previous is None:
+                raise
+            return previous
+        self.notifier.after_commit()
+        log.info(
+            "message accepted",
+            extra={
+                "event": "message_accepted",
+                "messageId": message_id,
+                "clinicId": clinic_id,
+                "deliveries": len(rows),
+            },
+        )
+        return answer
+
+    async def _regions(self, clinic_id: str | None, channels: list[Channel]) -> dict[Channel, str]:
+        """Default phone regions of the clinic's channels; checks that the clinic exists."""
+        regions: dict[Channel, str] = {}
+        for channel in channels:
+            resolved = await self.config.get_clinic_config(clinic_id, channel)
+            if clinic_id is not None and resolved.version == 0:
+                raise UnknownClinicError(clinic_id)
+            region = getattr(resolved.effective, "default_region", None)
+            if isinstance(region, str):
+                regions[channel] = region
+        return regions
+
+    async def _previous(self, scope: str, key: str, digest: str) -> SendAccepted | None:
+        async with self.db.session() as session:
+            row = (
+                await session.execute(
+                    select(IdempotencyKey).where(
+                        IdempotencyKey.scope == scope, IdempotencyKey.key == key
+                    )
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                return None
+            if aware(row.expires_at) <= utcnow():
+                await session.execute(
+                    delete(IdempotencyKey).where(
+                        IdempotencyKey.scope == scope, IdempotencyKey.key == key
+                    )
+                )
+                return None
+            if row.request_hash != digest:
+                raise IdempotencyConflictError(
+                    "Idempotency-Key was already used with a different payload"
+                )
+            return SendAccepted.model_validate(row.response)
+
+
+def request_hash(request: SendRequest) -> str:
+    payload = orjson.dumps(
+        request.model_dump(mode="json", by_alias=True), option=orjson.OPT_SORT_KEYS
+    )
+    return hashlib.sha256(payload).hexdigest()
+
+
+def plan(request: SendRequest, regions: dict[Channel, str]) -> list[PlannedDelivery]:
+    """One delivery per (recipient, channel), with canonical addresses.
+
+    A malformed address is a 422 (SendValidationError, every problem with its path); a missing
+    address for a requested channel is a delivery recorded `failed` with the reason.
+    """
+    problems: list[Problem] = []
+    planned: list[PlannedDelivery] = []
+    if request.body is None and request.html is None and request.template is None:
+        problems.append(Problem("body", "body, html or template is required", "missing"))
+    for index, recipient in enumerate(request.recipients):
+        email = None
+        if recipient.email is not None:
+            try:
+                email = validate_email(recipient.email, check_deliverability=False).normalized
+            except EmailNotValidError as exc:
+                problems.append(Problem(f"recipients.{index}.email", str(exc), "email"))
+        numbers: dict[str, str | None] = {}
+        for field in ("phone", "whatsapp"):
+            raw = getattr(recipient, field)
+            if raw is None:
+                numbers[field] = None
+                continue
+            channel = Channel.WHATSAPP if field == "whatsapp" else Channel.SMS
+            try:
+                numbers[field] = normalize_e164(raw, regions.get(channel))
+            except ValueError as exc:
+                problems.append(Problem(f"recipients.{index}.{field}", str(exc), "phone"))
+        if not any([recipient.email, recipient.phone, recipient.whatsapp]):
+            problems.append(
+                Problem(f"recipients.{index}", "a recipient needs an email or a phone", "missing")
+            )
+        for channel in request.channels:
+            if channel is Channel.EMAIL:
+                address = email
+            elif channel is Channel.WHATSAPP:
+                address = numbers["whatsapp"] or numbers["phone"]
+            else:
+                address = numbers["phone"]
+            if address is None:
+                kind = "email address" if channel is Channel.EMAIL else "phone number"
+                planned.append(
+                    PlannedDelivery(channel, "", f"recipient has no {kind} for {channel.value}")
+                )
+            else:
+                planned.append(PlannedDelivery(channel, address))
+    if problems:
+        raise SendValidationError(problems)
+    return planned
