@@ -89,7 +89,9 @@ def assert_valid(
     `path` overrides the captured path (for specs whose server URL carries a path prefix).
     Raises openapi-core's validation error with every problem when the request is invalid.
     """
-    headers = {k: v for k, v in request.headers.items()}
+    headers = dict(request.headers)
+    # The full Content-Type (with a multipart boundary), not only the media type.
+    content_type = headers.get("Content-Type", request.content_type)
     mock = MockRequest(
         host_url,
         request.method.lower(),
@@ -97,6 +99,6 @@ def assert_valid(
         args=dict(request.query),
         headers=headers,
         data=request.body,
-        content_type=request.content_type,
+        content_type=content_type,
     )
     spec(name).validate_request(mock)

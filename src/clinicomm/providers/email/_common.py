@@ -136,7 +136,6 @@ class HttpEmailAdapter(ProviderAdapter):
         headers: dict[str, str] | None = None,
         json_body: Any = None,
         data: Any = None,
-        auth: aiohttp.BasicAuth | None = None,
     ) -> HttpAnswer:
         """Make one request and read the answer.
 
@@ -151,7 +150,6 @@ class HttpEmailAdapter(ProviderAdapter):
                 headers=headers,
                 json=json_body,
                 data=data,
-                auth=auth,
                 timeout=timeout,
                 ssl=self._ssl,
             ) as response:
