@@ -108,3 +108,28 @@ def assert_valid(
         content_type=content_type,
     )
     spec(name).validate_request(mock)
+
+
+@functools.cache
+def botocore_model(relative: str) -> Any:
+    """A botocore `ServiceModel` from a service-2 JSON file of the shared specs (AWS has no
+    OpenAPI; this is the model boto3 itself validates against)."""
+    from botocore.model import ServiceModel
+
+    return ServiceModel(load_document(relative))
+
+
+def assert_valid_aws(relative: str, operation: str, request: CapturedRequest) -> None:
+    """Validate a captured REST-JSON AWS request: method, path and body against the operation.
+
+    `relative` is a botocore service-2 file, e.g.
+    `aws-ses-sns/botocore-sesv2-2019-09-27.service-2.json`.
+    Raises AssertionError listing every problem botocore's own validator finds.
+    """
+    from botocore.validate import ParamValidator
+
+    model = botocore_model(relative).operation_model(operation)
+    assert request.method == model.http["method"], (request.method, model.http)
+    assert request.path == model.http["requestUri"].split("?")[0], (request.path, model.http)
+    report = ParamValidator().validate(request.json(), model.input_shape)
+    assert not report.has_errors(), report.generate_report()
