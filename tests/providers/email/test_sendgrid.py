@@ -219,3 +219,13 @@ async def test_own_session_when_context_has_none(server: CaptureServer) -> None:
     await sg.close()
     await sg.close()
     assert len(server.requests) == 2
+
+
+async def test_spec_check_is_live(server: CaptureServer, context: AdapterContext) -> None:
+    """A body without personalizations fails the official spec: the check is real."""
+    server.respond(202, None, headers={"X-Message-Id": "x"})
+    await adapter(server, context).send(text_message())
+    request = server.requests[0]
+    request.body = request.body.replace(b'"personalizations"', b'"xpersonalizations"')
+    with pytest.raises(Exception, match="personalizations"):
+        assert_valid("sendgrid", request, host_url=HOST)
