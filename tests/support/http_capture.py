@@ -37,9 +37,28 @@ class CapturedRequest:
         return json.loads(self.body)
 
     def form(self) -> MultiDict[str]:
+        """Form fields, from a url-encoded or a multipart/form-data body (text parts only)."""
+        if self.content_type == "multipart/form-data":
+            return self.multipart()
         from urllib.parse import parse_qsl
 
         return MultiDict(parse_qsl(self.body.decode(), keep_blank_values=True))
+
+    def multipart(self) -> MultiDict[str]:
+        """The text fields of a multipart/form-data body, in order (repeated names kept)."""
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        header = self.headers.get("Content-Type", self.content_type)
+        parsed = BytesParser(policy=HTTP).parsebytes(
+            f"Content-Type: {header}\r\n\r\n".encode() + self.body
+        )
+        fields: MultiDict[str] = MultiDict()
+        for part in parsed.iter_parts():  # type: ignore[attr-defined]
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True) or b""
+            fields.add(str(name), payload.decode(part.get_content_charset() or "utf-8"))
+        return fields
 
 
 @dataclass

@@ -1,14 +1,48 @@
-"""Mailgun Messages API (US and EU regions)."""
+"""Mailgun Messages API (US and EU regions).
+
+https://documentation.mailgun.com/docs/mailgun/api-reference/send/mailgun/messages
+
+The message goes as `multipart/form-data` (the only request body the official OpenAPI file
+declares; Mailgun also takes url-encoded forms). Failures, by what Mailgun answers:
+
+| answer | class |
+|---|---|
+| 200 | success; the id is `id` (`<…@domain>`) |
+| 429 | RateLimitedError (`Retry-After` when given) |
+| 401, 403, 404 (unknown domain) | ConfigurationError |
+| 400 about the `to` address | RecipientError |
+| other 400, 413 | ConfigurationError |
+| 5xx | TransientError |
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+import json
+from typing import Any, Literal
+from urllib.parse import quote
 
+import aiohttp
 from pydantic import Field, SecretStr
 
 from clinicomm.providers import registry
-from clinicomm.providers._pending import PendingAdapter
-from clinicomm.providers.base import Channel, ProviderCredentials
+from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
+from clinicomm.providers.email._common import (
+    HttpAnswer,
+    HttpEmailAdapter,
+    require_body,
+    resolve_sender,
+    retry_after,
+)
+from clinicomm.providers.errors import (
+    ConfigurationError,
+    RateLimitedError,
+    RecipientError,
+    TransientError,
+)
+
+#: API host per region. https://documentation.mailgun.com/docs/mailgun/api-reference/api-overview
+REGION_URLS = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}
 
 
 class MailgunCredentials(ProviderCredentials):
@@ -23,8 +57,89 @@ class MailgunCredentials(ProviderCredentials):
 
 
 @registry.register
-class MailgunAdapter(PendingAdapter):
+class MailgunAdapter(HttpEmailAdapter):
+    """Sends one email per call through Mailgun's `/v3/{domain}/messages`."""
+
     key = "mailgun"
     channel = Channel.EMAIL
     display_name = "Mailgun"
     credentials_model = MailgunCredentials
+    credentials: MailgunCredentials
+
+    @property
+    def base_url(self) -> str:
+        """`baseUrl` when set, else the region's API host."""
+        return (self.credentials.base_url or REGION_URLS[self.credentials.region]).rstrip("/")
+
+    def _headers(self) -> dict[str, str]:
+        token = base64.b64encode(f"api:{self.credentials.api_key.get_secret_value()}".encode())
+        return {"Authorization": f"Basic {token.decode('ascii')}"}
+
+    def build_fields(self, message: OutboundMessage) -> list[tuple[str, str]]:
+        """The form fields for one message: from, to, subject always; text/html or template.
+
+        A template is sent by name with its variables as JSON in `t:variables`; only the opaque
+        `reference` goes into the custom variable `v:ref`.
+        """
+        creds = self.credentials
+        require_body(self.key, message)
+        sender = resolve_sender(self.key, message, email=creds.from_email, name=creds.from_name)
+        fields = [
+            ("from", sender.header()),
+            ("to", message.to),
+            # Mailgun requires a subject even for template sends whose template has its own.
+            ("subject", message.subject or ""),
+        ]
+        if message.template is not None:
+            fields.append(("template", message.template.name))
+            fields.append(("t:variables", json.dumps(message.template.variables)))
+        else:
+            if message.text:
+                fields.append(("text", message.text))
+            if message.html:
+                fields.append(("html", message.html))
+        fields.append(("v:ref", message.reference))
+        return fields
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """POST /v3/{domain}/messages; see the module docstring for how failures are classified."""
+        form = aiohttp.FormData(default_to_multipart=True)
+        for name, value in self.build_fields(message):
+            form.add_field(name, value)
+        url = f"{self.base_url}/v3/{quote(self.credentials.domain, safe='')}/messages"
+        answer = await self._call("POST", url, data=form, headers=self._headers())
+        if answer.status == 200:
+            body = answer.json()
+            message_id = body.get("id") if isinstance(body, dict) else None
+            return SendResult(message_id, "queued")
+        raise self._classify(answer)
+
+    async def probe(self) -> None:
+        """GET /v4/domains/{domain}: the key works and owns the domain. Sends nothing.
+
+        v4 is the domain endpoint of the official OpenAPI file; the v3 one is deprecated.
+        https://documentation.mailgun.com/docs/mailgun/api-reference/send/mailgun/domains
+        """
+        url = f"{self.base_url}/v4/domains/{quote(self.credentials.domain, safe='')}"
+        answer = await self._call("GET", url, headers=self._headers())
+        if answer.status != 200:
+            raise self._classify(answer)
+
+    def _classify(self, answer: HttpAnswer) -> Exception:
+        status = answer.status
+        kw: dict[str, Any] = {"provider": self.key, "status_code": status, "detail": answer.text}
+        if status == 429:
+            return RateLimitedError("rate limited", retry_after=retry_after(answer.headers), **kw)
+        if status >= 500:
+            return TransientError("provider error", retry_after=retry_after(answer.headers), **kw)
+        if status in (401, 403):
+            return ConfigurationError("API key rejected", **kw)
+        if status == 404:
+            return ConfigurationError("domain not found for this API key", **kw)
+        if status == 400:
+            body = answer.json()
+            text = str(body.get("message", "")) if isinstance(body, dict) else answer.text
+            # "to parameter is not a valid address. please check documentation"
+            if "to parameter" in text.lower() or "recipient" in text.lower():
+                return RecipientError("recipient address rejected", **kw)
+        return ConfigurationError("request rejected", **kw)

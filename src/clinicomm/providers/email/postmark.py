@@ -1,12 +1,47 @@
-"""Postmark single email API."""
+"""Postmark single email API (`/email`, `/email/withTemplate`).
+
+https://postmarkapp.com/developer/api/email-api and
+https://postmarkapp.com/developer/api/overview#error-codes
+
+Failures, by what Postmark answers (HTTP status, then the body's `ErrorCode`):
+
+| answer | class |
+|---|---|
+| 200 with ErrorCode 0 | success; the id is `MessageID` |
+| 401, or ErrorCode 10 (bad server token) | ConfigurationError |
+| ErrorCode 406 (inactive recipient) | RecipientError |
+| ErrorCode 300 about the To address | RecipientError |
+| ErrorCode 300 otherwise, 400 (sender signature), 412, 413, other 422s | ConfigurationError |
+| 429 | RateLimitedError |
+| 5xx | TransientError |
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import SecretStr
 
 from clinicomm.providers import registry
-from clinicomm.providers._pending import PendingAdapter
-from clinicomm.providers.base import Channel, ProviderCredentials
+from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
+from clinicomm.providers.email._common import (
+    HttpAnswer,
+    HttpEmailAdapter,
+    require_body,
+    resolve_sender,
+    retry_after,
+)
+from clinicomm.providers.errors import (
+    ConfigurationError,
+    RateLimitedError,
+    RecipientError,
+    TransientError,
+)
+
+#: Postmark API error codes we classify; https://postmarkapp.com/developer/api/overview#error-codes
+BAD_SERVER_TOKEN = 10
+INVALID_EMAIL_REQUEST = 300
+INACTIVE_RECIPIENT = 406
 
 
 class PostmarkCredentials(ProviderCredentials):
@@ -20,8 +55,91 @@ class PostmarkCredentials(ProviderCredentials):
 
 
 @registry.register
-class PostmarkAdapter(PendingAdapter):
+class PostmarkAdapter(HttpEmailAdapter):
+    """Sends one email per call through Postmark's `/email` or `/email/withTemplate`."""
+
     key = "postmark"
     channel = Channel.EMAIL
     display_name = "Postmark"
     credentials_model = PostmarkCredentials
+    credentials: PostmarkCredentials
+
+    def _url(self, path: str) -> str:
+        return self.credentials.base_url.rstrip("/") + path
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "X-Postmark-Server-Token": self.credentials.server_token.get_secret_value(),
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+
+    def build_request(self, message: OutboundMessage) -> tuple[str, dict[str, Any]]:
+        """The path and JSON body for one message.
+
+        A template goes to `/email/withTemplate` by `TemplateId` when its name is numeric, else
+        by `TemplateAlias`, with the variables as `TemplateModel`. Only the opaque `reference`
+        goes into `Metadata`.
+        """
+        creds = self.credentials
+        require_body(self.key, message)
+        sender = resolve_sender(self.key, message, email=creds.from_email, name=creds.from_name)
+        body: dict[str, Any] = {
+            "From": sender.header(),
+            "To": message.to,
+            "MessageStream": creds.message_stream,
+            "Metadata": {"ref": message.reference},
+        }
+        if message.template is not None:
+            name = message.template.name
+            if name.isdigit():
+                body["TemplateId"] = int(name)
+            else:
+                body["TemplateAlias"] = name
+            body["TemplateModel"] = dict(message.template.variables)
+            return "/email/withTemplate", body
+        body["Subject"] = message.subject or ""
+        if message.text:
+            body["TextBody"] = message.text
+        if message.html:
+            body["HtmlBody"] = message.html
+        return "/email", body
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """POST /email or /email/withTemplate; see the module docstring for the classification."""
+        path, body = self.build_request(message)
+        answer = await self._call("POST", self._url(path), headers=self._headers(), json_body=body)
+        data = answer.json()
+        code = data.get("ErrorCode") if isinstance(data, dict) else None
+        if answer.status == 200 and code in (0, None) and isinstance(data, dict):
+            return SendResult(data.get("MessageID"), str(data.get("Message") or "OK"))
+        raise self._classify(answer, data)
+
+    async def probe(self) -> None:
+        """GET /server: the server token is valid. Sends nothing."""
+        answer = await self._call("GET", self._url("/server"), headers=self._headers())
+        if answer.status != 200:
+            raise self._classify(answer, answer.json())
+
+    def _classify(self, answer: HttpAnswer, data: Any) -> Exception:
+        status = answer.status
+        error_code = data.get("ErrorCode") if isinstance(data, dict) else None
+        text = str(data.get("Message", "")) if isinstance(data, dict) else answer.text
+        kw: dict[str, Any] = {
+            "provider": self.key,
+            "status_code": status,
+            "code": None if error_code is None else str(error_code),
+            "detail": answer.text,
+        }
+        if status == 429:
+            return RateLimitedError("rate limited", retry_after=retry_after(answer.headers), **kw)
+        if status >= 500:
+            return TransientError("provider error", retry_after=retry_after(answer.headers), **kw)
+        if status == 401 or error_code == BAD_SERVER_TOKEN:
+            return ConfigurationError("server token rejected", **kw)
+        if error_code == INACTIVE_RECIPIENT:
+            return RecipientError("recipient inactive (bounced or unsubscribed)", **kw)
+        if error_code == INVALID_EMAIL_REQUEST and "'to'" in text.lower():
+            # e.g. "Error parsing 'To': Illegal email address 'x'. It must contain the '@' symbol."
+            return RecipientError("recipient address rejected", **kw)
+        return ConfigurationError("request rejected", **kw)

@@ -1,12 +1,40 @@
-"""SendGrid v3 Mail Send."""
+"""SendGrid v3 Mail Send.
+
+https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-send
+
+Failures, by what SendGrid answers:
+
+| answer | class |
+|---|---|
+| 202 | success; the id is the `X-Message-Id` header |
+| 429 | RateLimitedError (`Retry-After`, else the epoch in `X-RateLimit-Reset`) |
+| 401, 403 | ConfigurationError (bad key or no mail.send scope) |
+| 400 naming a recipient address | RecipientError |
+| other 400, 404, 413 | ConfigurationError |
+| 5xx | TransientError |
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import SecretStr
 
 from clinicomm.providers import registry
-from clinicomm.providers._pending import PendingAdapter
-from clinicomm.providers.base import Channel, ProviderCredentials
+from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
+from clinicomm.providers.email._common import (
+    HttpAnswer,
+    HttpEmailAdapter,
+    require_body,
+    resolve_sender,
+    retry_after,
+)
+from clinicomm.providers.errors import (
+    ConfigurationError,
+    RateLimitedError,
+    RecipientError,
+    TransientError,
+)
 
 
 class SendGridCredentials(ProviderCredentials):
@@ -19,9 +47,113 @@ class SendGridCredentials(ProviderCredentials):
     base_url: str = "https://api.sendgrid.com"
 
 
+def _is_recipient_error(error: dict[str, Any]) -> bool:
+    """Whether one entry of SendGrid's `errors` list is about the recipient's address."""
+    field = str(error.get("field") or "")
+    text = str(error.get("message") or "").lower()
+    return (".to" in field or field.startswith("to")) and "email" in (field + text)
+
+
 @registry.register
-class SendGridAdapter(PendingAdapter):
+class SendGridAdapter(HttpEmailAdapter):
+    """Sends one email per call through SendGrid's v3 Mail Send API."""
+
     key = "sendgrid"
     channel = Channel.EMAIL
     display_name = "SendGrid"
     credentials_model = SendGridCredentials
+    credentials: SendGridCredentials
+
+    def _url(self, path: str) -> str:
+        return self.credentials.base_url.rstrip("/") + path
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.credentials.api_key.get_secret_value()}"}
+
+    def build_payload(self, message: OutboundMessage) -> dict[str, Any]:
+        """The Mail Send JSON for one message (public so tests can inspect edge cases).
+
+        A message with a template is sent as a dynamic template: its id is the template's own
+        name when that is a SendGrid id (`d-…`), else the credentials' `templateId`. Only the
+        opaque `reference` goes into `custom_args`.
+        """
+        creds = self.credentials
+        require_body(self.key, message)
+        sender = resolve_sender(
+            self.key, message, email=creds.from_email, name=creds.from_name
+        )
+        # custom_args sit on the personalization: SendGrid merges them with (and lets them
+        # override) the top-level ones, and the official OpenAPI file types the top-level
+        # `custom_args` as a string although the API takes an object there too.
+        # https://www.twilio.com/docs/sendgrid/for-developers/sending-email/custom-arguments
+        personalization: dict[str, Any] = {
+            "to": [{"email": message.to}],
+            "custom_args": {"ref": message.reference},
+        }
+        payload: dict[str, Any] = {
+            "personalizations": [personalization],
+            "from": {"email": sender.email, **({"name": sender.name} if sender.name else {})},
+        }
+        if message.subject:
+            payload["subject"] = message.subject
+        if message.template is not None:
+            name = message.template.name
+            template_id = name if name.startswith("d-") else creds.template_id
+            if not template_id:
+                raise ConfigurationError(
+                    "template message but no SendGrid templateId configured", provider=self.key
+                )
+            payload["template_id"] = template_id
+            personalization["dynamic_template_data"] = dict(message.template.variables)
+        else:
+            # text/plain must come before text/html, or SendGrid answers 400.
+            # https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-send#request-body
+            content = []
+            if message.text:
+                content.append({"type": "text/plain", "value": message.text})
+            if message.html:
+                content.append({"type": "text/html", "value": message.html})
+            payload["content"] = content
+        return payload
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """POST /v3/mail/send; see the module docstring for how failures are classified."""
+        payload = self.build_payload(message)
+        answer = await self._call(
+            "POST", self._url("/v3/mail/send"), headers=self._headers(), json_body=payload
+        )
+        if answer.status in (200, 202):
+            return SendResult(answer.headers.get("X-Message-Id"), str(answer.status))
+        raise self._classify(answer)
+
+    async def probe(self) -> None:
+        """GET /v3/scopes: the key works and holds `mail.send`. Sends nothing."""
+        answer = await self._call("GET", self._url("/v3/scopes"), headers=self._headers())
+        if answer.status != 200:
+            raise self._classify(answer)
+        body = answer.json()
+        scopes = body.get("scopes", []) if isinstance(body, dict) else []
+        if "mail.send" not in scopes:
+            raise ConfigurationError(
+                "API key lacks the mail.send scope", provider=self.key, status_code=200
+            )
+
+    def _classify(self, answer: HttpAnswer) -> Exception:
+        status = answer.status
+        kw: dict[str, Any] = {"provider": self.key, "status_code": status, "detail": answer.text}
+        if status == 429:
+            return RateLimitedError(
+                "rate limited", retry_after=retry_after(answer.headers), **kw
+            )
+        if status >= 500:
+            return TransientError(
+                "provider error", retry_after=retry_after(answer.headers), **kw
+            )
+        if status in (401, 403):
+            return ConfigurationError("API key rejected", **kw)
+        if status == 400:
+            body = answer.json()
+            errors = body.get("errors", []) if isinstance(body, dict) else []
+            if any(isinstance(e, dict) and _is_recipient_error(e) for e in errors):
+                return RecipientError("recipient address rejected", **kw)
+        return ConfigurationError("request rejected", **kw)

@@ -1,12 +1,68 @@
-"""SMTP (any server: Gmail, Outlook, a clinic's own relay)."""
+"""SMTP (any server: Gmail, Outlook, a clinic's own relay), with a connection pool per adapter.
+
+Transport security (RFC 8314, RFC 3207):
+
+- `secure: true` is implicit TLS: TLS is negotiated before any SMTP command (port 465).
+- Otherwise the adapter EHLOs and upgrades with STARTTLS. STARTTLS is *required* unless
+  `requireTls` is false: a server that does not advertise it, or whose handshake fails, is
+  left with QUIT before AUTH, so no credential and no message data is ever sent in clear.
+- Certificates are always validated (system store plus `context.ca_file`); there is no setting
+  to turn that off. With `context.environment == "production"`, `requireTls: false` is refused
+  for any host that is not loopback.
+
+Pool: an adapter is built per (clinic, config version) and holds at most `maxConnections` open
+connections (counting those being opened and closed), puts at most `maxMessagesPerConnection`
+messages on one connection and then reconnects, and closes a connection idle for
+`idleTimeoutSeconds`.
+
+Reply classification (https://www.rfc-editor.org/rfc/rfc5321#section-4.2, RFC 3463 enhanced
+codes):
+
+| reply | class |
+|---|---|
+| 4yz, 421/454 saying "throttl", "rate" or "too many" | RateLimitedError |
+| other 4yz (421, 450, 451, 452, 454, ...) | TransientError |
+| 5yz marking a sending quota (`5.4.5`, "quota", "daily ... limit") | ProviderDownError |
+| 535, 534, 530 (auth), 5.7.x on MAIL FROM, 5.1.7/5.1.8 (bad sender) | ConfigurationError |
+| 5yz with a 5.1.x enhanced code, or any 5yz to RCPT TO | RecipientError |
+| other 5yz | ProviderDownError |
+| connection refused | ProviderDownError |
+| timeout, dropped connection | TransientError |
+"""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Any
+
+import aiosmtplib
 from pydantic import Field, SecretStr, model_validator
 
 from clinicomm.providers import registry
-from clinicomm.providers._pending import PendingAdapter
-from clinicomm.providers.base import Channel, ProviderCredentials
+from clinicomm.providers.base import (
+    AdapterContext,
+    Channel,
+    OutboundMessage,
+    ProviderAdapter,
+    ProviderCredentials,
+    SendResult,
+)
+from clinicomm.providers.email._common import Sender, resolve_sender
+from clinicomm.providers.errors import (
+    ConfigurationError,
+    ProviderDownError,
+    ProviderError,
+    RateLimitedError,
+    RecipientError,
+    TransientError,
+)
 
 
 class SmtpCredentials(ProviderCredentials):
@@ -31,9 +87,369 @@ class SmtpCredentials(ProviderCredentials):
         return self
 
 
+# --- reply classification -------------------------------------------------------------------
+
+_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+_RATE_WORDS = re.compile(r"throttl|rate|too many|slow down", re.IGNORECASE)
+# e.g. Google "550 5.4.5 Daily user sending quota exceeded", Outlook "554 5.2.0 ... quota".
+_QUOTA_WORDS = re.compile(
+    r"quota|daily.{0,40}limit|sending limit|limit.{0,20}exceeded", re.IGNORECASE
+)
+
+
+def classify_reply(code: int, text: str, *, stage: str, provider: str = "smtp") -> ProviderError:
+    """Turn one SMTP reply into a classified error; `stage` is mail, rcpt, data, auth or
+    connect (which command the server refused). See the module docstring for the table."""
+    enhanced = _ENHANCED.search(text)
+    subject = (int(enhanced.group(2)), int(enhanced.group(3))) if enhanced else None
+    kw: dict[str, Any] = {
+        "provider": provider,
+        "status_code": code,
+        "code": enhanced.group(0) if enhanced else None,
+        "detail": f"{code} {text}",
+    }
+    if 400 <= code < 500:
+        if code in (421, 454, 450, 451, 452) and _RATE_WORDS.search(text):
+            return RateLimitedError("server asked to slow down", **kw)
+        return TransientError("temporary SMTP failure", **kw)
+    if subject == (4, 5) or _QUOTA_WORDS.search(text):
+        return ProviderDownError("sending quota exhausted", **kw)
+    if code in (530, 534, 535) or stage == "auth":
+        return ConfigurationError("SMTP authentication failed", **kw)
+    if subject in ((1, 7), (1, 8)) or (stage == "mail" and subject is not None and subject[0] == 7):
+        return ConfigurationError("sender refused", **kw)
+    if (subject is not None and subject[0] == 1) or stage == "rcpt":
+        return RecipientError("recipient refused", **kw)
+    if stage == "mail":
+        return ConfigurationError("sender refused", **kw)
+    return ProviderDownError("message refused by server", **kw)
+
+
+def _classify_exception(exc: Exception, provider: str, stage: str) -> ProviderError:
+    """Map an aiosmtplib (or socket/TLS) exception to the tree; never returns it unchanged."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        first = exc.recipients[0] if exc.recipients else None
+        if first is not None:
+            return classify_reply(first.code, first.message, stage="rcpt", provider=provider)
+        return RecipientError("recipient refused", provider=provider)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+            stage = "mail"
+        elif isinstance(exc, aiosmtplib.SMTPDataError):
+            stage = "data"
+        elif isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            stage = "auth"
+        return classify_reply(exc.code, exc.message, stage=stage, provider=provider)
+    if isinstance(exc, TimeoutError):  # includes SMTPTimeoutError, SMTPConnectTimeoutError
+        return TransientError("SMTP server timed out", provider=provider, detail=type(exc).__name__)
+    if isinstance(exc, aiosmtplib.SMTPConnectError | ConnectionRefusedError):
+        return ProviderDownError(
+            "SMTP server unreachable", provider=provider, detail=type(exc).__name__
+        )
+    if isinstance(exc, ssl.SSLError):
+        return ConfigurationError(
+            "TLS handshake failed", provider=provider, detail=type(exc).__name__
+        )
+    return TransientError("SMTP connection failed", provider=provider, detail=type(exc).__name__)
+
+
+# --- pool -----------------------------------------------------------------------------------
+
+_local_hostname: str | None = None
+
+
+async def _hostname_for_ehlo() -> str:
+    """This host's FQDN for EHLO, looked up once per process (getfqdn can be slow)."""
+    global _local_hostname
+    if _local_hostname is None:
+        name = await asyncio.get_running_loop().run_in_executor(None, socket.getfqdn)
+        _local_hostname = name if name and " " not in name else "localhost"
+    return _local_hostname
+
+
+@dataclass(eq=False)
+class _Connection:
+    client: aiosmtplib.SMTP
+    sent: int = 0
+    idle_timer: asyncio.TimerHandle | None = None
+
+
+class _Pool:
+    """At most `size` connections open (in use, idle, opening or closing) at any moment."""
+
+    def __init__(self, adapter: SmtpAdapter, size: int, per_connection: int, idle: float) -> None:
+        self._adapter = adapter
+        self._size = size
+        self._per_connection = per_connection
+        self._idle_timeout = idle
+        self._idle: list[_Connection] = []
+        self._open = 0
+        self._cond = asyncio.Condition()
+        self._closers: set[asyncio.Task[None]] = set()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections counted against the limit right now (for tests and metrics)."""
+        return self._open
+
+    async def acquire(self, *, fresh: bool = False) -> _Connection:
+        """An idle connection (unless `fresh`), or a new one when fewer than `size` are open;
+        else wait for one to come back."""
+        replaced: _Connection | None = None
+        async with self._cond:
+            while True:
+                while self._idle and not fresh:
+                    conn = self._idle.pop()
+                    if conn.idle_timer is not None:
+                        conn.idle_timer.cancel()
+                        conn.idle_timer = None
+                    if conn.client.is_connected:
+                        return conn
+                    conn.client.close()  # the server dropped it while idle
+                    self._open -= 1
+                if self._open < self._size:
+                    self._open += 1
+                    break
+                if fresh and self._idle:
+                    # Full of idle connections: close one and take over its slot.
+                    replaced = self._idle.pop(0)
+                    if replaced.idle_timer is not None:
+                        replaced.idle_timer.cancel()
+                    break
+                await self._cond.wait()
+        if replaced is not None:
+            await self._adapter.quit(replaced.client)
+        try:
+            return _Connection(await self._adapter.open_connection())
+        except BaseException:
+            await self._free_slot()
+            raise
+
+    async def release(self, conn: _Connection, *, reusable: bool) -> None:
+        """Give a connection back: kept idle if reusable and under the per-connection limit,
+        else closed (QUIT) before its slot is freed."""
+        if reusable and conn.sent < self._per_connection and conn.client.is_connected:
+            loop = asyncio.get_running_loop()
+            conn.idle_timer = loop.call_later(self._idle_timeout, self._expire, conn)
+            async with self._cond:
+                self._idle.append(conn)
+                self._cond.notify()
+            return
+        await self._adapter.quit(conn.client)
+        await self._free_slot()
+
+    async def _free_slot(self) -> None:
+        async with self._cond:
+            self._open -= 1
+            self._cond.notify()
+
+    def _expire(self, conn: _Connection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+            conn.idle_timer = None
+            task = asyncio.get_running_loop().create_task(self._close(conn))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+
+    async def _close(self, conn: _Connection) -> None:
+        await self._adapter.quit(conn.client)
+        await self._free_slot()
+
+    async def close(self) -> None:
+        """QUIT every idle connection and wait for closings in flight."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+        await asyncio.gather(*(self._close(conn) for conn in idle))
+        if self._closers:
+            await asyncio.gather(*self._closers, return_exceptions=True)
+
+
+# --- adapter --------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @registry.register
-class SmtpAdapter(PendingAdapter):
+class SmtpAdapter(ProviderAdapter):
+    """Sends through an SMTP submission server over a pool of authenticated TLS connections."""
+
     key = "smtp"
     channel = Channel.EMAIL
     display_name = "SMTP"
     credentials_model = SmtpCredentials
+    credentials: SmtpCredentials
+
+    def __init__(self, credentials: SmtpCredentials, context: AdapterContext) -> None:
+        super().__init__(credentials, context)
+        self._tls = ssl.create_default_context()
+        if context.ca_file:
+            self._tls.load_verify_locations(cafile=context.ca_file)
+        self._pool = _Pool(
+            self,
+            credentials.max_connections,
+            credentials.max_messages_per_connection,
+            credentials.idle_timeout_seconds,
+        )
+
+    @property
+    def open_connections(self) -> int:
+        """How many pooled connections are open now (in use, idle, opening or closing)."""
+        return self._pool.open_connections
+
+    def _check_policy(self) -> None:
+        creds = self.credentials
+        if (
+            self.context.environment == "production"
+            and not creds.secure
+            and not creds.require_tls
+            and not _is_loopback(creds.host)
+        ):
+            raise ConfigurationError(
+                "requireTls=false is refused in production for a non-loopback host",
+                provider=self.key,
+            )
+
+    async def open_connection(self) -> aiosmtplib.SMTP:
+        """Connect, EHLO, STARTTLS (unless implicit TLS) and AUTH when a user is set.
+
+        Raises ConfigurationError, and sends no AUTH and no mail, when TLS is required and the
+        server does not offer STARTTLS or the handshake fails.
+        """
+        creds = self.credentials
+        client = aiosmtplib.SMTP(
+            hostname=creds.host,
+            port=creds.port,
+            use_tls=creds.secure,
+            start_tls=False,  # we decide below, so a missing STARTTLS cannot pass silently
+            validate_certs=True,
+            tls_context=self._tls,
+            timeout=self.context.timeout,
+            local_hostname=await _hostname_for_ehlo(),
+        )
+        stage = "connect"
+        try:
+            await client.connect()
+            stage = "ehlo"
+            await client.ehlo()
+            if not creds.secure:
+                if client.supports_extension("starttls"):
+                    stage = "starttls"
+                    try:
+                        await client.starttls(tls_context=self._tls)
+                    except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+                        client.close()
+                        raise ConfigurationError(
+                            "STARTTLS handshake failed; not authenticating",
+                            provider=self.key,
+                            detail=type(exc).__name__,
+                        ) from exc
+                    await client.ehlo()
+                elif creds.require_tls:
+                    await self.quit(client)
+                    raise ConfigurationError(
+                        "server does not offer STARTTLS and TLS is required",
+                        provider=self.key,
+                    )
+            if creds.user:
+                stage = "auth"
+                password = creds.password.get_secret_value() if creds.password else ""
+                await client.login(creds.user, password)
+        except ProviderError:
+            raise
+        except aiosmtplib.SMTPException as exc:
+            client.close()
+            if stage == "auth" and not isinstance(
+                exc, aiosmtplib.SMTPResponseException | TimeoutError | ConnectionError
+            ):
+                # e.g. "SMTP AUTH extension not supported by server."
+                raise ConfigurationError(
+                    "SMTP AUTH not available", provider=self.key, detail=str(exc)
+                ) from exc
+            raise _classify_exception(exc, self.key, stage) from exc
+        except (OSError, ssl.SSLError) as exc:
+            client.close()
+            raise _classify_exception(exc, self.key, stage) from exc
+        return client
+
+    async def quit(self, client: aiosmtplib.SMTP) -> None:
+        """QUIT politely, then drop the socket whatever happens. Never raises."""
+        try:
+            if client.is_connected:
+                await client.quit(timeout=self.context.timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            client.close()
+
+    def build_message(self, message: OutboundMessage) -> tuple[EmailMessage, Sender]:
+        """The MIME message: text, HTML, or multipart/alternative with both; a fresh
+        Message-ID in the sender's domain."""
+        sender = resolve_sender(
+            self.key, message, email=self.credentials.from_, name=None
+        )
+        if not (message.text or message.html):
+            raise ConfigurationError(
+                "SMTP sends rendered text or HTML; this message has neither", provider=self.key
+            )
+        mime = EmailMessage()
+        mime["From"] = sender.header()
+        mime["To"] = message.to
+        mime["Subject"] = message.subject or ""
+        mime["Date"] = formatdate(localtime=False, usegmt=True)
+        mime["Message-ID"] = make_msgid(domain=sender.email.rsplit("@", 1)[-1])
+        if message.text:
+            mime.set_content(message.text)
+            if message.html:
+                mime.add_alternative(message.html, subtype="html")
+        else:
+            mime.set_content(message.html or "", subtype="html")
+        return mime, sender
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Send on a pooled connection; `provider_message_id` is the Message-ID header.
+
+        See the module docstring for how replies and network failures are classified.
+        """
+        self._check_policy()
+        mime, sender = self.build_message(message)
+        conn = await self._pool.acquire()
+        reusable = False
+        try:
+            await conn.client.send_message(mime, sender=sender.email, recipients=[message.to])
+            reusable = True
+        except aiosmtplib.SMTPResponseException as exc:
+            # aiosmtplib sends RSET after a refused command, so the session stays usable,
+            # except when the server said it is closing (421).
+            reusable = exc.code != 421
+            raise _classify_exception(exc, self.key, "data") from exc
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            reusable = True
+            raise _classify_exception(exc, self.key, "rcpt") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise _classify_exception(exc, self.key, "data") from exc
+        finally:
+            conn.sent += 1
+            await self._pool.release(conn, reusable=reusable)
+        return SendResult(str(mime["Message-ID"]), "250")
+
+    async def probe(self) -> None:
+        """Connect, EHLO, STARTTLS and AUTH (when a user is set), then QUIT. Sends no mail.
+
+        Uses a slot of the pool, so a probe never exceeds `maxConnections`.
+        """
+        self._check_policy()
+        conn = await self._pool.acquire(fresh=True)
+        await self._pool.release(conn, reusable=False)
+
+    async def close(self) -> None:
+        """QUIT idle pooled connections. Safe to call twice."""
+        await self._pool.close()
