@@ -7,15 +7,15 @@ against them is the cost of *our* code (see PERFORMANCE.md). They run as child p
 The HTTP sink answers each HTTP provider's *send* path with that provider's real success status
 and body shape, so adapters parse exactly what they parse in production:
 
-================  ===================================================  ======
-provider          path                                                 status
-================  ===================================================  ======
-SendGrid          ``POST /v3/mail/send``                                202 (empty, ``X-Message-Id``)
-Meta WhatsApp     ``POST /{version}/{phone_number_id}/messages``       200
-Twilio            ``POST /2010-04-01/Accounts/{sid}/Messages.json``    201
-Mailgun           ``POST /v3/{domain}/messages``                       200
-Postmark          ``POST /email`` (and ``/email/withTemplate``)        200
-================  ===================================================  ======
+=============  ===================================================  ===========================
+provider       path                                                 status
+=============  ===================================================  ===========================
+SendGrid       ``POST /v3/mail/send``                               202, empty, X-Message-Id
+Meta WhatsApp  ``POST /{version}/{phone_number_id}/messages``       200
+Twilio         ``POST /2010-04-01/Accounts/{sid}/Messages.json``    201
+Mailgun        ``POST /v3/{domain}/messages``                       200
+Postmark       ``POST /email`` (and ``/email/withTemplate``)        200
+=============  ===================================================  ===========================
 
 Anything else gets a JSON 404, and a non-POST on a send path a 405.
 
@@ -309,6 +309,12 @@ def nginx_config(*, port: int, prefix: Path, worker_processes: str = "1",
             uwsgi_temp_path {prefix}/tmp/uwsgi;
             scgi_temp_path {prefix}/tmp/scgi;
 
+            # Twilio dates are RFC 2822; $time_local is "26/Nov/2026:13:49:30 +0000".
+            map $time_local $twilio_date {{
+                "~^(?<tw_d>[0-9]+)/(?<tw_m>[A-Za-z]+)/(?<tw_y>[0-9]+):(?<tw_t>[0-9:]+) (?<tw_z>.+)$"
+                    "$tw_d $tw_m $tw_y $tw_t $tw_z";
+            }}
+
             map $request_id $uuid {{
                 "~^(?<a>.{{8}})(?<b>.{{4}})(?<c>.{{4}})(?<d>.{{4}})(?<e>.{{12}})$" "$a-$b-$c-$d-$e";
             }}
@@ -332,13 +338,12 @@ def nginx_config(*, port: int, prefix: Path, worker_processes: str = "1",
                 # Twilio: POST /2010-04-01/Accounts/{{sid}}/Messages.json -> 201.
                 location ~ ^/2010-04-01/Accounts/(?<twilio_sid>[^/]+)/Messages\\.json$ {{
                     if ($request_method != POST) {{ return 405 '{{"code":20004}}'; }}
-                    set $twilio_date $time_local;
                     return 201 '{_TWILIO_BODY}';
                 }}
 
                 # Mailgun: POST /v3/{{domain}}/messages -> 200.
                 location ~ ^/v3/(?<mailgun_domain>[^/]+)/messages$ {{
-                    if ($request_method != POST) {{ return 405 '{{"message":"Method not allowed"}}'; }}
+                    if ($request_method != POST) {{ return 405 '{{"message":"Not allowed"}}'; }}
                     return 200 '{_MAILGUN_BODY}';
                 }}
 
