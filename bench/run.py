@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import platform
 import shlex
@@ -106,49 +107,68 @@ def _n(v: float | None, unit: str = "", digits: int = 0) -> str:
     return "n/a" if v is None else f"{v:,.{digits}f}{unit}"
 
 
-def render_table(raw_figs: RawFigures | None, svc: ServiceResult | None,
+def render_table(raw_figs: RawFigures | None, services: list[ServiceResult],
                  args: argparse.Namespace) -> str:
-    """The single markdown table: figure | value | raw (same run) | ratio | target."""
-    rows: list[tuple[str, str, str, str, str]] = []
+    """The single markdown table: figure | raw (same run) | one column per backend | target.
+
+    Service throughput cells carry their ratio to the raw figure of the same run.
+    """
+    backends = [svc.database for svc in services]
+    cells: dict[str, dict[str, str]] = {}  # figure -> column -> text
+    order: list[str] = []
+
+    def put(figure: str, column: str, text: str) -> None:
+        if figure not in cells:
+            cells[figure] = {}
+            order.append(figure)
+        cells[figure][column] = text
+
     raw_by_key: dict[str, float] = {}
     if raw_figs is not None:
         for key, label in RAW_LABELS.items():
             value: float = getattr(raw_figs, key)
             raw_by_key[key] = value
-            label = label.format(c=args.http_concurrency, n=args.smtp_connections)
-            rows.append((f"{label} (median of {raw_figs.runs})", _n(value, " msg/s"), "", "",
-                         ""))
-    if svc is not None and not svc.skipped and not svc.error:
+            put(label.format(c=args.http_concurrency, n=args.smtp_connections), "raw",
+                _n(value, " msg/s") + f" (median of {raw_figs.runs})")
+    for svc in services:
+        col = svc.database
+        if svc.skipped or svc.error:
+            put("service bench", col, "skipped" if svc.skipped else "failed (see above)")
+            continue
         for r in svc.scenarios:
             sc = r.scenario
-            tag = f"e2e {sc.channel} via {sc.provider} [{svc.database}]"
-            mode = "full speed" if sc.rate is None else f"{sc.rate:,.0f} msg/s offered"
+            what = f"e2e {sc.channel} via {sc.provider}, " + (
+                "full speed" if sc.rate is None else f"{sc.rate:,.0f} msg/s offered")
             base = raw_by_key.get(sc.raw_key or "")
-            ratio = (f"{r.msgs_per_s / base:.2f}×" if base and r.msgs_per_s else "")
-            rows.append((f"{tag}, {mode}: throughput", _n(r.msgs_per_s, " msg/s"),
-                         _n(base, " msg/s") if base else "", ratio,
-                         TARGETS.get(sc.name, "") if sc.rate is None else ""))
-            rows.append((f"{tag}, {mode}: POST p50 / p99",
-                         f"{_n(r.post_p50_ms, ' ms', 1)} / {_n(r.post_p99_ms, ' ms', 1)}",
-                         "", "", TARGETS["post-at-rate"] if sc.name == "post-at-rate" else ""))
-            rows.append((f"{tag}, {mode}: acceptance → sent p50 / p99",
-                         f"{_n(r.sent_p50_ms, ' ms', 1)} / {_n(r.sent_p99_ms, ' ms', 1)}",
-                         "", "",
-                         TARGETS["latency-at-rate"] if sc.name == "latency-at-rate" else ""))
-            rows.append((f"{tag}, {mode}: accepted / sent / failed / not terminal",
-                         f"{r.accepted} / {r.succeeded} / {r.failed} / {r.not_terminal}"
-                         + (f" ({r.rejected} rejected)" if r.rejected else ""), "", "", ""))
-        rows.append((f"serve peak RSS after {svc.total_messages:,} messages [{svc.database}]",
-                     f"{_n(svc.peak_rss_mb, ' MB')} (now {_n(svc.rss_mb, ' MB')})", "", "",
-                     "≤ 300 MB, flat across runs"))
-    if svc is not None and (svc.skipped or svc.error):
-        rows.append((f"e2e service bench [{svc.database}]",
-                     "skipped" if svc.skipped else "failed (see above)", "", "", ""))
-    header = ("figure", "value", "raw (same run)", "ratio", "target")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
+            ratio = f" ({r.msgs_per_s / base:.2f}× raw)" if base and r.msgs_per_s else ""
+            put(f"{what}: throughput", col, _n(r.msgs_per_s, " msg/s") + ratio)
+            if base:
+                put(f"{what}: throughput", "raw", _n(base, " msg/s"))
+            put(f"{what}: POST p50 / p99", col,
+                f"{_n(r.post_p50_ms, ' ms', 1)} / {_n(r.post_p99_ms, ' ms', 1)}")
+            put(f"{what}: acceptance → sent p50 / p99", col,
+                f"{_n(r.sent_p50_ms, ' ms', 1)} / {_n(r.sent_p99_ms, ' ms', 1)}")
+            outcome = f"{r.accepted} / {r.succeeded} / {r.failed} / {r.not_terminal}"
+            put(f"{what}: accepted / sent / failed / not terminal", col,
+                outcome + (f" ({r.rejected} rejected)" if r.rejected else ""))
+            target = TARGETS.get(sc.name, "")
+            key = {"latency-at-rate": "acceptance → sent p50 / p99",
+                   "post-at-rate": "POST p50 / p99"}.get(sc.name, "throughput")
+            if target:
+                put(f"{what}: {key}", "target", target)
+        put("serve peak RSS (VmHWM, with children) / RSS at end", col,
+            f"{_n(svc.peak_rss_mb, ' MB')} / {_n(svc.rss_mb, ' MB')} "
+            f"after {svc.total_messages:,} msgs")
+        put("serve peak RSS (VmHWM, with children) / RSS at end", "target",
+            "≤ 300 MB after 100,000, flat across runs")
 
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    columns = ["raw", *backends, "target"]
+    header = ["figure", "raw (same run)", *backends, "target"]
+    rows = [[f, *(cells[f].get(c, "") for c in columns)] for f in order]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
 
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
@@ -198,9 +218,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--service-cmd", default=None,
                    help="argv prefix for clinicomm (default: this interpreter importing "
                         "clinicomm.cli from ./src)")
-    g.add_argument("--database-url", default=None,
-                   help="CLINICOMM_DATABASE_URL (default: SQLite file in a temp dir)")
-    g.add_argument("--redis-url", default=None, help="CLINICOMM_REDIS_URL (default: unset)")
+    g.add_argument("--database-url", action="append", default=None, metavar="URL",
+                   help="CLINICOMM_DATABASE_URL; repeat for one table column per backend; "
+                        "'sqlite' = a SQLite file in a temp dir (default: sqlite)")
+    g.add_argument("--redis-url", default=None,
+                   help="CLINICOMM_REDIS_URL for the non-SQLite backends (default: unset)")
     g.add_argument("--messages", type=int, default=20_000, help="per full-speed scenario")
     g.add_argument("--concurrency", type=int, default=64, help="POSTs in flight at full speed")
     g.add_argument("--latency-rate", type=float, default=1000.0,
@@ -240,6 +262,24 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, Any]], loop: str) -> Any:
     return asyncio.run(coro_fn())
 
 
+def _config(args: argparse.Namespace, database_url: str) -> ServiceConfig:
+    sqlite = database_url == "sqlite" or database_url.startswith("sqlite")
+    return ServiceConfig(
+        command=shlex.split(args.service_cmd) if args.service_cmd else None,
+        database_url=None if database_url == "sqlite" else database_url,
+        redis_url=None if sqlite else args.redis_url,
+        messages=args.messages, rate_seconds=args.rate_seconds,
+        latency_rate=args.latency_rate, post_rate=args.post_rate,
+        concurrency=args.concurrency, clinics=args.clinics,
+        scenarios=args.scenarios.split(","), timeout=args.timeout,
+    )
+
+
+async def _progress(r: ScenarioResult) -> None:
+    print(f"scenario {r.scenario.name}: {r.accepted} accepted, {r.succeeded} sent, "
+          f"{r.failed} failed; {r.note}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (1 if the service bench errored)."""
     args = parse_args(argv)
@@ -249,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
           f"Python {info['python']}, loop {args.loop}")
 
     raw_figs: RawFigures | None = None
-    svc: ServiceResult | None = None
+    services: list[ServiceResult] = []
     install = not args.no_install
     with HttpSink(worker_processes=args.nginx_workers, install=install) as http, \
             SmtpSink(install=install) as smtp:
@@ -265,30 +305,23 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             raw_figs = median_raw(passes)
         if not args.skip_service:
-            cfg = ServiceConfig(
-                command=shlex.split(args.service_cmd) if args.service_cmd else None,
-                database_url=args.database_url, redis_url=args.redis_url,
-                messages=args.messages, rate_seconds=args.rate_seconds,
-                latency_rate=args.latency_rate, post_rate=args.post_rate,
-                concurrency=args.concurrency, clinics=args.clinics,
-                scenarios=args.scenarios.split(","), timeout=args.timeout,
-            )
-
-            async def progress(r: ScenarioResult) -> None:
-                print(f"scenario {r.scenario.name}: {r.note}", flush=True)
-
-            svc = _run(lambda: run_service_bench(http, smtp, cfg, progress), args.loop)
-            if svc.skipped:
-                print(f"service bench skipped: {svc.skipped}")
-            elif svc.error:
-                print(f"service bench failed: {svc.error}")
+            for url in args.database_url or ["sqlite"]:
+                bench = functools.partial(run_service_bench, http, smtp,
+                                          _config(args, url), _progress)
+                svc = _run(bench, args.loop)
+                services.append(svc)
+                if svc.skipped:
+                    print(f"service bench skipped: {svc.skipped}")
+                    break  # same command for every backend: skipped for all
+                if svc.error:
+                    print(f"service bench failed [{svc.database}]: {svc.error}")
     print()
-    print(render_table(raw_figs, svc, args))
+    print(render_table(raw_figs, services, args))
     if args.json is not None:
         args.json.write_text(json.dumps(
             {"machine": info, "raw": asdict(raw_figs) if raw_figs else None,
-             "service": asdict(svc) if svc else None}, indent=2, default=str))
-    return 1 if svc is not None and svc.error else 0
+             "service": [asdict(svc) for svc in services]}, indent=2, default=str))
+    return 1 if any(svc.error for svc in services) else 0
 
 
 if __name__ == "__main__":

@@ -148,7 +148,9 @@ def _base_env(port: int, database_url: str, redis_url: str | None) -> dict[str, 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLINICOMM_", "EMAIL_",
                                                                        "WHATSAPP_", "SMS_"))}
     src = str(REPO_ROOT / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (src, str(REPO_ROOT), env.get("PYTHONPATH")) if p
+    )
     key = base64.b64encode(secrets.token_bytes(32)).decode()
     env.update(
         CLINICOMM_DATABASE_URL=database_url,
@@ -587,7 +589,8 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
     command = cfg.command or default_command()
     with _workdir() as workdir:
         database_url = cfg.database_url or f"sqlite+aiosqlite:///{workdir}/bench.db"
-        db_label = database_url.split(":", 1)[0] + ("+redis" if cfg.redis_url else "")
+        db_label = database_url.split(":", 1)[0].split("+", 1)[0]
+        db_label += " + redis" if cfg.redis_url else ""
         result = ServiceResult(database=db_label)
         env = _base_env(free_port(), database_url, cfg.redis_url)
         try:
