@@ -290,12 +290,12 @@ def main(argv: list[str] | None = None) -> int:
 
     raw_figs: RawFigures | None = None
     services: list[ServiceResult] = []
+    passes: list[RawFigures] = []
     install = not args.no_install
     with HttpSink(worker_processes=args.nginx_workers, install=install) as http, \
             SmtpSink(install=install) as smtp:
         print(f"sinks: http {http.url}, smtp {smtp.host}:{smtp.port}", flush=True)
         if not args.skip_raw:
-            passes: list[RawFigures] = []
             for i in range(args.runs):
                 t0 = time.perf_counter()
                 figs = _run(lambda: measure_raw(http, smtp, args), args.loop)
@@ -319,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(raw_figs, services, args))
     if args.json is not None:
         args.json.write_text(json.dumps(
-            {"machine": info, "raw": asdict(raw_figs) if raw_figs else None,
+            {"machine": info, "loop": args.loop,
+             "raw": asdict(raw_figs) if raw_figs else None,
+             "raw_passes": [asdict(f) for f in passes],
              "service": [asdict(svc) for svc in services]}, indent=2, default=str))
     return 1 if any(svc.error for svc in services) else 0
 
