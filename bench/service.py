@@ -1,0 +1,633 @@
+"""End-to-end service bench: ``clinicomm serve`` against the local sinks.
+
+What is measured (PERFORMANCE.md, "end to end": HTTP request in, message stored, worker claims
+it, provider called, status recorded):
+
+- **messages/s**: accepted messages / (first POST sent → last delivery reached a terminal
+  status). The end is the latest terminal timestamp the API reports for a delivery when it
+  exposes one, else the moment the poller saw the last one terminal (coarser, reported).
+- **POST p50/p99**: client-side latency of ``POST /api/v1/communications`` (request start →
+  202 read), measured by the load generator in this process.
+- **acceptance → sent p50/p99**: the sinks cannot timestamp, so "provider call" is
+  approximated by the time the API records the delivery as ``sent`` (just after the provider
+  answered; the sink round trip is well under a millisecond). "Acceptance" is the message's
+  ``createdAt`` from the API when present (same clock as the sent time), else the moment the
+  load generator read the 202. Which pair was used is printed in the scenario's note.
+- **peak RSS**: ``VmHWM`` of the serve process plus its children, from /proc, read before it
+  is stopped; the current RSS (``VmRSS``) is reported beside it.
+
+The load generator shares the machine with the service (as the sinks do); on 2 cores it costs
+CPU, so figures are a lower bound of what the service does alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench.sinks import HttpSink, SmtpSink, free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = frozenset({"sent", "delivered", "read", "failed", "bounced", "suppressed"})
+SUCCESS = frozenset({"sent", "delivered", "read"})
+API = "/api/v1"
+PHONE = "+14155552671"  # a valid NANP number (phonenumbers accepts it); never dialled
+
+
+class ServiceBenchError(RuntimeError):
+    """The service bench could not run (service failed to start, refused requests, ...)."""
+
+
+class ServiceUnavailable(ServiceBenchError):
+    """``clinicomm serve`` is not available (yet): the bench is skipped, not failed."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One bench figure: a channel through one provider, at full speed or a fixed rate."""
+
+    name: str
+    channel: str  # "email" | "whatsapp"
+    provider: str  # "sendgrid" | "smtp" | "meta_business"
+    rate: float | None  # offered messages/s; None = as fast as ``concurrency`` allows
+    raw_key: str | None  # which raw figure the throughput is compared with
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("email-sendgrid", "email", "sendgrid", None, "http"),
+        Scenario("email-smtp", "email", "smtp", None, "smtp5"),
+        Scenario("whatsapp-meta", "whatsapp", "meta_business", None, "http"),
+        Scenario("latency-at-rate", "email", "sendgrid", 1000.0, None),
+        Scenario("post-at-rate", "email", "sendgrid", 300.0, None),
+    )
+}
+
+
+@dataclass
+class ServiceConfig:
+    """How to run the service bench. ``command`` is the argv prefix for ``clinicomm``."""
+
+    command: list[str] | None = None
+    database_url: str | None = None  # None: a SQLite file in a temp dir
+    redis_url: str | None = None
+    messages: int = 20_000  # per full-speed scenario
+    rate_seconds: float = 10.0  # duration of each fixed-rate scenario
+    latency_rate: float = 1000.0
+    post_rate: float = 300.0
+    concurrency: int = 64
+    clinics: int = 10
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    timeout: float = 600.0  # per scenario, for every delivery to become terminal
+    startup_timeout: float = 60.0
+
+
+@dataclass
+class ScenarioResult:
+    """Figures for one scenario; ``None`` where the API gave nothing to compute it from."""
+
+    scenario: Scenario
+    offered: int
+    accepted: int
+    rejected: int
+    succeeded: int
+    failed: int
+    not_terminal: int
+    msgs_per_s: float | None
+    post_p50_ms: float | None
+    post_p99_ms: float | None
+    sent_p50_ms: float | None
+    sent_p99_ms: float | None
+    note: str
+
+
+@dataclass
+class ServiceResult:
+    """All scenarios of one service run, plus the serve process's memory."""
+
+    database: str
+    scenarios: list[ScenarioResult] = field(default_factory=list)
+    total_messages: int = 0
+    peak_rss_mb: float | None = None
+    rss_mb: float | None = None
+    skipped: str | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def default_command() -> list[str]:
+    """``clinicomm`` from this checkout (``src/`` first on the path), run by this interpreter."""
+    return [sys.executable, "-c", "import sys; from clinicomm.cli import main; sys.exit(main())"]
+
+
+def _base_env(port: int, database_url: str, redis_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLINICOMM_", "EMAIL_",
+                                                                       "WHATSAPP_", "SMS_"))}
+    src = str(REPO_ROOT / "src")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (src, str(REPO_ROOT), env.get("PYTHONPATH")) if p
+    )
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    env.update(
+        CLINICOMM_DATABASE_URL=database_url,
+        CLINICOMM_MASTER_KEYS=f"bench:{key}",
+        CLINICOMM_JWT_SECRET=secrets.token_urlsafe(48),
+        CLINICOMM_HOST="127.0.0.1",
+        CLINICOMM_PORT=str(port),
+        CLINICOMM_WORKER="true",
+        CLINICOMM_ENV="development",
+    )
+    if redis_url:
+        env["CLINICOMM_REDIS_URL"] = redis_url
+    return env
+
+
+def check_available(command: list[str], env: dict[str, str]) -> None:
+    """Raise :class:`ServiceUnavailable` unless ``<command> serve --help`` succeeds."""
+    try:
+        proc = subprocess.run([*command, "serve", "--help"], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServiceUnavailable(f"{shlex.join(command)} serve --help: {exc}") from exc
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ServiceUnavailable(f"`clinicomm serve --help` exited {proc.returncode}: {last[0]}")
+
+
+def _cli(command: list[str], env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run([*command, *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    if proc.returncode != 0:
+        raise ServiceBenchError(f"clinicomm {' '.join(args)} exited {proc.returncode}: "
+                                f"{(proc.stderr or proc.stdout)[-1500:]}")
+    return proc.stdout
+
+
+def _proc_status(pid: int, key: str) -> int:
+    """A ``kB`` field (``VmHWM``, ``VmRSS``) of /proc/<pid>/status, in bytes; 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(c) for c in task.read_text().split())
+    return out
+
+
+class ServeProcess:
+    """``clinicomm serve`` as a child process with its log in ``workdir/serve.log``."""
+
+    def __init__(self, command: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.command, self.env, self.workdir = command, env, workdir
+        self.port = int(env["CLINICOMM_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "serve.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise ServiceBenchError("serve is not running")
+        return self._proc.pid
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    async def start(self, timeout: float) -> None:
+        """Start serve and wait for ``GET /healthz`` to answer 200."""
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen([*self.command, "serve"], env=self.env,
+                                          cwd=self.workdir, stdout=log,
+                                          stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise ServiceBenchError(f"serve exited with {self._proc.returncode}:\n"
+                                            f"{self.log_tail()}")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(self.url + "/healthz",
+                                           timeout=aiohttp.ClientTimeout(total=1)) as r:
+                        if r.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise ServiceBenchError(f"serve not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def memory(self) -> tuple[float, float]:
+        """(peak RSS, current RSS) in MB of serve and its children."""
+        pids = _descendants(self.pid)
+        mb = 1024 * 1024
+        return (sum(_proc_status(p, "VmHWM") for p in pids) / mb,
+                sum(_proc_status(p, "VmRSS") for p in pids) / mb)
+
+    def stop(self) -> None:
+        """SIGINT (graceful shutdown), then SIGTERM, then SIGKILL."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0)):
+            self._proc.send_signal(sig)
+            try:
+                self._proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+        self._proc.kill()
+        self._proc.wait()
+
+
+# --------------------------------------------------------------------------- clinics
+
+
+def clinic_settings(scenario: Scenario, http: HttpSink, smtp: SmtpSink) -> dict[str, Any]:
+    """``settings`` for a bench clinic whose ``scenario.channel`` goes to the sinks (API.md)."""
+    creds: dict[str, Any]
+    if scenario.provider == "sendgrid":
+        creds = {"apiKey": "SG.bench-key", "fromEmail": "appointments@clinic.example",
+                 "fromName": "Bench Clinic", "baseUrl": http.url}
+    elif scenario.provider == "smtp":
+        creds = {"host": smtp.host, "port": smtp.port, "secure": False, "requireTls": False,
+                 "from": "appointments@clinic.example", "maxConnections": 5}
+    elif scenario.provider == "meta_business":
+        creds = {"apiUrl": http.url + "/v23.0", "apiKey": "EAAbench",
+                 "phoneNumberId": "100000000000001", "businessAccountId": "200000000000002",
+                 "appSecret": "bench-app-secret",
+                 "templates": {"appointmentConfirmation": "appointment_confirmation"}}
+    else:
+        raise ValueError(f"no sink for provider {scenario.provider!r}")
+    primary = {"provider": scenario.provider, "enabled": True, "credentials": creds}
+    return {"communicationSettings": {scenario.channel: {"primary": primary}}}
+
+
+def message_payload(scenario: Scenario, clinic_id: str, i: int) -> dict[str, Any]:
+    """A ``POST /api/v1/communications`` body for message ``i`` of ``scenario``."""
+    body: dict[str, Any] = {
+        "category": "APPOINTMENT",
+        "title": "Appointment Confirmed",
+        "body": "Your appointment is confirmed for 10:30.",
+        "recipients": [{"email": f"patient{i}@example.com"} if scenario.channel == "email"
+                       else {"phone": PHONE}],
+        "channels": [scenario.channel],
+        "metadata": {"clinicId": clinic_id, "appointmentId": f"appt-{i}"},
+    }
+    if scenario.channel == "whatsapp":
+        body["template"] = {"name": "appointmentConfirmation", "language": "en",
+                            "variables": {"1": "10:30"}}
+    return body
+
+
+# --------------------------------------------------------------------------- load and polling
+
+
+@dataclass
+class Accepted:
+    """One accepted message as the load generator saw it."""
+
+    id: str
+    post_ms: float
+    accepted_at: float  # wall clock (time.time()) when the 202 was read
+
+
+@dataclass
+class Offered:
+    accepted: list[Accepted]
+    rejected: dict[int, int]  # status -> count
+    started_at: float  # wall clock of the first POST
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of ``values``; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+async def offer_load(session: aiohttp.ClientSession, base: str, count: int,
+                     payload: Callable[[int], dict[str, Any]], *, rate: float | None,
+                     concurrency: int) -> Offered:
+    """POST ``count`` messages: at ``rate`` per second (open loop), or flat out on
+    ``concurrency`` closed loops when ``rate`` is None. Each gets a unique Idempotency-Key."""
+    accepted: list[Accepted] = []
+    rejected: dict[int, int] = {}
+    run = secrets.token_hex(4)
+
+    async def post(i: int) -> None:
+        headers = {"Idempotency-Key": f"bench-{run}-{i}"}
+        t0 = time.perf_counter()
+        async with session.post(base + API + "/communications", json=payload(i),
+                                headers=headers) as resp:
+            data = await resp.read()
+            t1 = time.perf_counter()
+            if resp.status != 202:
+                rejected[resp.status] = rejected.get(resp.status, 0) + 1
+                return
+        accepted.append(Accepted(str(_json(data)["id"]), (t1 - t0) * 1000, time.time()))
+
+    started_at = time.time()
+    if rate is None:
+        counter = itertools.count()
+
+        async def loop() -> None:
+            while (i := next(counter)) < count:
+                await post(i)
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+    else:
+        start, tasks = time.perf_counter(), []
+        for i in range(count):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(post(i)))
+        await asyncio.gather(*tasks)
+    return Offered(accepted, rejected, started_at)
+
+
+def _json(data: bytes) -> Any:
+    return orjson.loads(data)
+
+
+def _ts(value: object) -> float | None:
+    """An ISO-8601 timestamp (or epoch number) from the API as epoch seconds."""
+    if isinstance(value, int | float):
+        return float(value) / (1000 if value > 1e11 else 1)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value).timestamp()
+    return None
+
+
+def _first_ts(obj: dict[str, Any], *keys: str) -> float | None:
+    for k in keys:
+        if (t := _ts(obj.get(k))) is not None:
+            return t
+    return None
+
+
+def sent_time(delivery: dict[str, Any]) -> float | None:
+    """When the API says this delivery was handed to the provider (``sentAt``, or the time of
+    its last successful attempt); None if the API exposes neither."""
+    t = _first_ts(delivery, "sentAt", "sent_at")
+    if t is not None:
+        return t
+    for attempt in reversed(delivery.get("attempts") or []):
+        if isinstance(attempt, dict) and str(attempt.get("outcome", "")).lower() in {
+            "sent", "success", "succeeded", "ok", "accepted",
+        }:
+            return _first_ts(attempt, "time", "at", "timestamp", "finishedAt", "completedAt")
+    return None
+
+
+async def fetch_all(session: aiohttp.ClientSession, base: str, ids: list[str],
+                    concurrency: int = 32) -> dict[str, dict[str, Any]]:
+    """``GET /api/v1/communications/{id}`` for every id (``concurrency`` in flight)."""
+    out: dict[str, dict[str, Any]] = {}
+    it = iter(ids)
+
+    async def loop() -> None:
+        for mid in it:
+            async with session.get(f"{base}{API}/communications/{mid}") as resp:
+                if resp.status == 200:
+                    out[mid] = _json(await resp.read())
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return out
+
+
+def _deliveries(message: dict[str, Any]) -> list[dict[str, Any]]:
+    return [d for d in message.get("deliveries") or [] if isinstance(d, dict)]
+
+
+async def _any_pending(session: aiohttp.ClientSession, base: str,
+                       clinics: list[str]) -> bool | None:
+    """Cheap progress check through the list endpoint: True if some message of ``clinics`` is
+    still queued/sending, False if none, None if the list endpoint is unusable."""
+    for clinic in clinics:
+        for status in ("queued", "sending"):
+            url = f"{base}{API}/communications?clinicId={clinic}&status={status}&limit=1"
+            async with session.get(url) as resp:
+                if resp.status != 200:
+                    return None
+                body = _json(await resp.read())
+            items = body if isinstance(body, list) else next(
+                (body[k] for k in ("items", "data", "results", "communications")
+                 if isinstance(body, dict) and isinstance(body.get(k), list)), None)
+            if items is None:
+                return None
+            if items:
+                return True
+    return False
+
+
+async def wait_terminal(session: aiohttp.ClientSession, base: str, clinics: list[str],
+                        ids: list[str], timeout: float
+                        ) -> tuple[dict[str, dict[str, Any]], float, bool]:
+    """Wait until every delivery of ``ids`` is terminal or ``timeout`` passes.
+
+    While work is in flight only the list endpoint is polled (two cheap requests per clinic
+    every 100 ms) so polling does not compete with the service; then every message is fetched
+    once, and the stragglers again until terminal. Returns (messages, wall time the poller saw
+    the last one terminal, whether the list endpoint was usable).
+    """
+    deadline = time.monotonic() + timeout
+    usable = True
+    while time.monotonic() < deadline:
+        pending = await _any_pending(session, base, clinics)
+        if pending is None:
+            usable = False
+            break
+        if not pending:
+            break
+        await asyncio.sleep(0.1)
+    messages: dict[str, dict[str, Any]] = {}
+    todo = list(ids)
+    while todo and time.monotonic() < deadline:
+        messages.update(await fetch_all(session, base, todo))
+        todo = [m for m in ids if m not in messages or any(
+            d.get("status") not in TERMINAL for d in _deliveries(messages[m]))]
+        if todo:
+            await asyncio.sleep(0.2)
+    return messages, time.time(), usable
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+async def run_scenario(session: aiohttp.ClientSession, base: str, scenario: Scenario,
+                       clinics: list[str], cfg: ServiceConfig) -> ScenarioResult:
+    """Offer the scenario's load, wait for every delivery, and compute its figures."""
+    count = cfg.messages if scenario.rate is None else int(scenario.rate * cfg.rate_seconds)
+
+    def payload(i: int) -> dict[str, Any]:
+        return message_payload(scenario, clinics[i % len(clinics)], i)
+
+    offered = await offer_load(session, base, count, payload, rate=scenario.rate,
+                               concurrency=cfg.concurrency)
+    ids = [a.id for a in offered.accepted]
+    messages, seen_done, list_usable = await wait_terminal(session, base, clinics, ids,
+                                                           cfg.timeout)
+
+    succeeded = failed = not_terminal = 0
+    ends: list[float] = []
+    latencies: list[float] = []
+    created_used = 0
+    for a in offered.accepted:
+        msg = messages.get(a.id, {})
+        accepted_at = _first_ts(msg, "createdAt", "created_at")
+        if accepted_at is not None:
+            created_used += 1
+        for d in _deliveries(msg) or [{}]:
+            status = d.get("status")
+            if status in SUCCESS:
+                succeeded += 1
+            elif status in TERMINAL:
+                failed += 1
+            else:
+                not_terminal += 1
+            t = sent_time(d)
+            if t is not None:
+                ends.append(t)
+                if status in SUCCESS:
+                    latencies.append((t - (accepted_at or a.accepted_at)) * 1000)
+
+    notes: list[str] = []
+    if ends and not not_terminal:
+        end = max(ends)
+        notes.append("end = last sent time from the API")
+    else:
+        end = seen_done
+        notes.append("end = poller saw all terminal" + ("" if list_usable else
+                                                         " (list endpoint unusable)"))
+    if latencies:
+        notes.append("acceptance = " + ("API createdAt" if created_used else "202 read") +
+                     ", provider call = API sent time")
+    else:
+        notes.append("no sent time exposed by the API: acceptance→sent not computed")
+    if offered.rejected:
+        notes.append("rejected: " + ", ".join(f"{k}×{v}" for k, v in
+                                               sorted(offered.rejected.items())))
+    posts = [a.post_ms for a in offered.accepted]
+    duration = end - offered.started_at
+    return ScenarioResult(
+        scenario=scenario, offered=count, accepted=len(ids),
+        rejected=sum(offered.rejected.values()), succeeded=succeeded, failed=failed,
+        not_terminal=not_terminal,
+        msgs_per_s=succeeded / duration if duration > 0 and succeeded else None,
+        post_p50_ms=percentile(posts, 50), post_p99_ms=percentile(posts, 99),
+        sent_p50_ms=percentile(latencies, 50), sent_p99_ms=percentile(latencies, 99),
+        note="; ".join(notes),
+    )
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as d:
+        yield Path(d)
+
+
+async def _create_clinics(session: aiohttp.ClientSession, base: str, scenario: Scenario,
+                          n: int, run: str, http: HttpSink, smtp: SmtpSink) -> list[str]:
+    ids = []
+    for i in range(n):
+        cid = f"bench-{run}-{scenario.name}-{i}"
+        body = {"id": cid, "name": f"Bench {scenario.name} {i}",
+                "settings": clinic_settings(scenario, http, smtp)}
+        async with session.post(base + API + "/clinics", json=body) as resp:
+            if resp.status != 201:
+                raise ServiceBenchError(f"POST /clinics answered {resp.status}: "
+                                        f"{(await resp.text())[:500]}")
+        ids.append(cid)
+    return ids
+
+
+async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
+                            on_scenario: Callable[[ScenarioResult], Awaitable[None]] | None
+                            = None) -> ServiceResult:
+    """Start ``clinicomm serve`` against the sinks, run ``cfg.scenarios``, stop it.
+
+    Never raises for a missing or failing service: the result carries ``skipped`` (service
+    not available) or ``error`` (it is there but the bench failed) so the raw table still
+    prints.
+    """
+    command = cfg.command or default_command()
+    with _workdir() as workdir:
+        database_url = cfg.database_url or f"sqlite+aiosqlite:///{workdir}/bench.db"
+        db_label = database_url.split(":", 1)[0].split("+", 1)[0]
+        db_label += " + redis" if cfg.redis_url else ""
+        result = ServiceResult(database=db_label)
+        env = _base_env(free_port(), database_url, cfg.redis_url)
+        try:
+            await asyncio.to_thread(check_available, command, env)
+        except ServiceUnavailable as exc:
+            result.skipped = str(exc)
+            return result
+        serve = ServeProcess(command, env, workdir)
+        try:
+            await asyncio.to_thread(_cli, command, env, "migrate")
+            token = (await asyncio.to_thread(_cli, command, env, "token", "--role",
+                                             "SuperAdmin")).strip().splitlines()[-1]
+            await serve.start(cfg.startup_timeout)
+            connector = aiohttp.TCPConnector(limit=max(cfg.concurrency, 256))
+            headers = {"Authorization": f"Bearer {token}"}
+            run = secrets.token_hex(3)
+            async with aiohttp.ClientSession(connector=connector, headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=60)) as s:
+                for name in cfg.scenarios:
+                    sc = SCENARIOS[name]
+                    if sc.rate is not None:
+                        rate = cfg.latency_rate if name == "latency-at-rate" else cfg.post_rate
+                        sc = Scenario(sc.name, sc.channel, sc.provider, rate, sc.raw_key)
+                    clinics = await _create_clinics(s, serve.url, sc, cfg.clinics, run,
+                                                    http, smtp)
+                    res = await run_scenario(s, serve.url, sc, clinics, cfg)
+                    result.scenarios.append(res)
+                    result.total_messages += res.accepted
+                    if on_scenario is not None:
+                        await on_scenario(res)
+            result.peak_rss_mb, result.rss_mb = serve.memory()
+        except (ServiceBenchError, aiohttp.ClientError, TimeoutError, OSError,
+                KeyError, ValueError) as exc:
+            result.error = f"{type(exc).__name__}: {exc}"[:3000]
+            tail = serve.log_tail(1500)
+            if tail:
+                result.error += f"\n--- serve.log tail ---\n{tail}"
+        finally:
+            await asyncio.to_thread(serve.stop)
+        return result
