@@ -64,12 +64,18 @@ async def main(reads: int) -> None:
     p50 = samples[len(samples) // 2] / 1000
     p99 = samples[int(len(samples) * 0.99)] / 1000
     mean = statistics.fmean(samples) / 1000
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}")
-    print(f"cached config read (L1 hit), {reads} reads: p50 {p50:.2f} µs, p99 {p99:.2f} µs, mean {mean:.2f} µs")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
+    )
+    print(
+        f"cached config read (L1 hit), {reads} reads: p50 {p50:.2f} µs, p99 {p99:.2f} µs, mean {mean:.2f} µs"
+    )
     print(f"target p99 <= 50 µs: {'met' if p99 <= 50 else 'MISSED'}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reads", type=int, default=200_000)
     asyncio.run(main(parser.parse_args().reads))
