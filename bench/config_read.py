@@ -68,7 +68,8 @@ async def main(reads: int) -> None:
         f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
     )
     print(
-        f"cached config read (L1 hit), {reads} reads: p50 {p50:.2f} µs, p99 {p99:.2f} µs, mean {mean:.2f} µs"
+        f"cached config read (L1 hit), {reads} reads: "
+        f"p50 {p50:.2f} µs, p99 {p99:.2f} µs, mean {mean:.2f} µs"
     )
     print(f"target p99 <= 50 µs: {'met' if p99 <= 50 else 'MISSED'}")
 
