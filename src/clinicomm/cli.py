@@ -113,6 +113,41 @@ def keys_rotate(
     run(go)
 
 
+@app.command()
+def worker(
+    batch_size: int | None = typer.Option(None, min=1, help="Deliveries claimed per batch."),
+    concurrency: int | None = typer.Option(None, min=1, help="Sends in flight at once."),
+) -> None:
+    """Run a delivery worker (no HTTP). Run several on PostgreSQL; SIGTERM stops it gently."""
+    import signal
+
+    from clinicomm.client import worker_options
+    from clinicomm.delivery.worker import Worker
+    from clinicomm.observability.logging import configure_logging
+    from clinicomm.runtime import Runtime
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    options = worker_options(settings)
+    if batch_size:
+        options.batch_size = batch_size
+    if concurrency:
+        options.concurrency = concurrency
+
+    async def go() -> None:
+        rt = await Runtime.create(settings, migrate=settings.is_sqlite)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await Worker(rt.db, rt.config, rt.chains, rt.notifier, options).run(stop)
+        finally:
+            await rt.close()
+
+    run(go)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

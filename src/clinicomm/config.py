@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     #: How long a save waits for every process to acknowledge an invalidation (Redis).
     invalidation_ack_timeout: float = Field(default=2.0, ge=0)
     log_level: str = "INFO"
+    #: Seconds a provider call may take before it counts as a transient failure.
+    provider_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Delivery worker tuning (see `delivery.worker.WorkerOptions`).
+    worker_batch_size: int = Field(default=100, ge=1)
+    worker_concurrency: int = Field(default=256, ge=1)
+    worker_lease_seconds: float = Field(default=60.0, gt=0)
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    #: A delivery still failing transiently after this long ends `failed`.
+    delivery_max_age_seconds: float = Field(default=6 * 3600.0, gt=0)
 
     @property
     def production(self) -> bool:

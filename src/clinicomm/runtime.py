@@ -11,10 +11,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
+from sqlalchemy.exc import IntegrityError
 
 from clinicomm.config import Settings
 from clinicomm.crypto import MasterKeyring
+from clinicomm.messaging.service import PLATFORM_KEY_OWNER, MessagingService, Notifier
+from clinicomm.providers.base import AdapterContext
+from clinicomm.routing.chain import ChainBuilder
 from clinicomm.settings.cache import ConfigCache
 from clinicomm.settings.globals import load_global_settings
 from clinicomm.settings.keys import KeyStore
@@ -34,6 +39,10 @@ class Runtime:
     keys: KeyStore
     redis: Redis | None
     config: ConfigService
+    http: aiohttp.ClientSession
+    notifier: Notifier
+    messaging: MessagingService
+    chains: ChainBuilder
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -72,10 +81,48 @@ class Runtime:
             db, keys, cache, global_settings, poll_seconds=settings.config_poll_seconds
         )
         await config.start()
-        return cls(settings, db, keyring, keys, redis, config)
+        await _ensure_platform_key(db, keys)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=settings.provider_timeout_seconds),
+        )
+        notifier = Notifier()
+        context = AdapterContext(
+            http=http, timeout=settings.provider_timeout_seconds, environment=settings.env
+        )
+        return cls(
+            settings,
+            db,
+            keyring,
+            keys,
+            redis,
+            config,
+            http,
+            notifier,
+            MessagingService(db, config, notifier),
+            ChainBuilder(context),
+        )
 
     async def close(self) -> None:
+        await self.chains.close()
+        await self.http.close()
         await self.config.stop()
         if self.redis is not None:
             await self.redis.aclose()
         await self.db.dispose()
+
+
+async def _ensure_platform_key(db: Database, keys: KeyStore) -> None:
+    """The data key that encrypts messages sent without a clinic (global providers)."""
+    from clinicomm.store.models import Clinic
+
+    async with db.session() as session:
+        if await session.get(Clinic, PLATFORM_KEY_OWNER) is not None:
+            return
+    try:
+        async with db.session() as session:
+            session.add(Clinic(id=PLATFORM_KEY_OWNER, name="Platform (global providers)"))
+            await session.flush()
+            await keys.create(session, PLATFORM_KEY_OWNER)
+    except IntegrityError:
+        keys.forget(PLATFORM_KEY_OWNER)  # another process created it first

@@ -269,6 +269,6 @@ async def test_missing_master_key_names_the_key(settings: Settings, runtime: Run
 async def test_rows_hold_ciphertext_with_version_prefix(runtime: Runtime) -> None:
     await create(runtime, "clinic-a", smtp_settings("x"))
     async with runtime.db.session() as session:
-        row = (await session.execute(select(Clinic))).scalar_one()
+        row = (await session.execute(select(Clinic).where(Clinic.id == "clinic-a"))).scalar_one()
     stored = row.settings["communicationSettings"]["email"]["primary"]["credentials"]["password"]
     assert stored.startswith("cc1:1:")

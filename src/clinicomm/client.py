@@ -1,0 +1,98 @@
+"""`clinicomm.Client`: the Python way to send, with the same request model as the HTTP API.
+
+    async with Client() as client:                      # settings from CLINICOMM_* variables
+        accepted = await client.send(SendRequest(...))  # durable when it returns
+        status = await client.get(accepted.id)
+
+By default the client also runs a delivery worker in its process, like `clinicomm serve`;
+pass `run_worker=False` when separate `clinicomm worker` processes do the sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from clinicomm.config import Settings
+from clinicomm.delivery.status import get_message
+from clinicomm.delivery.worker import Worker, WorkerOptions
+from clinicomm.messaging.models import SendAccepted, SendRequest
+from clinicomm.runtime import Runtime
+
+
+def worker_options(settings: Settings) -> WorkerOptions:
+    return WorkerOptions(
+        batch_size=settings.worker_batch_size,
+        concurrency=settings.worker_concurrency,
+        lease_seconds=settings.worker_lease_seconds,
+        poll_seconds=settings.worker_poll_seconds,
+        max_age_seconds=settings.delivery_max_age_seconds,
+        reap_interval=min(5.0, settings.worker_lease_seconds / 2),
+    )
+
+
+class Client:
+    """Send messages and read their status from Python."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        run_worker: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.run_worker = run_worker
+        self._env = env
+        self.runtime: Runtime | None = None
+        self.worker: Worker | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Build the runtime (migrating an embedded SQLite file) and start the worker."""
+        self.runtime = await Runtime.create(
+            self.settings, migrate=self.settings.is_sqlite, env=self._env
+        )
+        if self.run_worker:
+            rt = self.runtime
+            self.worker = Worker(
+                rt.db, rt.config, rt.chains, rt.notifier, worker_options(self.settings)
+            )
+            self._task = asyncio.create_task(self.worker.run(self._stop), name="client-worker")
+
+    def _rt(self) -> Runtime:
+        if self.runtime is None:
+            raise RuntimeError("Client is not started; use `async with Client() as client`")
+        return self.runtime
+
+    async def send(
+        self, request: SendRequest | dict[str, Any], *, idempotency_key: str | None = None
+    ) -> SendAccepted:
+        """Accept a message: validated, stored with its deliveries, then sent by a worker."""
+        if not isinstance(request, SendRequest):
+            request = SendRequest.model_validate(request)
+        return await self._rt().messaging.accept(request, idempotency_key=idempotency_key)
+
+    async def get(self, message_id: str) -> dict[str, Any] | None:
+        """The message with each delivery, its attempts and its status."""
+        async with self._rt().db.session() as session:
+            return await get_message(session, message_id, None)
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.runtime is not None:
+            await self.runtime.close()
+            self.runtime = None

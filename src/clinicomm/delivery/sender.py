@@ -1,0 +1,235 @@
+"""Sending one claimed delivery through its provider chain, and deciding what happens next.
+
+The decision depends only on the class of the error the adapter raised (CONVENTIONS item 3):
+
+- success → `sent`, with the provider and its message id;
+- `TransientError` (incl. rate limits) → the same provider again after a backoff with full
+  jitter (never earlier than Retry-After), at most `retryAttempts` times and within the
+  delivery's maximum age; after that, the next provider;
+- `ProviderDownError`, `ConfigurationError` → the next provider at once;
+- `RecipientError`, `ComplianceError` → `failed`, no failover;
+- every provider failed → `failed` with each provider's reason.
+
+Every call is an attempt record (provider, outcome, error class, status code, duration).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from clinicomm.delivery.queue import Claimed, Outcome
+from clinicomm.messaging.models import DeliveryStatus
+from clinicomm.observability import metrics
+from clinicomm.providers.base import Channel, OutboundMessage, TemplateRef
+from clinicomm.providers.errors import (
+    ComplianceError,
+    ProviderDownError,
+    ProviderError,
+    RecipientError,
+    TransientError,
+)
+from clinicomm.routing.backoff import retry_delay
+from clinicomm.routing.chain import Chain, Hop
+
+log = logging.getLogger(__name__)
+
+_SENT = {
+    Channel.EMAIL: metrics.EMAIL_SENT,
+    Channel.WHATSAPP: metrics.WHATSAPP_SENT,
+    Channel.SMS: metrics.SMS_SENT,
+}
+_FAILED = {
+    Channel.EMAIL: metrics.EMAIL_FAILED,
+    Channel.WHATSAPP: metrics.WHATSAPP_FAILED,
+    Channel.SMS: metrics.SMS_FAILED,
+}
+_LATENCY = {
+    Channel.EMAIL: metrics.EMAIL_LATENCY,
+    Channel.WHATSAPP: metrics.WHATSAPP_LATENCY,
+    Channel.SMS: metrics.SMS_LATENCY,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """A message's decrypted content (kept in memory only while it is being sent)."""
+
+    title: str | None
+    body: str | None
+    html: str | None
+    template: TemplateRef | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Content:
+        template = data.get("template")
+        return cls(
+            title=data.get("title"),
+            body=data.get("body"),
+            html=data.get("html"),
+            template=TemplateRef(
+                name=template["name"],
+                language=template.get("language", "en"),
+                variables=dict(template.get("variables") or {}),
+            )
+            if template
+            else None,
+        )
+
+
+@dataclass(slots=True)
+class Handled:
+    """What sending one delivery produced: its new state and the attempt rows."""
+
+    outcome: Outcome
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _attempt(
+    delivery_id: str, hop: Hop, duration: float, now: datetime, error: ProviderError | None
+) -> dict[str, Any]:
+    return {
+        "delivery_id": delivery_id,
+        "provider": hop.label,
+        "outcome": "failed" if error else "sent",
+        "error_class": error.error_class.value if error else None,
+        "status_code": error.status_code if error else None,
+        "error_code": error.code if error else None,
+        "detail": (error.detail or error.message) if error else None,
+        "duration_ms": int(duration * 1000),
+        "at": now,
+    }
+
+
+def _reason(hop: Hop, error: ProviderError) -> dict[str, Any]:
+    return {**error.to_dict(), "provider": hop.label}
+
+
+async def send_through_chain(
+    claimed: Claimed,
+    chain: Chain,
+    content: Content,
+    *,
+    now_fn: Any,
+    max_age: timedelta,
+) -> Handled:
+    """Try the chain from the delivery's position; returns its next state. Never raises for a
+    provider failure (an unexpected adapter exception counts as that provider being down)."""
+    channel = Channel(claimed.channel)
+    clinic_label = claimed.clinic_id or "global"
+    errors = list(claimed.errors)
+    attempts_rows: list[dict[str, Any]] = []
+    attempts = claimed.attempts
+    position = claimed.chain_position
+    provider_attempts = claimed.provider_attempts
+    deadline = claimed.created_at + max_age
+
+    if not chain.hops:
+        return Handled(
+            Outcome(
+                claimed.id,
+                DeliveryStatus.FAILED,
+                attempts,
+                error={"reason": chain.empty_reason, "errors": errors},
+            )
+        )
+    while position < len(chain.hops):
+        hop = chain.hops[position]
+        message = OutboundMessage(
+            channel=channel,
+            to=claimed.recipient,
+            reference=claimed.id,
+            subject=content.title,
+            text=content.body,
+            html=content.html,
+            template=content.template,
+            from_email=hop.from_email,
+            from_name=hop.from_name,
+        )
+        started = time.perf_counter()
+        error: ProviderError | None = None
+        result = None
+        try:
+            result = await hop.adapter.send(message)
+        except ProviderError as exc:
+            error = exc
+        except Exception as exc:  # an adapter bug must not lose the delivery
+            log.exception(
+                "adapter raised an unclassified exception",
+                extra={"event": "adapter_bug", "provider": hop.label, "deliveryId": claimed.id},
+            )
+            error = ProviderDownError(
+                f"unexpected adapter error: {type(exc).__name__}", provider=hop.key
+            )
+        duration = time.perf_counter() - started
+        now = now_fn()
+        attempts += 1
+        attempts_rows.append(_attempt(claimed.id, hop, duration, now, error))
+        _LATENCY[channel].labels(clinic_label, hop.key).observe(duration)
+        if error is None:
+            assert result is not None
+            _SENT[channel].labels(clinic_label, hop.key).inc()
+            metrics.TOTAL_SENT.labels(channel.value).inc()
+            return Handled(
+                Outcome(
+                    claimed.id,
+                    DeliveryStatus.SENT,
+                    attempts,
+                    chain_position=position,
+                    provider=hop.label,
+                    provider_message_id=result.provider_message_id,
+                    error={"reason": None, "errors": errors} if errors else None,
+                    sent_at=now,
+                ),
+                attempts_rows,
+            )
+        _FAILED[channel].labels(clinic_label, hop.key, error.error_class.value).inc()
+        errors.append(_reason(hop, error))
+        if isinstance(error, (RecipientError, ComplianceError)):
+            metrics.TOTAL_FAILED.labels(channel.value).inc()
+            return Handled(
+                Outcome(
+                    claimed.id,
+                    DeliveryStatus.FAILED,
+                    attempts,
+                    chain_position=position,
+                    provider=hop.label,
+                    error={"reason": error.error_class.value, "errors": errors},
+                ),
+                attempts_rows,
+            )
+        if isinstance(error, TransientError) and provider_attempts < hop.retry_attempts:
+            delay = retry_delay(provider_attempts, error.retry_after)
+            when = now + timedelta(seconds=delay)
+            if when < deadline:
+                return Handled(
+                    Outcome(
+                        claimed.id,
+                        DeliveryStatus.QUEUED,
+                        attempts,
+                        chain_position=position,
+                        provider_attempts=provider_attempts + 1,
+                        next_attempt_at=when,
+                        error={"reason": "retrying", "errors": errors},
+                    ),
+                    attempts_rows,
+                )
+        position += 1
+        provider_attempts = 0
+    metrics.TOTAL_FAILED.labels(channel.value).inc()
+    reason = "every provider failed"
+    if chain.channel_fallback is not None:
+        reason += f"; channel fallback to {chain.channel_fallback.value} is not yet supported"
+    return Handled(
+        Outcome(
+            claimed.id,
+            DeliveryStatus.FAILED,
+            attempts,
+            chain_position=position,
+            error={"reason": reason, "errors": errors},
+        ),
+        attempts_rows,
+    )

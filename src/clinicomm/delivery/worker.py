@@ -1,0 +1,365 @@
+"""The delivery worker: claim due deliveries, send them through their chains, record results.
+
+One worker runs inside `clinicomm serve` (unless `CLINICOMM_WORKER=false`); `clinicomm worker`
+runs it alone, as many processes as wanted on PostgreSQL. The loop:
+
+1. claim up to `batch_size` due deliveries with a lease (`delivery.queue.claim`), as long as
+   fewer than `concurrency` are in flight;
+2. send each one concurrently (`delivery.sender`), collecting outcomes and attempt rows;
+3. a flusher writes outcomes and attempts in one transaction every `flush_interval` (batched);
+   a failed write is retried, never dropped;
+4. when there is nothing due, wait for a wake-up: PostgreSQL `LISTEN` or the in-process event
+   set after each accepted send, with a poll every `poll_seconds` as a safety net (retries
+   scheduled for later are found by that poll).
+
+A reaper returns expired leases (a crashed worker's) to the queue. On stop (SIGTERM), the
+worker claims nothing more, lets in-flight sends finish for up to `shutdown_grace` seconds,
+releases what is left (back to `queued`) and flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+from clinicomm.delivery.queue import Claimed, Outcome, claim, reap_expired, write_results
+from clinicomm.delivery.sender import Content, Handled, send_through_chain
+from clinicomm.messaging.models import DeliveryStatus
+from clinicomm.messaging.service import PLATFORM_KEY_OWNER, Notifier
+from clinicomm.providers.base import Channel
+from clinicomm.routing.chain import ChainBuilder
+from clinicomm.settings.service import ConfigService
+from clinicomm.store.db import Database
+from clinicomm.store.models import Message, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    """Tuning knobs; the defaults suit one 2-core machine."""
+
+    batch_size: int = 100
+    concurrency: int = 256
+    lease_seconds: float = 60.0
+    poll_seconds: float = 1.0
+    max_age_seconds: float = 6 * 3600.0
+    flush_interval: float = 0.01
+    reap_interval: float = 5.0
+    shutdown_grace: float = 10.0
+    #: Requeue delay when a delivery cannot be prepared (config unreadable, database hiccup).
+    prepare_retry_seconds: float = 30.0
+
+
+class Worker:
+    """Claims and sends deliveries until `stop` is set."""
+
+    def __init__(
+        self,
+        db: Database,
+        config: ConfigService,
+        chains: ChainBuilder,
+        notifier: Notifier,
+        options: WorkerOptions | None = None,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.chains = chains
+        self.notifier = notifier
+        self.options = options or WorkerOptions()
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self) % 10_000}"
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._claimed: dict[str, Claimed] = {}
+        self._results: list[Handled] = []
+        self._flush_now = asyncio.Event()
+        self._contents: OrderedDict[str, Content] = OrderedDict()
+        self.sent = 0
+        self.failed = 0
+
+    # ---- main loop ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set, then shut down gracefully."""
+        helpers = [
+            asyncio.create_task(self._flusher(stop), name="worker-flush"),
+            asyncio.create_task(self._reaper(stop), name="worker-reap"),
+        ]
+        listener = await self._listen()
+        log.info("worker started", extra={"event": "worker_started", "workerId": self.worker_id})
+        try:
+            while not stop.is_set():
+                free = self.options.concurrency - len(self._inflight)
+                if free <= 0:
+                    await asyncio.wait(
+                        list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED
+                    )
+                    continue
+                self.notifier.event.clear()
+                want = min(self.options.batch_size, free)
+                try:
+                    batch = await self._claim(want)
+                except Exception as exc:  # database down: wait and try again
+                    log.warning(
+                        "claim failed", extra={"event": "claim_failed", "error": type(exc).__name__}
+                    )
+                    await _wait_any(stop, None, self.options.poll_seconds)
+                    continue
+                if batch:
+                    await self._start(batch)
+                if len(batch) < want:
+                    await _wait_any(stop, self.notifier.event, self.options.poll_seconds)
+        finally:
+            await self._shutdown()
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.close()
+            stop.set()
+            for task in helpers:
+                task.cancel()
+            for task in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self._flush()
+            log.info(
+                "worker stopped",
+                extra={"event": "worker_stopped", "workerId": self.worker_id, "sent": self.sent},
+            )
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        async with self.db.session() as session:
+            return await claim(
+                session,
+                owner=self.worker_id,
+                limit=limit,
+                now=utcnow(),
+                lease=timedelta(seconds=self.options.lease_seconds),
+            )
+
+    async def _start(self, batch: list[Claimed]) -> None:
+        try:
+            await self._load_contents({c.message_id: c.clinic_id for c in batch})
+        except Exception as exc:
+            log.warning(
+                "could not load message contents",
+                extra={"event": "content_load_failed", "error": type(exc).__name__},
+            )
+        for claimed in batch:
+            self._claimed[claimed.id] = claimed
+            task = asyncio.create_task(self._process(claimed), name=claimed.id)
+            self._inflight[claimed.id] = task
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        delivery_id = task.get_name()
+        self._inflight.pop(delivery_id, None)
+        self._claimed.pop(delivery_id, None)
+
+    async def _process(self, claimed: Claimed) -> None:
+        try:
+            content = self._contents.get(claimed.message_id)
+            if content is None:
+                raise LookupError("message content unavailable")
+            resolved = await self.config.get_clinic_config(
+                claimed.clinic_id, Channel(claimed.channel)
+            )
+            chain = self.chains.chain(resolved)
+            handled = await send_through_chain(
+                claimed,
+                chain,
+                content,
+                now_fn=utcnow,
+                max_age=timedelta(seconds=self.options.max_age_seconds),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            handled = self._not_prepared(claimed, exc)
+        if handled.outcome.status is DeliveryStatus.SENT:
+            self.sent += 1
+        elif handled.outcome.status is DeliveryStatus.FAILED:
+            self.failed += 1
+        self._results.append(handled)
+        if len(self._results) >= self.options.batch_size:
+            self._flush_now.set()
+
+    def _not_prepared(self, claimed: Claimed, exc: Exception) -> Handled:
+        """A delivery that could not even be tried: retry later, fail once too old."""
+        log.warning(
+            "delivery could not be prepared",
+            extra={
+                "event": "delivery_prepare_failed",
+                "deliveryId": claimed.id,
+                "clinicId": claimed.clinic_id,
+                "error": type(exc).__name__,
+                "detail": str(exc)[:200],
+            },
+        )
+        now = utcnow()
+        reason = {"provider": None, "class": "internal", "message": f"{type(exc).__name__}: {exc}"}
+        errors = [*claimed.errors, reason]
+        retry_at = now + timedelta(seconds=self.options.prepare_retry_seconds)
+        deadline = claimed.created_at + timedelta(seconds=self.options.max_age_seconds)
+        if retry_at >= deadline:
+            outcome = Outcome(
+                claimed.id,
+                DeliveryStatus.FAILED,
+                claimed.attempts,
+                chain_position=claimed.chain_position,
+                error={"reason": "could not be prepared before its maximum age", "errors": errors},
+            )
+        else:
+            outcome = Outcome(
+                claimed.id,
+                DeliveryStatus.QUEUED,
+                claimed.attempts,
+                chain_position=claimed.chain_position,
+                provider_attempts=claimed.provider_attempts,
+                next_attempt_at=retry_at,
+                error={"reason": "retrying", "errors": errors},
+            )
+        return Handled(outcome)
+
+    # ---- message contents -----------------------------------------------------------------
+    async def _load_contents(self, wanted: dict[str, str | None]) -> None:
+        missing = [m for m in wanted if m not in self._contents]
+        if not missing:
+            return
+        async with self.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(Message.id, Message.clinic_id, Message.content).where(
+                        Message.id.in_(missing)
+                    )
+                )
+            ).all()
+            for message_id, clinic_id, blob in rows:
+                cipher = await self.config.keys.cipher(session, clinic_id or PLATFORM_KEY_OWNER)
+                data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
+                self._contents[message_id] = Content.from_json(data)
+        while len(self._contents) > 10_000:
+            self._contents.popitem(last=False)
+
+    # ---- results --------------------------------------------------------------------------
+    async def _flusher(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), self.options.flush_interval)
+            self._flush_now.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Write pending results; on a database error keep them and try again later."""
+        if not self._results:
+            return
+        pending, self._results = self._results, []
+        delay = 0.1
+        while True:
+            try:
+                async with self.db.session() as session:
+                    await write_results(
+                        session,
+                        owner=self.worker_id,
+                        now=utcnow(),
+                        outcomes=[h.outcome for h in pending],
+                        attempts=[a for h in pending for a in h.attempts],
+                    )
+                return
+            except asyncio.CancelledError:
+                self._results = pending + self._results
+                raise
+            except Exception as exc:
+                log.warning(
+                    "could not record delivery results; retrying",
+                    extra={"event": "flush_failed", "error": type(exc).__name__, "n": len(pending)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _reaper(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await _wait_any(stop, None, self.options.reap_interval)
+            try:
+                async with self.db.session() as session:
+                    taken = await reap_expired(session, utcnow())
+                if taken:
+                    log.warning(
+                        "expired leases returned to the queue",
+                        extra={"event": "leases_reaped", "count": taken},
+                    )
+                    self.notifier.event.set()
+            except Exception as exc:
+                log.warning(
+                    "reaper failed", extra={"event": "reap_failed", "error": type(exc).__name__}
+                )
+
+    async def _shutdown(self) -> None:
+        """Let in-flight sends finish (bounded), then release what is left."""
+        if self._inflight:
+            _, pending = await asyncio.wait(
+                list(self._inflight.values()), timeout=self.options.shutdown_grace
+            )
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        now = utcnow()
+        for claimed in list(self._claimed.values()):
+            self._results.append(
+                Handled(
+                    Outcome(
+                        claimed.id,
+                        DeliveryStatus.QUEUED,
+                        claimed.attempts,
+                        chain_position=claimed.chain_position,
+                        provider_attempts=claimed.provider_attempts,
+                        next_attempt_at=now,
+                        error={"reason": "released", "errors": claimed.errors}
+                        if claimed.errors
+                        else None,
+                    )
+                )
+            )
+        self._claimed.clear()
+
+    # ---- wake-ups ---------------------------------------------------------------------------
+    async def _listen(self) -> Any:
+        """LISTEN for new deliveries on PostgreSQL; None on SQLite (in-process event)."""
+        if self.db.is_sqlite:
+            return None
+        try:
+            import asyncpg
+
+            url = make_url(self.db.url).set(drivername="postgresql")
+            conn = await asyncpg.connect(url.render_as_string(hide_password=False), timeout=5)
+            await conn.add_listener(Notifier.CHANNEL, lambda *_: self.notifier.event.set())
+            return conn
+        except Exception as exc:
+            log.warning(
+                "LISTEN unavailable; polling only",
+                extra={"event": "listen_failed", "error": type(exc).__name__},
+            )
+            return None
+
+
+async def _wait_any(stop: asyncio.Event, event: asyncio.Event | None, timeout: float) -> None:
+    waiters = [asyncio.create_task(stop.wait())]
+    if event is not None:
+        waiters.append(asyncio.create_task(event.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
