@@ -128,7 +128,7 @@ async def test_each_clinic_uses_its_own_smtp_and_the_third_the_global(make_clien
         for clinic in ("clinic-a", "clinic-b", "clinic-c"):
             accepted = await client.send(email_request(clinic, to=f"p@{clinic}.example"))
             ids[clinic] = accepted.id
-        for clinic, message_id in ids.items():
+        for message_id in ids.values():
             status = await wait_terminal(client, message_id)
             assert [d["status"] for d in status["deliveries"]] == ["sent"], status
         assert [r.rcpt_tos for r in smtp_a.received] == [["p@clinic-a.example"]]

@@ -354,12 +354,12 @@ class Worker:
             return None
 
 
-async def _wait_any(stop: asyncio.Event, event: asyncio.Event | None, timeout: float) -> None:
+async def _wait_any(stop: asyncio.Event, event: asyncio.Event | None, seconds: float) -> None:
     waiters = [asyncio.create_task(stop.wait())]
     if event is not None:
         waiters.append(asyncio.create_task(event.wait()))
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
