@@ -8,16 +8,14 @@ import aiohttp
 import pytest
 
 from clinicomm.providers.base import AdapterContext, Channel, OutboundMessage, TemplateRef
+from tests.support import messaging
 from tests.support.http_capture import CaptureServer
+
+#: The shared aiohttp session fixture, the same as the WhatsApp/SMS tests'.
+http = messaging.http
 
 #: Canary secrets: a test fails if one of these appears where it must not.
 CANARY = "canary-SECRET-3f9a1c"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

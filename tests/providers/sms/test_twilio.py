@@ -10,7 +10,7 @@ import pytest
 from clinicomm.providers import registry
 from clinicomm.providers.base import AdapterContext, Channel
 from clinicomm.providers.errors import ComplianceError, ConfigurationError, ProviderError
-from clinicomm.providers.shared.rest import basic_auth
+from clinicomm.providers.shared.http import basic_auth
 from clinicomm.providers.sms.twilio import TwilioSmsAdapter
 from tests.providers.twilio_cases import (
     ERROR_CASES,

@@ -12,7 +12,7 @@ from openapi_core.exceptions import OpenAPIError
 from clinicomm.providers import registry
 from clinicomm.providers.base import AdapterContext, Channel
 from clinicomm.providers.errors import ComplianceError, ConfigurationError, ProviderError
-from clinicomm.providers.shared.rest import basic_auth
+from clinicomm.providers.shared.http import basic_auth
 from clinicomm.providers.whatsapp.twilio import TwilioWhatsAppAdapter
 from tests.providers.twilio_cases import (
     CONTENT_SID,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import quote
 
 import aiohttp
@@ -27,18 +27,13 @@ from pydantic import Field, SecretStr
 
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
-from clinicomm.providers.email._common import (
-    HttpAnswer,
-    HttpEmailAdapter,
-    require_body,
-    resolve_sender,
-    retry_after,
-)
-from clinicomm.providers.errors import (
-    ConfigurationError,
-    RateLimitedError,
-    RecipientError,
-    TransientError,
+from clinicomm.providers.email.sender import require_body, resolve_sender
+from clinicomm.providers.errors import ConfigurationError, RecipientError
+from clinicomm.providers.shared.http import (
+    Answer,
+    HttpAdapter,
+    error_fields,
+    rate_limit_or_server_error,
 )
 
 #: API host per region. https://documentation.mailgun.com/docs/mailgun/api-reference/api-overview
@@ -57,7 +52,7 @@ class MailgunCredentials(ProviderCredentials):
 
 
 @registry.register
-class MailgunAdapter(HttpEmailAdapter):
+class MailgunAdapter(HttpAdapter):
     """Sends one email per call through Mailgun's `/v3/{domain}/messages`."""
 
     key = "mailgun"
@@ -65,6 +60,9 @@ class MailgunAdapter(HttpEmailAdapter):
     display_name = "Mailgun"
     credentials_model = MailgunCredentials
     credentials: MailgunCredentials
+    # Read as an epoch second when `Retry-After` is absent, as the first version's shared email
+    # base did for every email provider (SendGrid documents it; kept so behaviour is unchanged).
+    rate_limit_reset_header = "X-RateLimit-Reset"
 
     @property
     def base_url(self) -> str:
@@ -107,7 +105,7 @@ class MailgunAdapter(HttpEmailAdapter):
         for name, value in self.build_fields(message):
             form.add_field(name, value)
         url = f"{self.base_url}/v3/{quote(self.credentials.domain, safe='')}/messages"
-        answer = await self._call("POST", url, data=form, headers=self._headers())
+        answer = await self._request("POST", url, data=form, headers=self._headers())
         if answer.status == 200:
             body = answer.json()
             message_id = body.get("id") if isinstance(body, dict) else None
@@ -121,17 +119,15 @@ class MailgunAdapter(HttpEmailAdapter):
         https://documentation.mailgun.com/docs/mailgun/api-reference/send/mailgun/domains
         """
         url = f"{self.base_url}/v4/domains/{quote(self.credentials.domain, safe='')}"
-        answer = await self._call("GET", url, headers=self._headers())
+        answer = await self._request("GET", url, headers=self._headers())
         if answer.status != 200:
             raise self._classify(answer)
 
-    def _classify(self, answer: HttpAnswer) -> Exception:
+    def _classify(self, answer: Answer) -> Exception:
         status = answer.status
-        kw: dict[str, Any] = {"provider": self.key, "status_code": status, "detail": answer.text}
-        if status == 429:
-            return RateLimitedError("rate limited", retry_after=retry_after(answer.headers), **kw)
-        if status >= 500:
-            return TransientError("provider error", retry_after=retry_after(answer.headers), **kw)
+        kw = error_fields(answer, provider=self.key)
+        if (transient := rate_limit_or_server_error(answer, kw)) is not None:
+            return transient
         if status in (401, 403):
             return ConfigurationError("API key rejected", **kw)
         if status == 404:

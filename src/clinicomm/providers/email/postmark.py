@@ -24,18 +24,13 @@ from pydantic import SecretStr
 
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
-from clinicomm.providers.email._common import (
-    HttpAnswer,
-    HttpEmailAdapter,
-    require_body,
-    resolve_sender,
-    retry_after,
-)
-from clinicomm.providers.errors import (
-    ConfigurationError,
-    RateLimitedError,
-    RecipientError,
-    TransientError,
+from clinicomm.providers.email.sender import require_body, resolve_sender
+from clinicomm.providers.errors import ConfigurationError, RecipientError
+from clinicomm.providers.shared.http import (
+    Answer,
+    HttpAdapter,
+    error_fields,
+    rate_limit_or_server_error,
 )
 
 #: Postmark API error codes we classify; https://postmarkapp.com/developer/api/overview#error-codes
@@ -55,7 +50,7 @@ class PostmarkCredentials(ProviderCredentials):
 
 
 @registry.register
-class PostmarkAdapter(HttpEmailAdapter):
+class PostmarkAdapter(HttpAdapter):
     """Sends one email per call through Postmark's `/email` or `/email/withTemplate`."""
 
     key = "postmark"
@@ -63,6 +58,9 @@ class PostmarkAdapter(HttpEmailAdapter):
     display_name = "Postmark"
     credentials_model = PostmarkCredentials
     credentials: PostmarkCredentials
+    # Read as an epoch second when `Retry-After` is absent, as the first version's shared email
+    # base did for every email provider (SendGrid documents it; kept so behaviour is unchanged).
+    rate_limit_reset_header = "X-RateLimit-Reset"
 
     def _url(self, path: str) -> str:
         return self.credentials.base_url.rstrip("/") + path
@@ -108,7 +106,9 @@ class PostmarkAdapter(HttpEmailAdapter):
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST /email or /email/withTemplate; see the module docstring for the classification."""
         path, body = self.build_request(message)
-        answer = await self._call("POST", self._url(path), headers=self._headers(), json_body=body)
+        answer = await self._request(
+            "POST", self._url(path), headers=self._headers(), json_body=body
+        )
         data = answer.json()
         code = data.get("ErrorCode") if isinstance(data, dict) else None
         if answer.status == 200 and code in (0, None) and isinstance(data, dict):
@@ -117,24 +117,18 @@ class PostmarkAdapter(HttpEmailAdapter):
 
     async def probe(self) -> None:
         """GET /server: the server token is valid. Sends nothing."""
-        answer = await self._call("GET", self._url("/server"), headers=self._headers())
+        answer = await self._request("GET", self._url("/server"), headers=self._headers())
         if answer.status != 200:
             raise self._classify(answer, answer.json())
 
-    def _classify(self, answer: HttpAnswer, data: Any) -> Exception:
+    def _classify(self, answer: Answer, data: Any) -> Exception:
         status = answer.status
         error_code = data.get("ErrorCode") if isinstance(data, dict) else None
         text = str(data.get("Message", "")) if isinstance(data, dict) else answer.text
-        kw: dict[str, Any] = {
-            "provider": self.key,
-            "status_code": status,
-            "code": None if error_code is None else str(error_code),
-            "detail": answer.text,
-        }
-        if status == 429:
-            return RateLimitedError("rate limited", retry_after=retry_after(answer.headers), **kw)
-        if status >= 500:
-            return TransientError("provider error", retry_after=retry_after(answer.headers), **kw)
+        code = None if error_code is None else str(error_code)
+        kw = error_fields(answer, provider=self.key, code=code)
+        if (transient := rate_limit_or_server_error(answer, kw)) is not None:
+            return transient
         if status == 401 or error_code == BAD_SERVER_TOKEN:
             return ConfigurationError("server token rejected", **kw)
         if error_code == INACTIVE_RECIPIENT:

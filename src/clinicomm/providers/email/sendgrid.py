@@ -22,18 +22,13 @@ from pydantic import SecretStr
 
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
-from clinicomm.providers.email._common import (
-    HttpAnswer,
-    HttpEmailAdapter,
-    require_body,
-    resolve_sender,
-    retry_after,
-)
-from clinicomm.providers.errors import (
-    ConfigurationError,
-    RateLimitedError,
-    RecipientError,
-    TransientError,
+from clinicomm.providers.email.sender import require_body, resolve_sender
+from clinicomm.providers.errors import ConfigurationError, RecipientError
+from clinicomm.providers.shared.http import (
+    Answer,
+    HttpAdapter,
+    error_fields,
+    rate_limit_or_server_error,
 )
 
 
@@ -55,7 +50,7 @@ def _is_recipient_error(error: dict[str, Any]) -> bool:
 
 
 @registry.register
-class SendGridAdapter(HttpEmailAdapter):
+class SendGridAdapter(HttpAdapter):
     """Sends one email per call through SendGrid's v3 Mail Send API."""
 
     key = "sendgrid"
@@ -63,6 +58,8 @@ class SendGridAdapter(HttpEmailAdapter):
     display_name = "SendGrid"
     credentials_model = SendGridCredentials
     credentials: SendGridCredentials
+    # https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-api/rate-limits
+    rate_limit_reset_header = "X-RateLimit-Reset"
 
     def _url(self, path: str) -> str:
         return self.credentials.base_url.rstrip("/") + path
@@ -119,7 +116,7 @@ class SendGridAdapter(HttpEmailAdapter):
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST /v3/mail/send; see the module docstring for how failures are classified."""
         payload = self.build_payload(message)
-        answer = await self._call(
+        answer = await self._request(
             "POST", self._url("/v3/mail/send"), headers=self._headers(), json_body=payload
         )
         if answer.status in (200, 202):
@@ -128,7 +125,7 @@ class SendGridAdapter(HttpEmailAdapter):
 
     async def probe(self) -> None:
         """GET /v3/scopes: the key works and holds `mail.send`. Sends nothing."""
-        answer = await self._call("GET", self._url("/v3/scopes"), headers=self._headers())
+        answer = await self._request("GET", self._url("/v3/scopes"), headers=self._headers())
         if answer.status != 200:
             raise self._classify(answer)
         body = answer.json()
@@ -138,17 +135,11 @@ class SendGridAdapter(HttpEmailAdapter):
                 "API key lacks the mail.send scope", provider=self.key, status_code=200
             )
 
-    def _classify(self, answer: HttpAnswer) -> Exception:
+    def _classify(self, answer: Answer) -> Exception:
         status = answer.status
-        kw: dict[str, Any] = {"provider": self.key, "status_code": status, "detail": answer.text}
-        if status == 429:
-            return RateLimitedError(
-                "rate limited", retry_after=retry_after(answer.headers), **kw
-            )
-        if status >= 500:
-            return TransientError(
-                "provider error", retry_after=retry_after(answer.headers), **kw
-            )
+        kw = error_fields(answer, provider=self.key)
+        if (transient := rate_limit_or_server_error(answer, kw)) is not None:
+            return transient
         if status in (401, 403):
             return ConfigurationError("API key rejected", **kw)
         if status == 400:

@@ -2,8 +2,9 @@
 
 https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_SendEmail.html
 
-botocore signs the request (`SigV4Auth` + `AWSRequest`); nothing else of boto is used, so sends
-share the process's one aiohttp session instead of a botocore connection pool per clinic.
+`providers.shared.aws.SigV4Signer` signs the request (botocore's signer; nothing else of boto is
+used), so sends share the process's one aiohttp session instead of a botocore connection pool
+per clinic.
 
 Failures, by the error type SES answers (`x-amzn-ErrorType` header or `__type`/`Code` in the
 body) and its message:
@@ -24,22 +25,11 @@ body) and its message:
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
-
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 
 from clinicomm.providers import registry
 from clinicomm.providers.base import AdapterContext, Channel, OutboundMessage, SendResult
-from clinicomm.providers.email._common import (
-    HttpAnswer,
-    HttpEmailAdapter,
-    require_body,
-    resolve_sender,
-    retry_after,
-)
+from clinicomm.providers.email.sender import require_body, resolve_sender
 from clinicomm.providers.errors import (
     ConfigurationError,
     ProviderDownError,
@@ -47,7 +37,9 @@ from clinicomm.providers.errors import (
     RecipientError,
     TransientError,
 )
+from clinicomm.providers.shared.aws import SigV4Signer, xml_error
 from clinicomm.providers.shared.credentials import AwsCredentials
+from clinicomm.providers.shared.http import Answer, HttpAdapter, error_fields
 
 #: SigV4 signing name of SES (v1 and v2 share it).
 SIGNING_NAME = "ses"
@@ -69,8 +61,6 @@ _CONFIG_CODES = {
     "NotFoundException",
     "ConfigurationSetDoesNotExist",
 }
-_XML_CODE = re.compile(r"<Code>([^<]+)</Code>")
-_XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
 
 
 class SesCredentials(AwsCredentials):
@@ -81,7 +71,7 @@ class SesCredentials(AwsCredentials):
     configuration_set: str | None = None
 
 
-def _error_code_and_message(answer: HttpAnswer) -> tuple[str, str]:
+def _error_code_and_message(answer: Answer) -> tuple[str, str]:
     """The AWS error type and message from a JSON (REST-JSON) or XML (query) error answer."""
     code = (answer.headers.get("x-amzn-ErrorType") or "").split(":")[0]
     data = answer.json()
@@ -90,15 +80,14 @@ def _error_code_and_message(answer: HttpAnswer) -> tuple[str, str]:
         code = code or str(data.get("__type") or data.get("code") or data.get("Code") or "")
         message = str(data.get("message") or data.get("Message") or "")
     else:
-        if not code and (found := _XML_CODE.search(answer.text)):
-            code = found.group(1)
-        if found_message := _XML_MESSAGE.search(answer.text):
-            message = found_message.group(1)
+        xml_code, xml_message = xml_error(answer.text)
+        code = code or xml_code or ""
+        message = xml_message or ""
     return code.rsplit("#", 1)[-1], message
 
 
 @registry.register
-class SesAdapter(HttpEmailAdapter):
+class SesAdapter(HttpAdapter):
     """Sends one email per call through SES v2 `SendEmail`."""
 
     key = "ses"
@@ -106,16 +95,13 @@ class SesAdapter(HttpEmailAdapter):
     display_name = "Amazon SES"
     credentials_model = SesCredentials
     credentials: SesCredentials
+    # Read as an epoch second when `Retry-After` is absent, as the first version's shared email
+    # base did for every email provider (kept so behaviour is unchanged).
+    rate_limit_reset_header = "X-RateLimit-Reset"
 
     def __init__(self, credentials: SesCredentials, context: AdapterContext) -> None:
         super().__init__(credentials, context)
-        self._signer = SigV4Auth(
-            Credentials(
-                credentials.access_key_id, credentials.secret_access_key.get_secret_value()
-            ),
-            SIGNING_NAME,
-            credentials.region,
-        )
+        self._signer = SigV4Signer(credentials, SIGNING_NAME)
 
     @property
     def endpoint(self) -> str:
@@ -163,16 +149,11 @@ class SesAdapter(HttpEmailAdapter):
             payload["ConfigurationSetName"] = creds.configuration_set
         return payload
 
-    def _signed_headers(self, method: str, url: str, body: bytes) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"} if body else {}
-        request = AWSRequest(method=method, url=url, data=body, headers=headers)
-        self._signer.add_auth(request)
-        return dict(request.headers.items())
-
-    async def _signed_call(self, method: str, path: str, body: bytes = b"") -> HttpAnswer:
+    async def _signed_call(self, method: str, path: str, body: bytes = b"") -> Answer:
         url = self.endpoint + path
-        headers = self._signed_headers(method, url, body)
-        return await self._call(method, url, headers=headers, data=body or None)
+        content_type = {"Content-Type": "application/json"} if body else {}
+        headers = self._signer.headers(method, url, body, content_type)
+        return await self._request(method, url, headers=headers, data=body or None)
 
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST /v2/email/outbound-emails; see the module docstring for the classification."""
@@ -190,16 +171,11 @@ class SesAdapter(HttpEmailAdapter):
         if answer.status != 200:
             raise self._classify(answer)
 
-    def _classify(self, answer: HttpAnswer) -> Exception:
+    def _classify(self, answer: Answer) -> Exception:
         status = answer.status
         code, message = _error_code_and_message(answer)
         lowered = message.lower()
-        kw: dict[str, Any] = {
-            "provider": self.key,
-            "status_code": status,
-            "code": code or None,
-            "detail": message or answer.text,
-        }
+        kw = error_fields(answer, provider=self.key, code=code or None, detail=message or None)
         # SES answers both quota errors with the same type; only the text tells them apart.
         # https://docs.aws.amazon.com/ses/latest/dg/manage-sending-quotas-errors.html
         if "daily message quota exceeded" in lowered:
@@ -209,11 +185,11 @@ class SesAdapter(HttpEmailAdapter):
             or code in _THROTTLE_CODES
             or "maximum sending rate exceeded" in lowered
         ):
-            return RateLimitedError("rate limited", retry_after=retry_after(answer.headers), **kw)
+            return RateLimitedError("rate limited", retry_after=answer.retry_after, **kw)
         if code in _DOWN_CODES:
             return ProviderDownError("sending paused for this account", **kw)
         if status >= 500:
-            return TransientError("provider error", retry_after=retry_after(answer.headers), **kw)
+            return TransientError("provider error", retry_after=answer.retry_after, **kw)
         if status in (401, 403) or code in _CONFIG_CODES:
             return ConfigurationError("credentials or sender rejected", **kw)
         if "not verified" in lowered or "did not have authority" in lowered:

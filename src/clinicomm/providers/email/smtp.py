@@ -54,7 +54,7 @@ from clinicomm.providers.base import (
     ProviderCredentials,
     SendResult,
 )
-from clinicomm.providers.email._common import Sender, resolve_sender
+from clinicomm.providers.email.sender import Sender, resolve_sender
 from clinicomm.providers.errors import (
     ConfigurationError,
     ProviderDownError,

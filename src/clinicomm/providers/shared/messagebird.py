@@ -28,12 +28,11 @@ from clinicomm.providers.errors import (
 )
 from clinicomm.providers.phone import digits
 from clinicomm.providers.shared.credentials import MessageBirdCredentials
-from clinicomm.providers.shared.rest import (
-    Answer,
-    RestAdapter,
+from clinicomm.providers.shared.http import Answer, HttpAdapter, classify_status, error_fields
+from clinicomm.providers.shared.messaging import (
     check_param_count,
-    classify_status,
     ordered_variables,
+    recipient_e164,
     require_text,
     template_name,
 )
@@ -55,12 +54,7 @@ def classify_messagebird_error(answer: Answer, provider: str = "messagebird") ->
     first = items[0] if items else {}
     code = str(first["code"]) if first.get("code") is not None else None
     detail = "; ".join(str(e.get("description", "")) for e in items) or answer.text
-    kw: dict[str, Any] = {
-        "provider": provider,
-        "status_code": answer.status,
-        "code": code,
-        "detail": detail,
-    }
+    kw = error_fields(answer, provider=provider, code=code, detail=detail)
     if answer.status == 429:
         return RateLimitedError("rate limited", retry_after=answer.retry_after, **kw)
     if answer.status == 401:
@@ -71,12 +65,11 @@ def classify_messagebird_error(answer: Answer, provider: str = "messagebird") ->
         str(e.get("parameter") or "").lower() in _RECIPIENT_PARAMS for e in items
     ):
         return RecipientError("recipient refused", **kw)
-    if answer.status >= 500:
-        return TransientError("provider error", retry_after=answer.retry_after, **kw)
+    # Anything else (5xx included) by its status alone.
     return classify_status(answer, provider=provider, code=code, detail=detail)
 
 
-class MessageBirdAdapterBase(RestAdapter):
+class MessageBirdAdapterBase(HttpAdapter):
     """Shared MessageBird plumbing: credentials, auth header, answer handling."""
 
     @property
@@ -115,7 +108,7 @@ class MessageBirdWhatsAppBase(MessageBirdAdapterBase):
         """The JSON body for one message; raises ConfigurationError/RecipientError locally."""
         if not self.creds.channel_id:
             raise ConfigurationError("channelId is required for WhatsApp", provider=self.key)
-        to = digits(self._recipient(message))
+        to = digits(recipient_e164(message, self.key))
         payload: dict[str, Any] = {"to": to, "from": self.creds.channel_id}
         if message.template is not None:
             template = message.template
@@ -159,7 +152,7 @@ class MessageBirdSmsBase(MessageBirdAdapterBase):
         """The JSON body for one SMS; raises ConfigurationError/RecipientError locally."""
         if not self.creds.originator:
             raise ConfigurationError("originator is required for SMS", provider=self.key)
-        to = digits(self._recipient(message))
+        to = digits(recipient_e164(message, self.key))
         return {
             "originator": self.creds.originator,
             "recipients": [to],

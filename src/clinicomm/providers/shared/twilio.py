@@ -12,7 +12,6 @@ Error answers are `{"code", "message", "status", "more_info"}`; codes are classi
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from clinicomm.providers.base import OutboundMessage, SendResult
 from clinicomm.providers.errors import (
@@ -25,13 +24,17 @@ from clinicomm.providers.errors import (
     TransientError,
 )
 from clinicomm.providers.shared.credentials import TwilioCredentials
-from clinicomm.providers.shared.rest import (
+from clinicomm.providers.shared.http import (
     Answer,
-    RestAdapter,
+    HttpAdapter,
     basic_auth,
-    check_param_count,
     classify_status,
+    error_fields,
+)
+from clinicomm.providers.shared.messaging import (
+    check_param_count,
     ordered_variables,
+    recipient_e164,
     require_text,
     template_name,
 )
@@ -53,12 +56,9 @@ def classify_twilio_error(answer: Answer, provider: str = "twilio") -> ProviderE
     raw = body.get("code") if isinstance(body, dict) else None
     code = int(raw) if isinstance(raw, int | str) and str(raw).isdigit() else None
     text = str(body.get("message")) if isinstance(body, dict) and body.get("message") else None
-    kw: dict[str, Any] = {
-        "provider": provider,
-        "status_code": answer.status,
-        "code": str(code) if code is not None else None,
-        "detail": text or answer.text,
-    }
+    kw = error_fields(
+        answer, provider=provider, code=str(code) if code is not None else None, detail=text
+    )
     if answer.status == 429 or code in _RATE_CODES:
         return RateLimitedError("rate limited", retry_after=answer.retry_after, **kw)
     if code in _RECIPIENT_CODES:
@@ -71,12 +71,11 @@ def classify_twilio_error(answer: Answer, provider: str = "twilio") -> ProviderE
         return ProviderDownError("account daily limit reached", **kw)
     if answer.status == 401 or code in _CONFIG_CODES:
         return ConfigurationError("credentials or sender refused", **kw)
-    if answer.status >= 500:
-        return TransientError("provider error", retry_after=answer.retry_after, **kw)
+    # Anything else (5xx included) by its status alone.
     return classify_status(answer, provider=provider, code=kw["code"], detail=kw["detail"])
 
 
-class TwilioAdapterBase(RestAdapter):
+class TwilioAdapterBase(HttpAdapter):
     """Twilio send and probe; subclasses say how a number is addressed on their channel."""
 
     #: Prefix of channel addresses (`whatsapp:`); empty for SMS.
@@ -100,7 +99,7 @@ class TwilioAdapterBase(RestAdapter):
 
     def build_form(self, message: OutboundMessage) -> dict[str, str]:
         """The form fields for one message; raises ConfigurationError/RecipientError locally."""
-        form: dict[str, str] = {"To": self._address(self._recipient(message))}
+        form: dict[str, str] = {"To": self._address(recipient_e164(message, self.key))}
         if self.creds.messaging_service_sid:
             form["MessagingServiceSid"] = self.creds.messaging_service_sid
         else:

@@ -23,19 +23,19 @@ from clinicomm.providers.errors import (
     ConfigurationError,
     ProviderDownError,
     ProviderError,
-    RateLimitedError,
     RecipientError,
     TransientError,
 )
 from clinicomm.providers.phone import digits
 from clinicomm.providers.shared.credentials import VonageCredentials
-from clinicomm.providers.shared.rest import (
+from clinicomm.providers.shared.http import (
     Answer,
-    RestAdapter,
+    HttpAdapter,
     basic_auth,
     classify_status,
-    require_text,
+    error_fields,
 )
+from clinicomm.providers.shared.messaging import recipient_e164, require_text
 
 JWT_TTL = 900  # seconds a token is valid
 JWT_RENEW_BEFORE = 60  # renew this long before expiry
@@ -52,28 +52,18 @@ def classify_vonage_error(answer: Answer, provider: str = "vonage") -> ProviderE
     fragment = type_link.rsplit("#", 1)[1] if "#" in type_link else None
     title = str(body.get("title") or "")
     detail = " ".join(p for p in (title, str(body.get("detail") or "")) if p) or answer.text
-    kw: dict[str, Any] = {
-        "provider": provider,
-        "status_code": answer.status,
-        "code": fragment,
-        "detail": detail,
-    }
-    if answer.status == 429:
-        return RateLimitedError("rate limited", retry_after=answer.retry_after, **kw)
-    if answer.status == 401:
-        return ConfigurationError("credentials refused", **kw)
+    kw = error_fields(answer, provider=provider, code=fragment, detail=detail)
     if answer.status == 402:
         return ProviderDownError("account balance too low", **kw)
     if answer.status == 422:
         if fragment in _RECIPIENT_TYPES or "recipient" in title.lower():
             return RecipientError("recipient refused", **kw)
         return ConfigurationError("request refused", **kw)
-    if answer.status >= 500:
-        return TransientError("provider error", retry_after=answer.retry_after, **kw)
+    # 429, 401, 5xx and the rest by their status alone.
     return classify_status(answer, provider=provider, code=fragment, detail=detail)
 
 
-class VonageAdapterBase(RestAdapter):
+class VonageAdapterBase(HttpAdapter):
     """Vonage send and probe; subclasses set the channel name used in the body."""
 
     #: The Messages API `channel` value ("whatsapp", "sms").
@@ -125,7 +115,7 @@ class VonageAdapterBase(RestAdapter):
         """The JSON body for one message; raises ConfigurationError/RecipientError locally."""
         payload: dict[str, Any] = {
             "channel": self.vonage_channel,
-            "to": digits(self._recipient(message)),
+            "to": digits(recipient_e164(message, self.key)),
             "from": self._from(),
             # Our opaque delivery id; echoed in status webhooks.
             "client_ref": message.reference,

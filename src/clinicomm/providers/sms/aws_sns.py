@@ -2,27 +2,22 @@
 
 The Query API (`POST /` form `Action=Publish&PhoneNumber=…&Message=…&Version=2010-03-31`,
 https://docs.aws.amazon.com/sns/latest/api/API_Publish.html) is called directly rather than
-through boto3, whose blocking client would need a thread per call. botocore only signs
-(`SigV4Auth` over an `AWSRequest`); the bytes it signed are the bytes sent. Each SMS is
+through boto3, whose blocking client would need a thread per call. `providers.shared.aws`
+signs (botocore's SigV4 signer only); the bytes it signed are the bytes sent. Each SMS is
 `Transactional` (better routing; clinic reminders are not marketing) and carries the
 `AWS.SNS.SMS.SenderID` attribute when `senderId` is set.
 
 Errors are XML `<ErrorResponse><Error><Code>…</Code><Message>…</Message></Error>`; the code is
-read with a regular expression (no XML parser on untrusted input).
+read by `shared.aws.xml_error` (regular expressions, no XML parser on untrusted input).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
 from urllib.parse import urlencode
 
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
-
 from clinicomm.providers import registry
-from clinicomm.providers.base import Channel, OutboundMessage, SendResult
+from clinicomm.providers.base import AdapterContext, Channel, OutboundMessage, SendResult
 from clinicomm.providers.errors import (
     ComplianceError,
     ConfigurationError,
@@ -31,13 +26,13 @@ from clinicomm.providers.errors import (
     RecipientError,
     TransientError,
 )
+from clinicomm.providers.shared.aws import SigV4Signer, xml_error
 from clinicomm.providers.shared.credentials import AwsCredentials
-from clinicomm.providers.shared.rest import Answer, RestAdapter, classify_status, require_text
+from clinicomm.providers.shared.http import Answer, HttpAdapter, classify_status, error_fields
+from clinicomm.providers.shared.messaging import recipient_e164, require_text
 
 API_VERSION = "2010-03-31"
 
-_CODE_RE = re.compile(r"<Code>([^<]{1,200})</Code>")
-_MESSAGE_RE = re.compile(r"<Message>([^<]{0,1000})</Message>")
 _MESSAGE_ID_RE = re.compile(r"<MessageId>([^<]{1,200})</MessageId>")
 
 _RATE_CODES = frozenset({"Throttling", "ThrottlingException", "ThrottledException",
@@ -59,16 +54,9 @@ class SnsCredentials(AwsCredentials):
 
 def classify_sns_error(answer: Answer, provider: str = "aws_sns") -> ProviderError:
     """Turn an SNS Query API error answer into the exception the worker acts on."""
-    code_match = _CODE_RE.search(answer.text)
-    code = code_match.group(1) if code_match else None
-    message_match = _MESSAGE_RE.search(answer.text)
-    text = message_match.group(1) if message_match else answer.text
-    kw: dict[str, Any] = {
-        "provider": provider,
-        "status_code": answer.status,
-        "code": code,
-        "detail": text,
-    }
+    code, message = xml_error(answer.text)
+    text = message if message is not None else answer.text
+    kw = error_fields(answer, provider=provider, code=code, detail=text)
     if code in _RATE_CODES or answer.status == 429:
         return RateLimitedError("rate limited", retry_after=answer.retry_after, **kw)
     if code in _COMPLIANCE_CODES:
@@ -85,13 +73,17 @@ def classify_sns_error(answer: Answer, provider: str = "aws_sns") -> ProviderErr
 
 
 @registry.register
-class SnsAdapter(RestAdapter):
+class SnsAdapter(HttpAdapter):
     """SMS through Amazon SNS `Publish` to a phone number."""
 
     key = "aws_sns"
     channel = Channel.SMS
     display_name = "Amazon SNS"
     credentials_model = SnsCredentials
+
+    def __init__(self, credentials: SnsCredentials, context: AdapterContext) -> None:
+        super().__init__(credentials, context)
+        self._signer = SigV4Signer(credentials, "sns")
 
     @property
     def creds(self) -> SnsCredentials:
@@ -108,7 +100,7 @@ class SnsAdapter(RestAdapter):
         form = {
             "Action": "Publish",
             "Version": API_VERSION,
-            "PhoneNumber": self._recipient(message),
+            "PhoneNumber": recipient_e164(message, self.key),
             "Message": require_text(message, self.key),
         }
         attributes = [("AWS.SNS.SMS.SMSType", "Transactional")]
@@ -123,17 +115,8 @@ class SnsAdapter(RestAdapter):
 
     def _signed(self, form: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         body = urlencode(form).encode()
-        request = AWSRequest(
-            method="POST",
-            url=self._endpoint(),
-            data=body,
-            headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
-        )
-        credentials = Credentials(
-            self.creds.access_key_id, self.creds.secret_access_key.get_secret_value()
-        )
-        SigV4Auth(credentials, "sns", self.creds.region).add_auth(request)
-        return body, {k: str(v) for k, v in request.headers.items()}
+        content_type = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+        return body, self._signer.headers("POST", self._endpoint(), body, content_type)
 
     async def _call(self, form: dict[str, str]) -> Answer:
         body, headers = self._signed(form)

@@ -34,12 +34,11 @@ from clinicomm.providers.errors import (
     RecipientRateLimitedError,
     TransientError,
 )
-from clinicomm.providers.shared.rest import (
-    Answer,
-    RestAdapter,
+from clinicomm.providers.shared.http import Answer, HttpAdapter, classify_status, error_fields
+from clinicomm.providers.shared.messaging import (
     check_param_count,
-    classify_status,
     ordered_variables,
+    recipient_e164,
     require_text,
     template_name,
 )
@@ -79,12 +78,9 @@ def classify_meta_error(answer: Answer, provider: str = "meta_business") -> Prov
     code = int(raw_code) if isinstance(raw_code, int | str) and str(raw_code).isdigit() else None
     details = (error.get("error_data") or {}).get("details") if isinstance(error, dict) else None
     text = " ".join(str(p) for p in (error.get("message"), details) if p) or answer.text
-    kw: dict[str, Any] = {
-        "provider": provider,
-        "status_code": answer.status,
-        "code": str(code) if code is not None else None,
-        "detail": text,
-    }
+    kw = error_fields(
+        answer, provider=provider, code=str(code) if code is not None else None, detail=text
+    )
     retry_after = answer.retry_after
     if code == 130429:  # throughput of this sender number exceeded: slow the number down
         return RateLimitedError("sender throughput exceeded", retry_after=retry_after, **kw)
@@ -110,7 +106,7 @@ def classify_meta_error(answer: Answer, provider: str = "meta_business") -> Prov
 
 
 @registry.register
-class MetaBusinessAdapter(RestAdapter):
+class MetaBusinessAdapter(HttpAdapter):
     """Sends WhatsApp text and template messages through Meta's Cloud API."""
 
     key = "meta_business"
@@ -131,7 +127,7 @@ class MetaBusinessAdapter(RestAdapter):
 
     def build_payload(self, message: OutboundMessage) -> dict[str, Any]:
         """The JSON body for one message; raises ConfigurationError/RecipientError locally."""
-        to = self._recipient(message)
+        to = recipient_e164(message, self.key)
         payload: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",

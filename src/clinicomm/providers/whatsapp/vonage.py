@@ -7,7 +7,7 @@ from typing import Any
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel, OutboundMessage
 from clinicomm.providers.shared.credentials import VonageCredentials
-from clinicomm.providers.shared.rest import (
+from clinicomm.providers.shared.messaging import (
     check_param_count,
     ordered_variables,
     template_name,
