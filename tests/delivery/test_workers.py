@@ -117,7 +117,7 @@ async def counts(client: Client) -> dict[str, int]:
         rows = (
             await session.execute(select(Delivery.status, func.count()).group_by(Delivery.status))
         ).all()
-    return {status: n for status, n in rows}
+    return {str(status): int(n) for status, n in rows}
 
 
 async def wait_all_sent(client: Client, total: int, timeout: float) -> dict[str, int]:
