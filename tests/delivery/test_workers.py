@@ -189,3 +189,31 @@ async def test_two_workers_on_postgres_no_duplicates_none_lost(settings: Setting
     assert len(sink.per_delivery) == total
     assert max(sink.per_delivery.values()) == 1
     assert all(proc.returncode == 0 for proc in workers)
+
+
+@pytest.mark.slow
+async def test_sigterm_finishes_or_releases_in_flight_leases(settings: Settings) -> None:
+    total = 300
+    async with CountingSink(delay=0.3) as sink:
+        client = await enqueue(settings, sink, total)
+        try:
+            proc = await start_worker(settings)
+            deadline = time.monotonic() + 60
+            while sink.total < 60:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            after_stop = await counts(client)
+            # Nothing is left leased: each delivery is either recorded sent or back in the queue.
+            assert "sending" not in after_stop
+            assert after_stop.get("sent", 0) + after_stop.get("queued", 0) == total
+            second = await start_worker(settings)
+            try:
+                final = await wait_all_sent(client, total, timeout=120)
+            finally:
+                await stop(second)
+        finally:
+            await client.close()
+    assert final == {"sent": total}
+    assert max(sink.per_delivery.values()) == 1  # a graceful stop sends nothing twice
