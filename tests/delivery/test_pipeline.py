@@ -7,59 +7,15 @@ test database (SQLite, or PostgreSQL + Redis in that leg).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from clinicomm import Client, SendRequest
-from clinicomm.config import Settings
+from clinicomm import SendRequest
 from clinicomm.messaging.service import IdempotencyConflictError, UnknownClinicError
 from tests.support.http_capture import CaptureServer
+from tests.support.pipeline import create_clinic, wait_terminal
 from tests.support.smtp_server import SmtpServer, free_port
-
-TERMINAL = {"sent", "delivered", "read", "failed", "bounced", "suppressed"}
-
-
-def fast(settings: Settings, **extra: Any) -> Settings:
-    return settings.model_copy(update={"worker_poll_seconds": 0.05, **extra})
-
-
-@pytest.fixture
-async def make_client(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
-    clients: list[Client] = []
-
-    async def factory(env: dict[str, str] | None = None, **extra: Any) -> Client:
-        client = Client(fast(settings, **extra), env=env or {})
-        await client.start()
-        clients.append(client)
-        return client
-
-    yield factory
-    for client in clients:
-        await client.close()
-
-
-async def create_clinic(client: Client, clinic_id: str, comm: dict[str, Any]) -> None:
-    rt = client._rt()
-    async with rt.db.session() as session:
-        change = await rt.config.create_clinic(
-            session, clinic_id, clinic_id, {"communicationSettings": comm}
-        )
-    await rt.config.committed(change)
-
-
-async def wait_terminal(client: Client, message_id: str, timeout: float = 15) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await client.get(message_id)
-        assert status is not None
-        if all(d["status"] in TERMINAL for d in status["deliveries"]):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not terminal in {timeout}s: {status}")
-        await asyncio.sleep(0.05)
 
 
 def email_request(clinic_id: str | None, to: str = "patient@example.com", **kw: Any) -> SendRequest:

@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 from clinicomm import Client, SendRequest
 from clinicomm.config import Settings
 from clinicomm.store.models import Delivery
-from tests.delivery.test_pipeline import create_clinic
 from tests.support.http_capture import CapturedRequest, CaptureServer, Scripted
+from tests.support.pipeline import create_clinic
 
 ROOT = Path(__file__).parents[2]
 BATCH = 50
@@ -88,7 +88,11 @@ async def enqueue(settings: Settings, sink: CaptureServer, count: int) -> Client
             "email": {
                 "primary": {
                     "provider": "sendgrid",
-                    "credentials": {"apiKey": "SG.k", "fromEmail": "a@x.example", "baseUrl": sink.url},
+                    "credentials": {
+                        "apiKey": "SG.k",
+                        "fromEmail": "a@x.example",
+                        "baseUrl": sink.url,
+                    },
                 }
             }
         },

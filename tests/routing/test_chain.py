@@ -18,7 +18,9 @@ PM = {"provider": "postmark", "credentials": {"serverToken": "t"}}
 SMTP = {"provider": "smtp", "credentials": {"host": "h.example"}}
 
 
-def resolved(own: dict[str, Any] | None, glob: dict[str, Any] | None, version: int = 1) -> ResolvedChannel:
+def resolved(
+    own: dict[str, Any] | None, glob: dict[str, Any] | None, version: int = 1
+) -> ResolvedChannel:
     o = CommunicationSettings.model_validate({"email": own}).email if own else None
     g = CommunicationSettings.model_validate({"email": glob}).email if glob else None
     return ResolvedChannel("c1", Channel.EMAIL, version, o, g)
@@ -33,29 +35,42 @@ async def builder() -> Any:
 
 
 async def test_order_primary_fallbacks_then_global(builder: ChainBuilder) -> None:
-    chain = builder.chain(resolved({"primary": SG, "fallback": [PM, {**SMTP, "enabled": False}]}, {"primary": SMTP}))
+    chain = builder.chain(
+        resolved({"primary": SG, "fallback": [PM, {**SMTP, "enabled": False}]}, {"primary": SMTP})
+    )
     assert str(chain) == "failover(clinic:sendgrid clinic:postmark global:smtp)"
 
 
 async def test_global_fallback_disabled(builder: ChainBuilder) -> None:
-    chain = builder.chain(resolved({"primary": SG, "fallbackStrategy": {"enabled": False}}, {"primary": SMTP}))
+    chain = builder.chain(
+        resolved({"primary": SG, "fallbackStrategy": {"enabled": False}}, {"primary": SMTP})
+    )
     assert str(chain) == "failover(clinic:sendgrid)"
 
 
 async def test_fallback_provider_key_filters_the_global_chain(builder: ChainBuilder) -> None:
     chain = builder.chain(
-        resolved({"primary": SG, "fallbackStrategy": {"fallbackProvider": "postmark"}}, {"primary": SMTP, "fallback": [PM]})
+        resolved(
+            {"primary": SG, "fallbackStrategy": {"fallbackProvider": "postmark"}},
+            {"primary": SMTP, "fallback": [PM]},
+        )
     )
     assert str(chain) == "failover(clinic:sendgrid global:postmark)"
 
 
 async def test_channel_fallback_is_recorded(builder: ChainBuilder) -> None:
-    chain = builder.chain(resolved({"primary": SG, "fallbackStrategy": {"fallbackProvider": "sms"}}, {"primary": SMTP}))
+    chain = builder.chain(
+        resolved(
+            {"primary": SG, "fallbackStrategy": {"fallbackProvider": "sms"}}, {"primary": SMTP}
+        )
+    )
     assert str(chain) == "failover(clinic:sendgrid)"
     assert chain.channel_fallback is Channel.SMS
 
 
-async def test_no_own_config_uses_global_and_disabled_channel_is_empty(builder: ChainBuilder) -> None:
+async def test_no_own_config_uses_global_and_disabled_channel_is_empty(
+    builder: ChainBuilder,
+) -> None:
     assert str(builder.chain(resolved(None, {"primary": SMTP}))) == "failover(global:smtp)"
     off = builder.chain(resolved({"enabled": False, "primary": SG}, {"primary": SMTP}, version=2))
     assert off.hops == ()

@@ -146,8 +146,12 @@ async def write_results(
     now: datetime,
     outcomes: list[Outcome],
     attempts: list[dict[str, Any]],
+    new_deliveries: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Record outcomes (only where this worker still holds the lease) and attempt rows."""
+    """Record outcomes (only where this worker still holds the lease), attempt rows, and
+    deliveries created by channel fallback, in the caller's transaction."""
+    if new_deliveries:
+        await session.execute(_T.insert(), new_deliveries)
     if attempts:
         await session.execute(_ATTEMPTS.insert(), attempts)
     if outcomes:

@@ -86,6 +86,8 @@ class Handled:
 
     outcome: Outcome
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    #: A delivery on another channel that replaces this one (channel fallback).
+    fallback: dict[str, Any] | None = None
 
 
 def _attempt(
@@ -221,15 +223,41 @@ async def send_through_chain(
         provider_attempts = 0
     metrics.TOTAL_FAILED.labels(channel.value).inc()
     reason = "every provider failed"
-    if chain.channel_fallback is not None:
-        reason += f"; channel fallback to {chain.channel_fallback.value} is not yet supported"
+    fallback = None
+    target = chain.channel_fallback
+    if target is not None and claimed.parent_id is None:
+        if (target is Channel.EMAIL) != (channel is Channel.EMAIL):
+            reason += f"; no {target.value} address for the channel fallback"
+        else:
+            reason += f"; falling back to {target.value}"
+            fallback = channel_fallback_row(claimed, target, now_fn())
     return Handled(
         Outcome(
             claimed.id,
             DeliveryStatus.FAILED,
             attempts,
             chain_position=position,
-            error={"reason": reason, "errors": errors},
+            error={"reason": reason, "errors": errors, "fallbackId": fallback and fallback["id"]},
         ),
         attempts_rows,
+        fallback,
     )
+
+
+def channel_fallback_row(claimed: Claimed, channel: Channel, now: datetime) -> dict[str, Any]:
+    """A queued delivery of the same message to the same number on `channel`, linked to the
+    failed one by `parent_id`. A fallback delivery never falls back again."""
+    from clinicomm.ids import new_id
+
+    return {
+        "id": new_id(),
+        "message_id": claimed.message_id,
+        "clinic_id": claimed.clinic_id,
+        "channel": channel.value,
+        "recipient": claimed.recipient,
+        "status": DeliveryStatus.QUEUED.value,
+        "next_attempt_at": now,
+        "parent_id": claimed.id,
+        "created_at": now,
+        "updated_at": now,
+    }

@@ -274,7 +274,12 @@ class Worker:
                         now=utcnow(),
                         outcomes=[h.outcome for h in pending],
                         attempts=[a for h in pending for a in h.attempts],
+                        new_deliveries=[h.fallback for h in pending if h.fallback],
                     )
+                    if any(h.fallback for h in pending):
+                        await self.notifier.in_transaction(session)
+                if any(h.fallback for h in pending):
+                    self.notifier.after_commit()
                 return
             except asyncio.CancelledError:
                 self._results = pending + self._results
