@@ -101,3 +101,25 @@ async def test_recipient_error_on_whatsapp_does_not_fall_back(make_client) -> No
         (wa,) = status["deliveries"]
         assert wa["status"] == "failed" and wa["error"]["reason"] == "recipient"
         assert twilio.requests == []
+
+
+async def test_sms_over_the_clinic_segment_cap_fails_before_any_call(make_client) -> None:
+    async with CaptureServer() as twilio:
+        client = await make_client()
+        await create_clinic(
+            client, "clinic-seg", {"sms": {"primary": twilio_sms(twilio), "maxSegments": 1}}
+        )
+        request = SendRequest.model_validate(
+            {
+                "body": "x" * 161,
+                "recipients": [{"phone": "+14155552671"}],
+                "channels": ["sms"],
+                "metadata": {"clinicId": "clinic-seg"},
+            }
+        )
+        accepted = await client.send(request)
+        status = await wait_terminal(client, accepted.id)
+        (sms,) = status["deliveries"]
+        assert sms["status"] == "failed"
+        assert sms["error"]["reason"] == "SMS body needs 2 GSM-7 segments; the clinic allows 1"
+        assert twilio.requests == []

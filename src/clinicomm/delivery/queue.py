@@ -55,11 +55,11 @@ class Claimed:
 async def claim(
     session: AsyncSession, *, owner: str, limit: int, now: datetime, lease: timedelta
 ) -> list[Claimed]:
-    """Lease up to `limit` due deliveries to `owner` (oldest due first)."""
+    """Lease up to `limit` due deliveries to `owner`, in fair order (see `FairClock`)."""
     due = (
         select(_T.c.id)
         .where(_T.c.status == DeliveryStatus.QUEUED.value, _T.c.next_attempt_at <= now)
-        .order_by(_T.c.next_attempt_at)
+        .order_by(_T.c.fair_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
@@ -128,6 +128,7 @@ _APPLY = (
         chain_position=bindparam("b_position"),
         provider_attempts=bindparam("b_provider_attempts"),
         next_attempt_at=bindparam("b_next"),
+        fair_at=bindparam("b_next"),
         provider=bindparam("b_provider"),
         provider_message_id=bindparam("b_pmid"),
         error=bindparam("b_error"),

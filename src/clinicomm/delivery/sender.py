@@ -257,6 +257,7 @@ def channel_fallback_row(claimed: Claimed, channel: Channel, now: datetime) -> d
         "recipient": claimed.recipient,
         "status": DeliveryStatus.QUEUED.value,
         "next_attempt_at": now,
+        "fair_at": now,
         "parent_id": claimed.id,
         "created_at": now,
         "updated_at": now,

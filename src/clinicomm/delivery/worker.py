@@ -33,6 +33,7 @@ import orjson
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
+from clinicomm.delivery import policy
 from clinicomm.delivery.queue import Claimed, Outcome, claim, reap_expired, write_results
 from clinicomm.delivery.sender import Content, Handled, send_through_chain
 from clinicomm.messaging.models import DeliveryStatus
@@ -174,6 +175,20 @@ class Worker:
             resolved = await self.config.get_clinic_config(
                 claimed.clinic_id, Channel(claimed.channel)
             )
+            reason = policy.blocked(resolved, content)
+            if reason is not None:
+                self._results.append(
+                    Handled(
+                        Outcome(
+                            claimed.id,
+                            DeliveryStatus.FAILED,
+                            claimed.attempts,
+                            error={"reason": reason, "errors": claimed.errors},
+                        )
+                    )
+                )
+                self.failed += 1
+                return
             chain = self.chains.chain(resolved)
             handled = await send_through_chain(
                 claimed,

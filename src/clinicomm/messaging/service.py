@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -84,6 +84,30 @@ class Notifier:
         self.event.set()
 
 
+class FairClock:
+    """Per-clinic virtual time for claim order (start-time fair queuing).
+
+    Each delivery of a clinic gets `fair_at = max(now, that clinic's clock)`, and the clock then
+    advances by `cost`: a clinic that enqueues 10,000 deliveries at once spreads them over
+    10,000 × cost of virtual time, so another clinic's message enqueued a moment later is
+    claimed after only the first few of them, not after all. Per process; approximate across
+    several API processes, which is all fairness needs.
+    """
+
+    def __init__(self, cost_seconds: float = 0.001, max_clinics: int = 100_000) -> None:
+        self.cost = timedelta(seconds=cost_seconds)
+        self.max_clinics = max_clinics
+        self._clock: dict[str | None, datetime] = {}
+
+    def stamps(self, clinic_id: str | None, count: int, now: datetime) -> list[datetime]:
+        start = max(now, self._clock.get(clinic_id, now))
+        stamps = [start + self.cost * i for i in range(count)]
+        self._clock[clinic_id] = start + self.cost * count
+        if len(self._clock) > self.max_clinics:
+            self._clock = {k: v for k, v in self._clock.items() if v > now}
+        return stamps
+
+
 class MessagingService:
     """`accept(request)`: the durable half of sending."""
 
@@ -91,6 +115,7 @@ class MessagingService:
         self.db = db
         self.config = config
         self.notifier = notifier
+        self.fair = FairClock()
 
     async def accept(
         self,
@@ -117,7 +142,8 @@ class MessagingService:
         now = utcnow()
         rows: list[dict[str, Any]] = []
         summaries: list[DeliverySummary] = []
-        for item in planned:
+        stamps = self.fair.stamps(clinic_id, len(planned), now)
+        for item, fair_at in zip(planned, stamps, strict=True):
             delivery_id = new_id()
             status = DeliveryStatus.FAILED if item.failure else DeliveryStatus.QUEUED
             error = {"reason": item.failure, "errors": []} if item.failure else None
@@ -130,6 +156,7 @@ class MessagingService:
                     "recipient": item.recipient,
                     "status": status.value,
                     "next_attempt_at": now,
+                    "fair_at": fair_at,
                     "error": error,
                     "created_at": now,
                     "updated_at": now,

@@ -130,6 +130,9 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(String(16))
     #: When a queued delivery may next be claimed.
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Claim order among due deliveries: a per-clinic virtual clock (start-time fair
+    #: queuing), so one clinic's burst does not hold back another clinic's messages.
+    fair_at: Mapped[datetime] = mapped_column(default=utcnow)
     lease_until: Mapped[datetime | None] = mapped_column(default=None)
     lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
     #: Position in the provider chain the next attempt starts from.
@@ -148,7 +151,7 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (
-        Index("ix_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_deliveries_due", "status", "fair_at"),
         Index("ix_deliveries_clinic_created", "clinic_id", "created_at"),
     )
 

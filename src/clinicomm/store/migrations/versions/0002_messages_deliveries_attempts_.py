@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-26 13:55:16.129210
+Create Date: 2026-11-26 14:04:40.769970
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def upgrade() -> None:
     sa.Column('recipient', sa.String(length=320), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('next_attempt_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('fair_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('lease_until', sa.DateTime(timezone=True), nullable=True),
     sa.Column('lease_owner', sa.String(length=64), nullable=True),
     sa.Column('chain_position', sa.Integer(), nullable=False),
@@ -69,7 +70,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.create_index('ix_deliveries_clinic_created', ['clinic_id', 'created_at'], unique=False)
-        batch_op.create_index('ix_deliveries_due', ['status', 'next_attempt_at'], unique=False)
+        batch_op.create_index('ix_deliveries_due', ['status', 'fair_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_deliveries_message_id'), ['message_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_deliveries_provider_message_id'), ['provider_message_id'], unique=False)
 
