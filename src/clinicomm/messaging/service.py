@@ -89,7 +89,7 @@ class FairClock:
 
     Each delivery of a clinic gets `fair_at = max(now, that clinic's clock)`, and the clock then
     advances by `cost`: a clinic that enqueues 10,000 deliveries at once spreads them over
-    10,000 × cost of virtual time, so another clinic's message enqueued a moment later is
+    10,000 * cost of virtual time, so another clinic's message enqueued a moment later is
     claimed after only the first few of them, not after all. Per process; approximate across
     several API processes, which is all fairness needs.
     """
