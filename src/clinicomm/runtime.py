@@ -104,6 +104,7 @@ class Runtime:
         )
 
     async def close(self) -> None:
+        await self.messaging.writer.close()
         await self.chains.close()
         await self.http.close()
         await self.config.stop()

@@ -85,6 +85,7 @@ class Worker:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._claimed: dict[str, Claimed] = {}
         self._results: list[Handled] = []
+        self._flushing = 0
         self._flush_now = asyncio.Event()
         self._contents: OrderedDict[str, Content] = OrderedDict()
         self.sent = 0
@@ -101,11 +102,17 @@ class Worker:
         log.info("worker started", extra={"event": "worker_started", "workerId": self.worker_id})
         try:
             while not stop.is_set():
-                free = self.options.concurrency - len(self._inflight)
+                # Sent-but-unrecorded deliveries count as in flight: a crash may resend exactly
+                # these, so their number stays within `concurrency`.
+                free = self.options.concurrency - len(self._inflight) - self._unrecorded()
                 if free <= 0:
-                    await asyncio.wait(
-                        list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED
-                    )
+                    if self._inflight:
+                        await asyncio.wait(
+                            list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED
+                        )
+                    else:
+                        self._flush_now.set()
+                        await asyncio.sleep(self.options.flush_interval)
                     continue
                 self.notifier.event.clear()
                 want = min(self.options.batch_size, free)
@@ -161,6 +168,9 @@ class Worker:
             task = asyncio.create_task(self._process(claimed), name=claimed.id)
             self._inflight[claimed.id] = task
             task.add_done_callback(self._done)
+
+    def _unrecorded(self) -> int:
+        return len(self._results) + self._flushing
 
     def _done(self, task: asyncio.Task[None]) -> None:
         delivery_id = task.get_name()
@@ -279,6 +289,7 @@ class Worker:
         if not self._results:
             return
         pending, self._results = self._results, []
+        self._flushing = len(pending)
         delay = 0.1
         while True:
             try:
@@ -292,12 +303,14 @@ class Worker:
                         new_deliveries=[h.fallback for h in pending if h.fallback],
                     )
                     if any(h.fallback for h in pending):
-                        await self.notifier.in_transaction(session)
+                        await self.notifier.in_transaction(await session.connection())
                 if any(h.fallback for h in pending):
                     self.notifier.after_commit()
+                self._flushing = 0
                 return
             except asyncio.CancelledError:
                 self._results = pending + self._results
+                self._flushing = 0
                 raise
             except Exception as exc:
                 log.warning(

@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from clinicomm.ids import new_id
 from clinicomm.messaging.models import (
@@ -23,12 +23,13 @@ from clinicomm.messaging.models import (
     SendAccepted,
     SendRequest,
 )
+from clinicomm.messaging.writer import BatchWriter, PendingWrite
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.settings.service import ConfigService
 from clinicomm.settings.validation import Problem
 from clinicomm.store.db import Database
-from clinicomm.store.models import Delivery, IdempotencyKey, Message, aware, utcnow
+from clinicomm.store.models import IdempotencyKey, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,10 @@ class Notifier:
 
         self.event = asyncio.Event()
 
-    async def in_transaction(self, session: AsyncSession) -> None:
+    async def in_transaction(self, conn: AsyncConnection) -> None:
         """Queue a NOTIFY that PostgreSQL delivers at commit (no-op on SQLite)."""
-        if session.get_bind().dialect.name == "postgresql":
-            from sqlalchemy import text
-
-            await session.execute(text(f"NOTIFY {self.CHANNEL}"))
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text(f"NOTIFY {self.CHANNEL}"))
 
     def after_commit(self) -> None:
         self.event.set()
@@ -116,6 +115,9 @@ class MessagingService:
         self.config = config
         self.notifier = notifier
         self.fair = FairClock()
+        self.writer = BatchWriter(
+            db, before_commit=notifier.in_transaction, after_commit=notifier.after_commit
+        )
 
     async def accept(
         self,
@@ -172,39 +174,33 @@ class MessagingService:
                 )
             )
         answer = SendAccepted(id=message_id, deliveries=summaries)
+        cipher = await self.config.keys.cipher_for(self.db, scope)
+        content = cipher.encrypt_bytes(orjson.dumps(request.content()), f"message:{message_id}")
+        pending = PendingWrite(
+            message={
+                "id": message_id,
+                "clinic_id": clinic_id,
+                "category": request.category,
+                "content": content,
+                "meta": request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "requested_by": requested_by,
+                "created_at": now,
+            },
+            deliveries=rows,
+            idempotency={
+                "scope": scope,
+                "key": idempotency_key,
+                "request_hash": digest,
+                "message_id": message_id,
+                "response": answer.model_dump(mode="json", by_alias=True),
+                "created_at": now,
+                "expires_at": now + IDEMPOTENCY_TTL,
+            }
+            if idempotency_key
+            else None,
+        )
         try:
-            async with self.db.session() as session:
-                cipher = await self.config.keys.cipher(session, scope)
-                content = cipher.encrypt_bytes(
-                    orjson.dumps(request.content()), f"message:{message_id}"
-                )
-                meta = request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
-                await session.execute(
-                    insert(Message).values(
-                        id=message_id,
-                        clinic_id=clinic_id,
-                        category=request.category,
-                        content=content,
-                        meta=meta,
-                        requested_by=requested_by,
-                        created_at=now,
-                    )
-                )
-                await session.execute(insert(Delivery), rows)
-                if idempotency_key:
-                    await session.execute(
-                        insert(IdempotencyKey).values(
-                            scope=scope,
-                            key=idempotency_key,
-                            request_hash=digest,
-                            message_id=message_id,
-                            response=answer.model_dump(mode="json", by_alias=True),
-                            created_at=now,
-                            expires_at=now + IDEMPOTENCY_TTL,
-                        )
-                    )
-                if any(r["status"] == DeliveryStatus.QUEUED.value for r in rows):
-                    await self.notifier.in_transaction(session)
+            await self.writer.write(pending)
         except IntegrityError:
             if not idempotency_key:
                 raise
@@ -213,7 +209,6 @@ class MessagingService:
             if previous is None:
                 raise
             return previous
-        self.notifier.after_commit()
         log.info(
             "message accepted",
             extra={

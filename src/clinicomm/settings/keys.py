@@ -50,6 +50,14 @@ class KeyStore:
         self._ciphers[clinic_id] = cipher
         return cipher
 
+    async def cipher_for(self, db: Database, clinic_id: str) -> FieldCipher:
+        """The clinic's cipher, from memory or (first time) the database."""
+        cached = self._ciphers.get(clinic_id)
+        if cached is not None:
+            return cached
+        async with db.session() as session:
+            return await self.cipher(session, clinic_id)
+
     def forget(self, clinic_id: str | None = None) -> None:
         """Drop cached ciphers (all when clinic_id is None)."""
         if clinic_id is None:

@@ -1,0 +1,101 @@
+"""In-process pipeline profile: accept rate and worker send rate, separately, no HTTP layer.
+
+    .venv/bin/python -m bench.pipeline_inproc [--messages 5000] [--database-url URL]
+
+Useful to see where time goes; the end-to-end figures come from `python -m bench.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench.sinks import HttpSink
+from clinicomm.client import worker_options
+from clinicomm.config import Settings
+from clinicomm.delivery.worker import Worker
+from clinicomm.messaging.models import SendRequest
+from clinicomm.runtime import Runtime
+
+
+async def main(messages: int, database_url: str | None, redis_url: str | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp, HttpSink() as sink:
+        settings = Settings(
+            database_url=database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'b.db'}",
+            redis_url=redis_url,
+            master_keys="b:" + base64.b64encode(os.urandom(32)).decode(),
+            data_dir=Path(tmp),
+            log_level="WARNING",
+        )
+        rt = await Runtime.create(settings, migrate=True, env={})
+        clinic = f"bench-{os.getpid()}"
+        async with rt.db.session() as session:
+            change = await rt.config.create_clinic(
+                session,
+                clinic,
+                "Bench",
+                {
+                    "communicationSettings": {
+                        "email": {
+                            "primary": {
+                                "provider": "sendgrid",
+                                "credentials": {
+                                    "apiKey": "SG.x",
+                                    "fromEmail": "a@x.example",
+                                    "baseUrl": sink.url,
+                                },
+                            }
+                        }
+                    }
+                },
+            )
+        await rt.config.committed(change)
+        request = SendRequest.model_validate(
+            {
+                "title": "Reminder",
+                "body": "See you at 10:30.",
+                "recipients": [{"email": "p@example.com"}],
+                "channels": ["email"],
+                "metadata": {"clinicId": clinic},
+            }
+        )
+
+        async def producer(n: int) -> None:
+            for _ in range(n):
+                await rt.messaging.accept(request)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(producer(messages // 32) for _ in range(32)))
+        accept_s = time.perf_counter() - start
+        total = (messages // 32) * 32
+        print(f"accept: {total} messages in {accept_s:.2f}s = {total / accept_s:,.0f}/s")
+
+        stop = asyncio.Event()
+        worker = Worker(rt.db, rt.config, rt.chains, rt.notifier, worker_options(settings))
+        task = asyncio.create_task(worker.run(stop))
+        start = time.perf_counter()
+        while worker.sent + worker.failed < total:
+            await asyncio.sleep(0.01)
+        send_s = time.perf_counter() - start
+        stop.set()
+        await task
+        print(
+            f"worker: {worker.sent} sent, {worker.failed} failed in {send_s:.2f}s = {total / send_s:,.0f}/s"
+        )
+        await rt.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--database-url")
+    parser.add_argument("--redis-url")
+    args = parser.parse_args()
+    asyncio.run(main(args.messages, args.database_url, args.redis_url))

@@ -1,0 +1,116 @@
+"""Group commit for accepted messages: many concurrent sends, one transaction.
+
+`accept()` callers hand their rows to the writer and wait; a single writer task takes whatever
+is waiting (up to `max_batch` messages), writes it in one transaction, and only then wakes each
+caller. Durability is unchanged (an answer still means "committed"), but the database does one
+commit for a burst instead of one per request. If a batch fails on a constraint (an
+idempotency key taken by a concurrent request), each message of the batch is retried alone so
+only the offending one sees the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from clinicomm.store.db import Database
+from clinicomm.store.models import Delivery, IdempotencyKey, Message
+
+MESSAGES: Table = Message.__table__  # type: ignore[assignment]
+DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
+IDEMPOTENCY: Table = IdempotencyKey.__table__  # type: ignore[assignment]
+
+
+@dataclass
+class PendingWrite:
+    """One accepted message's rows."""
+
+    message: dict[str, Any]
+    deliveries: list[dict[str, Any]]
+    idempotency: dict[str, Any] | None = None
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class BatchWriter:
+    """Writes accepted messages in group commits; `write()` returns once committed."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        before_commit: Callable[[AsyncConnection], Awaitable[None]] | None = None,
+        after_commit: Callable[[], None] | None = None,
+        max_batch: int = 256,
+    ) -> None:
+        self.db = db
+        self.before_commit = before_commit
+        self.after_commit = after_commit
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[PendingWrite] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    async def write(self, item: PendingWrite) -> None:
+        """Queue the rows and wait for their commit (re-raising its error)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="accept-writer")
+        self._queue.put_nowait(item)
+        await asyncio.shield(item.done)
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            except IntegrityError as exc:
+                if len(batch) == 1:
+                    _fail(batch, exc)
+                else:
+                    for item in batch:
+                        try:
+                            await self._commit([item])
+                        except Exception as exc:
+                            _fail([item], exc)
+            except Exception as exc:
+                _fail(batch, exc)
+
+    async def _commit(self, batch: list[PendingWrite]) -> None:
+        async with self.db.engine.begin() as conn:
+            await conn.execute(MESSAGES.insert(), [i.message for i in batch])
+            await conn.execute(DELIVERIES.insert(), [d for i in batch for d in i.deliveries])
+            keys = [i.idempotency for i in batch if i.idempotency is not None]
+            if keys:
+                await conn.execute(IDEMPOTENCY.insert(), keys)
+            if self.before_commit is not None:
+                await self.before_commit(conn)
+        self.batches += 1
+        if self.after_commit is not None:
+            self.after_commit()
+        for item in batch:
+            if not item.done.done():
+                item.done.set_result(None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def _fail(batch: list[PendingWrite], exc: Exception) -> None:
+    for item in batch:
+        if not item.done.done():
+            item.done.set_exception(exc)
