@@ -30,6 +30,7 @@ from typing import Any
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from pydantic import Field
 
 from clinicomm.providers import registry
 from clinicomm.providers.base import AdapterContext, Channel, OutboundMessage, SendResult
@@ -79,6 +80,9 @@ class SesCredentials(AwsCredentials):
     from_email: str | None = None
     from_name: str | None = None
     configuration_set: str | None = None
+    #: SNS topics SES publishes this clinic's bounces, complaints and deliveries to; a
+    #: notification from any other topic is refused.
+    sns_topic_arns: list[str] = Field(default_factory=list)
 
 
 def _error_code_and_message(answer: HttpAnswer) -> tuple[str, str]:
