@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from clinicomm.providers.base import Channel
 from clinicomm.providers.errors import redact
 from clinicomm.providers.phone import normalize_e164
+
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
 class WebhookAuthError(Exception):
@@ -261,7 +264,9 @@ def phone_or_none(raw: Any) -> str | None:
     try:
         return normalize_e164(text)
     except ValueError:
-        return None
+        # The provider delivered to (or heard from) this number, so it exists even when our
+        # libphonenumber metadata calls it invalid (new ranges, test ranges): keep its digits.
+        return text if _E164.match(text) else None
 
 
 def email_or_none(raw: Any) -> str | None:

@@ -31,6 +31,7 @@ from clinicomm.providers.webhooks.base import (
     constant_time_equal,
     error_of,
     from_unix,
+    phone_or_none,
     require_secret,
 )
 from clinicomm.providers.whatsapp.meta_business import MetaBusinessCredentials
@@ -102,7 +103,7 @@ def _wa(raw: Any) -> str | None:
     try:
         return from_wa_id(str(raw)) if raw else None
     except ValueError:
-        return None
+        return phone_or_none(str(raw)) if raw else None
 
 
 def _status(item: dict[str, Any]) -> DeliveryEvent:
