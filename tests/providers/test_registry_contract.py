@@ -48,6 +48,8 @@ def _sample_value(name: str, annotation: Any) -> Any:
         return f"{CANARY}-{name}"
     if typing.get_origin(annotation) is Literal:
         return args[0]
+    if typing.get_origin(annotation) is list:
+        return [_sample_value(name, args[0])]
     if args and typing.get_origin(annotation) is not dict:
         return _sample_value(name, args[0])
     if annotation is bool:

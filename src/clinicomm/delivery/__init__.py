@@ -1,0 +1,1 @@
+"""Delivery: the worker (claims, retries, attempts) and webhook events → delivery status."""

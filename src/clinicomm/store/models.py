@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -149,9 +151,13 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: First report of delivery (set also by a `read` that came without a `delivered`).
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    read_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (
         Index("ix_deliveries_due", "status", "fair_at"),
+        Index("ix_deliveries_clinic_provider_message", "clinic_id", "provider_message_id"),
         Index("ix_deliveries_clinic_created", "clinic_id", "created_at"),
     )
 
@@ -189,3 +195,66 @@ class IdempotencyKey(Base):
     response: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class DeliveryEventRecord(Base):
+    """One provider webhook event as received (status report or inbound message).
+
+    The unique (provider, clinic_id, event_id) makes a redelivered event a no-op. `delivery_id`
+    and `processed_at` stay NULL while no delivery matches `provider_message_id` yet (the
+    webhook can beat the worker's commit); `delivery.events.apply_pending` finishes those.
+    """
+
+    __tablename__ = "delivery_events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    clinic_id: Mapped[str] = mapped_column(String(64))
+    provider: Mapped[str] = mapped_column(String(40))
+    event_id: Mapped[str] = mapped_column(String(255))
+    delivery_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
+    provider_message_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    #: EventType value, or `inbound` for a message from the patient.
+    event_type: Mapped[str] = mapped_column(String(24))
+    occurred_at: Mapped[datetime | None] = mapped_column(default=None)
+    channel: Mapped[str | None] = mapped_column(String(16), default=None)
+    #: Canonical address the event names (bounced email, inbound sender).
+    recipient: Mapped[str | None] = mapped_column(String(320), default=None)
+    bounce_permanent: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    #: `{"code", "reason"}`, redacted.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    #: The provider's item (for inbound messages: without the text body).
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    processed_at: Mapped[datetime | None] = mapped_column(default=None)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("provider", "clinic_id", "event_id", name="uq_delivery_events_dedupe"),
+        Index("ix_delivery_events_pending", "clinic_id", "provider_message_id"),
+    )
+
+
+class Suppression(Base):
+    """An address the clinic must not send to on a channel (opt-out, hard bounce, complaint)."""
+
+    __tablename__ = "suppressions"
+
+    clinic_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16), primary_key=True)
+    #: Canonical address: E.164 number or email address.
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    #: SuppressionReason value.
+    reason: Mapped[str] = mapped_column(String(24))
+    #: Who recorded it: `webhook:<provider>`, `send:<provider>`, `api:<actor>`.
+    source: Mapped[str] = mapped_column(String(120))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class InboundContact(Base):
+    """When a patient last wrote to the clinic on a channel (the WhatsApp 24-hour window)."""
+
+    __tablename__ = "inbound_contacts"
+
+    clinic_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16), primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    last_inbound_at: Mapped[datetime] = mapped_column()

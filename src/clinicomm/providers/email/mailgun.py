@@ -49,6 +49,8 @@ class MailgunCredentials(ProviderCredentials):
     from_email: str | None = None
     from_name: str | None = None
     base_url: str | None = None
+    #: HTTP webhook signing key: `signature.signature` = HMAC-SHA256(key, timestamp + token).
+    webhook_signing_key: SecretStr | None = None
 
 
 @registry.register

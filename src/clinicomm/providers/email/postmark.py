@@ -46,6 +46,9 @@ class PostmarkCredentials(ProviderCredentials):
     from_email: str | None = None
     from_name: str | None = None
     message_stream: str = "outbound"
+    #: HTTP Basic credentials put in the webhook URL (Postmark webhooks are not signed).
+    webhook_user: SecretStr | None = None
+    webhook_password: SecretStr | None = None
     base_url: str = "https://api.postmarkapp.com"
 
 

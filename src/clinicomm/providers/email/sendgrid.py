@@ -39,6 +39,9 @@ class SendGridCredentials(ProviderCredentials):
     from_email: str | None = None
     from_name: str | None = None
     template_id: str | None = None
+    #: Signed Event Webhook verification key: the ECDSA P-256 public key, base64 DER as the
+    #: SendGrid console shows it, or PEM. Public, but kept secret as the settings API asks.
+    webhook_public_key: SecretStr | None = None
     base_url: str = "https://api.sendgrid.com"
 
 

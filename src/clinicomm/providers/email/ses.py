@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import Field
+
 from clinicomm.providers import registry
 from clinicomm.providers.base import AdapterContext, Channel, OutboundMessage, SendResult
 from clinicomm.providers.email.sender import require_body, resolve_sender
@@ -69,6 +71,9 @@ class SesCredentials(AwsCredentials):
     from_email: str | None = None
     from_name: str | None = None
     configuration_set: str | None = None
+    #: SNS topics SES publishes this clinic's bounces, complaints and deliveries to; a
+    #: notification from any other topic is refused.
+    sns_topic_arns: list[str] = Field(default_factory=list)
 
 
 def _error_code_and_message(answer: Answer) -> tuple[str, str]:

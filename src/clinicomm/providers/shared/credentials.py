@@ -23,6 +23,9 @@ class TwilioCredentials(ProviderCredentials):
     templates: dict[str, str] = Field(default_factory=dict)
     #: Template name (logical or ContentSid) → number of variables it takes; checked locally.
     template_params: dict[str, int] = Field(default_factory=dict)
+    #: Shared key of a Twilio Webhook Rule: such callbacks are signed with HMAC-SHA256 and
+    #: this key instead of HMAC-SHA1 and the auth token (`X-Twilio-Webhooks-Signature-Settings`).
+    webhook_shared_key: SecretStr | None = None
 
     @model_validator(mode="after")
     def _sender(self) -> TwilioCredentials:
@@ -37,6 +40,7 @@ class MessageBirdCredentials(ProviderCredentials):
     access_key: SecretStr
     channel_id: str | None = None
     originator: str | None = None
+    #: Signs webhooks: `MessageBird-Signature-JWT` (HMAC JWT with url_hash and payload_hash).
     signing_key: SecretStr | None = None
     base_url: str | None = None
     #: WhatsApp template namespace (the WABA's), needed for `hsm` template sends.
@@ -54,6 +58,8 @@ class VonageCredentials(ProviderCredentials):
     api_secret: SecretStr | None = None
     application_id: str | None = None
     private_key: SecretStr | None = None
+    #: Signature secret: Messages API webhooks carry `Authorization: Bearer <JWT HS256>`.
+    signature_secret: SecretStr | None = None
     from_number: str = Field(min_length=1)
     base_url: str = "https://api.nexmo.com"
     #: Logical template name → WhatsApp template name (`namespace:name` for older accounts).

@@ -60,7 +60,10 @@ class MetaBusinessCredentials(ProviderCredentials):
     templates: dict[str, str] = Field(default_factory=dict)
     #: Template name (logical or Meta's) → number of body parameters it takes; checked locally.
     template_params: dict[str, int] = Field(default_factory=dict)
+    #: App Secret: webhooks carry `X-Hub-Signature-256: sha256=HMAC-SHA256(appSecret, body)`.
     app_secret: SecretStr | None = None
+    #: The token we gave Meta for the `GET ?hub.verify_token=` subscription handshake.
+    verify_token: SecretStr | None = None
     #: Messages per second this number may send (80 default, 20 coexistence, up to 1,000).
     max_per_second: int = Field(default=80, ge=1, le=1000)
 

@@ -1,0 +1,471 @@
+"""Webhook events → delivery status, suppressions and the WhatsApp 24-hour window.
+
+`apply_events` is what the webhook endpoint calls after `verify` and `parse`, inside the
+request's transaction (it never commits). For each event it:
+
+1. stores it in `delivery_events`; a second copy of the same (provider, clinic, event id)
+   is ignored there (INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL alike), so a
+   redelivered webhook changes nothing;
+2. for a status report, finds the clinic's delivery by `provider_message_id` and moves its
+   status forward only: queued/sending < sent < delivered < read. `bounced` and `failed` are
+   final. A `read` (or an email open/click) with no `delivered` before it sets both
+   `delivered_at` and `read_at` (Meta sends no `delivered` when both happen together). A
+   `failed` after `delivered` is ignored (WhatsApp multi-device reports, PROVIDER-FACTS
+   §1.5); a `bounced` after `delivered` applies (mail servers bounce after accepting);
+3. records suppressions: a hard bounce, a complaint, an unsubscribe, a Twilio 21610, and an
+   inbound STOP keyword; an inbound START/YES/UNSTOP lifts an opt-out (not a bounce or a
+   complaint);
+4. for an inbound WhatsApp message, refreshes `inbound_contacts.last_inbound_at`.
+
+An event whose delivery is not found yet (the webhook beat the worker's commit of the
+provider message id) is kept with `processed_at` NULL; the worker calls `apply_pending` after
+it records a provider message id.
+
+`is_suppressed` and `window_open` are what the sender asks before any provider call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import and_, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from clinicomm.messaging.models import DeliveryStatus
+from clinicomm.providers.base import Channel
+from clinicomm.providers.webhooks.base import (
+    DeliveryEvent,
+    EventType,
+    InboundMessage,
+    WebhookEvent,
+)
+from clinicomm.providers.webhooks.keywords import classify_keyword
+from clinicomm.store.models import (
+    Delivery,
+    DeliveryEventRecord,
+    InboundContact,
+    Suppression,
+    aware,
+)
+
+#: The WhatsApp customer service window (PROVIDER-FACTS §1.2).
+WINDOW = timedelta(hours=24)
+INBOUND = "inbound"  # event_type of a stored inbound message
+
+
+class SuppressionReason(StrEnum):
+    """Why an address is suppressed for a clinic and channel."""
+
+    STOP = "stop"  # the patient texted STOP (or an equivalent keyword)
+    BOUNCE = "bounce"  # a hard (permanent) bounce
+    COMPLAINT = "complaint"  # the patient marked an email as spam
+    UNSUBSCRIBE = "unsubscribe"  # the patient used the email provider's unsubscribe link
+    PROVIDER_21610 = "provider_21610"  # Twilio refused: the number opted out at Twilio
+    MANUAL = "manual"  # recorded by the clinic (the patient phoned, wrote, asked in person)
+
+
+#: Reasons a START/YES/UNSTOP from the patient lifts; bounces and complaints stay.
+OPT_IN_LIFTS = frozenset(
+    {SuppressionReason.STOP, SuppressionReason.PROVIDER_21610, SuppressionReason.MANUAL}
+)
+
+_RANK = {
+    DeliveryStatus.QUEUED: 0,
+    DeliveryStatus.SENDING: 1,
+    DeliveryStatus.SENT: 2,
+    DeliveryStatus.DELIVERED: 3,
+    DeliveryStatus.READ: 4,
+}
+_FINAL = frozenset({DeliveryStatus.BOUNCED, DeliveryStatus.FAILED, DeliveryStatus.SUPPRESSED})
+_READ_LIKE = frozenset({EventType.READ, EventType.OPENED, EventType.CLICKED})
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What `apply_events` did, for logs and metrics (counts, never addresses)."""
+
+    stored: int = 0
+    duplicates: int = 0
+    status_changes: int = 0
+    unmatched: int = 0
+    suppressions_added: int = 0
+    suppressions_lifted: int = 0
+    inbound: int = 0
+    changed_deliveries: list[str] = field(default_factory=list)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _insert(session: AsyncSession, model: Any) -> Any:
+    """The dialect's INSERT that supports ON CONFLICT (SQLite and PostgreSQL)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(model)
+    return sqlite.insert(model)
+
+
+async def apply_events(
+    session: AsyncSession,
+    clinic_id: str,
+    events: Iterable[WebhookEvent],
+    *,
+    now: datetime | None = None,
+) -> ApplyResult:
+    """Store and apply verified, parsed webhook events for one clinic (never commits)."""
+    result = ApplyResult()
+    received = now or _utcnow()
+    for event in events:
+        row_id = await _store(session, clinic_id, event, received)
+        if row_id is None:
+            result.duplicates += 1
+            continue
+        result.stored += 1
+        if isinstance(event, InboundMessage):
+            await _apply_inbound(session, clinic_id, event, received, result)
+            await _mark(session, row_id, None, received)
+        else:
+            await _apply_status(session, clinic_id, event, row_id, received, result)
+    return result
+
+
+async def _store(
+    session: AsyncSession, clinic_id: str, event: WebhookEvent, received: datetime
+) -> int | None:
+    """Insert the event row; None when this (provider, clinic, event id) is already stored."""
+    values: dict[str, Any] = {
+        "clinic_id": clinic_id,
+        "provider": event.provider,
+        "event_id": event.event_id[:255],
+        "occurred_at": event.occurred_at,
+        "channel": event.channel.value if event.channel else None,
+        "received_at": received,
+    }
+    if isinstance(event, InboundMessage):
+        # The patient's words are PHI: keep only what was decided from them.
+        values.update(
+            event_type=INBOUND,
+            recipient=event.sender,
+            payload={"keyword": classify_keyword(event.text), "to": event.to},
+        )
+    else:
+        values.update(
+            event_type=event.event_type.value,
+            provider_message_id=event.provider_message_id,
+            recipient=event.recipient,
+            bounce_permanent=event.bounce_permanent,
+            error=event.error,
+            payload=event.raw,
+        )
+    stmt = (
+        _insert(session, DeliveryEventRecord)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["provider", "clinic_id", "event_id"])
+        .returning(DeliveryEventRecord.id)
+    )
+    row = (await session.execute(stmt)).first()
+    return None if row is None else int(row[0])
+
+
+async def _mark(
+    session: AsyncSession, row_id: int, delivery_id: str | None, when: datetime
+) -> None:
+    record = await session.get(DeliveryEventRecord, row_id)
+    if record is not None:
+        record.delivery_id = delivery_id
+        record.processed_at = when
+
+
+async def _find_delivery(
+    session: AsyncSession, clinic_id: str, event: DeliveryEvent
+) -> Delivery | None:
+    if not event.provider_message_id:
+        return None
+    rows = list(
+        (
+            await session.scalars(
+                select(Delivery)
+                .where(
+                    Delivery.clinic_id == clinic_id,
+                    Delivery.provider_message_id == event.provider_message_id,
+                )
+                .with_for_update()
+            )
+        ).all()
+    )
+    if len(rows) > 1 and event.recipient:  # one provider id for several recipients
+        rows = [d for d in rows if d.recipient == event.recipient] or rows
+    return rows[0] if rows else None
+
+
+def advance(delivery: Delivery, event: DeliveryEvent, when: datetime) -> bool:
+    """Move `delivery` forward for `event`; True when its status changed. Never goes back."""
+    status = DeliveryStatus(delivery.status)
+    if status in _FINAL:
+        return False
+    at = event.occurred_at or when
+    rank = _RANK[status]
+    kind = event.event_type
+    new: DeliveryStatus | None = None
+    if kind is EventType.SENT and rank < _RANK[DeliveryStatus.SENT]:
+        new = DeliveryStatus.SENT
+    elif kind is EventType.DELIVERED:
+        delivery.delivered_at = delivery.delivered_at or at
+        if rank < _RANK[DeliveryStatus.DELIVERED]:
+            new = DeliveryStatus.DELIVERED
+    elif kind in _READ_LIKE:
+        delivery.delivered_at = delivery.delivered_at or at
+        delivery.read_at = delivery.read_at or at
+        if rank < _RANK[DeliveryStatus.READ]:
+            new = DeliveryStatus.READ
+    elif kind is EventType.BOUNCED and rank <= _RANK[DeliveryStatus.DELIVERED]:
+        new = DeliveryStatus.BOUNCED
+    elif kind is EventType.FAILED and rank < _RANK[DeliveryStatus.DELIVERED]:
+        new = DeliveryStatus.FAILED
+    if new in (DeliveryStatus.BOUNCED, DeliveryStatus.FAILED) and event.error:
+        delivery.error = {"reason": new.value, "provider": event.provider, **event.error}
+    if new is None:
+        return False
+    delivery.sent_at = delivery.sent_at or at
+    delivery.status = new.value
+    delivery.updated_at = when
+    return True
+
+
+async def _apply_status(
+    session: AsyncSession,
+    clinic_id: str,
+    event: DeliveryEvent,
+    row_id: int,
+    when: datetime,
+    result: ApplyResult,
+) -> None:
+    delivery = await _find_delivery(session, clinic_id, event)
+    if delivery is None:
+        result.unmatched += 1
+        # Suppressions do not need the delivery when the event names the address.
+        await _suppress_for(session, clinic_id, event, None, when, result)
+        return
+    if advance(delivery, event, when):
+        result.status_changes += 1
+        result.changed_deliveries.append(delivery.id)
+    await _suppress_for(session, clinic_id, event, delivery, when, result)
+    await _mark(session, row_id, delivery.id, when)
+
+
+def _reason_for(event: DeliveryEvent) -> SuppressionReason | None:
+    if event.event_type is EventType.BOUNCED and event.bounce_permanent:
+        return SuppressionReason.BOUNCE
+    if event.event_type is EventType.COMPLAINED:
+        return SuppressionReason.COMPLAINT
+    if event.event_type is EventType.UNSUBSCRIBED:
+        return SuppressionReason.UNSUBSCRIBE
+    if event.provider == "twilio" and (event.error or {}).get("code") == "21610":
+        return SuppressionReason.PROVIDER_21610
+    return None
+
+
+async def _suppress_for(
+    session: AsyncSession,
+    clinic_id: str,
+    event: DeliveryEvent,
+    delivery: Delivery | None,
+    when: datetime,
+    result: ApplyResult,
+) -> None:
+    reason = _reason_for(event)
+    if reason is None:
+        return
+    address = event.recipient or (delivery.recipient if delivery else None)
+    channel = event.channel.value if event.channel else (delivery.channel if delivery else None)
+    if not address or not channel:
+        return
+    if await suppress(
+        session, clinic_id, channel, address, reason, f"webhook:{event.provider}", now=when
+    ):
+        result.suppressions_added += 1
+
+
+async def _apply_inbound(
+    session: AsyncSession,
+    clinic_id: str,
+    event: InboundMessage,
+    when: datetime,
+    result: ApplyResult,
+) -> None:
+    result.inbound += 1
+    keyword = classify_keyword(event.text)
+    source = f"inbound:{event.provider}"
+    if keyword == "stop":
+        if await suppress(
+            session, clinic_id, event.channel, event.sender, SuppressionReason.STOP, source,
+            now=when,
+        ):
+            result.suppressions_added += 1
+    elif keyword == "start":
+        result.suppressions_lifted += await unsuppress(
+            session, clinic_id, event.channel, event.sender, reasons=OPT_IN_LIFTS
+        )
+    if event.channel is Channel.WHATSAPP:
+        at = event.occurred_at or when
+        await record_inbound(session, clinic_id, event.channel, event.sender, at)
+
+
+async def suppress(
+    session: AsyncSession,
+    clinic_id: str,
+    channel: str,
+    address: str,
+    reason: SuppressionReason,
+    source: str,
+    *,
+    now: datetime | None = None,
+) -> bool:
+    """Record that `address` must not get messages on `channel`; False if it already was.
+
+    The first reason is kept (a later complaint does not overwrite a STOP). Also the entry
+    point for a manual opt-out (API) and for a Twilio 21610 seen by the worker on send.
+    """
+    stmt = (
+        _insert(session, Suppression)
+        .values(
+            clinic_id=clinic_id,
+            channel=str(channel),
+            address=address,
+            reason=reason.value,
+            source=source[:120],
+            created_at=now or _utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["clinic_id", "channel", "address"])
+        .returning(Suppression.address)
+    )
+    return (await session.execute(stmt)).first() is not None
+
+
+async def unsuppress(
+    session: AsyncSession,
+    clinic_id: str,
+    channel: str,
+    address: str,
+    *,
+    reasons: Iterable[SuppressionReason] | None = None,
+) -> int:
+    """Lift the suppression of `address` on `channel` (only for `reasons` when given)."""
+    cond = and_(
+        Suppression.clinic_id == clinic_id,
+        Suppression.channel == str(channel),
+        Suppression.address == address,
+    )
+    if reasons is not None:
+        cond = and_(cond, Suppression.reason.in_([r.value for r in reasons]))
+    res = await session.execute(delete(Suppression).where(cond))
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+async def is_suppressed(
+    session: AsyncSession, clinic_id: str, channel: str, address: str
+) -> bool:
+    """True when the clinic must not send to `address` on `channel` (ask before any send)."""
+    row = await session.scalar(
+        select(Suppression.reason).where(
+            Suppression.clinic_id == clinic_id,
+            Suppression.channel == str(channel),
+            Suppression.address == address,
+        )
+    )
+    return row is not None
+
+
+async def record_inbound(
+    session: AsyncSession, clinic_id: str, channel: str, address: str, at: datetime
+) -> None:
+    """Note that `address` wrote to the clinic at `at` (keeps the latest time)."""
+    stmt = _insert(session, InboundContact).values(
+        clinic_id=clinic_id, channel=str(channel), address=address, last_inbound_at=at
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["clinic_id", "channel", "address"],
+        set_={"last_inbound_at": stmt.excluded.last_inbound_at},
+        where=InboundContact.last_inbound_at < stmt.excluded.last_inbound_at,
+    )
+    await session.execute(stmt)
+
+
+async def window_open(
+    session: AsyncSession,
+    clinic_id: str,
+    address: str,
+    now: datetime | None = None,
+    *,
+    channel: str = Channel.WHATSAPP,
+) -> bool:
+    """True when the patient wrote on WhatsApp within the last 24 hours (free-form allowed).
+
+    Outside the window only a template may be sent (Meta 131047, Twilio 63016).
+    """
+    last = await session.scalar(
+        select(InboundContact.last_inbound_at).where(
+            InboundContact.clinic_id == clinic_id,
+            InboundContact.channel == str(channel),
+            InboundContact.address == address,
+        )
+    )
+    if last is None:
+        return False
+    return aware(last) > (now or _utcnow()) - WINDOW
+
+
+async def apply_pending(
+    session: AsyncSession,
+    clinic_id: str,
+    provider_message_id: str,
+    *,
+    now: datetime | None = None,
+) -> ApplyResult:
+    """Apply stored events that arrived before the delivery had `provider_message_id`.
+
+    The worker calls this in the transaction that records the provider message id.
+    """
+    result = ApplyResult()
+    when = now or _utcnow()
+    records = (
+        await session.scalars(
+            select(DeliveryEventRecord)
+            .where(
+                DeliveryEventRecord.clinic_id == clinic_id,
+                DeliveryEventRecord.provider_message_id == provider_message_id,
+                DeliveryEventRecord.processed_at.is_(None),
+            )
+            .order_by(DeliveryEventRecord.id)
+        )
+    ).all()
+    for record in records:
+        event = DeliveryEvent(
+            provider=record.provider,
+            event_id=record.event_id,
+            provider_message_id=record.provider_message_id,
+            event_type=EventType(record.event_type)
+            if record.event_type in EventType._value2member_map_
+            else EventType.UNKNOWN,
+            occurred_at=aware(record.occurred_at) if record.occurred_at else None,
+            recipient=record.recipient,
+            channel=Channel(record.channel) if record.channel else None,
+            error=record.error,
+            bounce_permanent=record.bounce_permanent,
+        )
+        delivery = await _find_delivery(session, clinic_id, event)
+        if delivery is None:
+            result.unmatched += 1
+            continue
+        if advance(delivery, event, when):
+            result.status_changes += 1
+            result.changed_deliveries.append(delivery.id)
+        await _suppress_for(session, clinic_id, event, delivery, when, result)
+        record.delivery_id = delivery.id
+        record.processed_at = when
+    return result

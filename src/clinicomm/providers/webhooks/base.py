@@ -1,0 +1,295 @@
+"""What every webhook module shares: the request, the events, the errors, the context.
+
+A provider module (`providers/webhooks/<provider>.py`) has two functions:
+
+* `async verify(request, credentials, context) -> None` checks that the request comes from the
+  provider, with the clinic's credentials; it raises `WebhookAuthError` (the endpoint answers
+  401/403 and updates nothing) and never returns anything. It is async because SNS needs its
+  signing certificate and Mailgun a shared seen-token store; both come from `context`.
+* `parse(request) -> list[WebhookEvent]` is pure: it reads the body (JSON or form) and returns
+  `DeliveryEvent`s (status of a message we sent) and `InboundMessage`s (a patient wrote to us).
+  It never raises on unknown content: an unknown event type becomes `EventType.UNKNOWN` with
+  the provider's item kept in `raw`. A body that is not the provider's format at all raises
+  `WebhookPayloadError` (answer 400).
+
+The endpoint `POST /api/v1/webhooks/{provider}/{clinicId}` is then: build a `WebhookRequest`,
+load the clinic's credentials for `provider`, `await verify(...)`, `parse(...)`,
+`delivery.events.apply_events(session, clinic_id, events)`, commit, answer 2xx.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlsplit
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from clinicomm.providers.base import Channel
+from clinicomm.providers.errors import redact
+from clinicomm.providers.phone import normalize_e164
+
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+class WebhookAuthError(Exception):
+    """The request is not proven to come from the provider (bad, missing or stale signature).
+
+    The message says which check failed, never a secret or an expected signature value.
+    """
+
+
+class WebhookNotConfiguredError(WebhookAuthError):
+    """The clinic has no webhook secret for this provider: every request is refused."""
+
+
+class WebhookPayloadError(ValueError):
+    """The body is not in the provider's webhook format (answer 400)."""
+
+
+class EventType(StrEnum):
+    """What a provider says happened to a message we sent (one vocabulary for all)."""
+
+    ACCEPTED = "accepted"  # the provider queued it (Twilio queued/accepted, SES Send, SG processed)
+    SENT = "sent"  # handed to the carrier / network / WhatsApp (Meta sent, Vonage submitted)
+    DELIVERED = "delivered"  # reached the handset or the recipient's mail server
+    READ = "read"  # the recipient read it (WhatsApp blue ticks, Twilio/Vonage read)
+    OPENED = "opened"  # an email open pixel fired (unreliable: privacy proxies prefetch)
+    CLICKED = "clicked"  # the recipient clicked a tracked link
+    DEFERRED = "deferred"  # temporary delivery problem; the provider retries by itself
+    BOUNCED = "bounced"  # the mailbox provider refused it (see `bounce_permanent`)
+    COMPLAINED = "complained"  # the recipient marked it as spam (feedback loop)
+    UNSUBSCRIBED = "unsubscribed"  # the recipient used the provider's unsubscribe link
+    FAILED = "failed"  # the provider could not deliver it (undeliverable, rejected, expired)
+    UNKNOWN = "unknown"  # a provider value we do not map; `raw` keeps it for the record
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRequest:
+    """One HTTP request as the endpoint received it.
+
+    `url` is the full URL as the provider called it (scheme, host, port, path, query), which
+    Twilio and MessageBird sign: behind a proxy, rebuild it from `X-Forwarded-Proto`/`Host`.
+    `body` is the raw bytes, never re-serialized JSON. `form` holds the decoded pairs of an
+    `application/x-www-form-urlencoded` body (in order, repeated names kept), `query` those of
+    the URL. Build it with `WebhookRequest.build`.
+    """
+
+    url: str
+    method: str
+    headers: CIMultiDictProxy[str]
+    body: bytes = b""
+    form: tuple[tuple[str, str], ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        url: str,
+        method: str = "POST",
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> WebhookRequest:
+        """A request from its parts; `form` and `query` are decoded here."""
+        items = headers.items() if isinstance(headers, Mapping) else headers
+        hdrs: CIMultiDict[str] = CIMultiDict(items)
+        form: tuple[tuple[str, str], ...] = ()
+        content_type = hdrs.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type == "application/x-www-form-urlencoded":
+            form = tuple(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        query = tuple(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+        return cls(url, method.upper(), CIMultiDictProxy(hdrs), body, form, query)
+
+    def header(self, name: str) -> str | None:
+        """A header's first value, whatever its case."""
+        return self.headers.get(name)
+
+    def json(self) -> Any:
+        """The body as JSON; `WebhookPayloadError` when it is not."""
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise WebhookPayloadError("body is not JSON") from exc
+
+    def form_dict(self) -> dict[str, str]:
+        """Form fields, first value of each name."""
+        out: dict[str, str] = {}
+        for key, value in self.form:
+            out.setdefault(key, value)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """A status report about one message we sent, to one recipient."""
+
+    provider: str
+    #: The provider's dedupe id for this report (stored with a unique constraint).
+    event_id: str
+    #: The id the provider gave when it took the message, in the form the adapter stored it.
+    provider_message_id: str | None
+    event_type: EventType
+    occurred_at: datetime | None
+    #: Canonical address (E.164 number or email address) when the report names it.
+    recipient: str | None = None
+    channel: Channel | None = None
+    #: `{"code": ..., "reason": ...}`, reason truncated and redacted.
+    error: dict[str, str] | None = None
+    #: For bounces: True hard (never retry this address), False soft, None not said.
+    bounce_permanent: bool | None = None
+    #: The provider's item, as received.
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message a patient sent to the clinic's number (STOP/START, the WhatsApp window)."""
+
+    provider: str
+    #: The provider's id of the inbound message (dedupe).
+    event_id: str
+    channel: Channel
+    #: The patient's number, canonical E.164.
+    sender: str
+    #: The clinic's number or channel id, as the provider gave it.
+    to: str | None
+    text: str | None
+    occurred_at: datetime | None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+WebhookEvent = DeliveryEvent | InboundMessage
+
+
+class SeenTokenStore(Protocol):
+    """Remembers one-time tokens (Mailgun's `token`) to refuse a replayed request."""
+
+    async def add_if_new(self, key: str, ttl: float) -> bool:
+        """Record `key` for `ttl` seconds; False when it was already recorded."""
+        ...
+
+
+class MemorySeenTokenStore:
+    """A `SeenTokenStore` in this process's memory (one process; use Redis for several)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._seen: dict[str, float] = {}
+        self._clock = clock
+
+    async def add_if_new(self, key: str, ttl: float) -> bool:
+        now = self._clock()
+        if len(self._seen) > 10_000:
+            self._seen = {k: exp for k, exp in self._seen.items() if exp > now}
+        expires = self._seen.get(key)
+        if expires is not None and expires > now:
+            return False
+        self._seen[key] = now + ttl
+        return True
+
+
+#: Fetches a PEM certificate by URL (the URL was checked before the call).
+CertificateFetcher = Callable[[str], Awaitable[bytes]]
+
+#: Process-wide default; an endpoint serving several processes passes a shared store.
+DEFAULT_SEEN_TOKENS = MemorySeenTokenStore()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class WebhookContext:
+    """What verification may need besides the credentials: a clock, stores, a fetcher."""
+
+    now: Callable[[], datetime] = _utcnow
+    #: Mailgun token reuse; the default lives in this process only.
+    seen_tokens: SeenTokenStore = field(default_factory=lambda: DEFAULT_SEEN_TOKENS)
+    #: Oldest accepted signed timestamp, in seconds (Mailgun; SendGrid when `sendgrid_max_age`).
+    max_age: float = 300.0
+    #: SendGrid documents no replay window; set seconds here to enforce one.
+    sendgrid_max_age: float | None = None
+    #: Fetches SNS signing certificates; required for SES (see `ses.http_certificate_fetcher`).
+    fetch_certificate: CertificateFetcher | None = None
+
+
+def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
+    """Compare two secrets or signatures without leaking where they differ."""
+    left = a.encode() if isinstance(a, str) else a
+    right = b.encode() if isinstance(b, str) else b
+    return hmac.compare_digest(left, right)
+
+
+def from_unix(value: Any) -> datetime | None:
+    """A Unix timestamp (int, float or numeric string) as an aware UTC datetime."""
+    try:
+        return datetime.fromtimestamp(float(value), UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
+def from_iso(value: Any) -> datetime | None:
+    """An ISO 8601 timestamp (`Z` or offset) as an aware datetime; None when unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    # Postmark sends 7 fractional digits ("16:33:54.9070259Z"); Python takes at most 6.
+    if "." in text:
+        head, _, tail = text.partition(".")
+        digits = "".join(ch for ch in tail if ch.isdigit())
+        zone = tail[len(digits) :]
+        text = f"{head}.{digits[:6]}{zone}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def phone_or_none(raw: Any) -> str | None:
+    """A provider's phone (`+1…`, `1…`, `whatsapp:+1…`) as canonical E.164, or None."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    text = raw.split(":", 1)[1] if raw.startswith(("whatsapp:", "sms:")) else raw
+    text = text.strip()
+    if not text.startswith("+"):
+        text = "+" + text
+    try:
+        return normalize_e164(text)
+    except ValueError:
+        # The provider delivered to (or heard from) this number, so it exists even when our
+        # libphonenumber metadata calls it invalid (new ranges, test ranges): keep its digits.
+        return text if _E164.match(text) else None
+
+
+def email_or_none(raw: Any) -> str | None:
+    """An email address as we store it (trimmed; domain lower-cased)."""
+    if not isinstance(raw, str) or "@" not in raw:
+        return None
+    local, _, domain = raw.strip().rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def error_of(code: Any, reason: Any) -> dict[str, str] | None:
+    """`{"code", "reason"}` with the reason truncated and redacted; None when both are empty."""
+    out: dict[str, str] = {}
+    if code not in (None, ""):
+        out["code"] = str(code)
+    if reason not in (None, ""):
+        out["reason"] = redact(str(reason), 300) or ""
+    return out or None
+
+
+def require_secret(value: Any, name: str) -> str:
+    """The secret's value, or `WebhookNotConfiguredError` naming the missing field."""
+    secret = value.get_secret_value() if value is not None else ""
+    if not secret:
+        raise WebhookNotConfiguredError(f"{name} is not configured for this clinic")
+    return str(secret)
