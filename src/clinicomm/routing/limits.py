@@ -239,7 +239,8 @@ for i = 1, n do
   local low = '(' .. string.format('%.0f', now - w)
   local inside = redis.call('ZCOUNT', KEYS[1], low, '+inf')
   if inside >= c then
-    local e = redis.call('ZRANGEBYSCORE', KEYS[1], low, '+inf', 'WITHSCORES', 'LIMIT', inside - c, 1)
+    local e = redis.call('ZRANGEBYSCORE', KEYS[1], low, '+inf',
+                         'WITHSCORES', 'LIMIT', inside - c, 1)
     local until_us = tonumber(e[2]) + w - now
     if until_us > wait then wait = until_us end
   end
