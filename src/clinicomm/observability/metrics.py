@@ -76,3 +76,14 @@ ACTIVE_CLINICS = Gauge(
 PROVIDERS_IN_USE = Gauge(
     "communication_providers_in_use", "Configured provider slots by provider", ["provider"]
 )
+
+ROUTING_REDIS_FALLBACK = Counter(
+    "communication_routing_redis_fallback",
+    "Health/limit operations answered in process because Redis failed",
+    ["component", "op"],
+)
+CIRCUIT_TRANSITIONS = Counter(
+    "communication_circuit_transitions",
+    "Circuit breaker state changes per clinic and provider",
+    ["clinicId", "provider", "state"],
+)

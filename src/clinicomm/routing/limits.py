@@ -1,0 +1,328 @@
+"""Sliding-window rate limiters: per clinic and channel, per WhatsApp sender, per anything keyed.
+
+Contract of `acquire(key_parts, limits)`: `limits` is a list of `(count, window_seconds)`. The
+event is admitted only if, for every limit, fewer than `count` events were admitted for that key
+in the last `window_seconds`; an admitted event is counted in all of them at once and 0.0 is
+returned. Otherwise nothing is counted and the result is the number of seconds after which the
+event would be admitted if nothing else were admitted meanwhile. Guarantee: no interval
+`[t, t + window_seconds)` ever holds more than `count` admitted events for one key.
+
+Why a sliding-window *log* and not GCRA or a sliding-window counter: GCRA with a burst of
+`count` lets `count` events through at t=0 and one more at t=window/count, so a window can hold
+more than `count`; the counter approximation can overshoot too. The log is exact; its cost is
+one entry per admitted event inside the largest window (a clinic's maxPerDay at most).
+
+Two implementations behind `RateLimiter`:
+
+- `InProcessLimiter`: this process only (the embedded default); an injectable clock.
+- `RedisLimiter`: shared by every process, one sorted set per key, admission decided by one Lua
+  script that reads the Redis server's `TIME`, so client clocks never matter. A Redis failure
+  falls back to an in-process limiter (warning at most once a minute), never to an error.
+
+Keys always start with the clinic id (`"global"` for the platform's own providers), so one
+clinic's traffic never consumes another clinic's budget (PROVIDER-FACTS §8 item 2).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from clinicomm.routing.redis_fallback import RedisFallback
+from clinicomm.settings.models import RateLimit
+
+#: `(count, window_seconds)`: at most `count` admitted events in any `window_seconds`.
+Limit = tuple[int, float]
+#: The parts of a limiter key; the first is the clinic id (None means the platform, "global").
+KeyParts = Sequence[str | None]
+
+_ESCAPES = {"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"}
+
+
+def _escape(part: str) -> str:
+    return "".join(_ESCAPES.get(ch, ch) for ch in part)
+
+
+def limit_key(key_parts: KeyParts) -> str:
+    """The one place limiter keys are built: `ratelimit:{<clinicId>}:<part>:<part>…`.
+
+    `key_parts[0]` is the clinic id (None → "global"); every other part must be a string.
+    Parts are escaped so `("a:b", "c")` and `("a", "b:c")` never share a key; the clinic id is a
+    Redis Cluster hash tag. Raises ValueError for an empty key or a None after the first part.
+    """
+    if not key_parts:
+        raise ValueError("a limiter key needs at least the clinic id")
+    clinic = key_parts[0] or "global"
+    rest: list[str] = []
+    for part in key_parts[1:]:
+        if part is None:
+            raise ValueError("only the clinic id part of a limiter key may be None")
+        rest.append(_escape(part))
+    return ":".join(["ratelimit", "{" + _escape(clinic) + "}", *rest])
+
+
+def clinic_channel_key(clinic_id: str | None, channel: str) -> tuple[str | None, ...]:
+    """Key parts of a clinic's own per-channel send limit."""
+    return (clinic_id, "channel", channel)
+
+
+def sender_key(clinic_id: str | None, provider: str, sender_id: str) -> tuple[str | None, ...]:
+    """Key parts of one sender's throughput (e.g. a WhatsApp phone number id) of one clinic."""
+    return (clinic_id, "sender", provider, sender_id)
+
+
+def clinic_channel_limits(rate_limit: RateLimit | None) -> list[Limit]:
+    """The `(count, seconds)` limits of a clinic's `rateLimit` block.
+
+    maxPerMinute → 60 s, maxPerHour → 3,600 s, maxPerDay → 86,400 s; a limit left out is not
+    enforced, and a disabled (or missing) block gives no limits at all.
+    """
+    if rate_limit is None or not rate_limit.enabled:
+        return []
+    limits: list[Limit] = []
+    for count, window in (
+        (rate_limit.max_per_minute, 60.0),
+        (rate_limit.max_per_hour, 3600.0),
+        (rate_limit.max_per_day, 86400.0),
+    ):
+        if count is not None:
+            limits.append((count, window))
+    return limits
+
+
+def sender_limits(max_per_second: int) -> list[Limit]:
+    """A sender throughput cap: WhatsApp numbers get 80/s by default, 20 in coexistence and
+    1,000 after the upgrade (https://developers.facebook.com/documentation/business-messaging/
+    whatsapp/throughput)."""
+    return [(max_per_second, 1.0)]
+
+
+def _check(limits: Sequence[Limit]) -> None:
+    for count, window in limits:
+        if count < 1 or not (window > 0 and math.isfinite(window)):
+            raise ValueError(f"invalid limit ({count}, {window})")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One `try_acquire` answer: `wait` 0.0 when admitted; `at` the limiter's clock reading
+    (seconds; the Redis server's epoch time for `RedisLimiter`)."""
+
+    wait: float
+    at: float
+
+    @property
+    def admitted(self) -> bool:
+        return self.wait == 0.0
+
+
+class RateLimiter(ABC):
+    """Admits events under `(count, window)` limits per key (see the module docstring)."""
+
+    async def acquire(self, key_parts: KeyParts, limits: Sequence[Limit]) -> float:
+        """0.0 if admitted (counted in every limit), else seconds to wait (nothing counted).
+
+        Raises ValueError for an invalid key or limit; never raises for a Redis failure.
+        """
+        return (await self.try_acquire(key_parts, limits)).wait
+
+    @abstractmethod
+    async def try_acquire(self, key_parts: KeyParts, limits: Sequence[Limit]) -> Admission:
+        """Like `acquire`, also telling when the decision was taken."""
+
+    @abstractmethod
+    async def usage(self, key_parts: KeyParts, limits: Sequence[Limit]) -> float:
+        """The largest fraction used over `limits` right now (0.0 … 1.0; 0.0 without limits)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (the Redis client belongs to the caller and stays open)."""
+
+
+class InProcessLimiter(RateLimiter):
+    """Sliding-window log in this process; `clock` (seconds, non-decreasing) is injectable."""
+
+    _SWEEP_EVERY = 10_000
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._logs: dict[str, list[float]] = {}
+        self._horizon: dict[str, float] = {}
+        self._calls = 0
+
+    def _trim(self, key: str, now: float, horizon: float) -> list[float]:
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = []
+        # Entries at or before now - horizon are outside every window of this key.
+        cut = bisect.bisect_right(log, now - horizon)
+        if cut:
+            del log[:cut]
+        return log
+
+    def admit(self, key_parts: KeyParts, limits: Sequence[Limit]) -> Admission:
+        """The synchronous core of `try_acquire`."""
+        _check(limits)
+        key = limit_key(key_parts)
+        now = self.clock()
+        if not limits:
+            return Admission(0.0, now)
+        self._sweep(now)
+        horizon = max(self._horizon.get(key, 0.0), *(w for _, w in limits))
+        self._horizon[key] = horizon
+        log = self._trim(key, now, horizon)
+        wait = 0.0
+        for count, window in limits:
+            start = bisect.bisect_right(log, now - window)  # first entry inside (now-w, now]
+            inside = len(log) - start
+            if inside >= count:
+                # The (inside - count)-th entry of the window must leave it first.
+                wait = max(wait, log[start + inside - count] + window - now)
+        if wait > 0:
+            return Admission(wait, now)
+        log.append(now)
+        return Admission(0.0, now)
+
+    async def try_acquire(self, key_parts: KeyParts, limits: Sequence[Limit]) -> Admission:
+        return self.admit(key_parts, limits)
+
+    def used(self, key_parts: KeyParts, limits: Sequence[Limit]) -> float:
+        """The synchronous core of `usage`."""
+        _check(limits)
+        key = limit_key(key_parts)
+        now = self.clock()
+        log = self._logs.get(key, [])
+        fraction = 0.0
+        for count, window in limits:
+            inside = len(log) - bisect.bisect_right(log, now - window)
+            fraction = max(fraction, min(1.0, inside / count))
+        return fraction
+
+    async def usage(self, key_parts: KeyParts, limits: Sequence[Limit]) -> float:
+        return self.used(key_parts, limits)
+
+    def _sweep(self, now: float) -> None:
+        # Drop keys nobody used for longer than their largest window (bounded memory).
+        self._calls += 1
+        if self._calls % self._SWEEP_EVERY:
+            return
+        for key in list(self._logs):
+            log = self._trim(key, now, self._horizon.get(key, 0.0))
+            if not log:
+                del self._logs[key]
+                self._horizon.pop(key, None)
+
+
+# KEYS[1] the sorted set (score = admission time in µs); ARGV[1] a unique member;
+# ARGV[2..] pairs of (count, window_us). Returns {admitted 0/1, wait_us, now_us}.
+# Redis TIME makes every process use one clock (scripts replicate effects since Redis 5).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = (#ARGV - 1) / 2
+local horizon = 0
+for i = 1, n do
+  local w = tonumber(ARGV[2 * i + 1])
+  if w > horizon then horizon = w end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - horizon))
+local wait = 0
+for i = 1, n do
+  local c = tonumber(ARGV[2 * i])
+  local w = tonumber(ARGV[2 * i + 1])
+  local low = '(' .. string.format('%.0f', now - w)
+  local inside = redis.call('ZCOUNT', KEYS[1], low, '+inf')
+  if inside >= c then
+    local e = redis.call('ZRANGEBYSCORE', KEYS[1], low, '+inf',
+                         'WITHSCORES', 'LIMIT', inside - c, 1)
+    local until_us = tonumber(e[2]) + w - now
+    if until_us > wait then wait = until_us end
+  end
+end
+if wait > 0 then return {0, wait, now} end
+redis.call('ZADD', KEYS[1], string.format('%.0f', now), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(horizon / 1000) + 1000)
+return {1, 0, now}
+"""
+
+# KEYS[1] the sorted set; ARGV pairs of (count, window_us). Returns the count in each window.
+_USAGE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i = 1, #ARGV / 2 do
+  local w = tonumber(ARGV[2 * i])
+  out[i] = redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%.0f', now - w), '+inf')
+end
+return out
+"""
+
+
+def _us(seconds: float) -> int:
+    return max(1, round(seconds * 1_000_000))
+
+
+class RedisLimiter(RateLimiter):
+    """Sliding-window log in Redis, shared by every process; falls back to `local`."""
+
+    def __init__(self, redis: Redis, *, local: InProcessLimiter | None = None) -> None:
+        self.redis = redis
+        self.local = local or InProcessLimiter(clock=time.time)
+        self.fallback = RedisFallback("limits")
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._usage = redis.register_script(_USAGE)
+
+    async def try_acquire(self, key_parts: KeyParts, limits: Sequence[Limit]) -> Admission:
+        _check(limits)
+        key = limit_key(key_parts)
+        if not limits:
+            return Admission(0.0, time.time())
+        args: list[str | int] = [uuid.uuid4().hex]
+        for count, window in limits:
+            args += [count, _us(window)]
+
+        async def remote() -> Admission:
+            admitted, wait_us, now_us = await self._acquire(keys=[key], args=args)
+            wait = 0.0 if int(admitted) else max(int(wait_us), 1) / 1_000_000
+            return Admission(wait, int(now_us) / 1_000_000)
+
+        async def local() -> Admission:
+            return self.local.admit(key_parts, limits)
+
+        return await self.fallback.run("acquire", remote, local)
+
+    async def usage(self, key_parts: KeyParts, limits: Sequence[Limit]) -> float:
+        _check(limits)
+        key = limit_key(key_parts)
+        if not limits:
+            return 0.0
+        args: list[int] = []
+        for count, window in limits:
+            args += [count, _us(window)]
+
+        async def remote() -> float:
+            counts = await self._usage(keys=[key], args=args)
+            return max(
+                min(1.0, int(n) / count) for n, (count, _) in zip(counts, limits, strict=True)
+            )
+
+        async def local() -> float:
+            return self.local.used(key_parts, limits)
+
+        return await self.fallback.run("usage", remote, local)
+
+
+def make_limiter(
+    redis: Redis | None, *, clock: Callable[[], float] = time.monotonic
+) -> RateLimiter:
+    """`RedisLimiter` when a Redis client is given (every process shares the limits), else
+    `InProcessLimiter` (this process only; `clock` applies to it)."""
+    if redis is None:
+        return InProcessLimiter(clock=clock)
+    return RedisLimiter(redis)
