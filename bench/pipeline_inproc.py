@@ -84,9 +84,8 @@ async def main(messages: int, database_url: str | None, redis_url: str | None) -
         send_s = time.perf_counter() - start
         stop.set()
         await task
-        print(
-            f"worker: {worker.sent} sent, {worker.failed} failed in {send_s:.2f}s = {total / send_s:,.0f}/s"
-        )
+        rate = total / send_s
+        print(f"worker: {worker.sent} sent, {worker.failed} failed in {send_s:.2f}s = {rate:,.0f}/s")
         await rt.close()
 
 
