@@ -85,7 +85,7 @@ async def main(messages: int, database_url: str | None, redis_url: str | None) -
         stop.set()
         await task
         rate = total / send_s
-        print(f"worker: {worker.sent} sent, {worker.failed} failed in {send_s:.2f}s = {rate:,.0f}/s")
+        print(f"worker: {worker.sent} sent, {worker.failed} failed, {send_s:.2f}s = {rate:,.0f}/s")
         await rt.close()
 
 
