@@ -76,7 +76,7 @@ async def main(messages: int, database_url: str | None, redis_url: str | None) -
         print(f"accept: {total} messages in {accept_s:.2f}s = {total / accept_s:,.0f}/s")
 
         stop = asyncio.Event()
-        worker = Worker(rt.db, rt.config, rt.chains, rt.notifier, worker_options(settings))
+        worker = Worker.for_runtime(rt, worker_options(settings))
         task = asyncio.create_task(worker.run(stop))
         start = time.perf_counter()
         while worker.sent + worker.failed < total:

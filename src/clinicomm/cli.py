@@ -141,7 +141,7 @@ def worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await Worker(rt.db, rt.config, rt.chains, rt.notifier, options).run(stop)
+            await Worker.for_runtime(rt, options).run(stop)
         finally:
             await rt.close()
 

@@ -63,10 +63,7 @@ class Client:
             self.settings, migrate=self.settings.is_sqlite, env=self._env
         )
         if self.run_worker:
-            rt = self.runtime
-            self.worker = Worker(
-                rt.db, rt.config, rt.chains, rt.notifier, worker_options(self.settings)
-            )
+            self.worker = Worker.for_runtime(self.runtime, worker_options(self.settings))
             self._task = asyncio.create_task(self.worker.run(self._stop), name="client-worker")
 
     def _rt(self) -> Runtime:

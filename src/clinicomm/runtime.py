@@ -20,6 +20,8 @@ from clinicomm.crypto import MasterKeyring
 from clinicomm.messaging.service import PLATFORM_KEY_OWNER, MessagingService, Notifier
 from clinicomm.providers.base import AdapterContext
 from clinicomm.routing.chain import ChainBuilder
+from clinicomm.routing.health import HealthTracker, make_health
+from clinicomm.routing.limits import RateLimiter, make_limiter
 from clinicomm.settings.cache import ConfigCache
 from clinicomm.settings.globals import load_global_settings
 from clinicomm.settings.keys import KeyStore
@@ -43,6 +45,8 @@ class Runtime:
     notifier: Notifier
     messaging: MessagingService
     chains: ChainBuilder
+    health: HealthTracker
+    limiter: RateLimiter
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -101,11 +105,14 @@ class Runtime:
             notifier,
             MessagingService(db, config, notifier),
             ChainBuilder(context),
+            make_health(redis),
+            make_limiter(redis),
         )
 
     async def close(self) -> None:
         await self.messaging.writer.close()
         await self.chains.close()
+        await self.limiter.close()
         await self.http.close()
         await self.config.stop()
         if self.redis is not None:

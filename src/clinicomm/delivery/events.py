@@ -303,7 +303,12 @@ async def _apply_inbound(
     source = f"inbound:{event.provider}"
     if keyword == "stop":
         if await suppress(
-            session, clinic_id, event.channel, event.sender, SuppressionReason.STOP, source,
+            session,
+            clinic_id,
+            event.channel,
+            event.sender,
+            SuppressionReason.STOP,
+            source,
             now=when,
         ):
             result.suppressions_added += 1
@@ -367,9 +372,7 @@ async def unsuppress(
     return int(getattr(res, "rowcount", 0) or 0)
 
 
-async def is_suppressed(
-    session: AsyncSession, clinic_id: str, channel: str, address: str
-) -> bool:
+async def is_suppressed(session: AsyncSession, clinic_id: str, channel: str, address: str) -> bool:
     """True when the clinic must not send to `address` on `channel` (ask before any send)."""
     row = await session.scalar(
         select(Suppression.reason).where(

@@ -15,6 +15,7 @@ Every call is an attempt record (provider, outcome, error class, status code, du
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from clinicomm.providers.errors import (
 )
 from clinicomm.routing.backoff import retry_delay
 from clinicomm.routing.chain import Chain, Hop
+from clinicomm.routing.health import HealthTracker, outcome_for
+from clinicomm.routing.limits import RateLimiter, sender_key, sender_limits
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,16 @@ def _reason(hop: Hop, error: ProviderError) -> dict[str, Any]:
     return {**error.to_dict(), "provider": hop.label}
 
 
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """Shared health (circuits) and rate limiters consulted around each provider call."""
+
+    health: HealthTracker
+    limiter: RateLimiter
+    #: A sender throughput wait up to this long is slept through; longer ones requeue.
+    max_sender_wait: float = 2.0
+
+
 async def send_through_chain(
     claimed: Claimed,
     chain: Chain,
@@ -117,6 +130,7 @@ async def send_through_chain(
     *,
     now_fn: Any,
     max_age: timedelta,
+    guards: Guards | None = None,
 ) -> Handled:
     """Try the chain from the delivery's position; returns its next state. Never raises for a
     provider failure (an unexpected adapter exception counts as that provider being down)."""
@@ -140,6 +154,32 @@ async def send_through_chain(
         )
     while position < len(chain.hops):
         hop = chain.hops[position]
+        health_clinic = claimed.clinic_id if hop.scope == "clinic" else None
+        last = position == len(chain.hops) - 1
+        if guards is not None:
+            allowed = await guards.health.allow(health_clinic, hop.label)
+            if not allowed and not last:
+                # Circuit open: no traffic while another provider in the chain can take it.
+                errors.append(
+                    {"provider": hop.label, "class": "circuit_open", "message": "circuit open"}
+                )
+                position += 1
+                provider_attempts = 0
+                continue
+            wait = await _sender_slot(guards, hop)
+            if wait > 0:
+                return Handled(
+                    Outcome(
+                        claimed.id,
+                        DeliveryStatus.QUEUED,
+                        attempts,
+                        chain_position=position,
+                        provider_attempts=provider_attempts,
+                        next_attempt_at=now_fn() + timedelta(seconds=wait),
+                        error={"reason": "sender throughput", "errors": errors} if errors else None,
+                    ),
+                    attempts_rows,
+                )
         message = OutboundMessage(
             channel=channel,
             to=claimed.recipient,
@@ -169,6 +209,8 @@ async def send_through_chain(
         duration = time.perf_counter() - started
         now = now_fn()
         attempts += 1
+        if guards is not None:
+            await guards.health.record(health_clinic, hop.label, outcome_for(error))
         attempts_rows.append(_attempt(claimed.id, hop, duration, now, error))
         _LATENCY[channel].labels(clinic_label, hop.key).observe(duration)
         if error is None:
@@ -242,6 +284,22 @@ async def send_through_chain(
         attempts_rows,
         fallback,
     )
+
+
+async def _sender_slot(guards: Guards, hop: Hop) -> float:
+    """Wait for the sender's throughput cap (e.g. a WhatsApp number's 80/s), shared by every
+    process and clinic using that number; returns a remaining wait too long to sleep through."""
+    if hop.throughput is None:
+        return 0.0
+    sender, cap = hop.throughput
+    key = sender_key(None, hop.key, sender)
+    while True:
+        wait = await guards.limiter.acquire(key, sender_limits(cap))
+        if wait <= 0:
+            return 0.0
+        if wait > guards.max_sender_wait:
+            return wait
+        await asyncio.sleep(wait)
 
 
 def channel_fallback_row(claimed: Claimed, channel: Channel, now: datetime) -> dict[str, Any]:

@@ -35,12 +35,15 @@ from sqlalchemy.engine import make_url
 
 from clinicomm.delivery import policy
 from clinicomm.delivery.queue import Claimed, Outcome, claim, reap_expired, write_results
-from clinicomm.delivery.sender import Content, Handled, send_through_chain
+from clinicomm.delivery.sender import Content, Guards, Handled, send_through_chain
 from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.messaging.service import PLATFORM_KEY_OWNER, Notifier
+from clinicomm.observability import metrics
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
-from clinicomm.settings.service import ConfigService
+from clinicomm.routing.limits import clinic_channel_key, clinic_channel_limits
+from clinicomm.runtime import Runtime
+from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database
 from clinicomm.store.models import Message, utcnow
 
@@ -74,8 +77,10 @@ class Worker:
         notifier: Notifier,
         options: WorkerOptions | None = None,
         *,
+        guards: Guards | None = None,
         worker_id: str | None = None,
     ) -> None:
+        self.guards = guards
         self.db = db
         self.config = config
         self.chains = chains
@@ -90,6 +95,18 @@ class Worker:
         self._contents: OrderedDict[str, Content] = OrderedDict()
         self.sent = 0
         self.failed = 0
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime, options: WorkerOptions | None = None) -> Worker:
+        """A worker using the runtime's database, config, chains, wake-ups, health and limits."""
+        return cls(
+            runtime.db,
+            runtime.config,
+            runtime.chains,
+            runtime.notifier,
+            options,
+            guards=Guards(runtime.health, runtime.limiter),
+        )
 
     # ---- main loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -199,6 +216,10 @@ class Worker:
                 )
                 self.failed += 1
                 return
+            limited = await self._clinic_limit(claimed, resolved)
+            if limited is not None:
+                self._results.append(limited)
+                return
             chain = self.chains.chain(resolved)
             handled = await send_through_chain(
                 claimed,
@@ -206,6 +227,7 @@ class Worker:
                 content,
                 now_fn=utcnow,
                 max_age=timedelta(seconds=self.options.max_age_seconds),
+                guards=self.guards,
             )
         except asyncio.CancelledError:
             raise
@@ -218,6 +240,48 @@ class Worker:
         self._results.append(handled)
         if len(self._results) >= self.options.batch_size:
             self._flush_now.set()
+
+    async def _clinic_limit(self, claimed: Claimed, resolved: ResolvedChannel) -> Handled | None:
+        """The clinic's own `rateLimit` for the channel, shared by every process: over the
+        minute or hour limit the delivery waits; over the day limit it waits for the next
+        window or fails, as the clinic set `onDayLimit`."""
+        own = resolved.own
+        if self.guards is None or own is None or own.rate_limit is None:
+            return None
+        limits = clinic_channel_limits(own.rate_limit)
+        if not limits:
+            return None
+        key = clinic_channel_key(claimed.clinic_id, claimed.channel)
+        wait = await self.guards.limiter.acquire(key, limits)
+        if wait <= 0:
+            return None
+        day = own.rate_limit.max_per_day
+        day_full = day is not None and await self.guards.limiter.usage(key, [(day, 86400.0)]) >= 1
+        metrics.RATE_LIMITED.labels(claimed.clinic_id or "global", claimed.channel).inc()
+        if day_full and own.rate_limit.on_day_limit == "fail":
+            self.failed += 1
+            return Handled(
+                Outcome(
+                    claimed.id,
+                    DeliveryStatus.FAILED,
+                    claimed.attempts,
+                    error={
+                        "reason": "the clinic's daily limit is reached",
+                        "errors": claimed.errors,
+                    },
+                )
+            )
+        return Handled(
+            Outcome(
+                claimed.id,
+                DeliveryStatus.QUEUED,
+                claimed.attempts,
+                chain_position=claimed.chain_position,
+                provider_attempts=claimed.provider_attempts,
+                next_attempt_at=utcnow() + timedelta(seconds=wait),
+                error={"reason": "waiting for the clinic's rate limit", "errors": claimed.errors},
+            )
+        )
 
     def _not_prepared(self, claimed: Claimed, exc: Exception) -> Handled:
         """A delivery that could not even be tried: retry later, fail once too old."""

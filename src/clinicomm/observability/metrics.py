@@ -87,3 +87,9 @@ CIRCUIT_TRANSITIONS = Counter(
     "Circuit breaker state changes per clinic and provider",
     ["clinicId", "provider", "state"],
 )
+
+RATE_LIMITED = Counter(
+    "communication_rate_limited",
+    "Deliveries held back by a clinic's own rate limit",
+    ["clinicId", "channel"],
+)

@@ -41,6 +41,15 @@ class Hop:
     retry_attempts: int
     from_email: str | None = None
     from_name: str | None = None
+    #: (sender id, messages per second) when the provider caps a sender's throughput
+    #: (a WhatsApp phone number: 80/s by default).
+    throughput: tuple[str, int] | None = None
+
+    @property
+    def health_scope(self) -> str | None:
+        """Whose health this hop's outcomes count for: the clinic's own provider, or the
+        platform's (None) for a global provider, shared by every clinic that uses it."""
+        return None if self.scope == "global" else "clinic"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +149,11 @@ class ChainBuilder:
         from_email = from_name = None
         if isinstance(settings, EmailSettings):
             from_email, from_name = settings.default_from, settings.default_from_name
+        throughput = None
+        sender = getattr(slot.credentials, "phone_number_id", None)
+        cap = getattr(slot.credentials, "max_per_second", None)
+        if isinstance(sender, str) and isinstance(cap, int):
+            throughput = (sender, cap)
         return Hop(
             label=label,
             scope=scope,
@@ -148,6 +162,7 @@ class ChainBuilder:
             retry_attempts=settings.fallback_strategy.retry_attempts,
             from_email=from_email,
             from_name=from_name,
+            throughput=throughput,
         )
 
     def _global_adapters(
