@@ -1,4 +1,4 @@
-"""Every role × every clinics endpoint × own clinic / other clinic, plus no token, an expired
+"""Every role x every clinics endpoint x own clinic / other clinic, plus no token, an expired
 token and a bad signature on every endpoint: each cell's status and (when allowed) its effect,
 (when refused) that nothing changed."""
 
