@@ -114,6 +114,90 @@ def keys_rotate(
 
 
 @app.command()
+def serve() -> None:
+    """Run the HTTP API (uvicorn, uvloop, httptools) on CLINICOMM_HOST:CLINICOMM_PORT.
+
+    An empty SQLite database is migrated on first start. A wrong master key, a refused dev
+    key or secret, or an unreachable database stops it with one line and exit code 1.
+    """
+    import uvicorn
+    import uvloop
+
+    from clinicomm.api.app import create_app
+    from clinicomm.api.auth import JwtConfigError, TokenVerifier
+    from clinicomm.observability.logging import configure_logging
+    from clinicomm.runtime import Runtime
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    try:
+        verifier = TokenVerifier.from_settings(settings)
+    except JwtConfigError as exc:
+        fail(str(exc))
+
+    async def go() -> None:
+        from sqlalchemy import text
+
+        runtime = await Runtime.create(settings, migrate=settings.is_sqlite)
+        try:
+            async with runtime.db.engine.connect() as conn:  # fail now, not on the first request
+                await conn.execute(text("SELECT 1"))
+            api = create_app(settings, runtime)
+            api.state.verifier = verifier
+            config = uvicorn.Config(
+                api,
+                host=settings.host,
+                port=settings.port,
+                loop="none",  # we already run on uvloop
+                http="httptools",
+                lifespan="on",
+                log_config=None,
+                access_log=False,
+                server_header=False,
+            )
+            server = uvicorn.Server(config)
+            await server.serve()
+            if not server.started:
+                fail(f"cannot listen on {settings.host}:{settings.port}")
+        finally:
+            await runtime.close()
+
+    uvloop.install()
+    run(go)
+
+
+@app.command()
+def token(
+    role: str = typer.Option(
+        ..., "--role", help="SuperAdmin, ClinicAdmin, ClinicManager, Service, Doctor or Patient."
+    ),
+    clinic: str | None = typer.Option(None, "--clinic", help="The clinic_id claim."),
+    ttl: int = typer.Option(3600, "--ttl", min=1, help="Seconds until the token expires."),
+    sub: str = typer.Option("cli", "--sub", help="The sub claim (who acts; in the audit log)."),
+    clinic_ids: list[str] | None = typer.Option(
+        None, "--clinic-ids", help="For Service: a clinic it may send for (repeatable)."
+    ),
+) -> None:
+    """Print a bearer token signed with the configured JWT secret."""
+    from clinicomm.api.auth import CLINIC_SCOPED, JwtConfigError, Role, TokenVerifier
+
+    try:
+        parsed = Role(role)
+    except ValueError:
+        fail(f"unknown role {role!r}; one of {', '.join(r.value for r in Role)}", 2)
+    if parsed in CLINIC_SCOPED and not clinic:
+        fail(f"role {parsed.value} needs --clinic", 2)
+    settings = load_settings()
+    try:
+        verifier = TokenVerifier.from_settings(settings)
+        typer.echo(
+            verifier.issue(parsed, sub=sub, clinic_id=clinic, clinic_ids=clinic_ids, ttl=ttl)
+        )
+    except JwtConfigError as exc:
+        fail(str(exc))
+
+
+@app.command()
 def worker(
     batch_size: int | None = typer.Option(None, min=1, help="Deliveries claimed per batch."),
     concurrency: int | None = typer.Option(None, min=1, help="Sends in flight at once."),

@@ -34,30 +34,41 @@ class SettingsValidationError(Exception):
         self.problems = problems
 
 
+def clean_error_path(loc: list[Any] | tuple[Any, ...], error_type: str) -> str:
+    """A pydantic error location as a dotted JSON path; provider union tags are dropped.
+
+    pydantic puts the discriminator's value into the location of a tagged union member
+    (`email.primary.smtp.credentials.port`); the document has no such key, so it goes.
+    An unknown or missing tag is reported at the slot's `provider` field.
+    """
+    tags = union_tags()
+    loc = list(loc)
+    cleaned: list[str | int] = []
+    for index, part in enumerate(loc):
+        previous = loc[index - 1] if index else None
+        if (
+            isinstance(part, str)
+            and part in tags
+            and (previous == "primary" or isinstance(previous, int))
+        ):
+            continue
+        cleaned.append(part)
+    if error_type in ("union_tag_invalid", "union_tag_not_found"):
+        cleaned.append("provider")
+    return ".".join(str(p) for p in cleaned)
+
+
 def problems_from(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[Problem]:
     """pydantic errors as Problems; provider union tags are dropped from the path."""
-    tags = union_tags()
     found: list[Problem] = []
     for error in exc.errors(include_url=False, include_input=False):
-        loc = list(error["loc"])
-        cleaned: list[str | int] = []
-        for index, part in enumerate(loc):
-            previous = loc[index - 1] if index else None
-            if (
-                isinstance(part, str)
-                and part in tags
-                and (previous == "primary" or isinstance(previous, int))
-            ):
-                continue
-            cleaned.append(part)
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            cleaned.append("provider")
             message = error["msg"].replace("Input tag", "unknown provider")
         else:
             message = error["msg"]
         found.append(
             Problem(
-                path=".".join(str(p) for p in (*prefix, *cleaned)),
+                path=clean_error_path((*prefix, *error["loc"]), error["type"]),
                 message=message,
                 type=error["type"],
             )

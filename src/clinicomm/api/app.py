@@ -1,0 +1,70 @@
+"""The FastAPI application: `create_app(settings, runtime)`.
+
+With no `runtime`, the app's lifespan builds one from `settings` (migrating an empty SQLite
+file on first start) and closes it on shutdown; a `runtime` passed in belongs to the caller.
+Either way the token verifier is built at startup, so a missing production JWT secret stops
+the process before it serves anything.
+
+`uvicorn --factory clinicomm.api.app:create_app` works too; `clinicomm serve` is the usual way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from clinicomm import __version__
+from clinicomm.api import errors
+from clinicomm.api.auth import TokenVerifier
+from clinicomm.api.middleware import RequestContext
+from clinicomm.api.routers import audit, clinics, ops
+from clinicomm.config import Settings
+from clinicomm.runtime import Runtime
+
+DESCRIPTION = """\
+Email, WhatsApp and SMS for many clinics, each through its own providers.
+
+Authenticate with `Authorization: Bearer <JWT>` (`clinicomm token --role SuperAdmin`).
+Every error is `{"error": {"code", "message", "details"}}`; secrets are answered as `"********"`.
+"""
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """The HTTP API. `settings` default to the environment; `runtime` to one built at startup."""
+    if settings is None:
+        settings = runtime.settings if runtime is not None else Settings()
+    resolved: Settings = settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if getattr(app.state, "verifier", None) is None:  # `serve` checked it already
+            app.state.verifier = TokenVerifier.from_settings(resolved)
+        if runtime is not None:
+            app.state.runtime = runtime
+            yield
+            return
+        own = await Runtime.create(resolved, migrate=resolved.is_sqlite)
+        app.state.runtime = own
+        try:
+            yield
+        finally:
+            await own.close()
+
+    app = FastAPI(
+        title="clinicomm",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.state.settings = resolved
+    errors.install(app)
+    app.add_middleware(RequestContext)
+    app.include_router(clinics.router)
+    app.include_router(audit.router)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,94 @@
+"""Request context: a request id on every log line and answer, an access line, and the 500.
+
+A pure ASGI middleware (no `BaseHTTPMiddleware`), so the context variables it sets are seen by
+the route, its dependencies and the exception handlers, all running in the same task.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clinicomm.api.errors import error_response
+from clinicomm.observability.logging import bind_context, reset_context
+
+log = logging.getLogger("clinicomm.api.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+# A client's request id is kept if it is short and plain; anything else is replaced (it goes
+# into every log line and the audit log, so it must not be a place to smuggle data).
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class RequestContext:
+    """Binds `requestId` (from `X-Request-ID` or generated), echoes it, logs one access line,
+    and answers a JSON 500 for an exception nobody handled (a bug)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, REQUEST_ID_HEADER)
+        rid = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = bind_context(requestId=rid)
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                headers = [
+                    (k, v)
+                    for k, v in message.get("headers", [])
+                    if k.lower() != REQUEST_ID_HEADER.encode()
+                ]
+                headers.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"event": "unhandled_error"})
+            if started:
+                raise
+            response = error_response(
+                500, "internal_error", f"internal error; quote request id {rid}"
+            )
+            await response(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            log.info(
+                "request",
+                extra={
+                    "event": "http_request",
+                    "method": scope.get("method"),
+                    # The route template, not the raw path or query (ids only, no values).
+                    "route": getattr(route, "path", None),
+                    "path": scope.get("path"),
+                    "status": status,
+                    "durationMs": round((time.perf_counter() - start) * 1000, 2),
+                },
+            )
+            reset_context(token)
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    raw = name.encode()
+    for key, value in scope.get("headers", []):
+        if key.lower() == raw:
+            try:
+                return str(value.decode("latin-1"))
+            except UnicodeDecodeError:
+                return None
+    return None

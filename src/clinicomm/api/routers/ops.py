@@ -1,0 +1,72 @@
+"""Operations: `/healthz` (the process answers), `/readyz` (database and Redis answer),
+`/metrics` (Prometheus text). No authentication: they carry no clinic data."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from clinicomm.api.deps import get_runtime
+from clinicomm.api.errors import error_response
+from clinicomm.api.schemas import ErrorAnswer, Health
+from clinicomm.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["operations"])
+
+PING_TIMEOUT = 2.0
+
+
+@router.get("/healthz", response_model=Health, summary="The process is up")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": ErrorAnswer, "description": "Database or Redis down"}},
+    summary="The database (and Redis, when configured) answer",
+)
+async def readyz(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
+    checks = {"database": "ok" if await _database(runtime) else "down"}
+    if runtime.redis is not None:
+        checks["redis"] = "ok" if await _redis(runtime) else "down"
+    down = [name for name, state in checks.items() if state != "ok"]
+    if down:
+        log.warning("not ready", extra={"event": "not_ready", "down": down})
+        return error_response(
+            503,
+            "not_ready",
+            f"{' and '.join(down)} unreachable",
+            [{"component": name, "status": state} for name, state in checks.items()],
+        )
+    return JSONResponse({"status": "ok", "checks": checks})
+
+
+async def _database(runtime: Runtime) -> bool:
+    try:
+        return await asyncio.wait_for(runtime.db.ping(), PING_TIMEOUT)
+    except TimeoutError:
+        return False
+
+
+async def _redis(runtime: Runtime) -> bool:
+    assert runtime.redis is not None
+    try:
+        await asyncio.wait_for(runtime.redis.ping(), PING_TIMEOUT)
+    except (RedisError, OSError, TimeoutError):
+        return False
+    return True
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
