@@ -13,11 +13,10 @@ from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
-from sqlalchemy.exc import IntegrityError
 
 from clinicomm.config import Settings
 from clinicomm.crypto import MasterKeyring
-from clinicomm.messaging.service import PLATFORM_KEY_OWNER, MessagingService, Notifier
+from clinicomm.messaging.service import MessagingService, Notifier
 from clinicomm.providers.base import AdapterContext
 from clinicomm.routing.chain import ChainBuilder
 from clinicomm.routing.health import HealthTracker, make_health
@@ -85,7 +84,6 @@ class Runtime:
             db, keys, cache, global_settings, poll_seconds=settings.config_poll_seconds
         )
         await config.start()
-        await _ensure_platform_key(db, keys)
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=settings.provider_timeout_seconds),
@@ -118,19 +116,3 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
         await self.db.dispose()
-
-
-async def _ensure_platform_key(db: Database, keys: KeyStore) -> None:
-    """The data key that encrypts messages sent without a clinic (global providers)."""
-    from clinicomm.store.models import Clinic
-
-    async with db.session() as session:
-        if await session.get(Clinic, PLATFORM_KEY_OWNER) is not None:
-            return
-    try:
-        async with db.session() as session:
-            session.add(Clinic(id=PLATFORM_KEY_OWNER, name="Platform (global providers)"))
-            await session.flush()
-            await keys.create(session, PLATFORM_KEY_OWNER)
-    except IntegrityError:
-        keys.forget(PLATFORM_KEY_OWNER)  # another process created it first

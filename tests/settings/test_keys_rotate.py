@@ -50,10 +50,9 @@ async def test_rotate_then_read_with_only_the_new_key(runtime: Runtime, settings
         settings, "keys", "rotate", "--batch-size", "2", master_keys=f"{NEW_KEY},{MASTER_KEYS}"
     )
     assert result.returncode == 0, result.stderr
-    # Five clinics plus the platform key (messages sent without a clinic).
-    assert "6 data keys re-wrapped with master key 'new'" in result.stdout
+    assert "5 data keys re-wrapped with master key 'new'" in result.stdout
     again = cli(settings, "keys", "rotate", master_keys=f"{NEW_KEY},{MASTER_KEYS}")
-    assert "0 data keys re-wrapped" in again.stdout and "6 already current" in again.stdout
+    assert "0 data keys re-wrapped" in again.stdout and "5 already current" in again.stdout
 
     only_new = settings.model_copy(update={"master_keys": NEW_KEY})
     rt = await Runtime.create(only_new, env={})
@@ -64,7 +63,7 @@ async def test_rotate_then_read_with_only_the_new_key(runtime: Runtime, settings
             assert resolved.own.primary.credentials.password.get_secret_value() == f"pw-{n}"  # type: ignore[union-attr]
         async with rt.db.session() as session:
             actions = (await session.execute(select(AuditEntry.action))).scalars().all()
-        assert actions.count("key.rotate") == 6
+        assert actions.count("key.rotate") == 5
     finally:
         await rt.close()
 
@@ -88,7 +87,7 @@ async def test_interrupted_rotation_resumes(runtime: Runtime) -> None:
     # The first batch (2 keys) committed; the interrupted batch rolled back whole.
     assert sorted(kids).count("new") == 2
     report = await rotate(runtime.db, ring, batch_size=2)
-    assert report.rotated == 5 and report.total == 7  # six clinics and the platform key
+    assert report.rotated == 4 and report.total == 6
 
 
 def test_wrong_master_key_exits_cleanly(tmp_path: Path, settings: Settings) -> None:

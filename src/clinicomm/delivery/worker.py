@@ -334,7 +334,7 @@ class Worker:
                 )
             ).all()
             for message_id, clinic_id, blob in rows:
-                cipher = await self.config.keys.cipher(session, clinic_id or PLATFORM_KEY_OWNER)
+                cipher = await self.config.keys.cipher_for(self.db, clinic_id or PLATFORM_KEY_OWNER)
                 data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
                 self._contents[message_id] = Content.from_json(data)
         while len(self._contents) > 10_000:

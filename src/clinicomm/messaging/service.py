@@ -26,6 +26,7 @@ from clinicomm.messaging.models import (
 from clinicomm.messaging.writer import BatchWriter, PendingWrite
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
+from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.service import ConfigService
 from clinicomm.settings.validation import Problem
 from clinicomm.store.db import Database
@@ -34,8 +35,7 @@ from clinicomm.store.models import IdempotencyKey, aware, utcnow
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
-#: Key id of the data key that encrypts messages sent without a clinic (global providers).
-PLATFORM_KEY_OWNER = "_platform"
+PLATFORM_KEY_OWNER = PLATFORM
 
 
 class SendValidationError(Exception):

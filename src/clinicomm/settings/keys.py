@@ -6,11 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.crypto import FieldCipher, MasterKeyring, new_data_key
 from clinicomm.store.db import Database
-from clinicomm.store.models import AuditEntry, ClinicKey, utcnow
+from clinicomm.store.models import AuditEntry, Clinic, ClinicKey, utcnow
+
+#: Owner of the data key that encrypts messages sent without a clinic (global providers). Not a
+#: valid clinic id (those start with a letter or digit), so it cannot collide with a clinic.
+PLATFORM = "_platform"
 
 
 class KeyStore:
@@ -51,12 +56,26 @@ class KeyStore:
         return cipher
 
     async def cipher_for(self, db: Database, clinic_id: str) -> FieldCipher:
-        """The clinic's cipher, from memory or (first time) the database."""
+        """The clinic's cipher, from memory or (first time) the database. The platform's own
+        key (`PLATFORM`, for messages sent without a clinic) is created on first use."""
         cached = self._ciphers.get(clinic_id)
         if cached is not None:
             return cached
+        try:
+            async with db.session() as session:
+                return await self.cipher(session, clinic_id)
+        except KeyError:
+            if clinic_id != PLATFORM:
+                raise
+        try:
+            async with db.session() as session:
+                session.add(Clinic(id=PLATFORM, name="Platform (global providers)"))
+                await session.flush()
+                await self.create(session, PLATFORM)
+        except IntegrityError:
+            self.forget(PLATFORM)  # another process created it first
         async with db.session() as session:
-            return await self.cipher(session, clinic_id)
+            return await self.cipher(session, PLATFORM)
 
     def forget(self, clinic_id: str | None = None) -> None:
         """Drop cached ciphers (all when clinic_id is None)."""
