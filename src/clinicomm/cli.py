@@ -115,10 +115,12 @@ def keys_rotate(
 
 @app.command()
 def serve() -> None:
-    """Run the HTTP API (uvicorn, uvloop, httptools) on CLINICOMM_HOST:CLINICOMM_PORT.
+    """Run the HTTP API (uvicorn, uvloop, httptools) on CLINICOMM_HOST:CLINICOMM_PORT, with a
+    delivery worker in the same process unless CLINICOMM_WORKER=false.
 
     An empty SQLite database is migrated on first start. A wrong master key, a refused dev
     key or secret, or an unreachable database stops it with one line and exit code 1.
+    SIGTERM stops accepting requests, then lets the worker finish or release its deliveries.
     """
     import uvicorn
     import uvloop
@@ -156,7 +158,20 @@ def serve() -> None:
                 server_header=False,
             )
             server = uvicorn.Server(config)
-            await server.serve()
+            stop = asyncio.Event()
+            worker_task = None
+            if settings.worker:
+                from clinicomm.client import worker_options
+                from clinicomm.delivery.worker import Worker
+
+                worker = Worker.for_runtime(runtime, worker_options(settings))
+                worker_task = asyncio.create_task(worker.run(stop), name="serve-worker")
+            try:
+                await server.serve()
+            finally:
+                stop.set()
+                if worker_task is not None:
+                    await worker_task
             if not server.started:
                 fail(f"cannot listen on {settings.host}:{settings.port}")
         finally:

@@ -19,7 +19,7 @@ from clinicomm import __version__
 from clinicomm.api import errors
 from clinicomm.api.auth import TokenVerifier
 from clinicomm.api.middleware import RequestContext
-from clinicomm.api.routers import audit, clinics, ops
+from clinicomm.api.routers import audit, clinics, communications, ops
 from clinicomm.config import Settings
 from clinicomm.runtime import Runtime
 
@@ -66,5 +66,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(RequestContext)
     app.include_router(clinics.router)
     app.include_router(audit.router)
+    app.include_router(communications.router)
     app.include_router(ops.router)
     return app

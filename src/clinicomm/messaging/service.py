@@ -291,6 +291,7 @@ def plan(request: SendRequest, regions: dict[Channel, str]) -> list[PlannedDeliv
             try:
                 numbers[field] = normalize_e164(raw, regions.get(channel))
             except ValueError as exc:
+                numbers[field] = None
                 problems.append(Problem(f"recipients.{index}.{field}", str(exc), "phone"))
         if not any([recipient.email, recipient.phone, recipient.whatsapp]):
             problems.append(
