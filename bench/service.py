@@ -274,8 +274,14 @@ class ServeProcess:
 # --------------------------------------------------------------------------- clinics
 
 
-def clinic_settings(scenario: Scenario, http: HttpSink, smtp: SmtpSink) -> dict[str, Any]:
-    """``settings`` for a bench clinic whose ``scenario.channel`` goes to the sinks (API.md)."""
+def clinic_settings(
+    scenario: Scenario, http: HttpSink, smtp: SmtpSink, index: int = 0
+) -> dict[str, Any]:
+    """``settings`` for a bench clinic whose ``scenario.channel`` goes to the sinks (API.md).
+
+    Each clinic has its own WhatsApp number, upgraded to 1,000 messages/s (Meta's top
+    throughput tier), as real clinics would; the default 80/s cap is enforced per number.
+    """
     creds: dict[str, Any]
     if scenario.provider == "sendgrid":
         creds = {"apiKey": "SG.bench-key", "fromEmail": "appointments@clinic.example",
@@ -285,7 +291,8 @@ def clinic_settings(scenario: Scenario, http: HttpSink, smtp: SmtpSink) -> dict[
                  "from": "appointments@clinic.example", "maxConnections": 5}
     elif scenario.provider == "meta_business":
         creds = {"apiUrl": http.url + "/v23.0", "apiKey": "EAAbench",
-                 "phoneNumberId": "100000000000001", "businessAccountId": "200000000000002",
+                 "phoneNumberId": f"1000000000{index:05d}",
+                 "businessAccountId": "200000000000002", "maxPerSecond": 1000,
                  "appSecret": "bench-app-secret",
                  "templates": {"appointmentConfirmation": "appointment_confirmation"}}
     else:
@@ -568,7 +575,7 @@ async def _create_clinics(session: aiohttp.ClientSession, base: str, scenario: S
     for i in range(n):
         cid = f"bench-{run}-{scenario.name}-{i}"
         body = {"id": cid, "name": f"Bench {scenario.name} {i}",
-                "settings": clinic_settings(scenario, http, smtp)}
+                "settings": clinic_settings(scenario, http, smtp, i)}
         async with session.post(base + API + "/clinics", json=body) as resp:
             if resp.status != 201:
                 raise ServiceBenchError(f"POST /clinics answered {resp.status}: "

@@ -81,7 +81,7 @@ class Client:
 
     async def get(self, message_id: str) -> dict[str, Any] | None:
         """The message with each delivery, its attempts and its status."""
-        async with self._rt().db.session() as session:
+        async with self._rt().db.read() as session:
             return await get_message(session, message_id, None)
 
     async def close(self) -> None:

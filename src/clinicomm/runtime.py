@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 from redis.asyncio import Redis
 
 from clinicomm.config import Settings
@@ -85,6 +86,7 @@ class Runtime:
         )
         await config.start()
         http = aiohttp.ClientSession(
+            json_serialize=_json_dumps,
             connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=settings.provider_timeout_seconds),
         )
@@ -116,3 +118,8 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
         await self.db.dispose()
+
+
+def _json_dumps(value: Any) -> str:
+    """Provider request bodies, serialised with orjson (several times faster than json)."""
+    return orjson.dumps(value).decode()

@@ -304,3 +304,33 @@ async def test_message_body_is_encrypted_at_rest(make_client) -> None:
             await session.execute(select(Message.content).where(Message.id == accepted.id))
         ).scalar_one()
     assert secret_body.encode() not in blob
+
+
+async def test_concurrent_requests_with_one_key_write_one_message(make_client) -> None:
+    from sqlalchemy import func, select
+
+    from clinicomm.store.models import Message
+
+    client = await make_client()
+    await create_clinic(client, "clinic-k", {})
+    answers = await asyncio.gather(
+        *(client.send(email_request("clinic-k"), idempotency_key="same") for _ in range(20))
+    )
+    assert len({a.id for a in answers}) == 1
+    async with client._rt().db.read() as session:
+        count = (await session.execute(select(func.count()).select_from(Message))).scalar_one()
+    assert count == 1
+
+
+async def test_expired_idempotency_key_is_a_new_request(make_client) -> None:
+    from sqlalchemy import update
+
+    from clinicomm.store.models import IdempotencyKey, utcnow
+
+    client = await make_client()
+    await create_clinic(client, "clinic-x", {})
+    first = await client.send(email_request("clinic-x"), idempotency_key="k")
+    async with client._rt().db.session() as session:
+        await session.execute(update(IdempotencyKey).values(expires_at=utcnow()))
+    again = await client.send(email_request("clinic-x", to="new@example.com"), idempotency_key="k")
+    assert again.id != first.id

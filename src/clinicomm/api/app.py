@@ -60,6 +60,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         docs_url="/docs",
         openapi_url="/openapi.json",
         redoc_url=None,
+        # Our metrics are Prometheus (/metrics) and our logs are JSON lines; FastAPI's native
+        # OpenTelemetry layer would add spans and histograms to every request for nothing.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = resolved
     errors.install(app)

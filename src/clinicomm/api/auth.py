@@ -124,6 +124,7 @@ class TokenVerifier:
             raise JwtConfigError("no JWT secret or public key configured")
         self._secret = secret or None
         self._public_key = public_key or None
+        self._verified: dict[str, tuple[Principal, float]] = {}
         if self._public_key:
             try:
                 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -168,7 +169,24 @@ class TokenVerifier:
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
     def verify(self, token: str) -> Principal:
-        """The principal of a valid token. Raises AuthError (bad, expired, wrong claims)."""
+        """The principal of a valid token. Raises AuthError (bad, expired, wrong claims).
+
+        A token whose signature was checked is remembered (bounded) until it expires, so a
+        service sending many messages with one token pays for the check once.
+        """
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires:
+                return principal
+            del self._verified[token]
+        principal, expires = self._verify(token)
+        if len(self._verified) >= 10_000:
+            self._verified.clear()
+        self._verified[token] = (principal, expires)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -197,7 +215,7 @@ class TokenVerifier:
             raise AuthError("token signature invalid") from exc
         except jwt.PyJWTError as exc:
             raise AuthError("token invalid") from exc
-        return principal_from_claims(claims)
+        return principal_from_claims(claims), float(claims["exp"]) + 5
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:

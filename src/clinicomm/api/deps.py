@@ -22,12 +22,14 @@ from clinicomm.runtime import Runtime
 _bearer = HTTPBearer(auto_error=False, description="A JWT: `clinicomm token --role …`")
 
 
-def get_runtime(request: Request) -> Runtime:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread
+# pool, which costs more than the work they do.
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_verifier(request: Request) -> TokenVerifier:
+async def get_verifier(request: Request) -> TokenVerifier:
     verifier: TokenVerifier = request.app.state.verifier
     return verifier
 
@@ -40,7 +42,7 @@ async def authenticated(
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise unauthorized("a bearer token is required")
     try:
-        principal = get_verifier(request).verify(credentials.credentials)
+        principal = (await get_verifier(request)).verify(credentials.credentials)
     except AuthError as exc:
         raise unauthorized(str(exc)) from None
     bind_context(sub=principal.sub, role=principal.role.value)
@@ -75,7 +77,7 @@ def require(
     return dependency
 
 
-def if_match(request: Request) -> int | None:
+async def if_match(request: Request) -> int | None:
     """The version named by `If-Match` (`"3"`, `W/"3"` or `3`); None when absent or `*`.
 
     A value that names no version can never match the current one: 412.

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.messaging.models import DeliveryStatus
-from clinicomm.store.models import Delivery, DeliveryAttempt, aware
+from clinicomm.store.models import Delivery, DeliveryAttempt, IdempotencyKey, aware
 
 _T: Table = Delivery.__table__  # type: ignore[assignment]
 _ATTEMPTS: Table = DeliveryAttempt.__table__  # type: ignore[assignment]
@@ -100,6 +100,12 @@ async def reap_expired(session: AsyncSession, now: datetime) -> int:
         .where(Delivery.status == DeliveryStatus.SENDING.value, Delivery.lease_until < now)
         .values(status=DeliveryStatus.QUEUED.value, lease_owner=None, lease_until=None)
     )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def purge_idempotency_keys(session: AsyncSession, now: datetime) -> int:
+    """Forget idempotency keys older than their 24 hours."""
+    result = await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
     return int(getattr(result, "rowcount", 0) or 0)
 
 

@@ -34,7 +34,14 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from clinicomm.delivery import policy
-from clinicomm.delivery.queue import Claimed, Outcome, claim, reap_expired, write_results
+from clinicomm.delivery.queue import (
+    Claimed,
+    Outcome,
+    claim,
+    purge_idempotency_keys,
+    reap_expired,
+    write_results,
+)
 from clinicomm.delivery.sender import Content, Guards, Handled, send_through_chain
 from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.messaging.service import PLATFORM_KEY_OWNER, Notifier
@@ -325,7 +332,7 @@ class Worker:
         missing = [m for m in wanted if m not in self._contents]
         if not missing:
             return
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             rows = (
                 await session.execute(
                     select(Message.id, Message.clinic_id, Message.content).where(
@@ -390,6 +397,7 @@ class Worker:
             try:
                 async with self.db.session() as session:
                     taken = await reap_expired(session, utcnow())
+                    await purge_idempotency_keys(session, utcnow())
                 if taken:
                     log.warning(
                         "expired leases returned to the queue",

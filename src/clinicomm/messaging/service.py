@@ -13,7 +13,6 @@ from typing import Any
 import orjson
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select, text
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from clinicomm.ids import new_id
@@ -136,10 +135,31 @@ class MessagingService:
         planned = plan(request, regions)
         scope = clinic_id or PLATFORM_KEY_OWNER
         digest = request_hash(request) if idempotency_key else ""
-        if idempotency_key:
+        for _ in range(3):
+            answer = await self._write(
+                request, planned, clinic_id, scope, idempotency_key, digest, requested_by
+            )
+            if answer is not None:
+                return answer
+            # The key is taken: answer as the first request did (or 409). An expired key is
+            # deleted by _previous and the write is tried again.
+            assert idempotency_key is not None
             previous = await self._previous(scope, idempotency_key, digest)
             if previous is not None:
                 return previous
+        raise RuntimeError("idempotency key kept changing under this request")
+
+    async def _write(
+        self,
+        request: SendRequest,
+        planned: list[PlannedDelivery],
+        clinic_id: str | None,
+        scope: str,
+        idempotency_key: str | None,
+        digest: str,
+        requested_by: str | None,
+    ) -> SendAccepted | None:
+        """Write the message; None when its idempotency key is already stored."""
         message_id = new_id()
         now = utcnow()
         rows: list[dict[str, Any]] = []
@@ -199,16 +219,8 @@ class MessagingService:
             if idempotency_key
             else None,
         )
-        try:
-            await self.writer.write(pending)
-        except IntegrityError:
-            if not idempotency_key:
-                raise
-            # A concurrent request with the same key committed first: answer as it did.
-            previous = await self._previous(scope, idempotency_key, digest)
-            if previous is None:
-                raise
-            return previous
+        if not await self.writer.write(pending):
+            return None
         log.info(
             "message accepted",
             extra={
@@ -233,7 +245,7 @@ class MessagingService:
         return regions
 
     async def _previous(self, scope: str, key: str, digest: str) -> SendAccepted | None:
-        async with self.db.session() as session:
+        async with self.db.read() as session:
             row = (
                 await session.execute(
                     select(IdempotencyKey).where(
@@ -241,20 +253,23 @@ class MessagingService:
                     )
                 )
             ).scalar_one_or_none()
-            if row is None:
-                return None
-            if aware(row.expires_at) <= utcnow():
+        if row is None:
+            return None
+        if aware(row.expires_at) <= utcnow():
+            async with self.db.session() as session:
                 await session.execute(
                     delete(IdempotencyKey).where(
-                        IdempotencyKey.scope == scope, IdempotencyKey.key == key
+                        IdempotencyKey.scope == scope,
+                        IdempotencyKey.key == key,
+                        IdempotencyKey.expires_at == row.expires_at,
                     )
                 )
-                return None
-            if row.request_hash != digest:
-                raise IdempotencyConflictError(
-                    "Idempotency-Key was already used with a different payload"
-                )
-            return SendAccepted.model_validate(row.response)
+            return None
+        if row.request_hash != digest:
+            raise IdempotencyConflictError(
+                "Idempotency-Key was already used with a different payload"
+            )
+        return SendAccepted.model_validate(row.response)
 
 
 def request_hash(request: SendRequest) -> str:

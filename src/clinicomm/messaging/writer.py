@@ -3,9 +3,10 @@
 `accept()` callers hand their rows to the writer and wait; a single writer task takes whatever
 is waiting (up to `max_batch` messages), writes it in one transaction, and only then wakes each
 caller. Durability is unchanged (an answer still means "committed"), but the database does one
-commit for a burst instead of one per request. If a batch fails on a constraint (an
-idempotency key taken by a concurrent request), each message of the batch is retried alone so
-only the offending one sees the error.
+commit for a burst instead of one per request. Idempotency keys are inserted first with
+`ON CONFLICT DO NOTHING`: a message whose key is already stored is not written, and its caller
+is told so (it then answers the stored first answer, or 409). If a batch still fails on a
+constraint, each message of the batch is retried alone so only the offending one sees it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Table
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -35,7 +38,9 @@ class PendingWrite:
     message: dict[str, Any]
     deliveries: list[dict[str, Any]]
     idempotency: dict[str, Any] | None = None
-    done: asyncio.Future[None] = field(
+    #: Resolves to True once committed, or False when the idempotency key was already taken
+    #: (nothing of this message was written).
+    done: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -59,12 +64,13 @@ class BatchWriter:
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
 
-    async def write(self, item: PendingWrite) -> None:
-        """Queue the rows and wait for their commit (re-raising its error)."""
+    async def write(self, item: PendingWrite) -> bool:
+        """Queue the rows and wait for their commit (re-raising its error). False: the
+        idempotency key is already stored, and nothing was written."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="accept-writer")
         self._queue.put_nowait(item)
-        await asyncio.shield(item.done)
+        return await asyncio.shield(item.done)
 
     async def _run(self) -> None:
         while True:
@@ -87,20 +93,46 @@ class BatchWriter:
                 _fail(batch, exc)
 
     async def _commit(self, batch: list[PendingWrite]) -> None:
-        async with self.db.engine.begin() as conn:
-            await conn.execute(MESSAGES.insert(), [i.message for i in batch])
-            await conn.execute(DELIVERIES.insert(), [d for i in batch for d in i.deliveries])
-            keys = [i.idempotency for i in batch if i.idempotency is not None]
-            if keys:
-                await conn.execute(IDEMPOTENCY.insert(), keys)
-            if self.before_commit is not None:
-                await self.before_commit(conn)
+        async with self.db.writing(), self.db.engine.begin() as conn:
+            taken = await self._claim_keys(conn, batch)
+            writes = [i for i in batch if id(i) not in taken]
+            if writes:
+                await conn.execute(MESSAGES.insert(), [i.message for i in writes])
+                await conn.execute(DELIVERIES.insert(), [d for i in writes for d in i.deliveries])
+                if self.before_commit is not None:
+                    await self.before_commit(conn)
         self.batches += 1
-        if self.after_commit is not None:
+        if self.after_commit is not None and writes:
             self.after_commit()
         for item in batch:
             if not item.done.done():
-                item.done.set_result(None)
+                item.done.set_result(id(item) not in taken)
+
+    async def _claim_keys(self, conn: AsyncConnection, batch: list[PendingWrite]) -> set[int]:
+        """Insert the batch's idempotency keys where free; the ids of items whose key was
+        already taken (stored earlier, or by an earlier item of this batch)."""
+        first: dict[tuple[str, str], PendingWrite] = {}
+        taken: set[int] = set()
+        for item in batch:
+            if item.idempotency is None:
+                continue
+            key = (item.idempotency["scope"], item.idempotency["key"])
+            if key in first:
+                taken.add(id(item))
+            else:
+                first[key] = item
+        if not first:
+            return taken
+        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        statement = (
+            insert(IDEMPOTENCY)
+            .values([i.idempotency for i in first.values()])
+            .on_conflict_do_nothing()
+            .returning(IDEMPOTENCY.c.scope, IDEMPOTENCY.c.key)
+        )
+        stored = {(row.scope, row.key) for row in await conn.execute(statement)}
+        taken.update(id(item) for key, item in first.items() if key not in stored)
+        return taken
 
     async def close(self) -> None:
         if self._task is not None:

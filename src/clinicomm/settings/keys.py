@@ -62,7 +62,7 @@ class KeyStore:
         if cached is not None:
             return cached
         try:
-            async with db.session() as session:
+            async with db.read() as session:
                 return await self.cipher(session, clinic_id)
         except KeyError:
             if clinic_id != PLATFORM:
@@ -74,7 +74,7 @@ class KeyStore:
                 await self.create(session, PLATFORM)
         except IntegrityError:
             self.forget(PLATFORM)  # another process created it first
-        async with db.session() as session:
+        async with db.read() as session:
             return await self.cipher(session, PLATFORM)
 
     def forget(self, clinic_id: str | None = None) -> None:

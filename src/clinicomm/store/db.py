@@ -39,18 +39,41 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
-            kwargs["connect_args"] = {"timeout": 30}
+            # Each aiosqlite connection is a thread: keep enough pooled that bursts do not
+            # open and close threads.
+            kwargs.update(connect_args={"timeout": 30}, pool_size=20, max_overflow=20)
         else:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Hold this process's write turn (SQLite only; PostgreSQL needs none).
+
+        SQLite lets one writer at a time hold the file; a second connection that finds it locked
+        sleeps in its busy handler (milliseconds, growing), which ruins throughput. Taking turns
+        in process first means connections never contend; only other processes can.
+        """
+        if self._write_lock is None:
+            yield
+            return
+        async with self._write_lock:
+            yield
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session whose transaction commits on success and rolls back on error."""
-        async with self.sessions() as session, session.begin():
+        """A write transaction: commits on success, rolls back on error. Do not nest."""
+        async with self.writing(), self.sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A read-only session (no write turn; WAL readers never block the writer)."""
+        async with self.sessions() as session:
             yield session
 
     async def ping(self) -> bool:

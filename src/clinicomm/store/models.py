@@ -158,7 +158,9 @@ class Delivery(Base):
     __table_args__ = (
         Index("ix_deliveries_due", "status", "fair_at"),
         Index("ix_deliveries_clinic_provider_message", "clinic_id", "provider_message_id"),
-        Index("ix_deliveries_clinic_created", "clinic_id", "created_at"),
+        # The status API lists a clinic's deliveries newest first (ids are time-ordered).
+        Index("ix_deliveries_clinic_list", "clinic_id", "id"),
+        Index("ix_deliveries_clinic_status_list", "clinic_id", "status", "id"),
     )
 
 

@@ -94,7 +94,7 @@ async def get_communication(
     principal: Caller,
     runtime: RuntimeDep,
 ) -> dict[str, Any]:
-    async with runtime.db.session() as session:
+    async with runtime.db.read() as session:
         found = await get_message(session, message_id, None)
     if found is None:
         raise ApiError(404, "not_found", f"message {message_id!r} not found")
@@ -133,7 +133,7 @@ async def list_communications(
         scope = [principal.clinic_id]
     else:
         raise forbidden(f"role {principal.role.value} cannot read messages")
-    async with runtime.db.session() as session:
+    async with runtime.db.read() as session:
         return await list_messages(
             session,
             scope,

@@ -69,7 +69,8 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_deliveries'))
     )
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.create_index('ix_deliveries_clinic_created', ['clinic_id', 'created_at'], unique=False)
+        batch_op.create_index('ix_deliveries_clinic_list', ['clinic_id', 'id'], unique=False)
+        batch_op.create_index('ix_deliveries_clinic_status_list', ['clinic_id', 'status', 'id'], unique=False)
         batch_op.create_index('ix_deliveries_due', ['status', 'fair_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_deliveries_message_id'), ['message_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_deliveries_provider_message_id'), ['provider_message_id'], unique=False)
@@ -104,7 +105,8 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_deliveries_provider_message_id'))
         batch_op.drop_index(batch_op.f('ix_deliveries_message_id'))
         batch_op.drop_index('ix_deliveries_due')
-        batch_op.drop_index('ix_deliveries_clinic_created')
+        batch_op.drop_index('ix_deliveries_clinic_status_list')
+        batch_op.drop_index('ix_deliveries_clinic_list')
 
     op.drop_table('deliveries')
     with op.batch_alter_table('messages', schema=None) as batch_op:
