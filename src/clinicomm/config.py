@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(default=1.0, gt=0)
     #: A delivery still failing transiently after this long ends `failed`.
     delivery_max_age_seconds: float = Field(default=6 * 3600.0, gt=0)
+    #: Provider health: the rolling window, the minimum outcomes before a band changes, and
+    #: how long an open circuit waits before its half-open probes (see `routing.health`).
+    health_window_seconds: float = Field(default=300.0, gt=0)
+    health_bucket_seconds: float = Field(default=10.0, gt=0)
+    health_min_samples: int = Field(default=20, ge=1)
+    health_cool_down_seconds: float = Field(default=30.0, ge=0)
+    health_half_open_probes: int = Field(default=3, ge=1)
 
     @property
     def production(self) -> bool:

@@ -20,7 +20,7 @@ from clinicomm.crypto import MasterKeyring
 from clinicomm.messaging.service import MessagingService, Notifier
 from clinicomm.providers.base import AdapterContext
 from clinicomm.routing.chain import ChainBuilder
-from clinicomm.routing.health import HealthTracker, make_health
+from clinicomm.routing.health import HealthConfig, HealthTracker, make_health
 from clinicomm.routing.limits import RateLimiter, make_limiter
 from clinicomm.settings.cache import ConfigCache
 from clinicomm.settings.globals import load_global_settings
@@ -105,7 +105,18 @@ class Runtime:
             notifier,
             MessagingService(db, config, notifier),
             ChainBuilder(context),
-            make_health(redis),
+            make_health(
+                redis,
+                HealthConfig(
+                    window_seconds=settings.health_window_seconds,
+                    bucket_seconds=min(
+                        settings.health_bucket_seconds, settings.health_window_seconds
+                    ),
+                    min_samples=settings.health_min_samples,
+                    cool_down_seconds=settings.health_cool_down_seconds,
+                    half_open_probes=settings.health_half_open_probes,
+                ),
+            ),
             make_limiter(redis),
         )
 
