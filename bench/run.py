@@ -224,6 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--redis-url", default=None,
                    help="CLINICOMM_REDIS_URL for the non-SQLite backends (default: unset)")
     g.add_argument("--messages", type=int, default=20_000, help="per full-speed scenario")
+    g.add_argument("--workers", type=int, action="append", default=None,
+                   help="for PostgreSQL: run serve as API only plus N `clinicomm worker` "
+                        "processes (repeatable: --workers 1 --workers 2 gives two columns)")
     g.add_argument("--concurrency", type=int, default=64, help="POSTs in flight at full speed")
     g.add_argument("--latency-rate", type=float, default=1000.0,
                    help="offered msg/s for acceptance→sent latency")
@@ -272,6 +275,7 @@ def _config(args: argparse.Namespace, database_url: str) -> ServiceConfig:
         latency_rate=args.latency_rate, post_rate=args.post_rate,
         concurrency=args.concurrency, clinics=args.clinics,
         scenarios=args.scenarios.split(","), timeout=args.timeout,
+        workers=0 if sqlite else getattr(args, "workers_now", 0),
     )
 
 
@@ -305,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             raw_figs = median_raw(passes)
         if not args.skip_service:
-            for url in args.database_url or ["sqlite"]:
+            runs = [(url, n) for url in args.database_url or ["sqlite"]
+                    for n in ([0] if url.startswith("sqlite") else (args.workers or [0]))]
+            for url, n in runs:
+                args.workers_now = n
                 bench = functools.partial(run_service_bench, http, smtp,
                                           _config(args, url), _progress)
                 svc = _run(bench, args.loop)

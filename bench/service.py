@@ -102,6 +102,9 @@ class ServiceConfig:
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
     timeout: float = 600.0  # per scenario, for every delivery to become terminal
     startup_timeout: float = 60.0
+    #: 0: serve runs its in-process worker; N: serve is API only and N `clinicomm worker`
+    #: processes send (PostgreSQL).
+    workers: int = 0
 
 
 @dataclass
@@ -598,8 +601,13 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
         database_url = cfg.database_url or f"sqlite+aiosqlite:///{workdir}/bench.db"
         db_label = database_url.split(":", 1)[0].split("+", 1)[0]
         db_label += " + redis" if cfg.redis_url else ""
+        if cfg.workers:
+            db_label += f", {cfg.workers} worker{'s' if cfg.workers > 1 else ''}"
         result = ServiceResult(database=db_label)
         env = _base_env(free_port(), database_url, cfg.redis_url)
+        if cfg.workers:
+            env["CLINICOMM_WORKER"] = "false"
+        workers: list[subprocess.Popen[bytes]] = []
         try:
             await asyncio.to_thread(check_available, command, env)
         except ServiceUnavailable as exc:
@@ -611,6 +619,10 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
             token = (await asyncio.to_thread(_cli, command, env, "token", "--role",
                                              "SuperAdmin")).strip().splitlines()[-1]
             await serve.start(cfg.startup_timeout)
+            for n in range(cfg.workers):
+                log = (workdir / f"worker-{n}.log").open("wb")
+                workers.append(subprocess.Popen([*command, "worker"], env=env, cwd=workdir,
+                                                stdout=log, stderr=subprocess.STDOUT))
             connector = aiohttp.TCPConnector(limit=max(cfg.concurrency, 256))
             headers = {"Authorization": f"Bearer {token}"}
             run = secrets.token_hex(3)
@@ -636,5 +648,12 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
             if tail:
                 result.error += f"\n--- serve.log tail ---\n{tail}"
         finally:
+            for proc in workers:
+                proc.terminate()
+            for proc in workers:
+                try:
+                    await asyncio.to_thread(proc.wait, 30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             await asyncio.to_thread(serve.stop)
         return result
