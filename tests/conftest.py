@@ -103,17 +103,29 @@ def redis_url() -> Iterator[str | None]:
         return
     import redis
 
-    db = secrets.randbelow(14) + 1
-    url = f"{REDIS_BASE_URL.rstrip('/')}/{db}"
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    # Reserve a database number of our own (a key in db 0), so test sessions running at the
+    # same time on this machine never flush each other's data.
+    base = REDIS_BASE_URL.rstrip("/")
+    admin = redis.Redis.from_url(f"{base}/0", socket_connect_timeout=2)
     try:
-        client.ping()
+        admin.ping()
     except redis.exceptions.RedisError as exc:
-        pytest.fail(f"Redis at {url} is not answering: {exc}", pytrace=False)
+        pytest.fail(f"Redis at {base} is not answering: {exc}", pytrace=False)
+    token = uuid.uuid4().hex
+    for db in range(1, 16):
+        if admin.set(f"clinicomm:test:db:{db}", token, nx=True, ex=3600):
+            break
+    else:
+        pytest.fail("every Redis database 1-15 is reserved by other test sessions", pytrace=False)
+    url = f"{base}/{db}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
     client.flushdb()
     yield url
     client.flushdb()
     client.close()
+    if admin.get(f"clinicomm:test:db:{db}") == token.encode():
+        admin.delete(f"clinicomm:test:db:{db}")
+    admin.close()
 
 
 @pytest.fixture(scope="session")
