@@ -40,6 +40,14 @@ T = TypeVar("T")
 
 INVALIDATE_CHANNEL = "clinic:comm:invalidate"
 
+
+def invalidation_channel(redis: Redis) -> str:
+    """The pub/sub channel for this Redis database. Pub/sub ignores database numbers, so two
+    deployments sharing a server on different databases would otherwise hear (and wait for)
+    each other's invalidations: database 0 uses the seed's plain name, others a suffix."""
+    db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+    return INVALIDATE_CHANNEL if db == 0 else f"{INVALIDATE_CHANNEL}:{db}"
+
 _CAS_SCRIPT = """
 local cur = redis.call('HGET', KEYS[1], 'v')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
@@ -175,7 +183,7 @@ class ConfigCache(Generic[T]):
         ack_key = f"clinic:comm:ack:{uuid.uuid4().hex}"
         message = orjson.dumps({"clinic": clinic_id, "version": version, "ack": ack_key})
         receivers = await self.guard.call(
-            "publish", lambda r: r.publish(INVALIDATE_CHANNEL, message)
+            "publish", lambda r: r.publish(invalidation_channel(r), message)
         )
         if not receivers:
             return 1
@@ -238,7 +246,7 @@ class ConfigCache(Generic[T]):
         while True:
             pubsub = redis.pubsub()
             try:
-                await pubsub.subscribe(INVALIDATE_CHANNEL)
+                await pubsub.subscribe(invalidation_channel(redis))
                 # A (re)connected listener may have missed messages: start from a clean L1.
                 self.clear()
                 ready.set()
