@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(default=1.0, gt=0)
     #: A delivery still failing transiently after this long ends `failed`.
     delivery_max_age_seconds: float = Field(default=6 * 3600.0, gt=0)
+    #: Webhooks: rebuild the signed URL from `X-Forwarded-Proto`/`X-Forwarded-Host`. Only
+    #: behind a proxy that sets (overwrites) them; otherwise a caller could choose the URL.
+    trust_forwarded_headers: bool = False
+    #: Webhooks: GET a verified SNS `SubscribeURL` at once instead of leaving it to the operator.
+    sns_auto_confirm: bool = False
 
     @property
     def production(self) -> bool:
