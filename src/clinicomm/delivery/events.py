@@ -1,7 +1,8 @@
 """Webhook events → delivery status, suppressions and the WhatsApp 24-hour window.
 
-`apply_events` is what the webhook endpoint calls after `verify` and `parse`, inside the
-request's transaction (it never commits). For each event it:
+The webhook endpoint stores events with `store_events` (fast, before its answer) and applies
+them afterwards with `apply_stored`; `apply_events` does both at once in the caller's
+transaction (it never commits). Applying an event:
 
 1. stores it in `delivery_events`; a second copy of the same (provider, clinic, event id)
    is ignored there (INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL alike), so a
@@ -18,8 +19,8 @@ request's transaction (it never commits). For each event it:
 4. for an inbound WhatsApp message, refreshes `inbound_contacts.last_inbound_at`.
 
 An event whose delivery is not found yet (the webhook beat the worker's commit of the
-provider message id) is kept with `processed_at` NULL; the worker calls `apply_pending` after
-it records a provider message id.
+provider message id) is kept with `processed_at` NULL; the endpoint's sweep (`apply_stored`
+without ids) or `apply_pending` applies it once the delivery has that id.
 
 `is_suppressed` and `window_open` are what the sender asks before any provider call.
 """
