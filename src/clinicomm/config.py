@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     health_min_samples: int = Field(default=20, ge=1)
     health_cool_down_seconds: float = Field(default=30.0, ge=0)
     health_half_open_probes: int = Field(default=3, ge=1)
+    #: Webhooks: rebuild the signed URL from `X-Forwarded-Proto`/`X-Forwarded-Host`. Only
+    #: behind a proxy that sets (overwrites) them; otherwise a caller could choose the URL.
+    trust_forwarded_headers: bool = False
+    #: Webhooks: GET a verified SNS `SubscribeURL` at once instead of leaving it to the operator.
+    sns_auto_confirm: bool = False
 
     @property
     def production(self) -> bool:

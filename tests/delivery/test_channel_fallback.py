@@ -6,7 +6,7 @@ from typing import Any
 
 from clinicomm import SendRequest
 from tests.support.http_capture import CaptureServer, Scripted
-from tests.support.pipeline import create_clinic, wait_terminal
+from tests.support.pipeline import create_clinic, open_window, wait_terminal
 
 
 def meta_slot(server: CaptureServer) -> dict[str, Any]:
@@ -62,6 +62,7 @@ async def test_whatsapp_failing_falls_back_to_sms(make_client) -> None:
                 "sms": {"primary": twilio_sms(twilio)},
             },
         )
+        await open_window(client, "clinic-wa", "+14155552671")
         accepted = await client.send(wa_request("clinic-wa"))
         status = await wait_terminal(client, accepted.id)
         wa, sms = sorted(status["deliveries"], key=lambda d: d["channel"] != "whatsapp")
@@ -96,6 +97,7 @@ async def test_recipient_error_on_whatsapp_does_not_fall_back(make_client) -> No
                 "sms": {"primary": twilio_sms(twilio)},
             },
         )
+        await open_window(client, "clinic-wr", "+14155552671")
         accepted = await client.send(wa_request("clinic-wr"))
         status = await wait_terminal(client, accepted.id)
         (wa,) = status["deliveries"]

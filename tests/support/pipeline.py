@@ -25,6 +25,18 @@ async def create_clinic(client: Client, clinic_id: str, comm: dict[str, Any]) ->
     await rt.config.committed(change)
 
 
+async def open_window(client: Client, clinic_id: str, phone: str) -> None:
+    """The patient wrote on WhatsApp a minute ago: free-form text is allowed (24-hour window)."""
+    from datetime import UTC, datetime, timedelta
+
+    from clinicomm.delivery.events import record_inbound
+
+    rt = client._rt()
+    async with rt.db.session() as session:
+        at = datetime.now(UTC) - timedelta(minutes=1)
+        await record_inbound(session, clinic_id, "whatsapp", phone, at)
+
+
 async def wait_terminal(client: Client, message_id: str, timeout: float = 15) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:

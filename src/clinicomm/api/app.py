@@ -19,8 +19,9 @@ from clinicomm import __version__
 from clinicomm.api import errors
 from clinicomm.api.auth import TokenVerifier
 from clinicomm.api.middleware import RequestContext
-from clinicomm.api.routers import audit, clinics, communications, ops
+from clinicomm.api.routers import audit, clinics, communications, ops, suppressions, webhooks
 from clinicomm.config import Settings
+from clinicomm.delivery.webhooks import webhook_service
 from clinicomm.runtime import Runtime
 
 DESCRIPTION = """\
@@ -43,12 +44,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             app.state.verifier = TokenVerifier.from_settings(resolved)
         if runtime is not None:
             app.state.runtime = runtime
-            yield
+            async with _webhook_processing(runtime):
+                yield
             return
         own = await Runtime.create(resolved, migrate=resolved.is_sqlite)
         app.state.runtime = own
         try:
-            yield
+            async with _webhook_processing(own):
+                yield
         finally:
             await own.close()
 
@@ -71,4 +74,17 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(audit.router)
     app.include_router(communications.router)
     app.include_router(ops.router)
+    app.include_router(webhooks.router)
+    app.include_router(suppressions.router)
     return app
+
+
+@asynccontextmanager
+async def _webhook_processing(runtime: Runtime) -> AsyncIterator[None]:
+    """Applies stored webhook events after the answers, and sweeps leftovers, while serving."""
+    service = webhook_service(runtime)
+    await service.start()
+    try:
+        yield
+    finally:
+        await service.stop()

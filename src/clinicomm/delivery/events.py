@@ -1,7 +1,8 @@
 """Webhook events → delivery status, suppressions and the WhatsApp 24-hour window.
 
-`apply_events` is what the webhook endpoint calls after `verify` and `parse`, inside the
-request's transaction (it never commits). For each event it:
+The webhook endpoint stores events with `store_events` (fast, before its answer) and applies
+them afterwards with `apply_stored`; `apply_events` does both at once in the caller's
+transaction (it never commits). Applying an event:
 
 1. stores it in `delivery_events`; a second copy of the same (provider, clinic, event id)
    is ignored there (INSERT … ON CONFLICT DO NOTHING, on SQLite and PostgreSQL alike), so a
@@ -18,8 +19,8 @@ request's transaction (it never commits). For each event it:
 4. for an inbound WhatsApp message, refreshes `inbound_contacts.last_inbound_at`.
 
 An event whose delivery is not found yet (the webhook beat the worker's commit of the
-provider message id) is kept with `processed_at` NULL; the worker calls `apply_pending` after
-it records a provider message id.
+provider message id) is kept with `processed_at` NULL; the endpoint's sweep (`apply_stored`
+without ids) or `apply_pending` applies it once the delivery has that id.
 
 `is_suppressed` and `window_open` are what the sender asks before any provider call.
 """
@@ -32,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, delete, select
+from sqlalchemy import and_, case, delete, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -341,7 +342,7 @@ async def suppress(
         .values(
             clinic_id=clinic_id,
             channel=str(channel),
-            address=address,
+            address=canonical_key(channel, address),
             reason=reason.value,
             source=source[:120],
             created_at=now or _utcnow(),
@@ -364,7 +365,7 @@ async def unsuppress(
     cond = and_(
         Suppression.clinic_id == clinic_id,
         Suppression.channel == str(channel),
-        Suppression.address == address,
+        Suppression.address == canonical_key(channel, address),
     )
     if reasons is not None:
         cond = and_(cond, Suppression.reason.in_([r.value for r in reasons]))
@@ -378,7 +379,7 @@ async def is_suppressed(session: AsyncSession, clinic_id: str, channel: str, add
         select(Suppression.reason).where(
             Suppression.clinic_id == clinic_id,
             Suppression.channel == str(channel),
-            Suppression.address == address,
+            Suppression.address == canonical_key(channel, address),
         )
     )
     return row is not None
@@ -448,19 +449,7 @@ async def apply_pending(
         )
     ).all()
     for record in records:
-        event = DeliveryEvent(
-            provider=record.provider,
-            event_id=record.event_id,
-            provider_message_id=record.provider_message_id,
-            event_type=EventType(record.event_type)
-            if record.event_type in EventType._value2member_map_
-            else EventType.UNKNOWN,
-            occurred_at=aware(record.occurred_at) if record.occurred_at else None,
-            recipient=record.recipient,
-            channel=Channel(record.channel) if record.channel else None,
-            error=record.error,
-            bounce_permanent=record.bounce_permanent,
-        )
+        event = _event_of(record)
         delivery = await _find_delivery(session, clinic_id, event)
         if delivery is None:
             result.unmatched += 1
@@ -472,3 +461,218 @@ async def apply_pending(
         record.delivery_id = delivery.id
         record.processed_at = when
     return result
+
+
+def _event_of(record: DeliveryEventRecord) -> DeliveryEvent:
+    """The status event a stored row records (for applying it later)."""
+    return DeliveryEvent(
+        provider=record.provider,
+        event_id=record.event_id,
+        provider_message_id=record.provider_message_id,
+        event_type=EventType(record.event_type)
+        if record.event_type in EventType._value2member_map_
+        else EventType.UNKNOWN,
+        occurred_at=aware(record.occurred_at) if record.occurred_at else None,
+        recipient=record.recipient,
+        channel=Channel(record.channel) if record.channel else None,
+        error=record.error,
+        bounce_permanent=record.bounce_permanent,
+    )
+
+
+def canonical_key(channel: str, address: str) -> str:
+    """The form an address is compared in for suppressions: email addresses lower-cased
+    whole (mailbox providers treat the local part case-insensitively in practice, and a
+    missed opt-out costs more than a shared one); phone numbers are already E.164."""
+    if str(channel) == Channel.EMAIL.value:
+        return address.strip().lower()
+    return address.strip()
+
+
+async def store_events(
+    session: AsyncSession,
+    clinic_id: str,
+    events: Iterable[WebhookEvent],
+    *,
+    now: datetime | None = None,
+) -> tuple[list[int], int]:
+    """Store verified, parsed events unprocessed (the fast part of a webhook request).
+
+    Returns the new rows' ids (to hand to `apply_stored` after the answer) and the number
+    of duplicates ignored. Never commits; the caller's transaction makes them durable.
+    """
+    received = now or _utcnow()
+    ids: list[int] = []
+    duplicates = 0
+    for event in events:
+        row_id = await _store(session, clinic_id, event, received)
+        if row_id is None:
+            duplicates += 1
+        else:
+            ids.append(row_id)
+    return ids, duplicates
+
+
+async def apply_stored(
+    session: AsyncSession,
+    *,
+    ids: Iterable[int] | None = None,
+    since: datetime | None = None,
+    limit: int = 500,
+    now: datetime | None = None,
+) -> ApplyResult:
+    """Apply stored, unprocessed events (never commits).
+
+    With `ids`: those rows (what a webhook request just stored). Without: a sweep of every
+    unprocessed inbound message and every unprocessed status event whose delivery now
+    exists (a process that stopped before applying, or a webhook that beat the worker's
+    commit of the provider message id), received after `since` when given; unmatched events
+    are left for later. Rows are locked with SKIP LOCKED on PostgreSQL, so two processes
+    sweeping at once take different rows.
+    """
+    result = ApplyResult()
+    when = now or _utcnow()
+    query = select(DeliveryEventRecord).where(DeliveryEventRecord.processed_at.is_(None))
+    if ids is not None:
+        wanted = list(ids)
+        if not wanted:
+            return result
+        query = query.where(DeliveryEventRecord.id.in_(wanted))
+    else:
+        has_delivery = exists().where(
+            Delivery.clinic_id == DeliveryEventRecord.clinic_id,
+            Delivery.provider_message_id == DeliveryEventRecord.provider_message_id,
+        )
+        query = query.where(or_(DeliveryEventRecord.event_type == INBOUND, has_delivery))
+        if since is not None:
+            query = query.where(DeliveryEventRecord.received_at >= since)
+    query = query.order_by(DeliveryEventRecord.id).limit(limit)
+    query = query.with_for_update(skip_locked=True, of=DeliveryEventRecord)
+    records = (await session.scalars(query)).all()
+    for record in records:
+        clinic_id = record.clinic_id
+        if record.event_type == INBOUND:
+            await _apply_stored_inbound(session, record, when, result)
+            record.processed_at = when
+            continue
+        event = _event_of(record)
+        delivery = await _find_delivery(session, clinic_id, event)
+        if delivery is None:
+            result.unmatched += 1
+            await _suppress_for(session, clinic_id, event, None, when, result)
+            continue
+        if advance(delivery, event, when):
+            result.status_changes += 1
+            result.changed_deliveries.append(delivery.id)
+        await _suppress_for(session, clinic_id, event, delivery, when, result)
+        record.delivery_id = delivery.id
+        record.processed_at = when
+    return result
+
+
+async def _apply_stored_inbound(
+    session: AsyncSession, record: DeliveryEventRecord, when: datetime, result: ApplyResult
+) -> None:
+    """An inbound message from its stored row (the keyword was decided when stored)."""
+    if not record.recipient or not record.channel:
+        return
+    result.inbound += 1
+    keyword = (record.payload or {}).get("keyword")
+    source = f"inbound:{record.provider}"
+    if keyword == "stop":
+        if await suppress(
+            session,
+            record.clinic_id,
+            record.channel,
+            record.recipient,
+            SuppressionReason.STOP,
+            source,
+            now=when,
+        ):
+            result.suppressions_added += 1
+    elif keyword == "start":
+        result.suppressions_lifted += await unsuppress(
+            session, record.clinic_id, record.channel, record.recipient, reasons=OPT_IN_LIFTS
+        )
+    if record.channel == Channel.WHATSAPP.value:
+        at = aware(record.occurred_at) if record.occurred_at else when
+        await record_inbound(session, record.clinic_id, record.channel, record.recipient, at)
+
+
+async def suppressed_among(
+    session: AsyncSession, keys: Iterable[tuple[str, str, str]]
+) -> set[tuple[str, str, str]]:
+    """Which (clinic id, channel, address) triples are suppressed, in one query.
+
+    Addresses are compared in `canonical_key` form; the answer holds the triples as given.
+    """
+    wanted = {(c, ch, canonical_key(ch, a)): (c, ch, a) for c, ch, a in keys}
+    if not wanted:
+        return set()
+    rows = (
+        await session.execute(
+            select(Suppression.clinic_id, Suppression.channel, Suppression.address).where(
+                Suppression.clinic_id.in_({k[0] for k in wanted}),
+                Suppression.address.in_({k[2] for k in wanted}),
+            )
+        )
+    ).all()
+    return {wanted[(r[0], r[1], r[2])] for r in rows if (r[0], r[1], r[2]) in wanted}
+
+
+async def last_inbound_among(
+    session: AsyncSession, keys: Iterable[tuple[str, str]], *, channel: str = Channel.WHATSAPP
+) -> dict[tuple[str, str], datetime]:
+    """When each (clinic id, address) last wrote on `channel`, in one query (absent: never)."""
+    wanted = set(keys)
+    if not wanted:
+        return {}
+    rows = (
+        await session.execute(
+            select(
+                InboundContact.clinic_id, InboundContact.address, InboundContact.last_inbound_at
+            ).where(
+                InboundContact.channel == str(channel),
+                InboundContact.clinic_id.in_({k[0] for k in wanted}),
+                InboundContact.address.in_({k[1] for k in wanted}),
+            )
+        )
+    ).all()
+    return {(r[0], r[1]): aware(r[2]) for r in rows if (r[0], r[1]) in wanted}
+
+
+async def bounce_rate(
+    session: AsyncSession, clinic_id: str, since: datetime
+) -> dict[str, float]:
+    """Per provider key, the share of the clinic's deliveries handed to it since `since`
+    (by `sent_at`) that ended `bounced`: `{"sendgrid": 0.02}`. Providers that sent nothing
+    in the period are absent. Clinic-scoped and global hops of one key are counted apart
+    (`"sendgrid"` for the clinic's own, `"global:smtp"` for the platform's)."""
+    bounced = func.sum(case((Delivery.status == DeliveryStatus.BOUNCED.value, 1), else_=0))
+    rows = (
+        await session.execute(
+            select(Delivery.provider, func.count(), bounced)
+            .where(
+                Delivery.clinic_id == clinic_id,
+                Delivery.sent_at >= since,
+                Delivery.provider.is_not(None),
+            )
+            .group_by(Delivery.provider)
+        )
+    ).all()
+    totals: dict[str, list[int]] = {}
+    for label, total, bounces in rows:
+        key = _provider_of(str(label))
+        entry = totals.setdefault(key, [0, 0])
+        entry[0] += int(total)
+        entry[1] += int(bounces or 0)
+    return {key: (b / t if t else 0.0) for key, (t, b) in totals.items()}
+
+
+def _provider_of(label: str) -> str:
+    """`clinic:sendgrid#2` → `sendgrid`; `global:smtp` stays `global:smtp`."""
+    scope, _, key = label.partition(":")
+    if not key:
+        return label
+    key = key.split("#", 1)[0]
+    return key if scope == "clinic" else f"{scope}:{key}"

@@ -65,11 +65,14 @@ class Content:
     body: str | None
     html: str | None
     template: TemplateRef | None
+    #: The message's category (`GENERAL`, …): picks the WhatsApp window template.
+    category: str | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Content:
+    def from_json(cls, data: dict[str, Any], category: str | None = None) -> Content:
         template = data.get("template")
         return cls(
+            category=category,
             title=data.get("title"),
             body=data.get("body"),
             html=data.get("html"),
@@ -91,6 +94,29 @@ class Handled:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     #: A delivery on another channel that replaces this one (channel fallback).
     fallback: dict[str, Any] | None = None
+    #: (clinic id, channel, address, reason value, source): an opt-out learnt on send
+    #: (Twilio 21610, a permanent bounce), recorded with the results.
+    suppress: tuple[str, str, str, str, str] | None = None
+
+
+def suppression_on_send(
+    claimed: Claimed, hop: Hop, error: ProviderError
+) -> tuple[str, str, str, str, str] | None:
+    """The opt-out a send error proves: Twilio 21610 (the number opted out at Twilio) or a
+    permanent bounce (RecipientError with an SMTP 5.1.x code or a provider's permanent
+    recipient code). PROVIDER-FACTS §8 items 18 and 20."""
+    if claimed.clinic_id is None:
+        return None
+    source = f"send:{hop.key}"
+    if isinstance(error, ComplianceError) and error.code == "21610":
+        return (claimed.clinic_id, claimed.channel, claimed.recipient, "provider_21610", source)
+    if (
+        isinstance(error, RecipientError)
+        and claimed.channel == Channel.EMAIL.value
+        and ((error.code or "").startswith("5.1.") or (hop.key, error.code) == ("postmark", "406"))
+    ):
+        return (claimed.clinic_id, claimed.channel, claimed.recipient, "bounce", source)
+    return None
 
 
 def _attempt(
@@ -244,6 +270,7 @@ async def send_through_chain(
                     error={"reason": error.error_class.value, "errors": errors},
                 ),
                 attempts_rows,
+                suppress=suppression_on_send(claimed, hop, error),
             )
         if isinstance(error, TransientError) and provider_attempts < hop.retry_attempts:
             delay = retry_delay(provider_attempts, error.retry_after)

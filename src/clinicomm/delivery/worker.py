@@ -33,7 +33,8 @@ import orjson
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from clinicomm.delivery import policy
+from clinicomm.delivery import gates, policy
+from clinicomm.delivery.events import SuppressionReason, suppress
 from clinicomm.delivery.queue import (
     Claimed,
     Outcome,
@@ -100,6 +101,7 @@ class Worker:
         self._flushing = 0
         self._flush_now = asyncio.Event()
         self._contents: OrderedDict[str, Content] = OrderedDict()
+        self._gates: dict[str, gates.Gates] = {}
         self.sent = 0
         self.failed = 0
 
@@ -187,6 +189,16 @@ class Worker:
                 "could not load message contents",
                 extra={"event": "content_load_failed", "error": type(exc).__name__},
             )
+        try:
+            facts = await gates.load(self.db, batch)
+        except Exception as exc:  # no facts: each delivery is retried later (_process)
+            log.warning(
+                "could not load suppressions",
+                extra={"event": "gates_failed", "error": type(exc).__name__},
+            )
+        else:
+            for claimed in batch:
+                self._gates[claimed.id] = facts
         for claimed in batch:
             self._claimed[claimed.id] = claimed
             task = asyncio.create_task(self._process(claimed), name=claimed.id)
@@ -200,6 +212,7 @@ class Worker:
         delivery_id = task.get_name()
         self._inflight.pop(delivery_id, None)
         self._claimed.pop(delivery_id, None)
+        self._gates.pop(delivery_id, None)
 
     async def _process(self, claimed: Claimed) -> None:
         try:
@@ -223,6 +236,11 @@ class Worker:
                 )
                 self.failed += 1
                 return
+            gated = self._gate(claimed, resolved, content)
+            if isinstance(gated, Handled):
+                self._results.append(gated)
+                return
+            content = gated
             limited = await self._clinic_limit(claimed, resolved)
             if limited is not None:
                 self._results.append(limited)
@@ -247,6 +265,35 @@ class Worker:
         self._results.append(handled)
         if len(self._results) >= self.options.batch_size:
             self._flush_now.set()
+
+    def _gate(
+        self, claimed: Claimed, resolved: ResolvedChannel, content: Content
+    ) -> Handled | Content:
+        """Opt-outs and the WhatsApp window (`delivery.gates`), before any provider call."""
+        facts = self._gates.get(claimed.id)
+        if facts is None:
+            raise LookupError("suppressions could not be read")
+        if claimed.id in facts.suppressed:
+            return Handled(
+                Outcome(
+                    claimed.id,
+                    DeliveryStatus.SUPPRESSED,
+                    claimed.attempts,
+                    error={"reason": "the recipient opted out of this channel", "errors": []},
+                )
+            )
+        decided = gates.window(resolved, content, facts.last_inbound.get(claimed.id), utcnow())
+        if isinstance(decided, str):
+            self.failed += 1
+            return Handled(
+                Outcome(
+                    claimed.id,
+                    DeliveryStatus.FAILED,
+                    claimed.attempts,
+                    error={"reason": decided, "errors": claimed.errors},
+                )
+            )
+        return decided
 
     async def _clinic_limit(self, claimed: Claimed, resolved: ResolvedChannel) -> Handled | None:
         """The clinic's own `rateLimit` for the channel, shared by every process: over the
@@ -335,15 +382,16 @@ class Worker:
         async with self.db.read() as session:
             rows = (
                 await session.execute(
-                    select(Message.id, Message.clinic_id, Message.content).where(
+                    select(Message.id, Message.clinic_id, Message.content, Message.category).where(
                         Message.id.in_(missing)
                     )
                 )
             ).all()
-            for message_id, clinic_id, blob in rows:
+            categories = {row[0]: row[3] for row in rows}
+            for message_id, clinic_id, blob, _ in rows:
                 cipher = await self.config.keys.cipher_for(self.db, clinic_id or PLATFORM_KEY_OWNER)
                 data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
-                self._contents[message_id] = Content.from_json(data)
+                self._contents[message_id] = Content.from_json(data, categories[message_id])
         while len(self._contents) > 10_000:
             self._contents.popitem(last=False)
 
@@ -373,6 +421,12 @@ class Worker:
                         attempts=[a for h in pending for a in h.attempts],
                         new_deliveries=[h.fallback for h in pending if h.fallback],
                     )
+                    for h in pending:
+                        if h.suppress is not None:
+                            clinic, channel, address, reason, source = h.suppress
+                            await suppress(
+                                session, clinic, channel, address, SuppressionReason(reason), source
+                            )
                     if any(h.fallback for h in pending):
                         await self.notifier.in_transaction(await session.connection())
                 if any(h.fallback for h in pending):

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -153,12 +154,34 @@ class EmailSettings(ChannelSettings):
     default_from_name: str | None = None
 
 
+class WindowTemplate(CamelModel):
+    """The template a free-form WhatsApp text is sent as outside the 24-hour window.
+
+    `name` is a logical template name (a key of the provider credentials' `templates` map) or
+    the provider's own name; the message's text becomes its one body parameter (`{{1}}`).
+    """
+
+    name: str = Field(min_length=1, max_length=512)
+    language: str = Field(default="en", min_length=2, max_length=15)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
 class WhatsAppSettings(ChannelSettings):
-    """WhatsApp: numbers without `+` are read in `defaultRegion` when set."""
+    """WhatsApp: numbers without `+` are read in `defaultRegion` when set.
+
+    `windowTemplates` maps a message category (`APPOINTMENT_REMINDER`, `GENERAL`, …) to the
+    template a free-form text of that category is sent as when the patient's 24-hour window
+    is closed; a category without one fails `template required` (see `delivery.gates`).
+    """
 
     primary: WhatsAppProviderConfig | None = None
     fallback: list[WhatsAppProviderConfig] = Field(default_factory=list)
     default_region: str | None = Field(default=None, min_length=2, max_length=2)
+    window_templates: dict[str, WindowTemplate] = Field(default_factory=dict)
 
 
 class SmsSettings(ChannelSettings):

@@ -1,0 +1,212 @@
+"""Provider webhooks: `POST /api/v1/webhooks/{provider}/{clinicId}` and Meta's `GET` handshake.
+
+No bearer token: the provider proves itself with a signature made with the clinic's own
+credentials (its slots of that provider, on any channel). The order of checks:
+
+1. unknown provider key, unknown clinic, or a clinic with no slot of that provider → 404;
+2. signature (or basic auth, or SNS certificate and topic) → 401 when no slot's credentials
+   verify it; nothing is stored;
+3. body not in the provider's format → 400;
+4. the parsed events are stored in `delivery_events` in one transaction (deduplicated by the
+   provider's event id) and the answer is sent; status changes, opt-outs and the WhatsApp
+   window are applied afterwards by `delivery.webhooks.WebhookService`.
+
+The URL verified (Twilio and MessageBird sign it) is the one this server received, unless
+`CLINICOMM_TRUST_FORWARDED_HEADERS=true`: then `X-Forwarded-Proto` and `X-Forwarded-Host`
+(first values) replace scheme and host. Only set it behind a proxy that overwrites them.
+
+SES through SNS: a verified `SubscriptionConfirmation` is recorded in the clinic's audit log
+(action `webhook.sns_subscription`, with the topic and the `SubscribeURL`) and logged without
+the URL; the operator confirms it by opening the URL. With
+`CLINICOMM_SNS_AUTO_CONFIRM=true` the server also GETs the URL itself through the shared HTTP
+session (the URL was checked to be https on an SNS host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from clinicomm.api.deps import get_runtime
+from clinicomm.api.errors import ApiError
+from clinicomm.api.schemas import CLINIC_ID_PATTERN
+from clinicomm.delivery.events import store_events
+from clinicomm.delivery.webhooks import webhook_service
+from clinicomm.observability.logging import bind_context, request_id
+from clinicomm.providers.webhooks import HANDLERS, WebhookAuthError, WebhookPayloadError, ses
+from clinicomm.providers.webhooks import meta as meta_webhooks
+from clinicomm.providers.webhooks.base import WebhookRequest
+from clinicomm.runtime import Runtime
+from clinicomm.store.models import AuditEntry
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+ClinicId = Annotated[str, Path(pattern=CLINIC_ID_PATTERN, description="The clinic's id")]
+Provider = Annotated[
+    str,
+    Path(
+        max_length=40,
+        description="meta_business (or meta), twilio, sendgrid, mailgun, postmark, ses, "
+        "vonage, messagebird",
+    ),
+]
+#: Webhook bodies are small (a SendGrid batch is well under this); larger ones are refused.
+MAX_BODY = 1024 * 1024
+_BACKGROUND: set[asyncio.Task[None]] = set()
+_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+
+
+def public_url(request: Request, trust_forwarded: bool) -> str:
+    """The URL as the provider called it (see the module docstring for the proxy rule)."""
+    url = str(request.url)
+    if not trust_forwarded:
+        return url
+    parts = urlsplit(url)
+    proto = (request.headers.get("x-forwarded-proto") or "").split(",")[0].strip().lower()
+    host = (request.headers.get("x-forwarded-host") or "").split(",")[0].strip()
+    scheme = proto if proto in ("http", "https") else parts.scheme
+    return urlunsplit((scheme, host or parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+async def _credentials(runtime: Runtime, provider: str, clinic_id: str) -> tuple[str, list[Any]]:
+    service = webhook_service(runtime)
+    key = service.provider_key(provider)
+    if key is None:
+        raise ApiError(404, "not_found", f"no webhooks for provider {provider!r}")
+    if not await service.clinic_exists(clinic_id):
+        raise ApiError(404, "not_found", f"clinic {clinic_id!r} not found")
+    found = await service.credentials(clinic_id, key)
+    if not found:
+        raise ApiError(404, "not_found", f"the clinic does not use {key}")
+    return key, found
+
+
+@router.post(
+    "/{provider}/{clinicId}",
+    summary="A provider's status reports and inbound messages for one clinic (signed)",
+    responses={
+        200: {"description": "Stored (Twilio: empty TwiML)"},
+        400: {"description": "Not the provider's webhook format"},
+        401: {"description": "Signature missing or invalid for this clinic"},
+        404: {"description": "Unknown provider or clinic, or the clinic does not use it"},
+        413: {"description": "Body too large"},
+    },
+)
+async def receive(
+    provider: Provider, clinicId: ClinicId, request: Request, runtime: RuntimeDep
+) -> Response:
+    bind_context(clinicId=clinicId)
+    key, candidates = await _credentials(runtime, provider, clinicId)
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ApiError(413, "payload_too_large", "webhook body too large")
+    trust = runtime.settings.trust_forwarded_headers
+    webhook = WebhookRequest.build(
+        public_url(request, trust), request.method, list(request.headers.items()), body
+    )
+    handler = HANDLERS[key]
+    service = webhook_service(runtime)
+    reason = "no credentials"
+    for credentials in candidates:
+        try:
+            await handler.verify(webhook, credentials, service.context)
+            break
+        except WebhookAuthError as exc:
+            reason = str(exc)
+    else:
+        log.warning(
+            "webhook refused",
+            extra={"event": "webhook_refused", "provider": key, "reason": reason[:200]},
+        )
+        raise ApiError(401, "unauthorized", "webhook signature is missing or invalid")
+    try:
+        events = handler.parse(webhook)
+        confirm = ses.subscribe_url(webhook) if key == "ses" else None
+    except (WebhookPayloadError, WebhookAuthError) as exc:
+        raise ApiError(400, "bad_request", f"not a {key} webhook: {exc}") from None
+    async with runtime.db.session() as session:
+        ids, duplicates = await store_events(session, clinicId, events)
+        if confirm is not None:
+            _record_subscription(session, clinicId, webhook, confirm)
+    service.submit(ids)
+    log.info(
+        "webhook stored",
+        extra={
+            "event": "webhook_stored",
+            "provider": key,
+            "stored": len(ids),
+            "duplicates": duplicates,
+        },
+    )
+    if confirm is not None and runtime.settings.sns_auto_confirm:
+        task = asyncio.create_task(_confirm_subscription(runtime, confirm))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+    if key == "twilio":
+        return Response(_TWIML, media_type="text/xml")
+    return PlainTextResponse("ok")
+
+
+@router.get(
+    "/{provider}/{clinicId}",
+    summary="Meta's subscription handshake (hub.verify_token → hub.challenge)",
+    response_class=PlainTextResponse,
+    responses={
+        403: {"description": "hub.verify_token does not match"},
+        404: {"description": "Not Meta, unknown clinic, or the clinic does not use Meta"},
+    },
+)
+async def handshake(
+    provider: Provider, clinicId: ClinicId, request: Request, runtime: RuntimeDep
+) -> PlainTextResponse:
+    bind_context(clinicId=clinicId)
+    if webhook_service(runtime).provider_key(provider) != meta_webhooks.PROVIDER:
+        raise ApiError(404, "not_found", "only meta_business has a subscription handshake")
+    _, candidates = await _credentials(runtime, provider, clinicId)
+    query = dict(request.query_params)
+    for credentials in candidates:
+        try:
+            return PlainTextResponse(meta_webhooks.handshake(query, credentials))
+        except WebhookAuthError:
+            continue
+    raise ApiError(403, "forbidden", "hub.verify_token does not match")
+
+
+def _record_subscription(session: Any, clinic_id: str, webhook: WebhookRequest, url: str) -> None:
+    message = webhook.json()
+    topic = str(message.get("TopicArn") or "")
+    session.add(
+        AuditEntry(
+            clinic_id=clinic_id,
+            actor="webhook:ses",
+            role="provider",
+            action="webhook.sns_subscription",
+            request_id=request_id(),
+            diff={"topicArn": topic, "subscribeUrl": url},
+        )
+    )
+    log.warning(
+        "SNS subscription awaits confirmation: open the SubscribeURL in the clinic's audit log",
+        extra={"event": "sns_subscription_confirmation", "topicArn": topic},
+    )
+
+
+async def _confirm_subscription(runtime: Runtime, url: str) -> None:
+    try:
+        async with runtime.http.get(url, allow_redirects=False) as answer:
+            ok = answer.status == 200
+    except Exception as exc:
+        log.warning(
+            "SNS subscription confirmation failed",
+            extra={"event": "sns_confirm_failed", "error": type(exc).__name__},
+        )
+        return
+    log.info("SNS subscription confirmed", extra={"event": "sns_confirmed", "ok": ok})
