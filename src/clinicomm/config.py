@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(default=1.0, gt=0)
     #: A delivery still failing transiently after this long ends `failed`.
     delivery_max_age_seconds: float = Field(default=6 * 3600.0, gt=0)
+    #: Base of the full-jitter retry backoff (attempt n waits up to base·2^n seconds).
+    retry_base_seconds: float = Field(default=2.0, gt=0)
 
     @property
     def production(self) -> bool:

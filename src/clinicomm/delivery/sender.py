@@ -3,6 +3,8 @@
 The decision depends only on the class of the error the adapter raised (CONVENTIONS item 3):
 
 - success → `sent`, with the provider and its message id;
+- `RecipientRateLimitedError` (WhatsApp pair limit) → this delivery alone waits for the same
+  provider (not counted against `retryAttempts`, within the maximum age);
 - `TransientError` (incl. rate limits) → the same provider again after a backoff with full
   jitter (never earlier than Retry-After), at most `retryAttempts` times and within the
   delivery's maximum age; after that, the next provider;
@@ -31,9 +33,10 @@ from clinicomm.providers.errors import (
     ProviderDownError,
     ProviderError,
     RecipientError,
+    RecipientRateLimitedError,
     TransientError,
 )
-from clinicomm.routing.backoff import retry_delay
+from clinicomm.routing.backoff import BASE_SECONDS, retry_delay
 from clinicomm.routing.chain import Chain, Hop
 from clinicomm.routing.health import HealthTracker, outcome_for
 from clinicomm.routing.limits import RateLimiter, sender_key, sender_limits
@@ -131,6 +134,7 @@ async def send_through_chain(
     now_fn: Any,
     max_age: timedelta,
     guards: Guards | None = None,
+    retry_base: float = BASE_SECONDS,
 ) -> Handled:
     """Try the chain from the delivery's position; returns its next state. Never raises for a
     provider failure (an unexpected adapter exception counts as that provider being down)."""
@@ -245,8 +249,26 @@ async def send_through_chain(
                 ),
                 attempts_rows,
             )
+        if isinstance(error, RecipientRateLimitedError):
+            # Pair rate limit (WhatsApp 131056): only this recipient waits, on the same number;
+            # the provider is fine, so this neither uses a retry nor fails over (PROVIDER-FACTS
+            # §7.2 and §8 item 9). Bounded by the delivery's maximum age.
+            when = now + timedelta(seconds=max(error.retry_after or 0.0, 0.0))
+            if when < deadline:
+                return Handled(
+                    Outcome(
+                        claimed.id,
+                        DeliveryStatus.QUEUED,
+                        attempts,
+                        chain_position=position,
+                        provider_attempts=provider_attempts,
+                        next_attempt_at=when,
+                        error={"reason": "recipient rate limited", "errors": errors},
+                    ),
+                    attempts_rows,
+                )
         if isinstance(error, TransientError) and provider_attempts < hop.retry_attempts:
-            delay = retry_delay(provider_attempts, error.retry_after)
+            delay = retry_delay(provider_attempts, error.retry_after, base=retry_base)
             when = now + timedelta(seconds=delay)
             if when < deadline:
                 return Handled(

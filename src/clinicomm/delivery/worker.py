@@ -71,6 +71,8 @@ class WorkerOptions:
     shutdown_grace: float = 10.0
     #: Requeue delay when a delivery cannot be prepared (config unreadable, database hiccup).
     prepare_retry_seconds: float = 30.0
+    #: Base of the full-jitter backoff between retries on one provider.
+    retry_base_seconds: float = 2.0
 
 
 class Worker:
@@ -235,6 +237,7 @@ class Worker:
                 now_fn=utcnow,
                 max_age=timedelta(seconds=self.options.max_age_seconds),
                 guards=self.guards,
+                retry_base=self.options.retry_base_seconds,
             )
         except asyncio.CancelledError:
             raise
