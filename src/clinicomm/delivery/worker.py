@@ -114,7 +114,13 @@ class Worker:
             runtime.chains,
             runtime.notifier,
             options,
-            guards=Guards(runtime.health, runtime.limiter),
+            # A delivery waiting for a busy sender must be requeued well within its lease,
+            # or the reaper hands it to another worker while this one may still send it.
+            guards=Guards(
+                runtime.health,
+                runtime.limiter,
+                max_sender_wait=min(2.0, (options or WorkerOptions()).lease_seconds / 4),
+            ),
         )
 
     # ---- main loop ------------------------------------------------------------------------
