@@ -28,6 +28,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         lease_seconds=settings.worker_lease_seconds,
         poll_seconds=settings.worker_poll_seconds,
         max_age_seconds=settings.delivery_max_age_seconds,
+        retry_base_seconds=settings.retry_base_seconds,
         reap_interval=min(5.0, settings.worker_lease_seconds / 2),
     )
 

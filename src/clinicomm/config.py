@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     trust_forwarded_headers: bool = False
     #: Webhooks: GET a verified SNS `SubscribeURL` at once instead of leaving it to the operator.
     sns_auto_confirm: bool = False
+    #: Base of the full-jitter retry backoff (attempt n waits up to base·2^n seconds).
+    retry_base_seconds: float = Field(default=2.0, gt=0)
 
     @property
     def production(self) -> bool:

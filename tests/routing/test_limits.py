@@ -45,7 +45,8 @@ def test_clinic_channel_limits_from_rate_limit() -> None:
     assert clinic_channel_limits(full) == [(1, 60.0), (2, 3600.0), (3, 86400.0)]
     assert clinic_channel_limits(RateLimit.model_validate({"maxPerMinute": 10})) == []  # disabled
     assert clinic_channel_limits(None) == []
-    assert sender_limits(20) == [(20, 1.0)]
+    assert sender_limits(20) == [(20, 1.2), (2, 0.1)]
+    assert sender_limits(5) == [(5, 1.2)]
 
 
 async def test_invalid_limits_are_rejected() -> None:

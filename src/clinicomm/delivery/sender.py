@@ -3,6 +3,8 @@
 The decision depends only on the class of the error the adapter raised (CONVENTIONS item 3):
 
 - success → `sent`, with the provider and its message id;
+- `RecipientRateLimitedError` (WhatsApp pair limit) → this delivery alone waits for the same
+  provider (not counted against `retryAttempts`, within the maximum age);
 - `TransientError` (incl. rate limits) → the same provider again after a backoff with full
   jitter (never earlier than Retry-After), at most `retryAttempts` times and within the
   delivery's maximum age; after that, the next provider;
@@ -31,9 +33,10 @@ from clinicomm.providers.errors import (
     ProviderDownError,
     ProviderError,
     RecipientError,
+    RecipientRateLimitedError,
     TransientError,
 )
-from clinicomm.routing.backoff import retry_delay
+from clinicomm.routing.backoff import BASE_SECONDS, retry_delay
 from clinicomm.routing.chain import Chain, Hop
 from clinicomm.routing.health import HealthTracker, outcome_for
 from clinicomm.routing.limits import RateLimiter, sender_key, sender_limits
@@ -157,6 +160,7 @@ async def send_through_chain(
     now_fn: Any,
     max_age: timedelta,
     guards: Guards | None = None,
+    retry_base: float = BASE_SECONDS,
 ) -> Handled:
     """Try the chain from the delivery's position; returns its next state. Never raises for a
     provider failure (an unexpected adapter exception counts as that provider being down)."""
@@ -272,8 +276,26 @@ async def send_through_chain(
                 attempts_rows,
                 suppress=suppression_on_send(claimed, hop, error),
             )
+        if isinstance(error, RecipientRateLimitedError):
+            # Pair rate limit (WhatsApp 131056): only this recipient waits, on the same number;
+            # the provider is fine, so this neither uses a retry nor fails over (PROVIDER-FACTS
+            # §7.2 and §8 item 9). Bounded by the delivery's maximum age.
+            when = now + timedelta(seconds=max(error.retry_after or 0.0, 0.0))
+            if when < deadline:
+                return Handled(
+                    Outcome(
+                        claimed.id,
+                        DeliveryStatus.QUEUED,
+                        attempts,
+                        chain_position=position,
+                        provider_attempts=provider_attempts,
+                        next_attempt_at=when,
+                        error={"reason": "recipient rate limited", "errors": errors},
+                    ),
+                    attempts_rows,
+                )
         if isinstance(error, TransientError) and provider_attempts < hop.retry_attempts:
-            delay = retry_delay(provider_attempts, error.retry_after)
+            delay = retry_delay(provider_attempts, error.retry_after, base=retry_base)
             when = now + timedelta(seconds=delay)
             if when < deadline:
                 return Handled(
@@ -320,11 +342,15 @@ async def _sender_slot(guards: Guards, hop: Hop) -> float:
         return 0.0
     sender, cap = hop.throughput
     key = sender_key(None, hop.key, sender)
+    # The total time slept here is bounded, not each sleep: many deliveries waiting for one
+    # busy number each lose the race again and again, and a delivery held past its lease is
+    # handed to another worker by the reaper and sent twice (seen in the two-worker test).
+    give_up = time.monotonic() + guards.max_sender_wait
     while True:
         wait = await guards.limiter.acquire(key, sender_limits(cap))
         if wait <= 0:
             return 0.0
-        if wait > guards.max_sender_wait:
+        if time.monotonic() + wait > give_up:
             return wait
         await asyncio.sleep(wait)
 

@@ -72,6 +72,8 @@ class WorkerOptions:
     shutdown_grace: float = 10.0
     #: Requeue delay when a delivery cannot be prepared (config unreadable, database hiccup).
     prepare_retry_seconds: float = 30.0
+    #: Base of the full-jitter backoff between retries on one provider.
+    retry_base_seconds: float = 2.0
 
 
 class Worker:
@@ -114,7 +116,13 @@ class Worker:
             runtime.chains,
             runtime.notifier,
             options,
-            guards=Guards(runtime.health, runtime.limiter),
+            # A delivery waiting for a busy sender must be requeued well within its lease,
+            # or the reaper hands it to another worker while this one may still send it.
+            guards=Guards(
+                runtime.health,
+                runtime.limiter,
+                max_sender_wait=min(2.0, (options or WorkerOptions()).lease_seconds / 4),
+            ),
         )
 
     # ---- main loop ------------------------------------------------------------------------
@@ -253,6 +261,7 @@ class Worker:
                 now_fn=utcnow,
                 max_age=timedelta(seconds=self.options.max_age_seconds),
                 guards=self.guards,
+                retry_base=self.options.retry_base_seconds,
             )
         except asyncio.CancelledError:
             raise

@@ -14,10 +14,16 @@ def full_jitter(attempt: int, *, base: float = BASE_SECONDS, cap: float = CAP_SE
     return random.uniform(0.0, ceiling)
 
 
-def retry_delay(attempt: int, retry_after: float | None, *, cap: float = CAP_SECONDS) -> float:
+def retry_delay(
+    attempt: int,
+    retry_after: float | None,
+    *,
+    base: float = BASE_SECONDS,
+    cap: float = CAP_SECONDS,
+) -> float:
     """The wait before the next attempt: the provider's Retry-After when it gave one (never
-    shorter), otherwise full jitter."""
-    jitter = full_jitter(attempt, cap=cap)
+    shorter), otherwise full jitter. `base` is `CLINICOMM_RETRY_BASE_SECONDS` (tests shrink it)."""
+    jitter = full_jitter(attempt, base=base, cap=cap)
     if retry_after is not None:
         return max(retry_after, min(jitter, 1.0))
     return jitter
