@@ -8,9 +8,11 @@ worker (`Worker.for_runtime`) sends it to local servers speaking Meta's and Twil
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from clinicomm.api.auth import Role
+from clinicomm.delivery.events import record_inbound
 from clinicomm.delivery.worker import Worker, WorkerOptions
 from tests.api.conftest import Api, create_clinic
 from tests.conftest import canary
@@ -54,6 +56,11 @@ async def test_get_shows_both_deliveries_the_link_and_why(api: Api) -> None:
         Scripted(503, {"error": {"code": 2, "message": "Service temporarily unavailable"}})
     ) as meta, CaptureServer(Scripted(201, {"sid": "SM" + "1" * 32, "status": "queued"})) as twilio:
         await create_clinic(api, "clinic-fb", settings(meta, twilio))
+        # The patient wrote a minute ago: free-form WhatsApp text is allowed (24-hour window).
+        async with api.runtime.db.session() as session:
+            await record_inbound(
+                session, "clinic-fb", "whatsapp", PATIENT, datetime.now(UTC) - timedelta(minutes=1)
+            )
         headers = api.auth(Role.SERVICE)
         answer = await api.client.post(
             "/api/v1/communications",
