@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     trust_forwarded_headers: bool = False
     #: Webhooks: GET a verified SNS `SubscribeURL` at once instead of leaving it to the operator.
     sns_auto_confirm: bool = False
+    #: Connection test (`probe()`) of every configured provider, every this many seconds.
+    probe_interval_seconds: float = Field(default=300.0, gt=0)
+    #: Seconds one probe may take before it counts as failed.
+    probe_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Alert rules are evaluated every this many seconds.
+    alert_interval_seconds: float = Field(default=60.0, gt=0)
+    #: Fired and resolved alerts are POSTed here as JSON when set.
+    alert_webhook_url: str | None = None
 
     @property
     def production(self) -> bool:
