@@ -159,6 +159,9 @@ def serve() -> None:
             )
             server = uvicorn.Server(config)
             stop = asyncio.Event()
+            from clinicomm.observability.monitors import start_monitors, stop_monitors
+
+            monitors = start_monitors(runtime, stop)
             worker_task = None
             if settings.worker:
                 from clinicomm.client import worker_options
@@ -172,6 +175,7 @@ def serve() -> None:
                 stop.set()
                 if worker_task is not None:
                     await worker_task
+                await stop_monitors(monitors)
             if not server.started:
                 fail(f"cannot listen on {settings.host}:{settings.port}")
         finally:
@@ -239,9 +243,14 @@ def worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        from clinicomm.observability.monitors import start_monitors, stop_monitors
+
+        monitors = start_monitors(rt, stop)
         try:
             await Worker.for_runtime(rt, options).run(stop)
         finally:
+            stop.set()
+            await stop_monitors(monitors)
             await rt.close()
 
     run(go)

@@ -139,8 +139,13 @@ class ProbeRunner:
         return results
 
     async def run(self, stop: asyncio.Event) -> None:
-        """A round now, then one every `interval` seconds, until `stop` is set."""
+        """A round every `interval` seconds (the first one interval after start), until `stop`
+        is set."""
         while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
+            if stop.is_set():
+                return
             try:
                 await self.run_once()
             except asyncio.CancelledError:
@@ -150,5 +155,3 @@ class ProbeRunner:
                     "probe round failed",
                     extra={"event": "probe_round_failed", "error": type(exc).__name__},
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
