@@ -50,11 +50,11 @@ def start_monitors(runtime: Runtime, stop: asyncio.Event) -> list[asyncio.Task[N
     ]
 
 
-async def stop_monitors(tasks: list[asyncio.Task[None]], timeout: float = 5.0) -> None:
+async def stop_monitors(tasks: list[asyncio.Task[None]], grace: float = 5.0) -> None:
     """Wait for the loops to notice `stop`; cancel what does not end in time."""
     if not tasks:
         return
-    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    _, pending = await asyncio.wait(tasks, timeout=grace)
     for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
