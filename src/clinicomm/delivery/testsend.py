@@ -121,6 +121,7 @@ async def run_config_test(
                 provider=hop.key,
                 latency_ms=latency,
                 provider_message_id=result.provider_message_id,
+                tried=outcome.tried,
             )
             outcome.tried.append({"provider": hop.key, "label": hop.label, "ok": True})
             break
