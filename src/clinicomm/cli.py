@@ -159,6 +159,9 @@ def serve() -> None:
             )
             server = uvicorn.Server(config)
             stop = asyncio.Event()
+            from clinicomm.observability.monitors import start_monitors, stop_monitors
+
+            monitors = start_monitors(runtime, stop)
             worker_task = None
             if settings.worker:
                 from clinicomm.client import worker_options
@@ -172,6 +175,7 @@ def serve() -> None:
                 stop.set()
                 if worker_task is not None:
                     await worker_task
+                await stop_monitors(monitors)
             if not server.started:
                 fail(f"cannot listen on {settings.host}:{settings.port}")
         finally:
@@ -239,12 +243,59 @@ def worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        from clinicomm.observability.monitors import start_monitors, stop_monitors
+
+        monitors = start_monitors(rt, stop)
         try:
             await Worker.for_runtime(rt, options).run(stop)
         finally:
+            stop.set()
+            await stop_monitors(monitors)
             await rt.close()
 
     run(go)
+
+
+@app.command("test-config")
+def config_test_command(
+    clinic: str = typer.Argument(..., help="The clinic's id."),
+    channel: str = typer.Argument(..., help="email, whatsapp or sms."),
+    to: str = typer.Argument(..., help="Where the test message goes (address or E.164 number)."),
+) -> None:
+    """Send one test message through the clinic's own providers (never the global one),
+    primary first, then its fallbacks. Prints a JSON result; exit 0 when a provider took it,
+    1 when none did, 2 for bad arguments. Audited as `communication.test`."""
+    import json
+
+    from clinicomm.delivery.testsend import BadTestRequest, run_config_test
+    from clinicomm.providers.base import Channel
+    from clinicomm.runtime import Runtime
+    from clinicomm.settings.service import ClinicNotFoundError
+
+    try:
+        parsed = Channel(channel)
+    except ValueError:
+        fail(f"unknown channel {channel!r}; one of {', '.join(c.value for c in Channel)}", 2)
+    settings = load_settings()
+
+    async def go() -> dict[str, Any]:
+        rt = await Runtime.create(settings, migrate=settings.is_sqlite)
+        try:
+            outcome = await run_config_test(
+                rt.db, rt.config, rt.chains, clinic, parsed, to, actor="cli", role="operator"
+            )
+        except BadTestRequest as exc:
+            fail(str(exc), 2)
+        except ClinicNotFoundError:
+            fail(f"clinic {clinic!r} not found", 2)
+        finally:
+            await rt.close()
+        return outcome.to_json()
+
+    result = run(go)
+    typer.echo(json.dumps(result))
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

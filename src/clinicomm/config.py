@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     sns_auto_confirm: bool = False
     #: Base of the full-jitter retry backoff (attempt n waits up to base·2^n seconds).
     retry_base_seconds: float = Field(default=2.0, gt=0)
+    #: Connection test (`probe()`) of every configured provider, every this many seconds.
+    probe_interval_seconds: float = Field(default=300.0, gt=0)
+    #: Seconds one probe may take before it counts as failed.
+    probe_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Alert rules are evaluated every this many seconds.
+    alert_interval_seconds: float = Field(default=60.0, gt=0)
+    #: Fired and resolved alerts are POSTed here as JSON when set.
+    alert_webhook_url: str | None = None
 
     @property
     def production(self) -> bool:

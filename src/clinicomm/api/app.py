@@ -19,7 +19,15 @@ from clinicomm import __version__
 from clinicomm.api import errors
 from clinicomm.api.auth import TokenVerifier
 from clinicomm.api.middleware import RequestContext
-from clinicomm.api.routers import audit, clinics, communications, ops, suppressions, webhooks
+from clinicomm.api.routers import (
+    audit,
+    clinics,
+    communications,
+    monitoring,
+    ops,
+    suppressions,
+    webhooks,
+)
 from clinicomm.config import Settings
 from clinicomm.delivery.webhooks import webhook_service
 from clinicomm.runtime import Runtime
@@ -73,6 +81,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(clinics.router)
     app.include_router(audit.router)
     app.include_router(communications.router)
+    app.include_router(monitoring.router)
     app.include_router(ops.router)
     app.include_router(webhooks.router)
     app.include_router(suppressions.router)

@@ -260,3 +260,27 @@ class InboundContact(Base):
     channel: Mapped[str] = mapped_column(String(16), primary_key=True)
     address: Mapped[str] = mapped_column(String(320), primary_key=True)
     last_inbound_at: Mapped[datetime] = mapped_column()
+
+
+class AlertRecord(Base):
+    """An alert from `observability.alerts`: fired once, listed while it lasts, then resolved.
+
+    `active_key` holds the alert's key while it is active and NULL once resolved; its unique
+    index makes "fire once" hold across processes (NULLs never collide on either database).
+    Ids, rule names and numbers only: never a recipient, a name or a secret.
+    """
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(300), index=True)
+    active_key: Mapped[str | None] = mapped_column(String(300), unique=True, default=None)
+    rule: Mapped[str] = mapped_column(String(60))
+    severity: Mapped[str] = mapped_column(String(16))
+    clinic_id: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    provider: Mapped[str | None] = mapped_column(String(80), default=None)
+    channel: Mapped[str | None] = mapped_column(String(16), default=None)
+    status: Mapped[str] = mapped_column(String(16))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    fired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -68,5 +68,22 @@ async def _redis(runtime: Runtime) -> bool:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics() -> Response:
+async def metrics(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
+    await refresh_gauges(runtime)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def refresh_gauges(runtime: Runtime) -> None:
+    """Recompute the gauges (active clinics, providers in use) from the database; a scrape
+    still answers when the database does not."""
+    from clinicomm.observability.inventory import GaugeRefresher
+
+    refresher = runtime.extras.get("gauges")
+    if refresher is None:
+        refresher = GaugeRefresher(runtime.db, runtime.config.global_settings, 0.25)
+        runtime.extras["gauges"] = refresher
+    try:
+        await asyncio.wait_for(refresher.refresh(), PING_TIMEOUT)
+    except Exception as exc:
+        extra = {"event": "gauges_failed", "error": type(exc).__name__}
+        log.warning("gauges not refreshed", extra=extra)

@@ -1,0 +1,188 @@
+"""Monitoring of a clinic's communication: provider health, delivery statistics, the
+configuration test, and alerts (per clinic, and platform-wide for SuperAdmin)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from clinicomm.api.auth import Permission, Principal
+from clinicomm.api.deps import get_runtime, require
+from clinicomm.api.errors import ApiError
+from clinicomm.api.routers.clinics import ClinicId
+from clinicomm.api.schemas import ERRORS
+from clinicomm.delivery.stats import clinic_stats
+from clinicomm.delivery.testsend import BadTestRequest, run_config_test
+from clinicomm.observability.alerts import list_alerts
+from clinicomm.observability.logging import request_id
+from clinicomm.providers.base import Channel
+from clinicomm.routing.health import ProviderHealth
+from clinicomm.runtime import Runtime
+from clinicomm.settings.service import ClinicNotFoundError
+from clinicomm.store.models import Clinic, aware, utcnow
+
+router = APIRouter(tags=["monitoring"])
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+class ConfigTestRequest(BaseModel):
+    """`{"channel": "email", "to": "someone@example.com"}`"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Channel
+    to: str = Field(min_length=1, max_length=320)
+
+
+async def _exists(runtime: Runtime, clinic_id: str) -> None:
+    async with runtime.db.read() as session:
+        if await session.scalar(select(Clinic.id).where(Clinic.id == clinic_id)) is None:
+            raise ClinicNotFoundError(clinic_id)
+
+
+def _health_item(
+    health: ProviderHealth, scope: str, key: str, position: int
+) -> dict[str, Any]:
+    return {
+        "provider": key,
+        "label": health.provider,
+        "scope": scope,
+        "position": position,
+        "status": health.state.value,
+        "circuit": health.circuit.value,
+        "successRate": health.success_rate,
+        "samples": health.samples,
+        "lastFailureAt": health.last_failure_at.isoformat() if health.last_failure_at else None,
+        "lastCheck": {
+            "at": health.last_check_at.isoformat(),
+            "ok": health.last_check_ok,
+            "detail": health.last_check_detail,
+        }
+        if health.last_check_at
+        else None,
+    }
+
+
+@router.get(
+    "/api/v1/clinics/{clinicId}/communication/health",
+    responses=ERRORS,
+    summary="Health of each provider of the clinic's chains (own and global)",
+)
+async def communication_health(
+    clinicId: ClinicId,
+    runtime: RuntimeDep,
+    _: Annotated[Principal, Depends(require(Permission.VIEW))],
+) -> dict[str, Any]:
+    await _exists(runtime, clinicId)
+    channels: dict[str, Any] = {}
+    for channel in Channel:
+        resolved = await runtime.config.get_clinic_config(clinicId, channel)
+        chain = runtime.chains.chain(resolved)
+        items = []
+        for position, hop in enumerate(chain.hops):
+            owner = clinicId if hop.scope == "clinic" else None
+            state = await runtime.health.state(owner, hop.label)
+            items.append(_health_item(state, hop.scope, hop.key, position))
+        channels[channel.value] = {
+            "source": resolved.source,
+            "providers": items,
+            "emptyReason": chain.empty_reason,
+        }
+    return {"clinicId": clinicId, "channels": channels}
+
+
+@router.get(
+    "/api/v1/clinics/{clinicId}/communication/stats",
+    responses=ERRORS,
+    summary="Counts by channel, provider and status, and latency percentiles",
+)
+async def communication_stats(
+    clinicId: ClinicId,
+    runtime: RuntimeDep,
+    _: Annotated[Principal, Depends(require(Permission.STATS))],
+    from_: Annotated[
+        datetime | None, Query(alias="from", description="Start (ISO 8601); default to - 24 h")
+    ] = None,
+    to: Annotated[datetime | None, Query(description="End (ISO 8601); default now")] = None,
+) -> dict[str, Any]:
+    end = aware(to) if to is not None else utcnow()
+    start = aware(from_) if from_ is not None else end - timedelta(hours=24)
+    if start >= end:
+        raise ApiError(
+            422,
+            "validation_error",
+            "'from' must be before 'to'",
+            [{"path": "from", "message": "must be before 'to'", "type": "range"}],
+        )
+    await _exists(runtime, clinicId)
+    async with runtime.db.read() as session:
+        return await clinic_stats(session, clinicId, start, end)
+
+
+@router.post(
+    "/api/v1/clinics/{clinicId}/communication/test",
+    responses=ERRORS,
+    summary="Send a test message through the clinic's own providers (audited)",
+)
+async def communication_test(
+    clinicId: ClinicId,
+    body: ConfigTestRequest,
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Permission.TEST))],
+) -> dict[str, Any]:
+    try:
+        outcome = await run_config_test(
+            runtime.db,
+            runtime.config,
+            runtime.chains,
+            clinicId,
+            body.channel,
+            body.to,
+            actor=principal.sub,
+            role=principal.role.value,
+            request_id=request_id(),
+        )
+    except BadTestRequest as exc:
+        detail = {"path": "to", "message": str(exc), "type": "value"}
+        raise ApiError(422, "validation_error", str(exc), [detail]) from None
+    return outcome.to_json()
+
+
+StatusFilter = Annotated[
+    Literal["active", "resolved"] | None, Query(description="Only alerts in this state")
+]
+
+
+@router.get(
+    "/api/v1/alerts",
+    responses=ERRORS,
+    summary="Every alert, newest first (SuperAdmin)",
+)
+async def alerts(
+    runtime: RuntimeDep,
+    _: Annotated[Principal, Depends(require(Permission.VIEW, platform=True))],
+    status: StatusFilter = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> dict[str, Any]:
+    return {"items": await list_alerts(runtime.db, status=status, limit=limit)}
+
+
+@router.get(
+    "/api/v1/clinics/{clinicId}/alerts",
+    responses=ERRORS,
+    summary="The clinic's alerts, newest first",
+)
+async def clinic_alerts(
+    clinicId: ClinicId,
+    runtime: RuntimeDep,
+    _: Annotated[Principal, Depends(require(Permission.VIEW))],
+    status: StatusFilter = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> dict[str, Any]:
+    await _exists(runtime, clinicId)
+    items = await list_alerts(runtime.db, clinic_id=clinicId, status=status, limit=limit)
+    return {"items": items}

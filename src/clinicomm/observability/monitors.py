@@ -1,0 +1,60 @@
+"""The background monitors of a process: periodic provider probes and alert evaluation.
+
+`start_monitors(runtime, stop)` is called by `clinicomm serve` and `clinicomm worker`; both
+tasks end when `stop` is set. Intervals: `CLINICOMM_PROBE_INTERVAL_SECONDS` (300) and
+`CLINICOMM_ALERT_INTERVAL_SECONDS` (60); `CLINICOMM_ALERT_WEBHOOK_URL` receives alerts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from clinicomm.observability.alerts import AlertEngine
+from clinicomm.routing.probes import ProbeRunner
+from clinicomm.runtime import Runtime
+
+
+def alert_engine(runtime: Runtime) -> AlertEngine:
+    """The alert engine of this runtime (its webhook from the settings)."""
+    return AlertEngine(
+        runtime.db,
+        runtime.config,
+        runtime.chains,
+        runtime.health,
+        runtime.limiter,
+        http=runtime.http,
+        webhook_url=runtime.settings.alert_webhook_url,
+    )
+
+
+def probe_runner(runtime: Runtime) -> ProbeRunner:
+    return ProbeRunner(
+        runtime.db,
+        runtime.config,
+        runtime.chains,
+        runtime.health,
+        interval=runtime.settings.probe_interval_seconds,
+        timeout=runtime.settings.probe_timeout_seconds,
+    )
+
+
+def start_monitors(runtime: Runtime, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+    """Start the probe and alert loops; await the tasks after setting `stop`."""
+    probes = probe_runner(runtime)
+    alerts = alert_engine(runtime)
+    return [
+        asyncio.create_task(probes.run(stop), name="monitor-probes"),
+        asyncio.create_task(
+            alerts.run(stop, runtime.settings.alert_interval_seconds), name="monitor-alerts"
+        ),
+    ]
+
+
+async def stop_monitors(tasks: list[asyncio.Task[None]], grace: float = 5.0) -> None:
+    """Wait for the loops to notice `stop`; cancel what does not end in time."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
