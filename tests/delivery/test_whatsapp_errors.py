@@ -17,7 +17,8 @@ import pytest
 
 from clinicomm import SendRequest
 from tests.support.http_capture import CapturedRequest, CaptureServer, Scripted
-from tests.support.pipeline import TERMINAL, create_clinic, wait_terminal
+from tests.support import pipeline
+from tests.support.pipeline import TERMINAL, open_window, wait_terminal
 
 FAST_RETRY = {"retry_base_seconds": 0.05}
 PATIENT = "+14155552671"
@@ -33,6 +34,14 @@ META_OK = Scripted(
     },
 )
 TWILIO_OK = Scripted(201, {"sid": "SM" + "1" * 32, "status": "queued", "error_code": None})
+
+
+async def create_clinic(client: Any, clinic_id: str, comm_settings: dict[str, Any]) -> None:
+    """The clinic, with both patients' WhatsApp windows open (they wrote a minute ago), so
+    free-form text reaches the provider and the provider's own answer is what is tested."""
+    await pipeline.create_clinic(client, clinic_id, comm_settings)
+    for phone in (PATIENT, OTHER_PATIENT):
+        await open_window(client, clinic_id, phone)
 
 
 def meta_error(code: int, status: int = 400, message: str = "error") -> Scripted:
