@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from clinicomm import SendRequest
-from tests.support.http_capture import CapturedRequest, CaptureServer, Scripted
 from tests.support import pipeline
+from tests.support.http_capture import CapturedRequest, CaptureServer, Scripted
 from tests.support.pipeline import TERMINAL, open_window, wait_terminal
 
 FAST_RETRY = {"retry_base_seconds": 0.05}
