@@ -84,7 +84,12 @@ async def test_two_workers_keep_one_number_under_80_per_second(settings: Setting
                 await client.send(
                     SendRequest.model_validate(
                         {
-                            "body": "Your appointment is at 10:30.",
+                            # A template: allowed whether or not the patient wrote lately.
+                            "template": {
+                                "name": "appointment_reminder",
+                                "language": "en",
+                                "variables": {"1": "10:30"},
+                            },
                             "recipients": [{"phone": p} for p in phones],
                             "channels": ["whatsapp"],
                             "metadata": {"clinicId": "clinic-wa-cap"},
