@@ -89,8 +89,8 @@ class FairClock:
     advances by `cost` (50 ms: a fair share of 20 deliveries/s per clinic when clinics compete):
     a clinic that enqueues 10,000 deliveries at once spreads them over 10,000 * cost of virtual
     time, so another clinic's message enqueued a moment later is claimed after only the first
-    few of them, not after all. Alone, a clinic is not slowed: claims take every due delivery. Per process; approximate across
-    several API processes, which is all fairness needs.
+    few of them, not after all. Alone, a clinic is not slowed: claims take every due delivery.
+    Per process; approximate across several API processes, which is all fairness needs.
     """
 
     def __init__(self, cost_seconds: float = 0.05, max_clinics: int = 100_000) -> None:
