@@ -298,6 +298,95 @@ def config_test_command(
         raise typer.Exit(1)
 
 
+@app.command("send")
+def send_command(
+    to: list[str] = typer.Option(
+        ..., "--to", help="A recipient: an email address or an E.164 number (repeatable)."
+    ),
+    channel: list[str] = typer.Option(
+        ..., "--channel", help="email, whatsapp or sms (repeatable)."
+    ),
+    clinic: str | None = typer.Option(
+        None, "--clinic", help="The clinic whose providers send it; none: the global ones."
+    ),
+    body: str | None = typer.Option(None, "--body", help="The text."),
+    title: str | None = typer.Option(None, "--title", help="The subject (email)."),
+    template: str | None = typer.Option(None, "--template", help="A template's name."),
+    category: str = typer.Option("GENERAL", "--category", help="The message category."),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="Same key and payload within 24 h: sent once."
+    ),
+    deliver: bool = typer.Option(
+        False,
+        "--deliver",
+        help="Also send it from this process and wait until it is done "
+        "(when no `serve` or `worker` is running).",
+    ),
+    wait: float = typer.Option(30.0, "--wait", min=0, help="Seconds --deliver waits at most."),
+) -> None:
+    """Accept one message (stored before this returns) and print the answer as JSON; with
+    --deliver, send it from this process too and print its final status. Exit 0 when accepted
+    (and, with --deliver, sent); 1 when it failed; 2 for bad arguments."""
+    import json
+
+    from pydantic import ValidationError
+
+    from clinicomm.client import Client
+    from clinicomm.messaging.models import TERMINAL, SendRequest
+    from clinicomm.messaging.service import (
+        IdempotencyConflictError,
+        SendValidationError,
+        UnknownClinicError,
+    )
+
+    recipients = [{"email": t} if "@" in t else {"phone": t} for t in to]
+    try:
+        request = SendRequest.model_validate(
+            {
+                "category": category,
+                "title": title,
+                "body": body,
+                "recipients": recipients,
+                "channels": channel,
+                "template": {"name": template} if template else None,
+                "metadata": {"clinicId": clinic},
+            }
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}", 2)
+    settings = load_settings()
+
+    async def go() -> dict[str, Any]:
+        client = Client(settings, run_worker=deliver)
+        await client.start()
+        try:
+            try:
+                accepted = await client.send(request, idempotency_key=idempotency_key)
+            except SendValidationError as exc:
+                fail("; ".join(f"{p.path}: {p.message}" for p in exc.problems), 2)
+            except (UnknownClinicError, IdempotencyConflictError) as exc:
+                fail(str(exc), 2)
+            if not deliver:
+                return accepted.model_dump(mode="json", by_alias=True)
+            deadline = asyncio.get_running_loop().time() + wait
+            while True:
+                status = await client.get(accepted.id)
+                assert status is not None
+                done = all(d["status"] in TERMINAL for d in status["deliveries"])
+                if done or asyncio.get_running_loop().time() > deadline:
+                    return status
+                await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+
+    result = run(go)
+    typer.echo(json.dumps(result))
+    failed = [d for d in result.get("deliveries", []) if d["status"] in ("failed", "bounced")]
+    if failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
