@@ -30,6 +30,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         max_age_seconds=settings.delivery_max_age_seconds,
         retry_base_seconds=settings.retry_base_seconds,
         reap_interval=min(5.0, settings.worker_lease_seconds / 2),
+        retention_seconds=settings.message_retention_days * 86400,
     )
 
 

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=256, ge=1)
     worker_lease_seconds: float = Field(default=60.0, gt=0)
     worker_poll_seconds: float = Field(default=1.0, gt=0)
+    #: Message contents (bodies, template variables: PHI) are erased this many days after the
+    #: message was accepted; deliveries, attempts and ids stay for the record.
+    message_retention_days: float = Field(default=30.0, gt=0)
     #: A delivery still failing transiently after this long ends `failed`.
     delivery_max_age_seconds: float = Field(default=6 * 3600.0, gt=0)
     #: Provider health: the rolling window, the minimum outcomes before a band changes, and

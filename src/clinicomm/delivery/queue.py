@@ -16,7 +16,7 @@ from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.messaging.models import DeliveryStatus
-from clinicomm.store.models import Delivery, DeliveryAttempt, IdempotencyKey, aware
+from clinicomm.store.models import Delivery, DeliveryAttempt, IdempotencyKey, Message, aware
 
 _T: Table = Delivery.__table__  # type: ignore[assignment]
 _ATTEMPTS: Table = DeliveryAttempt.__table__  # type: ignore[assignment]
@@ -100,6 +100,19 @@ async def reap_expired(session: AsyncSession, now: datetime) -> int:
         .where(Delivery.status == DeliveryStatus.SENDING.value, Delivery.lease_until < now)
         .values(status=DeliveryStatus.QUEUED.value, lease_owner=None, lease_until=None)
     )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def purge_contents(session: AsyncSession, before: datetime, limit: int = 5000) -> int:
+    """Erase the contents (bodies, template variables) of messages accepted before `before`:
+    the retention period. Message, delivery and attempt rows stay for the record."""
+    old = (
+        select(Message.id)
+        .where(Message.created_at < before, Message.content != b"")
+        .limit(limit)
+        .scalar_subquery()
+    )
+    result = await session.execute(update(Message).where(Message.id.in_(old)).values(content=b""))
     return int(getattr(result, "rowcount", 0) or 0)
 
 

@@ -39,6 +39,7 @@ from clinicomm.delivery.queue import (
     Claimed,
     Outcome,
     claim,
+    purge_contents,
     purge_idempotency_keys,
     reap_expired,
     write_results,
@@ -72,6 +73,8 @@ class WorkerOptions:
     shutdown_grace: float = 10.0
     #: Requeue delay when a delivery cannot be prepared (config unreadable, database hiccup).
     prepare_retry_seconds: float = 30.0
+    #: Message contents are erased this long after acceptance (see `purge_contents`).
+    retention_seconds: float = 30 * 86400.0
     #: Base of the full-jitter backoff between retries on one provider.
     retry_base_seconds: float = 2.0
 
@@ -103,6 +106,7 @@ class Worker:
         self._flushing = 0
         self._flush_now = asyncio.Event()
         self._contents: OrderedDict[str, Content] = OrderedDict()
+        self._erased: set[str] = set()
         self._gates: dict[str, gates.Gates] = {}
         self.sent = 0
         self.failed = 0
@@ -225,6 +229,22 @@ class Worker:
     async def _process(self, claimed: Claimed) -> None:
         try:
             content = self._contents.get(claimed.message_id)
+            if content is None and claimed.message_id in self._erased:
+                self.failed += 1
+                self._results.append(
+                    Handled(
+                        Outcome(
+                            claimed.id,
+                            DeliveryStatus.FAILED,
+                            claimed.attempts,
+                            error={
+                                "reason": "message content erased after the retention period",
+                                "errors": claimed.errors,
+                            },
+                        )
+                    )
+                )
+                return
             if content is None:
                 raise LookupError("message content unavailable")
             resolved = await self.config.get_clinic_config(
@@ -398,6 +418,9 @@ class Worker:
             ).all()
             categories = {row[0]: row[3] for row in rows}
             for message_id, clinic_id, blob, _ in rows:
+                if not blob:  # erased after the retention period
+                    self._erased.add(message_id)
+                    continue
                 cipher = await self.config.keys.cipher_for(self.db, clinic_id or PLATFORM_KEY_OWNER)
                 data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
                 self._contents[message_id] = Content.from_json(data, categories[message_id])
@@ -461,6 +484,14 @@ class Worker:
                 async with self.db.session() as session:
                     taken = await reap_expired(session, utcnow())
                     await purge_idempotency_keys(session, utcnow())
+                    erased = await purge_contents(
+                        session, utcnow() - timedelta(seconds=self.options.retention_seconds)
+                    )
+                if erased:
+                    log.info(
+                        "message contents erased after the retention period",
+                        extra={"event": "contents_purged", "count": erased},
+                    )
                 if taken:
                     log.warning(
                         "expired leases returned to the queue",

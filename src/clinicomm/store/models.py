@@ -112,7 +112,8 @@ class Message(Base):
     #: The caller's metadata (opaque ids such as appointmentId), never content.
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     requested_by: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Indexed for the retention purge of contents.
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Delivery(Base):
