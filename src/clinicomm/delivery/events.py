@@ -246,17 +246,31 @@ async def _apply_status(
     when: datetime,
     result: ApplyResult,
 ) -> None:
+    delivery_id = await _apply_to_delivery(session, clinic_id, event, when, result)
+    if delivery_id is not None:
+        await _mark(session, row_id, delivery_id, when)
+
+
+async def _apply_to_delivery(
+    session: AsyncSession,
+    clinic_id: str,
+    event: DeliveryEvent,
+    when: datetime,
+    result: ApplyResult,
+) -> str | None:
+    """Move the event's delivery forward and record the suppression it implies; the
+    delivery's id, or None when no delivery of the clinic matches (yet)."""
     delivery = await _find_delivery(session, clinic_id, event)
     if delivery is None:
         result.unmatched += 1
         # Suppressions do not need the delivery when the event names the address.
         await _suppress_for(session, clinic_id, event, None, when, result)
-        return
+        return None
     if advance(delivery, event, when):
         result.status_changes += 1
         result.changed_deliveries.append(delivery.id)
     await _suppress_for(session, clinic_id, event, delivery, when, result)
-    await _mark(session, row_id, delivery.id, when)
+    return delivery.id
 
 
 def _reason_for(event: DeliveryEvent) -> SuppressionReason | None:
@@ -555,17 +569,12 @@ async def apply_stored(
             await _apply_stored_inbound(session, record, when, result)
             record.processed_at = when
             continue
-        event = _event_of(record)
-        delivery = await _find_delivery(session, clinic_id, event)
-        if delivery is None:
-            result.unmatched += 1
-            await _suppress_for(session, clinic_id, event, None, when, result)
+        delivery_id = await _apply_to_delivery(
+            session, clinic_id, _event_of(record), when, result
+        )
+        if delivery_id is None:
             continue
-        if advance(delivery, event, when):
-            result.status_changes += 1
-            result.changed_deliveries.append(delivery.id)
-        await _suppress_for(session, clinic_id, event, delivery, when, result)
-        record.delivery_id = delivery.id
+        record.delivery_id = delivery_id
         record.processed_at = when
     return result
 
