@@ -228,61 +228,7 @@ class Worker:
 
     async def _process(self, claimed: Claimed) -> None:
         try:
-            content = self._contents.get(claimed.message_id)
-            if content is None and claimed.message_id in self._erased:
-                self.failed += 1
-                self._results.append(
-                    Handled(
-                        Outcome(
-                            claimed.id,
-                            DeliveryStatus.FAILED,
-                            claimed.attempts,
-                            error={
-                                "reason": "message content erased after the retention period",
-                                "errors": claimed.errors,
-                            },
-                        )
-                    )
-                )
-                return
-            if content is None:
-                raise LookupError("message content unavailable")
-            resolved = await self.config.get_clinic_config(
-                claimed.clinic_id, Channel(claimed.channel)
-            )
-            reason = policy.blocked(resolved, content)
-            if reason is not None:
-                self._results.append(
-                    Handled(
-                        Outcome(
-                            claimed.id,
-                            DeliveryStatus.FAILED,
-                            claimed.attempts,
-                            error={"reason": reason, "errors": claimed.errors},
-                        )
-                    )
-                )
-                self.failed += 1
-                return
-            gated = self._gate(claimed, resolved, content)
-            if isinstance(gated, Handled):
-                self._results.append(gated)
-                return
-            content = gated
-            limited = await self._clinic_limit(claimed, resolved)
-            if limited is not None:
-                self._results.append(limited)
-                return
-            chain = self.chains.chain(resolved)
-            handled = await send_through_chain(
-                claimed,
-                chain,
-                content,
-                now_fn=utcnow,
-                max_age=timedelta(seconds=self.options.max_age_seconds),
-                guards=self.guards,
-                retry_base=self.options.retry_base_seconds,
-            )
+            handled = await self._handle(claimed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -294,6 +240,33 @@ class Worker:
         self._results.append(handled)
         if len(self._results) >= self.options.batch_size:
             self._flush_now.set()
+
+    async def _handle(self, claimed: Claimed) -> Handled:
+        """Check what must stop the delivery before any provider call, then send it."""
+        content = self._contents.get(claimed.message_id)
+        if content is None and claimed.message_id in self._erased:
+            return _refused(claimed, "message content erased after the retention period")
+        if content is None:
+            raise LookupError("message content unavailable")
+        resolved = await self.config.get_clinic_config(claimed.clinic_id, Channel(claimed.channel))
+        reason = policy.blocked(resolved, content)
+        if reason is not None:
+            return _refused(claimed, reason)
+        gated = self._gate(claimed, resolved, content)
+        if isinstance(gated, Handled):
+            return gated
+        limited = await self._clinic_limit(claimed, resolved)
+        if limited is not None:
+            return limited
+        return await send_through_chain(
+            claimed,
+            self.chains.chain(resolved),
+            gated,
+            now_fn=utcnow,
+            max_age=timedelta(seconds=self.options.max_age_seconds),
+            guards=self.guards,
+            retry_base=self.options.retry_base_seconds,
+        )
 
     def _gate(
         self, claimed: Claimed, resolved: ResolvedChannel, content: Content
@@ -313,15 +286,7 @@ class Worker:
             )
         decided = gates.window(resolved, content, facts.last_inbound.get(claimed.id), utcnow())
         if isinstance(decided, str):
-            self.failed += 1
-            return Handled(
-                Outcome(
-                    claimed.id,
-                    DeliveryStatus.FAILED,
-                    claimed.attempts,
-                    error={"reason": decided, "errors": claimed.errors},
-                )
-            )
+            return _refused(claimed, decided)
         return decided
 
     async def _clinic_limit(self, claimed: Claimed, resolved: ResolvedChannel) -> Handled | None:
@@ -342,18 +307,7 @@ class Worker:
         day_full = day is not None and await self.guards.limiter.usage(key, [(day, 86400.0)]) >= 1
         metrics.RATE_LIMITED.labels(claimed.clinic_id or "global", claimed.channel).inc()
         if day_full and own.rate_limit.on_day_limit == "fail":
-            self.failed += 1
-            return Handled(
-                Outcome(
-                    claimed.id,
-                    DeliveryStatus.FAILED,
-                    claimed.attempts,
-                    error={
-                        "reason": "the clinic's daily limit is reached",
-                        "errors": claimed.errors,
-                    },
-                )
-            )
+            return _refused(claimed, "the clinic's daily limit is reached")
         return Handled(
             Outcome(
                 claimed.id,
@@ -562,3 +516,15 @@ async def _wait_any(stop: asyncio.Event, event: asyncio.Event | None, seconds: f
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def _refused(claimed: Claimed, reason: str) -> Handled:
+    """The delivery ends `failed` with `reason`, before any provider was called."""
+    return Handled(
+        Outcome(
+            claimed.id,
+            DeliveryStatus.FAILED,
+            claimed.attempts,
+            error={"reason": reason, "errors": claimed.errors},
+        )
+    )
