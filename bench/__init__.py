@@ -1,4 +1,5 @@
 """Benchmark harness for clinicomm: local provider sinks, raw-client ceilings, end-to-end runs.
 
-See ``bench/README`` text in the project README and ``/work/shared/design/PERFORMANCE.md``.
+See the Benchmarks section of the project README. The targets are the design notes'
+(PERFORMANCE.md); ``bench/run.py`` carries them and ``bench/RESULTS.md`` records each run.
 """

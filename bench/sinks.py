@@ -234,7 +234,7 @@ class SmtpSink:
 
 # --------------------------------------------------------------------------- HTTP sink
 
-# Success answers, from each provider's API reference (see /work/shared/provider-specs):
+# Success answers, from each provider's API reference (see tests/provider_specs):
 # - SendGrid v3 Mail Send: 202 Accepted, empty body, X-Message-Id header.
 #   https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-send
 # - Meta WhatsApp Cloud API send message: 200 with messaging_product/contacts/messages.

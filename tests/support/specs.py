@@ -1,4 +1,4 @@
-"""Load the providers' official API descriptions (../shared/provider-specs) for request checks.
+"""Load the providers' official API descriptions (tests/provider_specs) for request checks.
 
 `spec(name)` returns an `openapi_core.OpenAPI` for one provider file, with the JSON patches of
 the specs' README applied and the quirks it lists worked around; `assert_valid(name, request)`
@@ -20,14 +20,13 @@ from openapi_core.testing import MockRequest
 from tests.support.http_capture import CapturedRequest
 
 
+#: The copies kept in the repository (unchanged; sources and licences in its README.md).
+SPECS_DIR = Path(__file__).resolve().parent.parent / "provider_specs"
+
+
 def specs_dir() -> Path:
-    """The shared provider-specs folder, found beside the repository (as CI lays it out)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent.parent / "shared" / "provider-specs"
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("../shared/provider-specs not found beside the repository")
+    """The repository's own copy of the providers' specs: nothing outside the checkout is read."""
+    return SPECS_DIR
 
 
 def _stringify_keys(node: Any) -> Any:
@@ -112,7 +111,7 @@ def assert_valid(
 
 @functools.cache
 def botocore_model(relative: str) -> Any:
-    """A botocore `ServiceModel` from a service-2 JSON file of the shared specs (AWS has no
+    """A botocore `ServiceModel` from a service-2 JSON file of the specs (AWS has no
     OpenAPI; this is the model boto3 itself validates against)."""
     from botocore.model import ServiceModel
 
