@@ -19,7 +19,6 @@ from openapi_core.testing import MockRequest
 
 from tests.support.http_capture import CapturedRequest
 
-
 #: The copies kept in the repository (unchanged; sources and licences in its README.md).
 SPECS_DIR = Path(__file__).resolve().parent.parent / "provider_specs"
 
