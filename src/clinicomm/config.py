@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./clinicomm.db"
@@ -41,7 +41,15 @@ class Settings(BaseSettings):
     config_poll_seconds: float = Field(default=0.5, gt=0)
     #: How long a save waits for every process to acknowledge an invalidation (Redis).
     invalidation_ack_timeout: float = Field(default=2.0, ge=0)
+    #: Root log level (DEBUG, INFO, WARNING, ERROR).
     log_level: str = "INFO"
+    #: `json` (one object per line) or `text`; unset: text on a terminal, JSON otherwise.
+    log_format: Literal["json", "text"] | None = None
+    #: `clinicomm worker` serves Prometheus `/metrics` on this port when set (0.0.0.0 is not
+    #: implied: it listens on `metrics_host`).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Interface the worker's metrics listener binds.
+    metrics_host: str = "127.0.0.1"
     #: Seconds a provider call may take before it counts as a transient failure.
     provider_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Delivery worker tuning (see `delivery.worker.WorkerOptions`).
@@ -76,6 +84,18 @@ class Settings(BaseSettings):
     alert_interval_seconds: float = Field(default=60.0, gt=0)
     #: Fired and resolved alerts are POSTed here as JSON when set.
     alert_webhook_url: str | None = None
+
+    #: Platform-wide status callbacks (for clinics without their own `callbacks`): every
+    #: delivery status change is POSTed here, signed with the secret.
+    status_callback_url: str | None = None
+    status_callback_secret: SecretStr | None = None
+    #: Callback retries: full-jitter backoff over base·2^attempt (at most 1 h), for at most
+    #: `callback_max_age_seconds` after the status change; each POST within the timeout.
+    callback_retry_base_seconds: float = Field(default=5.0, gt=0)
+    callback_max_age_seconds: float = Field(default=86400.0, gt=0)
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: How often an idle callback sender looks for queued callbacks.
+    callback_poll_seconds: float = Field(default=1.0, gt=0)
 
     @property
     def production(self) -> bool:

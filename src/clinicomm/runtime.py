@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 from redis.asyncio import Redis
 
+from clinicomm.callbacks.targets import CallbackTargets
 from clinicomm.config import Settings
 from clinicomm.crypto import MasterKeyring
 from clinicomm.messaging.service import MessagingService, Notifier
@@ -103,7 +104,7 @@ class Runtime:
             config,
             http,
             notifier,
-            MessagingService(db, config, notifier),
+            MessagingService(db, config, notifier, CallbackTargets(config, settings)),
             ChainBuilder(context),
             make_health(
                 redis,

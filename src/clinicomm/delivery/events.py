@@ -37,6 +37,7 @@ from sqlalchemy import and_, case, delete, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.callbacks import queue as callbacks
 from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.providers.base import Channel
 from clinicomm.providers.webhooks.base import (
@@ -266,11 +267,23 @@ async def _apply_to_delivery(
         # Suppressions do not need the delivery when the event names the address.
         await _suppress_for(session, clinic_id, event, None, when, result)
         return None
+    await _advance_recorded(session, delivery, event, when, result)
+    await _suppress_for(session, clinic_id, event, delivery, when, result)
+    return delivery.id
+
+
+async def _advance_recorded(
+    session: AsyncSession,
+    delivery: Delivery,
+    event: DeliveryEvent,
+    when: datetime,
+    result: ApplyResult,
+) -> None:
+    """`advance`, and when the status changed: count it and queue its status callback."""
     if advance(delivery, event, when):
         result.status_changes += 1
         result.changed_deliveries.append(delivery.id)
-    await _suppress_for(session, clinic_id, event, delivery, when, result)
-    return delivery.id
+        await callbacks.enqueue(session, [delivery.id], when)
 
 
 def _reason_for(event: DeliveryEvent) -> SuppressionReason | None:
@@ -468,9 +481,7 @@ async def apply_pending(
         if delivery is None:
             result.unmatched += 1
             continue
-        if advance(delivery, event, when):
-            result.status_changes += 1
-            result.changed_deliveries.append(delivery.id)
+        await _advance_recorded(session, delivery, event, when, result)
         await _suppress_for(session, clinic_id, event, delivery, when, result)
         record.delivery_id = delivery.id
         record.processed_at = when
@@ -569,9 +580,7 @@ async def apply_stored(
             await _apply_stored_inbound(session, record, when, result)
             record.processed_at = when
             continue
-        delivery_id = await _apply_to_delivery(
-            session, clinic_id, _event_of(record), when, result
-        )
+        delivery_id = await _apply_to_delivery(session, clinic_id, _event_of(record), when, result)
         if delivery_id is None:
             continue
         record.delivery_id = delivery_id
@@ -650,9 +659,7 @@ async def last_inbound_among(
     return {(r[0], r[1]): aware(r[2]) for r in rows if (r[0], r[1]) in wanted}
 
 
-async def bounce_rate(
-    session: AsyncSession, clinic_id: str, since: datetime
-) -> dict[str, float]:
+async def bounce_rate(session: AsyncSession, clinic_id: str, since: datetime) -> dict[str, float]:
     """Per provider key, the share of the clinic's deliveries handed to it since `since`
     (by `sent_at`) that ended `bounced`: `{"sendgrid": 0.02}`. Providers that sent nothing
     in the period are absent. Clinic-scoped and global hops of one key are counted apart

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.callbacks import queue as callbacks
 from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.store.models import Delivery, DeliveryAttempt, IdempotencyKey, Message, aware
 
@@ -194,4 +195,9 @@ async def write_results(
                 }
                 for o in outcomes
             ],
+        )
+        await callbacks.enqueue(
+            session,
+            {o.delivery_id: o.status.value for o in outcomes if o.status.value in callbacks.RANK},
+            now,
         )

@@ -15,6 +15,7 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from clinicomm.callbacks.targets import CallbackTarget, CallbackTargets, CallbackUrlRefusedError
 from clinicomm.ids import new_id
 from clinicomm.messaging.models import (
     DeliveryStatus,
@@ -110,10 +111,18 @@ class FairClock:
 class MessagingService:
     """`accept(request)`: the durable half of sending."""
 
-    def __init__(self, db: Database, config: ConfigService, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        db: Database,
+        config: ConfigService,
+        notifier: Notifier,
+        targets: CallbackTargets | None = None,
+    ) -> None:
         self.db = db
         self.config = config
         self.notifier = notifier
+        #: Resolves where status callbacks go; None: no callbacks from this process's sends.
+        self.targets = targets
         self.fair = FairClock()
         self.writer = BatchWriter(
             db, before_commit=notifier.in_transaction, after_commit=notifier.after_commit
@@ -133,12 +142,13 @@ class MessagingService:
         """
         clinic_id = request.metadata.clinic_id
         regions = await self._regions(clinic_id, request.channels)
+        target = await self._callback_target(clinic_id, request.callback_url)
         planned = plan(request, regions)
         scope = clinic_id or PLATFORM_KEY_OWNER
         digest = request_hash(request) if idempotency_key else ""
         for _ in range(3):
             answer = await self._write(
-                request, planned, clinic_id, scope, idempotency_key, digest, requested_by
+                request, planned, clinic_id, scope, idempotency_key, digest, requested_by, target
             )
             if answer is not None:
                 return answer
@@ -159,6 +169,7 @@ class MessagingService:
         idempotency_key: str | None,
         digest: str,
         requested_by: str | None,
+        target: CallbackTarget | None = None,
     ) -> SendAccepted | None:
         """Write the message; None when its idempotency key is already stored."""
         message_id = new_id()
@@ -205,6 +216,8 @@ class MessagingService:
                 "content": content,
                 "meta": request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True),
                 "requested_by": requested_by,
+                "callback_url": target.url if target else None,
+                "callback_opts": target.opts() if target else None,
                 "created_at": now,
             },
             deliveries=rows,
@@ -232,6 +245,20 @@ class MessagingService:
             },
         )
         return answer
+
+    async def _callback_target(
+        self, clinic_id: str | None, requested: str | None
+    ) -> CallbackTarget | None:
+        if self.targets is None:
+            if requested is not None:
+                raise SendValidationError(
+                    [Problem("callbackUrl", "status callbacks are not configured", "value_error")]
+                )
+            return None
+        try:
+            return await self.targets.resolve(clinic_id, requested)
+        except CallbackUrlRefusedError as exc:
+            raise SendValidationError([Problem("callbackUrl", str(exc), "value_error")]) from None
 
     async def _regions(self, clinic_id: str | None, channels: list[Channel]) -> dict[Channel, str]:
         """Default phone regions of the clinic's channels; checks that the clinic exists."""

@@ -379,8 +379,9 @@ class AlertEngine:
         transitions: list[Transition] = []
         async with self.db.read() as session:
             active = list(
-                (await session.execute(select(AlertRecord).where(AlertRecord.status == "active")))
-                .scalars()
+                (
+                    await session.execute(select(AlertRecord).where(AlertRecord.status == "active"))
+                ).scalars()
             )
         active_keys = {row.key for row in active}
         for key, condition in wanted.items():
@@ -462,9 +463,7 @@ class AlertEngine:
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout),
             ) as answer:
                 if answer.status >= 300:
-                    raise aiohttp.ClientResponseError(
-                        answer.request_info, (), status=answer.status
-                    )
+                    raise aiohttp.ClientResponseError(answer.request_info, (), status=answer.status)
         except Exception as exc:
             log.warning(
                 "alert webhook failed",
@@ -504,4 +503,3 @@ async def list_alerts(
     async with db.read() as session:
         rows = (await session.execute(query)).scalars()
         return [alert_json(r) for r in rows]
-

@@ -48,6 +48,7 @@ def invalidation_channel(redis: Redis) -> str:
     db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
     return INVALIDATE_CHANNEL if db == 0 else f"{INVALIDATE_CHANNEL}:{db}"
 
+
 _CAS_SCRIPT = """
 local cur = redis.call('HGET', KEYS[1], 'v')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end

@@ -28,6 +28,7 @@ from clinicomm.settings import secrets
 from clinicomm.settings.cache import ConfigCache
 from clinicomm.settings.keys import KeyStore
 from clinicomm.settings.models import (
+    CallbackSettings,
     ChannelSettings,
     CommunicationSettings,
     EmailSettings,
@@ -47,6 +48,17 @@ from clinicomm.store.models import Clinic, aware, utcnow
 log = logging.getLogger(__name__)
 
 COMM = "communicationSettings"
+#: The `communicationSettings` key of the status callbacks (and their L1 cache slot).
+CALLBACKS = "callbacks"
+
+
+@dataclass(frozen=True, slots=True)
+class _Boxed:
+    """An L1 entry that may hold None (a clinic without callbacks is cached too)."""
+
+    value: Any
+
+
 CHANNEL_MODELS: dict[Channel, type[ChannelSettings]] = {
     Channel.EMAIL: EmailSettings,
     Channel.WHATSAPP: WhatsAppSettings,
@@ -224,6 +236,33 @@ class ConfigService:
             time.perf_counter() - start
         )
         return resolved
+
+    async def get_callbacks(self, clinic_id: str) -> CallbackSettings | None:
+        """The clinic's status-callback settings (secret in clear), or None.
+
+        Cached in L1 with the channels (dropped with them on every change of the clinic);
+        a miss reads the database.
+        """
+        cached: Any = self.cache.l1_get(CALLBACKS, clinic_id)
+        if cached is not None:
+            value: CallbackSettings | None = cached.value
+            return value
+        async with self.db.sessions() as session:
+            row = await session.get(Clinic, clinic_id)
+            version = row.version if row is not None else 0
+            comm = (
+                row.settings.get(COMM)
+                if row is not None and isinstance(row.settings, dict)
+                else None
+            )
+            stored = comm.get(CALLBACKS) if isinstance(comm, dict) else None
+            settings: CallbackSettings | None = None
+            if isinstance(stored, dict):
+                cipher = await self.keys.cipher(session, clinic_id)
+                plain = secrets.decrypt({CALLBACKS: stored}, cipher)[CALLBACKS]
+                settings = validate_model(CallbackSettings, plain, (COMM, CALLBACKS))
+        self.cache.l1_put(CALLBACKS, clinic_id, version, _Boxed(settings))  # type: ignore[arg-type]
+        return settings
 
     def _count(self, label: str, channel: Channel, level: str, start: float) -> None:
         key = (label, channel.value)

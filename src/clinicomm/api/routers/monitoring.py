@@ -44,9 +44,7 @@ async def _exists(runtime: Runtime, clinic_id: str) -> None:
             raise ClinicNotFoundError(clinic_id)
 
 
-def _health_item(
-    health: ProviderHealth, scope: str, key: str, position: int
-) -> dict[str, Any]:
+def _health_item(health: ProviderHealth, scope: str, key: str, position: int) -> dict[str, Any]:
     return {
         "provider": key,
         "label": health.provider,

@@ -50,7 +50,13 @@ CREDENTIALS = SesCredentials
 _CERT_HOST = re.compile(r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
 _NOTIFICATION_KEYS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
 _CONFIRMATION_KEYS = (
-    "Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type",
+    "Message",
+    "MessageId",
+    "SubscribeURL",
+    "Timestamp",
+    "Token",
+    "TopicArn",
+    "Type",
 )
 _TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 

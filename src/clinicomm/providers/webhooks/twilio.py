@@ -111,9 +111,12 @@ def parse(request: WebhookRequest) -> list[WebhookEvent]:
     if not sid:
         raise WebhookPayloadError("not a Twilio messaging callback (no MessageSid)")
     status = form.get("MessageStatus") or form.get("SmsStatus") or ""
-    channel = Channel.WHATSAPP if form.get("To", "").startswith("whatsapp:") or form.get(
-        "From", ""
-    ).startswith("whatsapp:") else Channel.SMS
+    channel = (
+        Channel.WHATSAPP
+        if form.get("To", "").startswith("whatsapp:")
+        or form.get("From", "").startswith("whatsapp:")
+        else Channel.SMS
+    )
     if status == "received" or (not form.get("MessageStatus") and "Body" in form):
         sender = phone_or_none(form.get("From"))
         if sender is None:

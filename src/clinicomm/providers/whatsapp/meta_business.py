@@ -171,7 +171,9 @@ class MetaBusinessAdapter(HttpAdapter):
             wamid = str(body["messages"][0]["id"])
         except (KeyError, IndexError, TypeError):
             raise TransientError(
-                "answer without a message id", provider=self.key, status_code=answer.status,
+                "answer without a message id",
+                provider=self.key,
+                status_code=answer.status,
                 detail=answer.text,
             ) from None
         status = body["messages"][0].get("message_status")

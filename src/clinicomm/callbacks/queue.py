@@ -1,0 +1,294 @@
+"""The durable callback queue (`callback_events`): written in the transaction that changes a
+delivery's status, claimed in order per delivery, recorded after each POST.
+
+`enqueue` is called at the two places a delivery's status is written: the worker's result
+flush (`delivery.queue.write_results`) and the webhook status path (`delivery.events`). Both
+pass the ids whose status changed; the row read back in the same transaction says what the
+status now is, so a lost lease (no change written) enqueues nothing.
+
+Order: `seq` = re-queue generation * 10 + status rank. A claim takes, per delivery, only the
+pending event with the lowest (seq, id); before sending, an event whose `seq` is not above the
+highest already sent for its delivery is marked `superseded`. So the receiver never sees an
+earlier status after a later one, whatever order concurrent transactions commit in.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Table, and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from clinicomm.store.models import CallbackEvent, Delivery, Message, aware
+
+CALLBACKS: Table = CallbackEvent.__table__  # type: ignore[assignment]
+
+#: Status → its rank among callbacks (the final statuses share the top rank).
+RANK: dict[str, int] = {
+    "sent": 1,
+    "delivered": 2,
+    "read": 3,
+    "failed": 4,
+    "bounced": 4,
+    "suppressed": 4,
+}
+EVENT_TYPE = "delivery.status"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return aware(value).isoformat() if value is not None else None
+
+
+def _error_of(error: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(error class, provider code) of a delivery's error document, without messages."""
+    if not error:
+        return None, None
+    errors = error.get("errors")
+    last = errors[-1] if isinstance(errors, list) and errors else {}
+    klass = last.get("class") if isinstance(last, dict) else None
+    code = last.get("code") if isinstance(last, dict) else None
+    if klass is None and isinstance(error.get("reason"), str):
+        klass = error["reason"] if error["reason"] in _CLASSES else None
+    return (str(klass) if klass else None), (str(code) if code is not None else error.get("code"))
+
+
+_CLASSES = frozenset(
+    {"transient", "rate_limited", "provider_down", "configuration", "recipient", "compliance"}
+)
+
+
+async def enqueue(
+    session: AsyncSession,
+    delivery_ids: Mapping[str, str | None] | list[str],
+    now: datetime,
+) -> int:
+    """Queue a callback for each delivery whose message has a target and whose current status
+    is one callbacks report. A mapping gives the status each id is expected to have now (the
+    worker's outcome): a row with another status (the write did not apply) is skipped.
+    Returns how many were queued. Runs in the caller's transaction."""
+    ids = list(delivery_ids)
+    if not ids:
+        return 0
+    expected = delivery_ids if isinstance(delivery_ids, Mapping) else {}
+    rows = (
+        await session.execute(
+            select(
+                Delivery.id,
+                Delivery.message_id,
+                Delivery.clinic_id,
+                Delivery.channel,
+                Delivery.status,
+                Delivery.provider,
+                Delivery.error,
+                Delivery.requeues,
+                Message.callback_url,
+                Message.callback_opts,
+                Message.meta,
+            )
+            .join(Message, Message.id == Delivery.message_id)
+            .where(Delivery.id.in_(ids), Message.callback_url.is_not(None))
+        )
+    ).all()
+    values: list[dict[str, Any]] = []
+    for row in rows:
+        rank = RANK.get(row.status)
+        if rank is None or (expected and expected.get(row.id) not in (None, row.status)):
+            continue
+        opts = row.callback_opts or {}
+        events = opts.get("events")
+        if events is not None and row.status not in events:
+            continue
+        error_class, error_code = _error_of(row.error)
+        event_id = str(uuid.uuid4())
+        values.append(
+            {
+                "event_id": event_id,
+                "delivery_id": row.id,
+                "message_id": row.message_id,
+                "clinic_id": row.clinic_id,
+                "seq": (row.requeues or 0) * 10 + rank,
+                "status": row.status,
+                "url": row.callback_url,
+                "source": str(opts.get("source", "platform")),
+                "payload": {
+                    "id": event_id,
+                    "type": EVENT_TYPE,
+                    "messageId": row.message_id,
+                    "deliveryId": row.id,
+                    "clinicId": row.clinic_id,
+                    "channel": row.channel,
+                    "status": row.status,
+                    "provider": row.provider,
+                    "errorClass": error_class,
+                    "errorCode": error_code,
+                    "time": _iso(now),
+                    "metadata": row.meta or {},
+                },
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+        )
+    if values:
+        await session.execute(CALLBACKS.insert(), values)
+    return len(values)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedCallback:
+    id: int
+    event_id: str
+    delivery_id: str
+    clinic_id: str | None
+    seq: int
+    url: str
+    source: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+
+
+async def claim(
+    session: AsyncSession, *, owner: str, now: datetime, lease: timedelta, limit: int
+) -> list[ClaimedCallback]:
+    """Lease due callbacks that head their delivery's pending events (one per delivery)."""
+    cur = aliased(CallbackEvent, name="cur")
+    earlier = aliased(CallbackEvent, name="earlier")
+    head = ~(
+        select(earlier.id)
+        .where(
+            earlier.delivery_id == cur.delivery_id,
+            earlier.state == "pending",
+            or_(
+                earlier.seq < cur.seq,
+                and_(earlier.seq == cur.seq, earlier.id < cur.id),
+            ),
+        )
+        .exists()
+    )
+    due = (
+        select(cur.id)
+        .where(
+            cur.state == "pending",
+            cur.next_attempt_at <= now,
+            or_(cur.lease_until.is_(None), cur.lease_until < now),
+            head,
+        )
+        .order_by(cur.next_attempt_at, cur.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=cur)  # SQLite: no lock clause (writers serialised)
+    )
+    result = await session.execute(
+        update(CallbackEvent)
+        .where(CallbackEvent.id.in_(due.scalar_subquery()))
+        .values(lease_owner=owner, lease_until=now + lease)
+        .returning(
+            CallbackEvent.id,
+            CallbackEvent.event_id,
+            CallbackEvent.delivery_id,
+            CallbackEvent.clinic_id,
+            CallbackEvent.seq,
+            CallbackEvent.url,
+            CallbackEvent.source,
+            CallbackEvent.payload,
+            CallbackEvent.attempts,
+            CallbackEvent.created_at,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return [
+        ClaimedCallback(
+            r.id,
+            r.event_id,
+            r.delivery_id,
+            r.clinic_id,
+            r.seq,
+            r.url,
+            r.source,
+            r.payload,
+            r.attempts,
+            aware(r.created_at),
+        )
+        for r in result.all()
+    ]
+
+
+async def superseded(session: AsyncSession, item: ClaimedCallback) -> bool:
+    """True when a callback of the same or a later status was already sent for its delivery."""
+    highest = await session.scalar(
+        select(func.max(CallbackEvent.seq)).where(
+            CallbackEvent.delivery_id == item.delivery_id, CallbackEvent.state == "sent"
+        )
+    )
+    return highest is not None and highest >= item.seq
+
+
+async def finish(
+    session: AsyncSession,
+    item: ClaimedCallback,
+    *,
+    owner: str,
+    state: str,
+    now: datetime,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+) -> None:
+    """Record the outcome of one claimed callback (only while `owner` holds its lease)."""
+    values: dict[str, Any] = {"lease_owner": None, "lease_until": None, "last_error": error}
+    if state == "retry":
+        values.update(attempts=item.attempts + 1, next_attempt_at=next_attempt_at or now)
+    else:
+        values.update(state=state, attempts=item.attempts + (state != "superseded"))
+        if state == "sent":
+            values["sent_at"] = now
+    await session.execute(
+        update(CallbackEvent)
+        .where(CallbackEvent.id == item.id, CallbackEvent.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def backlog(session: AsyncSession) -> int:
+    """Callbacks still to be sent."""
+    return int(
+        await session.scalar(
+            select(func.count()).select_from(CallbackEvent).where(CallbackEvent.state == "pending")
+        )
+        or 0
+    )
+
+
+async def for_deliveries(
+    session: AsyncSession, delivery_ids: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each delivery's callbacks for the status API (ids, states, attempts; no payload)."""
+    out: dict[str, list[dict[str, Any]]] = {i: [] for i in delivery_ids}
+    if not delivery_ids:
+        return out
+    rows = (
+        await session.scalars(
+            select(CallbackEvent)
+            .where(CallbackEvent.delivery_id.in_(delivery_ids))
+            .order_by(CallbackEvent.seq, CallbackEvent.id)
+        )
+    ).all()
+    for r in rows:
+        out[r.delivery_id].append(
+            {
+                "eventId": r.event_id,
+                "status": r.status,
+                "state": r.state,
+                "attempts": r.attempts,
+                "lastError": r.last_error,
+                "nextAttemptAt": _iso(r.next_attempt_at) if r.state == "pending" else None,
+                "sentAt": _iso(r.sent_at),
+            }
+        )
+    return out
