@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
 from clinicomm.messaging.models import DeliveryStatus
+from clinicomm.observability.outcomes import log_delivery_end
 from clinicomm.providers.base import Channel
 from clinicomm.providers.webhooks.base import (
     DeliveryEvent,
@@ -279,11 +280,21 @@ async def _advance_recorded(
     when: datetime,
     result: ApplyResult,
 ) -> None:
-    """`advance`, and when the status changed: count it and queue its status callback."""
+    """`advance`, and when the status changed: count it, queue its status callback and log
+    a bounce or failure (`observability.outcomes`)."""
     if advance(delivery, event, when):
         result.status_changes += 1
         result.changed_deliveries.append(delivery.id)
         await callbacks.enqueue(session, [delivery.id], when)
+        log_delivery_end(
+            delivery_id=delivery.id,
+            message_id=delivery.message_id,
+            clinic_id=delivery.clinic_id,
+            channel=delivery.channel,
+            status=delivery.status,
+            provider=delivery.provider,
+            error=delivery.error,
+        )
 
 
 def _reason_for(event: DeliveryEvent) -> SuppressionReason | None:

@@ -48,6 +48,7 @@ from clinicomm.delivery.sender import Content, Guards, Handled, send_through_cha
 from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.messaging.service import PLATFORM_KEY_OWNER, Notifier
 from clinicomm.observability import metrics
+from clinicomm.observability.outcomes import log_delivery_end
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
 from clinicomm.routing.limits import clinic_channel_key, clinic_channel_limits
@@ -233,10 +234,21 @@ class Worker:
             raise
         except Exception as exc:
             handled = self._not_prepared(claimed, exc)
-        if handled.outcome.status is DeliveryStatus.SENT:
+        outcome = handled.outcome
+        if outcome.status is DeliveryStatus.SENT:
             self.sent += 1
-        elif handled.outcome.status is DeliveryStatus.FAILED:
+        elif outcome.status is DeliveryStatus.FAILED:
             self.failed += 1
+        log_delivery_end(
+            delivery_id=claimed.id,
+            message_id=claimed.message_id,
+            clinic_id=claimed.clinic_id,
+            channel=claimed.channel,
+            status=outcome.status.value,
+            provider=outcome.provider,
+            error=outcome.error,
+            attempts=outcome.attempts,
+        )
         self._results.append(handled)
         if len(self._results) >= self.options.batch_size:
             self._flush_now.set()
