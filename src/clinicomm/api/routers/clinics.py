@@ -273,7 +273,6 @@ async def _delete(
     response_model=ClinicList,
     responses=ERRORS,
     summary="Clinics by id, paginated (SuperAdmin); names and versions, no settings",
-    operation_id="listClinics",
 )
 async def list_clinics(
     runtime: RuntimeDep,
@@ -305,7 +304,6 @@ async def list_clinics(
     responses={**ERRORS, **_412},
     openapi_extra=_IF_MATCH_DOC,
     summary="Delete a clinic (SuperAdmin): settings and data keys (crypto-shred), audited",
-    operation_id="deleteClinic",
 )
 async def delete_clinic(
     clinicId: ClinicId,

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from clinicomm.api.answers import AlertList, ClinicHealth, ClinicStats, ConfigTestResult
 from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import get_runtime, require
 from clinicomm.api.errors import ApiError
@@ -67,6 +68,7 @@ def _health_item(health: ProviderHealth, scope: str, key: str, position: int) ->
 
 @router.get(
     "/api/v1/clinics/{clinicId}/communication/health",
+    response_model=ClinicHealth,
     responses=ERRORS,
     summary="Health of each provider of the clinic's chains (own and global)",
 )
@@ -95,6 +97,7 @@ async def communication_health(
 
 @router.get(
     "/api/v1/clinics/{clinicId}/communication/stats",
+    response_model=ClinicStats,
     responses=ERRORS,
     summary="Counts by channel, provider and status, and latency percentiles",
 )
@@ -123,6 +126,8 @@ async def communication_stats(
 
 @router.post(
     "/api/v1/clinics/{clinicId}/communication/test",
+    response_model=ConfigTestResult,
+    response_model_exclude_unset=True,
     responses=ERRORS,
     summary="Send a test message through the clinic's own providers (audited)",
 )
@@ -157,6 +162,7 @@ StatusFilter = Annotated[
 
 @router.get(
     "/api/v1/alerts",
+    response_model=AlertList,
     responses=ERRORS,
     summary="Every alert, newest first (SuperAdmin)",
 )
@@ -171,6 +177,7 @@ async def alerts(
 
 @router.get(
     "/api/v1/clinics/{clinicId}/alerts",
+    response_model=AlertList,
     responses=ERRORS,
     summary="The clinic's alerts, newest first",
 )
