@@ -28,12 +28,12 @@ class Attempt(_Answer):
 
     provider: str = Field(description="The chain hop: `clinic:sendgrid`, `global:smtp`")
     outcome: str = Field(description="`sent` or `failed`")
-    errorClass: str | None = None
-    statusCode: int | None = None
-    errorCode: str | None = None
-    detail: str | None = None
+    errorClass: str | None
+    statusCode: int | None
+    errorCode: str | None
+    detail: str | None
     durationMs: int
-    time: DateTime | None = None
+    time: DateTime | None
 
 
 class DeliveryError(_Answer):
@@ -52,9 +52,9 @@ class CallbackState(_Answer):
     status: str
     state: Literal["pending", "sent", "expired", "superseded"]
     attempts: int
-    lastError: str | None = None
-    nextAttemptAt: DateTime | None = None
-    sentAt: DateTime | None = None
+    lastError: str | None
+    nextAttemptAt: DateTime | None
+    sentAt: DateTime | None
 
 
 class _DeliveryFields(_Answer):
@@ -62,23 +62,21 @@ class _DeliveryFields(_Answer):
     channel: Channel
     recipient: str
     status: DeliveryStatus
-    provider: str | None = None
-    providerMessageId: str | None = None
-    parentId: str | None = Field(
-        default=None, description="The delivery this one replaces (channel fallback)"
-    )
-    attempts: list[Attempt] = Field(default_factory=list)
-    error: DeliveryError | None = None
-    createdAt: DateTime | None = None
-    updatedAt: DateTime | None = None
-    sentAt: DateTime | None = None
-    nextAttemptAt: DateTime | None = None
+    provider: str | None
+    providerMessageId: str | None
+    parentId: str | None = Field(description="The delivery this one replaces (channel fallback)")
+    attempts: list[Attempt]
+    error: DeliveryError | None
+    createdAt: DateTime | None
+    updatedAt: DateTime | None
+    sentAt: DateTime | None
+    nextAttemptAt: DateTime | None
 
 
 class DeliveryState(_DeliveryFields):
     """One (recipient, channel) of a message: status, provider, attempts, callbacks."""
 
-    callbacks: list[CallbackState] = Field(default_factory=list)
+    callbacks: list[CallbackState]
 
 
 class MessageStatus(_Answer):
@@ -179,7 +177,7 @@ class TriedProvider(_Answer):
 class ConfigTestResult(_Answer):
     ok: bool
     provider: str | None = None
-    tried: list[TriedProvider] = Field(default_factory=list)
+    tried: list[TriedProvider]
     latencyMs: float | None = None
     providerMessageId: str | None = None
     error: dict[str, Any] | None = None
