@@ -58,7 +58,8 @@ async def test_a_separate_worker_serves_metrics_with_its_sends(settings: Setting
                     text = answer.text
                     sent = _value(text, "communication_email_sent_total",
                                   clinicId="clinic-w", provider="sendgrid")
-                    if sent == 3:
+                    depth = _value(text, "communication_queue_depth", channel="email")
+                    if sent == 3 and depth == 0:  # sent, and the results recorded
                         break
                     await asyncio.sleep(0.1)
             assert sent == 3, text[-2000:]
