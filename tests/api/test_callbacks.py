@@ -207,3 +207,25 @@ def test_signature_scheme_matches_the_documented_formula() -> None:
     assert not verify_signature("s3cret-s3cret-s3cret", b'{"a":1}', header, now=1700001000)
     assert not verify_signature("s3cret-s3cret-s3cret", b'{"a":2}', header, now=1700000100)
     assert not verify_signature("s3cret-s3cret-s3cret", b'{"a":1}', "garbage", now=1700000100)
+
+
+async def test_a_delivery_failed_at_accept_is_called_back(api: Api) -> None:
+    async with CaptureServer() as receiver:
+        secret = canary("callback-secret")
+        await create_clinic(api, "clinic-fa", with_callbacks(
+            {"communicationSettings": {}}, f"{receiver.url}/cb", secret))
+        answer = await api.client.post(
+            "/api/v1/communications", headers=api.admin,
+            json={"body": "x", "recipients": [{"phone": PATIENT}], "channels": ["email"],
+                  "metadata": {"clinicId": "clinic-fa"}})
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["deliveries"][0]["status"] == "failed"
+        assert api.runtime.messaging.targets is not None
+        s = CallbackSender(api.runtime.db, api.runtime.messaging.targets)
+        assert await s.run_once() == 1
+        await s.close()
+        [event] = [r.json() for r in receiver.requests]
+        assert event["status"] == "failed" and event["channel"] == "email"
+        assert verify_signature(secret, receiver.requests[0].body,
+                                receiver.requests[0].headers[HEADER])
+        assert PATIENT not in receiver.requests[0].body.decode()

@@ -2,7 +2,9 @@
 delivery's status, claimed in order per delivery, recorded after each POST.
 
 `enqueue` is called at the two places a delivery's status is written: the worker's result
-flush (`delivery.queue.write_results`) and the webhook status path (`delivery.events`). Both
+flush (`delivery.queue.write_results`) and the webhook status path (`delivery.events`); a
+delivery recorded `failed` at accept (no address for the channel) gets its row from
+`event_row` in the accepting transaction (`messaging.writer`). Both
 pass the ids whose status changed; the row read back in the same transaction says what the
 status now is, so a lost lease (no change written) enqueues nothing.
 
@@ -96,48 +98,80 @@ async def enqueue(
     ).all()
     values: list[dict[str, Any]] = []
     for row in rows:
-        rank = RANK.get(row.status)
-        if rank is None or (expected and expected.get(row.id) not in (None, row.status)):
+        if expected and expected.get(row.id) not in (None, row.status):
             continue
-        opts = row.callback_opts or {}
-        events = opts.get("events")
-        if events is not None and row.status not in events:
-            continue
-        error_class, error_code = _error_of(row.error)
-        event_id = str(uuid.uuid4())
-        values.append(
-            {
-                "event_id": event_id,
-                "delivery_id": row.id,
-                "message_id": row.message_id,
-                "clinic_id": row.clinic_id,
-                "seq": (row.requeues or 0) * 10 + rank,
-                "status": row.status,
-                "url": row.callback_url,
-                "source": str(opts.get("source", "platform")),
-                "payload": {
-                    "id": event_id,
-                    "type": EVENT_TYPE,
-                    "messageId": row.message_id,
-                    "deliveryId": row.id,
-                    "clinicId": row.clinic_id,
-                    "channel": row.channel,
-                    "status": row.status,
-                    "provider": row.provider,
-                    "errorClass": error_class,
-                    "errorCode": error_code,
-                    "time": _iso(now),
-                    "metadata": row.meta or {},
-                },
-                "state": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-            }
+        event = event_row(
+            delivery_id=row.id,
+            message_id=row.message_id,
+            clinic_id=row.clinic_id,
+            channel=row.channel,
+            status=row.status,
+            provider=row.provider,
+            error=row.error,
+            requeues=row.requeues or 0,
+            url=row.callback_url,
+            opts=row.callback_opts or {},
+            metadata=row.meta or {},
+            now=now,
         )
+        if event is not None:
+            values.append(event)
     if values:
         await session.execute(CALLBACKS.insert(), values)
     return len(values)
+
+
+def event_row(
+    *,
+    delivery_id: str,
+    message_id: str,
+    clinic_id: str | None,
+    channel: str,
+    status: str,
+    provider: str | None,
+    error: dict[str, Any] | None,
+    requeues: int,
+    url: str,
+    opts: Mapping[str, Any],
+    metadata: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any] | None:
+    """The `callback_events` row of one status change, or None when the status is not one
+    callbacks report or the target's `events` leave it out."""
+    rank = RANK.get(status)
+    events = opts.get("events")
+    if rank is None or (events is not None and status not in events):
+        return None
+    error_class, error_code = _error_of(error)
+    event_id = str(uuid.uuid4())
+    return {
+        "event_id": event_id,
+        "delivery_id": delivery_id,
+        "message_id": message_id,
+        "clinic_id": clinic_id,
+        "seq": requeues * 10 + rank,
+        "status": status,
+        "url": url,
+        "source": str(opts.get("source", "platform")),
+        "payload": {
+            "id": event_id,
+            "type": EVENT_TYPE,
+            "messageId": message_id,
+            "deliveryId": delivery_id,
+            "clinicId": clinic_id,
+            "channel": channel,
+            "status": status,
+            "provider": provider,
+            "errorClass": error_class,
+            "errorCode": error_code,
+            "time": _iso(now),
+            "metadata": metadata,
+        },
+        "state": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from clinicomm.callbacks.queue import event_row
 from clinicomm.callbacks.targets import CallbackTarget, CallbackTargets, CallbackUrlRefusedError
 from clinicomm.ids import new_id
 from clinicomm.messaging.models import (
@@ -233,6 +234,8 @@ class MessagingService:
             if idempotency_key
             else None,
         )
+        if target is not None:
+            pending.callbacks = _failed_at_accept(rows, target, pending.message, now)
         if not await self.writer.write(pending):
             return None
         log.info(
@@ -298,6 +301,33 @@ class MessagingService:
                 "Idempotency-Key was already used with a different payload"
             )
         return SendAccepted.model_validate(row.response)
+
+
+def _failed_at_accept(
+    rows: list[dict[str, Any]], target: CallbackTarget, message: dict[str, Any], now: datetime
+) -> list[dict[str, Any]]:
+    """Callback rows for the deliveries recorded `failed` at accept."""
+    events = []
+    for row in rows:
+        if row["status"] != DeliveryStatus.FAILED.value:
+            continue
+        event = event_row(
+            delivery_id=row["id"],
+            message_id=message["id"],
+            clinic_id=row["clinic_id"],
+            channel=row["channel"],
+            status=row["status"],
+            provider=None,
+            error=row["error"],
+            requeues=0,
+            url=target.url,
+            opts=target.opts(),
+            metadata=message["meta"],
+            now=now,
+        )
+        if event is not None:
+            events.append(event)
+    return events
 
 
 def request_hash(request: SendRequest) -> str:

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from clinicomm.callbacks.queue import CALLBACKS
 from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, IdempotencyKey, Message
 
@@ -38,6 +39,8 @@ class PendingWrite:
     message: dict[str, Any]
     deliveries: list[dict[str, Any]]
     idempotency: dict[str, Any] | None = None
+    #: `callback_events` rows (deliveries recorded `failed` at accept, with a callback target).
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
     #: Resolves to True once committed, or False when the idempotency key was already taken
     #: (nothing of this message was written).
     done: asyncio.Future[bool] = field(
@@ -99,6 +102,9 @@ class BatchWriter:
             if writes:
                 await conn.execute(MESSAGES.insert(), [i.message for i in writes])
                 await conn.execute(DELIVERIES.insert(), [d for i in writes for d in i.deliveries])
+                events = [e for i in writes for e in i.callbacks]
+                if events:
+                    await conn.execute(CALLBACKS.insert(), events)
                 if self.before_commit is not None:
                     await self.before_commit(conn)
         self.batches += 1
