@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -36,6 +37,27 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "clinicomm.cli", *args],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )
+
+
+class Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+async def cli_here(settings: Settings, *args: str) -> Ran:
+    """The command in this process (in a thread: it runs its own event loop), for speed."""
+    from typer.testing import CliRunner
+
+    from clinicomm.cli import app
+
+    env = {
+        "CLINICOMM_DATABASE_URL": settings.database_url,
+        "CLINICOMM_MASTER_KEYS": settings.master_keys or "",
+        "CLINICOMM_DATA_DIR": str(settings.data_dir),
+        "CLINICOMM_LOG_LEVEL": "WARNING",
+    }
+    result = await asyncio.to_thread(CliRunner().invoke, app, list(args), env=env)
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 async def test_list_clinics_is_paginated_and_super_admin_only(api: Api) -> None:
@@ -102,15 +124,15 @@ async def test_requeue_and_status_commands(api: Api, settings: Settings) -> None
             row.error = {"reason": "every provider failed", "errors": []}
     window = ["--clinic", "clinic-r", "--status", "failed",
               "--since", "2026-11-30T02:00:00", "--until", "2026-11-30T04:00:00"]
-    dry = cli(settings, "requeue", *window, "--provider", "smtp", "--dry-run")
+    dry = await cli_here(settings, "requeue", *window, "--provider", "smtp", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "2 deliveries would be re-queued" in dry.stdout
-    other = cli(settings, "requeue", *window, "--provider", "sendgrid", "--dry-run")
+    other = await cli_here(settings, "requeue", *window, "--provider", "sendgrid", "--dry-run")
     assert "0 deliveries" in other.stdout
-    done = cli(settings, "requeue", *window)
+    done = await cli_here(settings, "requeue", *window)
     assert done.returncode == 0, done.stderr
     assert "2 deliveries re-queued" in done.stdout
-    again = cli(settings, "requeue", *window)
+    again = await cli_here(settings, "requeue", *window)
     assert "0 deliveries re-queued" in again.stdout  # each is re-queued once
     async with api.runtime.db.read() as session:
         rows = (await session.scalars(select(Delivery).where(Delivery.message_id == message_id))).all()
@@ -118,12 +140,12 @@ async def test_requeue_and_status_commands(api: Api, settings: Settings) -> None
         audits = (await session.scalars(select(AuditEntry).where(
             AuditEntry.action == "delivery.requeue"))).all()
         assert len(audits) == 1 and sorted(audits[0].diff["deliveries"]) == sorted(r.id for r in rows)
-    status = cli(settings, "status", message_id)
+    status = await cli_here(settings, "status", message_id)
     assert status.returncode == 0, status.stderr
     assert '"status": "pending"' in status.stdout
-    missing = cli(settings, "status", "no-such-message")
+    missing = await cli_here(settings, "status", "no-such-message")
     assert missing.returncode == 1 and "not found" in missing.stderr
-    bad = cli(settings, "requeue", "--clinic", "c", "--since", "yesterday", "--until", "today")
+    bad = await cli_here(settings, "requeue", "--clinic", "c", "--since", "yesterday", "--until", "today")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
@@ -136,9 +158,14 @@ def test_version_and_generated_reference_pages_are_current(settings: Settings) -
         "docs/providers.md is stale: run `clinicomm providers > docs/providers.md`")
     assert (ROOT / "docs/configuration.md").read_text() == variables_markdown(), (
         "docs/configuration.md is stale: run `clinicomm variables > docs/configuration.md`")
-    one = cli(settings, "providers", "sendgrid")
-    assert one.returncode == 0 and "`apiKey` | string | yes | yes" in one.stdout
-    assert cli(settings, "providers", "pigeon").returncode == 2
+    from typer.testing import CliRunner
+
+    from clinicomm.cli import app
+
+    one = CliRunner().invoke(app, ["providers", "sendgrid"])
+    assert one.exit_code == 0 and "`apiKey` | string | yes | yes" in one.stdout
+    assert CliRunner().invoke(app, ["providers", "pigeon"]).exit_code == 2
+    assert CliRunner().invoke(app, ["variables"]).stdout == variables_markdown()
     from clinicomm.config import Settings as S
 
     documented = variables_markdown()
