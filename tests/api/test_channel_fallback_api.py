@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from clinicomm.api.auth import Role
-from clinicomm.delivery.events import record_inbound
+from clinicomm.delivery.window import record_inbound
 from clinicomm.delivery.worker import Worker, WorkerOptions
 from tests.api.conftest import Api, create_clinic
 from tests.conftest import canary

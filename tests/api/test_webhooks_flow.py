@@ -18,14 +18,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from clinicomm.delivery.events import bounce_rate, is_suppressed, record_inbound
+from clinicomm.delivery.bounces import bounce_rate
 from clinicomm.delivery.webhooks import webhook_service
+from clinicomm.delivery.window import record_inbound
 from clinicomm.delivery.worker import Worker, WorkerOptions
 from clinicomm.store.models import AuditEntry, Delivery
 from tests.api.conftest import Api, create_clinic
 from tests.api.test_webhooks import sign_meta, sign_twilio
 from tests.conftest import canary
 from tests.support.http_capture import CaptureServer, Scripted
+from tests.support.webhooks import is_suppressed
 
 PATIENT = "+14155552671"
 SID = "SM" + "a" * 32

@@ -8,13 +8,13 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import delete, select
 
+from clinicomm.delivery.outbox import Notifier
+from clinicomm.delivery.records import NewDelivery
 from clinicomm.ids import new_id
 from clinicomm.messaging.models import (
     DeliveryStatus,
@@ -61,25 +61,6 @@ class PlannedDelivery:
     recipient: str
     #: Set when the delivery cannot be attempted at all (no address for the channel).
     failure: str | None = None
-
-
-class Notifier:
-    """Wakes workers when deliveries are due: an in-process event, plus PostgreSQL NOTIFY."""
-
-    CHANNEL = "clinicomm_deliveries"
-
-    def __init__(self) -> None:
-        import asyncio
-
-        self.event = asyncio.Event()
-
-    async def in_transaction(self, conn: AsyncConnection) -> None:
-        """Queue a NOTIFY that PostgreSQL delivers at commit (no-op on SQLite)."""
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text(f"NOTIFY {self.CHANNEL}"))
-
-    def after_commit(self) -> None:
-        self.event.set()
 
 
 class FairClock:
@@ -163,7 +144,7 @@ class MessagingService:
         """Write the message; None when its idempotency key is already stored."""
         message_id = new_id()
         now = utcnow()
-        rows: list[dict[str, Any]] = []
+        rows: list[NewDelivery] = []
         summaries: list[DeliverySummary] = []
         stamps = self.fair.stamps(clinic_id, len(planned), now)
         for item, fair_at in zip(planned, stamps, strict=True):
@@ -171,19 +152,17 @@ class MessagingService:
             status = DeliveryStatus.FAILED if item.failure else DeliveryStatus.QUEUED
             error = {"reason": item.failure, "errors": []} if item.failure else None
             rows.append(
-                {
-                    "id": delivery_id,
-                    "message_id": message_id,
-                    "clinic_id": clinic_id,
-                    "channel": item.channel.value,
-                    "recipient": item.recipient,
-                    "status": status.value,
-                    "next_attempt_at": now,
-                    "fair_at": fair_at,
-                    "error": error,
-                    "created_at": now,
-                    "updated_at": now,
-                }
+                NewDelivery(
+                    id=delivery_id,
+                    message_id=message_id,
+                    clinic_id=clinic_id,
+                    channel=item.channel.value,
+                    recipient=item.recipient,
+                    status=status,
+                    fair_at=fair_at,
+                    created_at=now,
+                    error=error,
+                )
             )
             summaries.append(
                 DeliverySummary(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from clinicomm.observability.alerts import AlertEngine
-from clinicomm.routing.probes import ProbeRunner
+from clinicomm.observability.probes import ProbeRunner
 from clinicomm.runtime import Runtime
 
 

@@ -205,7 +205,8 @@ class DeliveryEventRecord(Base):
 
     The unique (provider, clinic_id, event_id) makes a redelivered event a no-op. `delivery_id`
     and `processed_at` stay NULL while no delivery matches `provider_message_id` yet (the
-    webhook can beat the worker's commit); `delivery.events.apply_pending` finishes those.
+    webhook can beat the worker's commit); the sweep (`delivery.ingest.apply_stored`) finishes
+    those.
     """
 
     __tablename__ = "delivery_events"

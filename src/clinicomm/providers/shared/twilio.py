@@ -78,6 +78,9 @@ def classify_twilio_error(answer: Answer, provider: str = "twilio") -> ProviderE
 class TwilioAdapterBase(HttpAdapter):
     """Twilio send and probe; subclasses say how a number is addressed on their channel."""
 
+    #: 21610: the number replied STOP to this sender (PROVIDER-FACTS §8 item 18).
+    opt_out_codes = frozenset({"21610"})
+
     #: Prefix of channel addresses (`whatsapp:`); empty for SMS.
     address_prefix: str = ""
 
