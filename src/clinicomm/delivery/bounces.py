@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from clinicomm.messaging.models import DeliveryStatus
+from clinicomm.delivery.records import DeliveryStatus
 from clinicomm.store.models import Delivery
 
 

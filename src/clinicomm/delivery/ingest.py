@@ -33,9 +33,9 @@ from typing import Any
 from sqlalchemy import exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.delivery.records import DeliveryStatus
 from clinicomm.delivery.suppressions import SuppressionReason, apply_keyword, suppress
 from clinicomm.delivery.window import record_inbound
-from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.providers.base import Channel
 from clinicomm.providers.webhooks import HANDLERS
 from clinicomm.providers.webhooks.base import (

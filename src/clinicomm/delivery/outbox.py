@@ -24,9 +24,15 @@ from datetime import datetime, timedelta
 from sqlalchemy import Table, bindparam, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from clinicomm.delivery.records import Attempt, Claimed, NewDelivery, Outcome, Suppression
+from clinicomm.delivery.records import (
+    Attempt,
+    Claimed,
+    DeliveryStatus,
+    NewDelivery,
+    Outcome,
+    Suppression,
+)
 from clinicomm.delivery.suppressions import suppress
-from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.store.models import Delivery, DeliveryAttempt, aware
 from clinicomm.telemetry import metrics
 

@@ -11,13 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from clinicomm.delivery.suppressions import SuppressionReason
 from clinicomm.ids import new_id
-from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.providers.base import Channel, TemplateRef
 from clinicomm.providers.errors import ProviderError
+
+
+class DeliveryStatus(StrEnum):
+    """Where one delivery is. Every delivery ends in one of the last six."""
+
+    QUEUED = "queued"  # stored, waiting for a worker (first try or a scheduled retry)
+    SENDING = "sending"  # claimed by a worker (leased)
+    SENT = "sent"  # a provider took it (its message id is recorded)
+    DELIVERED = "delivered"  # the provider reported delivery to the device or mailbox
+    READ = "read"  # the recipient opened or read it
+    FAILED = "failed"  # no provider could take it; `error` says why, per provider
+    BOUNCED = "bounced"  # the provider reported a bounce after `sent`
+    SUPPRESSED = "suppressed"  # not sent: the recipient opted out of this channel
 
 
 @dataclass(frozen=True, slots=True)

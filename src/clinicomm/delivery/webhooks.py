@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -26,8 +26,10 @@ from clinicomm.delivery.ingest import apply_stored
 from clinicomm.providers import registry
 from clinicomm.providers.webhooks import handler_key, webhook_context
 from clinicomm.providers.webhooks.base import MemorySeenTokenStore
-from clinicomm.runtime import Runtime
 from clinicomm.store.models import utcnow
+
+if TYPE_CHECKING:
+    from clinicomm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,9 @@ from sqlalchemy.engine import make_url
 from clinicomm.delivery import admission
 from clinicomm.delivery.admission import Guards
 from clinicomm.delivery.outbox import Notifier, claim, reap_expired, write_results
-from clinicomm.delivery.records import Claimed, Content, Handled
+from clinicomm.delivery.records import Claimed, Content, DeliveryStatus, Handled
 from clinicomm.delivery.retention import purge_contents, purge_idempotency_keys
 from clinicomm.delivery.sender import send_through_chain
-from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
 from clinicomm.settings.keys import PLATFORM
