@@ -215,13 +215,16 @@ def outcome_of(
         return Handled(failed, walk.rows)
     assert isinstance(step, decision.FallbackChannel)
     fallback = NewDelivery.fallback_of(claimed, step.channel, now)
-    stopped_at_provider = step.because == decision.FALLBACK_NOT_ON_CHANNEL and hop is not None
+    # Not on this channel: the provider that said so stays recorded. Every provider failed:
+    # the position is past the chain. Refused before any call (hop None): unchanged.
+    at_provider = hop is not None and step.because == decision.FALLBACK_NOT_ON_CHANNEL
+    past_chain = hop is not None and not at_provider
     failed = claimed.fail(
         step.reason,
         errors=walk.errors,
         attempts=walk.attempts,
-        position=walk.position if stopped_at_provider else walk.position + 1,
-        provider=hop.label if stopped_at_provider and hop is not None else None,
+        position=walk.position + 1 if past_chain else walk.position,
+        provider=hop.label if at_provider and hop is not None else None,
         fallbackId=fallback.id,
         fallbackReason=step.because,
     )

@@ -34,16 +34,16 @@ import orjson
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from clinicomm.delivery import admission
+from clinicomm.delivery import admission, decision
 from clinicomm.delivery.admission import Guards
 from clinicomm.delivery.outbox import Notifier, claim, reap_expired, write_results
 from clinicomm.delivery.records import Claimed, Content, DeliveryStatus, Handled
 from clinicomm.delivery.retention import purge_contents, purge_idempotency_keys
-from clinicomm.delivery.sender import send_through_chain
+from clinicomm.delivery.sender import Walk, outcome_of, position_of, send_through_chain
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
 from clinicomm.settings.keys import PLATFORM
-from clinicomm.settings.service import ConfigService
+from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database
 from clinicomm.store.models import Message, utcnow
 
@@ -257,7 +257,7 @@ class Worker:
         if isinstance(verdict, admission.Suppressed):
             return Handled(claimed.suppressed())
         if isinstance(verdict, admission.Refused):
-            return Handled(claimed.refuse(verdict.reason))
+            return self._refused(claimed, resolved, verdict)
         if isinstance(verdict, admission.Wait):
             return Handled(claimed.requeue(verdict.at, verdict.reason))
         return await send_through_chain(
@@ -269,6 +269,23 @@ class Worker:
             guards=self.guards,
             retry_base=self.options.retry_base_seconds,
         )
+
+    def _refused(
+        self, claimed: Claimed, resolved: ResolvedChannel, verdict: admission.Refused
+    ) -> Handled:
+        """Refused before any provider call; the clinic's channel fallback takes the delivery
+        when the reason allows it (a closed window without a template)."""
+        if verdict.fallback is not None:
+            chain = self.chains.chain(resolved)
+            now = utcnow()
+            walk = Walk(claimed.chain_position, 0, claimed.attempts, list(claimed.errors))
+            deadline = claimed.created_at + timedelta(seconds=self.options.max_age_seconds)
+            step = decision.channel_fallback(
+                position_of(claimed, chain, walk, deadline), verdict.fallback
+            )
+            if step is not None:
+                return outcome_of(claimed, step, walk, None, now)
+        return Handled(claimed.refuse(verdict.reason))
 
     def _not_prepared(self, claimed: Claimed, exc: Exception) -> Handled:
         """A delivery that could not even be tried: retry later, fail once too old."""

@@ -43,7 +43,7 @@ API_VERSION = "2010-04-01"
 WHATSAPP_PREFIX = "whatsapp:"
 
 # https://www.twilio.com/docs/api/errors/<code>
-_RECIPIENT_CODES = frozenset({21211, 21612, 21614, 21635, 21608})
+_RECIPIENT_CODES = frozenset({21211, 21612, 21614, 21635, 21608, 63003})
 _COMPLIANCE_CODES = frozenset({21610, 63016, 63014})  # opted out, outside window, blocked
 _QUOTA_CODES = frozenset({63038})  # account daily cap: fail over until the reset
 _RATE_CODES = frozenset({20429, 14107})  # too many requests / SMS send rate limit

@@ -115,6 +115,9 @@ class MetaBusinessAdapter(HttpAdapter):
     key = "meta_business"
     global_default = True
     throughput_fields = ("phone_number_id", "max_per_second")
+    #: 131026: message undeliverable: not on WhatsApp, an old app, terms not accepted
+    #: (PROVIDER-FACTS §1.4). The clinic's channel fallback may reach the patient by SMS.
+    unreachable_codes = frozenset({"131026"})
     channel = Channel.WHATSAPP
     display_name = "Meta WhatsApp Cloud API"
     credentials_model = MetaBusinessCredentials
