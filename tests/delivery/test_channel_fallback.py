@@ -323,3 +323,64 @@ async def test_sms_over_the_clinic_segment_cap_fails_before_any_call(make_client
         assert sms["status"] == "failed"
         assert sms["error"]["reason"] == "SMS body needs 2 GSM-7 segments; the clinic allows 1"
         assert twilio.requests == []
+
+
+def email_to_sms_clinic(sendgrid: CaptureServer, twilio: CaptureServer) -> dict[str, Any]:
+    return {
+        "email": {
+            "primary": {
+                "provider": "sendgrid",
+                "credentials": {
+                    "apiKey": "SG.test",
+                    "fromEmail": "hello@clinic.example",
+                    "baseUrl": sendgrid.url,
+                },
+            },
+            "fallbackStrategy": {"fallbackProvider": "sms", "retryAttempts": 0},
+        },
+        "sms": {"primary": twilio_sms(twilio)},
+    }
+
+
+def email_request(clinic: str, **recipient: str) -> SendRequest:
+    return SendRequest.model_validate(
+        {
+            "title": "Appointment",
+            "body": "Your appointment is at 10:30.",
+            "recipients": [{"email": "patient@example.com", **recipient}],
+            "channels": ["email"],
+            "metadata": {"clinicId": clinic},
+        }
+    )
+
+
+async def test_email_providers_down_fall_back_to_sms_at_the_recipients_phone(make_client) -> None:
+    async with CaptureServer() as sendgrid, CaptureServer() as twilio:
+        sendgrid.default = Scripted(503, {"errors": [{"message": "unavailable"}]})
+        twilio.default = Scripted(201, {"sid": "SM" + "6" * 32, "status": "queued"})
+        client = await make_client()
+        await create_clinic(client, "clinic-es", email_to_sms_clinic(sendgrid, twilio))
+        accepted = await client.send(email_request("clinic-es", phone="+14155552671"))
+        status = await wait_terminal(client, accepted.id)
+        email, sms = sorted(status["deliveries"], key=lambda d: d["channel"] != "email")
+        assert email["status"] == "failed"
+        assert email["error"]["reason"] == "every provider failed; falling back to sms"
+        assert email["error"]["fallbackReason"] == "providers_failed"
+        assert sms["status"] == "sent" and sms["parentId"] == email["id"]
+        assert sms["recipient"] == "+14155552671"
+        (request,) = twilio.requests
+        assert request.form()["To"] == "+14155552671"
+
+
+async def test_email_fallback_to_sms_without_a_phone_fails_with_the_reason(make_client) -> None:
+    async with CaptureServer() as sendgrid, CaptureServer() as twilio:
+        sendgrid.default = Scripted(503, {"errors": [{"message": "unavailable"}]})
+        client = await make_client()
+        await create_clinic(client, "clinic-en", email_to_sms_clinic(sendgrid, twilio))
+        status = await wait_terminal(client, (await client.send(email_request("clinic-en"))).id)
+        (email,) = status["deliveries"]
+        assert email["status"] == "failed"
+        assert email["error"]["reason"] == (
+            "every provider failed; no sms address for the channel fallback"
+        )
+        assert twilio.requests == []

@@ -122,6 +122,9 @@ class Position:
     retry_attempts: int
     deadline: datetime
     fallback: Channel | None = None
+    #: The patient's address on the fallback channel is known although of another kind
+    #: (the phone number of an email delivery).
+    fallback_address: bool = False
 
 
 def after_call(
@@ -176,10 +179,11 @@ def exhausted(at: Position) -> FallbackChannel | Fail:
 
 
 def channel_fallback(at: Position, because: str) -> FallbackChannel | None:
-    """The clinic's channel fallback for this delivery, when it has one that can carry the
-    same address (a phone number cannot become an email, nor the reverse)."""
+    """The clinic's channel fallback for this delivery, when the patient's address there is
+    known: the same number between phone channels, or the one stored at acceptance for
+    another kind (email → SMS)."""
     target = at.fallback
-    if target is None or not same_address_kind(at.channel, target):
+    if target is None or not (same_address_kind(at.channel, target) or at.fallback_address):
         return None
     head = EVERY_PROVIDER_FAILED if because == FALLBACK_PROVIDERS_FAILED else _WHY[because]
     return FallbackChannel(target, f"{head}; falling back to {target.value}", because)
@@ -198,5 +202,6 @@ _WHY = {
 
 def _no_fallback_reason(at: Position) -> str:
     if at.fallback is not None and not same_address_kind(at.channel, at.fallback):
+        # Only reached without a stored address for it (channel_fallback answered None).
         return f"{EVERY_PROVIDER_FAILED}; no {at.fallback.value} address for the channel fallback"
     return EVERY_PROVIDER_FAILED

@@ -52,6 +52,7 @@ _RETURNING = (
     _T.c.created_at,
     _T.c.error,
     _T.c.parent_id,
+    _T.c.fallback_address,
 )
 
 
@@ -114,6 +115,7 @@ async def claim(
             created_at=aware(row.created_at),
             errors=list((row.error or {}).get("errors", [])),
             parent_id=row.parent_id,
+            fallback_address=row.fallback_address,
         )
         for row in rows
     ]

@@ -93,6 +93,8 @@ class Claimed:
     created_at: datetime
     errors: list[dict[str, Any]]
     parent_id: str | None
+    #: The patient's address on the channel-fallback channel, when of another kind.
+    fallback_address: str | None = None
 
     def requeue(
         self,
@@ -255,16 +257,23 @@ class NewDelivery:
     created_at: datetime
     error: dict[str, Any] | None = None
     parent_id: str | None = None
+    fallback_address: str | None = None
 
     @classmethod
     def fallback_of(cls, claimed: Claimed, channel: Channel, now: datetime) -> NewDelivery:
-        """The channel fallback of `claimed`: queued now, linked by `parent_id`."""
+        """The channel fallback of `claimed`: queued now, linked by `parent_id`, to the same
+        address, or to `claimed.fallback_address` when `channel` addresses patients another
+        way (email → SMS)."""
+        same_kind = (channel is Channel.EMAIL) == (claimed.channel == Channel.EMAIL.value)
+        recipient = claimed.recipient if same_kind else claimed.fallback_address
+        if recipient is None:
+            raise ValueError("no address for the channel fallback")
         return cls(
             id=new_id(),
             message_id=claimed.message_id,
             clinic_id=claimed.clinic_id,
             channel=channel.value,
-            recipient=claimed.recipient,
+            recipient=recipient,
             status=DeliveryStatus.QUEUED,
             fair_at=now,
             created_at=now,
@@ -283,6 +292,7 @@ class NewDelivery:
             "fair_at": self.fair_at,
             "error": self.error,
             "parent_id": self.parent_id,
+            "fallback_address": self.fallback_address,
             "created_at": self.created_at,
             "updated_at": self.created_at,
         }

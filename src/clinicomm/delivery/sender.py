@@ -75,6 +75,7 @@ def position_of(
         retry_attempts=hop.retry_attempts if hop is not None else 0,
         deadline=deadline,
         fallback=chain.channel_fallback if claimed.parent_id is None else None,
+        fallback_address=claimed.fallback_address is not None,
     )
 
 
