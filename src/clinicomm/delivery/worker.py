@@ -25,27 +25,24 @@ import contextlib
 import logging
 import os
 import socket
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from clinicomm.delivery import admission, decision
 from clinicomm.delivery.admission import Guards
+from clinicomm.delivery.contents import Contents, Erased, Unreadable
 from clinicomm.delivery.outbox import Notifier, claim, reap_expired, write_results
-from clinicomm.delivery.records import Claimed, Content, DeliveryStatus, Handled
+from clinicomm.delivery.records import Claimed, DeliveryStatus, Handled
 from clinicomm.delivery.retention import purge_contents, purge_idempotency_keys
 from clinicomm.delivery.sender import Walk, outcome_of, position_of, send_through_chain
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
-from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database
-from clinicomm.store.models import Message, utcnow
+from clinicomm.store.models import utcnow
 
 if TYPE_CHECKING:
     from clinicomm.runtime import Runtime
@@ -99,10 +96,7 @@ class Worker:
         self._results: list[Handled] = []
         self._flushing = 0
         self._flush_now = asyncio.Event()
-        self._contents: OrderedDict[str, Content] = OrderedDict()
-        self._erased: set[str] = set()
-        #: Message id → why its content cannot be read here (a key this process lacks).
-        self._unreadable: dict[str, str] = {}
+        self._contents = Contents(db, config.keys)
         self._facts: dict[str, admission.Facts] = {}
         self.sent = 0
         self.failed = 0
@@ -191,7 +185,7 @@ class Worker:
 
     async def _start(self, batch: list[Claimed]) -> None:
         try:
-            await self._load_contents({c.message_id: c.clinic_id for c in batch})
+            await self._contents.load([c.message_id for c in batch])
         except Exception as exc:
             log.warning(
                 "could not load message contents",
@@ -239,13 +233,12 @@ class Worker:
 
     async def _handle(self, claimed: Claimed) -> Handled:
         """Admission (every check before a provider call), then the chain."""
-        content = self._contents.get(claimed.message_id)
-        if content is None and claimed.message_id in self._erased:
+        content = self._contents.lookup(claimed.message_id)
+        if isinstance(content, Erased):
             return Handled(claimed.refuse("message content erased after the retention period"))
-        unreadable = self._unreadable.get(claimed.message_id)
-        if content is None and unreadable is not None:
+        if isinstance(content, Unreadable):
             return Handled(
-                claimed.fail("configuration", errors=[*claimed.errors, _config(unreadable)])
+                claimed.fail("configuration", errors=[*claimed.errors, _config(content.error)])
             )
         if content is None:
             raise LookupError("message content unavailable")
@@ -309,46 +302,6 @@ class Worker:
                 claimed.fail("could not be prepared before its maximum age", errors=errors)
             )
         return Handled(claimed.requeue(retry_at, "retrying", errors=errors))
-
-    # ---- message contents -----------------------------------------------------------------
-    async def _load_contents(self, wanted: dict[str, str | None]) -> None:
-        missing = [m for m in wanted if m not in self._contents]
-        if not missing:
-            return
-        async with self.db.read() as session:
-            rows = (
-                await session.execute(
-                    select(Message.id, Message.clinic_id, Message.content, Message.category).where(
-                        Message.id.in_(missing)
-                    )
-                )
-            ).all()
-            for message_id, clinic_id, blob, category in rows:
-                if not blob:  # erased after the retention period
-                    self._erased.add(message_id)
-                    continue
-                try:
-                    cipher = await self.config.keys.cipher_for(self.db, clinic_id or PLATFORM)
-                    data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
-                except Exception as exc:
-                    # One unreadable row (a master key this process does not hold, a
-                    # damaged blob) fails its own deliveries, not the batch.
-                    self._unreadable[message_id] = type(exc).__name__
-                    log.warning(
-                        "message content cannot be decrypted here",
-                        extra={
-                            "event": "content_undecryptable",
-                            "messageId": message_id,
-                            "clinicId": clinic_id,
-                            "error": type(exc).__name__,
-                        },
-                    )
-                    continue
-                self._contents[message_id] = Content.from_json(data, category)
-        while len(self._contents) > 10_000:
-            self._contents.popitem(last=False)
-        if len(self._unreadable) > 10_000:
-            self._unreadable.clear()
 
     # ---- results --------------------------------------------------------------------------
     async def _flusher(self, stop: asyncio.Event) -> None:
