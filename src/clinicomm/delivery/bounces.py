@@ -1,4 +1,5 @@
-"""The one definition of a bounce rate, used by the alert rule and by callers of the API.
+"""The one definition of a bounce rate, used by the `bounce_rate` alert rule and the stats API
+(`GET …/communication/stats` → `bounceRate`).
 
 A delivery counts once it was handed to a provider (`sent_at` within the period, `provider`
 set); it bounced when its status is `bounced`. Rate = bounced / handed over.
@@ -27,9 +28,14 @@ class BounceCount:
 
 
 async def bounce_counts(
-    session: AsyncSession, since: datetime, *, clinic_id: str | None = None
+    session: AsyncSession,
+    since: datetime,
+    *,
+    until: datetime | None = None,
+    clinic_id: str | None = None,
 ) -> list[BounceCount]:
-    """Per (clinic, provider label) since `since`; every clinic when `clinic_id` is None."""
+    """Per (clinic, provider label) handed over in [`since`, `until`); every clinic when
+    `clinic_id` is None."""
     bounced = func.sum(case((Delivery.status == DeliveryStatus.BOUNCED.value, 1), else_=0))
     query = (
         select(Delivery.clinic_id, Delivery.provider, func.count(), bounced)
@@ -42,6 +48,8 @@ async def bounce_counts(
     )
     if clinic_id is not None:
         query = query.where(Delivery.clinic_id == clinic_id)
+    if until is not None:
+        query = query.where(Delivery.sent_at < until)
     rows = (await session.execute(query)).all()
     return [BounceCount(str(c), str(p), int(t), int(b or 0)) for c, p, t, b in rows]
 
@@ -55,12 +63,15 @@ def per_clinic(counts: list[BounceCount]) -> dict[str, tuple[int, int]]:
     return out
 
 
-async def bounce_rate(session: AsyncSession, clinic_id: str, since: datetime) -> dict[str, float]:
+async def bounce_rate(
+    session: AsyncSession, clinic_id: str, since: datetime, until: datetime | None = None
+) -> dict[str, float]:
     """Per provider key, the share of the clinic's deliveries handed to it since `since`
-    that ended `bounced`: `{"sendgrid": 0.02}`. Clinic-scoped and global hops of one key are
-    counted apart (`"sendgrid"` for the clinic's own, `"global:smtp"` for the platform's)."""
+    (before `until`) that ended `bounced`: `{"sendgrid": 0.02}`. Clinic-scoped and global
+    hops of one key are counted apart (`"sendgrid"` for the clinic's own, `"global:smtp"`
+    for the platform's)."""
     totals: dict[str, list[int]] = {}
-    for c in await bounce_counts(session, since, clinic_id=clinic_id):
+    for c in await bounce_counts(session, since, until=until, clinic_id=clinic_id):
         entry = totals.setdefault(_provider_of(c.provider), [0, 0])
         entry[0] += c.total
         entry[1] += c.bounced

@@ -15,6 +15,7 @@ from clinicomm.api.deps import get_runtime, require
 from clinicomm.api.errors import ApiError
 from clinicomm.api.routers.clinics import ClinicId
 from clinicomm.api.schemas import ERRORS
+from clinicomm.delivery.bounces import bounce_rate
 from clinicomm.delivery.stats import clinic_stats
 from clinicomm.delivery.testsend import BadTestRequest, run_config_test
 from clinicomm.observability.alerts import list_alerts
@@ -120,7 +121,9 @@ async def communication_stats(
         )
     await _exists(runtime, clinicId)
     async with runtime.db.read() as session:
-        return await clinic_stats(session, clinicId, start, end)
+        stats = await clinic_stats(session, clinicId, start, end)
+        stats["bounceRate"] = await bounce_rate(session, clinicId, start, end)
+        return stats
 
 
 @router.post(

@@ -53,8 +53,10 @@ Provider = Annotated[
     str,
     Path(
         max_length=40,
-        description="meta_business (or meta), twilio, sendgrid, mailgun, postmark, ses, "
-        "vonage, messagebird",
+        description=", ".join(
+            f"{h.provider} (or {', '.join(h.aliases)})" if h.aliases else h.provider
+            for h in HANDLERS.values()
+        ),
     ),
 ]
 #: Webhook bodies are small (a SendGrid batch is well under this); larger ones are refused.
