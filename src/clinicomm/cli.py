@@ -148,8 +148,8 @@ def serve() -> None:
 
     from clinicomm.api.app import create_app
     from clinicomm.api.auth import JwtConfigError, TokenVerifier
-    from clinicomm.observability.logging import configure_logging
     from clinicomm.runtime import Runtime
+    from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level, fmt=settings.log_format)
@@ -257,8 +257,8 @@ def worker(
 
     from clinicomm.client import worker_options
     from clinicomm.delivery.worker import Worker
-    from clinicomm.observability.logging import configure_logging
     from clinicomm.runtime import Runtime
+    from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level, fmt=settings.log_format)

@@ -19,8 +19,8 @@ from clinicomm.callbacks import queue as cbqueue
 from clinicomm.callbacks.sender import CallbackSender
 from clinicomm.callbacks.signing import HEADER, sign, verify_signature
 from clinicomm.delivery.worker import Worker, WorkerOptions
-from clinicomm.observability import metrics
 from clinicomm.store.models import CallbackEvent, Delivery, utcnow
+from clinicomm.telemetry import metrics
 from tests.api.conftest import Api, create_clinic
 from tests.api.test_webhooks_flow import PATIENT, meta_settings, post_meta
 from tests.conftest import canary

@@ -16,7 +16,7 @@ import httpx
 
 from clinicomm import Client
 from clinicomm.config import Settings
-from clinicomm.observability.logging import JsonFormatter, TextFormatter, configure_logging
+from clinicomm.telemetry.logging import JsonFormatter, TextFormatter, configure_logging
 from tests.api.serve_proc import free_port
 from tests.delivery.test_workers import ROOT, stop, worker_env
 from tests.monitoring.conftest import ProviderSink, email_request, email_settings, sendgrid

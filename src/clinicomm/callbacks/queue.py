@@ -2,7 +2,7 @@
 delivery's status, claimed in order per delivery, recorded after each POST.
 
 `enqueue` is called at the two places a delivery's status is written: the worker's result
-flush (`delivery.queue.write_results`) and the webhook status path (`delivery.events`); a
+flush (`delivery.outbox.write_results`) and the webhook status path (`delivery.ingest`); a
 delivery recorded `failed` at accept (no address for the channel) gets its row from
 `event_row` in the accepting transaction (`messaging.writer`). Both
 pass the ids whose status changed; the row read back in the same transaction says what the

@@ -31,9 +31,9 @@ from clinicomm.callbacks.targets import (
     check_destination,
     session_factory,
 )
-from clinicomm.observability import metrics
 from clinicomm.store.db import Database
 from clinicomm.store.models import utcnow
+from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from clinicomm.callbacks.queue import CALLBACKS
+from clinicomm.delivery.outbox import enqueue
+from clinicomm.delivery.records import NewDelivery
 from clinicomm.store.db import Database
-from clinicomm.store.models import Delivery, IdempotencyKey, Message
+from clinicomm.store.models import IdempotencyKey, Message
 
 MESSAGES: Table = Message.__table__  # type: ignore[assignment]
-DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 IDEMPOTENCY: Table = IdempotencyKey.__table__  # type: ignore[assignment]
 
 
@@ -37,7 +38,7 @@ class PendingWrite:
     """One accepted message's rows."""
 
     message: dict[str, Any]
-    deliveries: list[dict[str, Any]]
+    deliveries: list[NewDelivery]
     idempotency: dict[str, Any] | None = None
     #: `callback_events` rows (deliveries recorded `failed` at accept, with a callback target).
     callbacks: list[dict[str, Any]] = field(default_factory=list)
@@ -101,7 +102,7 @@ class BatchWriter:
             writes = [i for i in batch if id(i) not in taken]
             if writes:
                 await conn.execute(MESSAGES.insert(), [i.message for i in writes])
-                await conn.execute(DELIVERIES.insert(), [d for i in writes for d in i.deliveries])
+                await enqueue(conn, [d for i in writes for d in i.deliveries])
                 events = [e for i in writes for e in i.callbacks]
                 if events:
                     await conn.execute(CALLBACKS.insert(), events)

@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import func, select
 
 from clinicomm.callbacks import queue as callback_queue
-from clinicomm.observability import metrics
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel
 from clinicomm.settings.models import CommunicationSettings
 from clinicomm.store.db import Database
 from clinicomm.store.models import Clinic, Delivery, aware, utcnow
+from clinicomm.telemetry import metrics
 
 COMM = "communicationSettings"
 

@@ -22,7 +22,6 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from clinicomm.observability import metrics
 from clinicomm.providers.base import MASK, Channel
 from clinicomm.settings import secrets
 from clinicomm.settings.cache import ConfigCache
@@ -52,6 +51,7 @@ from clinicomm.store.models import (
     aware,
     utcnow,
 )
+from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
 

@@ -96,6 +96,7 @@ class SesAdapter(HttpAdapter):
     """Sends one email per call through SES v2 `SendEmail`."""
 
     key = "ses"
+    aliases = ("aws_ses",)
     channel = Channel.EMAIL
     display_name = "Amazon SES"
     credentials_model = SesCredentials

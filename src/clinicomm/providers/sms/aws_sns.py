@@ -87,6 +87,7 @@ class SnsAdapter(HttpAdapter):
     """SMS through Amazon SNS `Publish` to a phone number."""
 
     key = "aws_sns"
+    aliases = ("sns",)
     channel = Channel.SMS
     display_name = "Amazon SNS"
     credentials_model = SnsCredentials

@@ -2,7 +2,7 @@
 re-queue generation of a delivery
 
 Revision ID: 0006_i16
-Revises: 0005
+Revises: i15_0001
 Create Date: 2026-12-01 22:15:00
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_i16"
-down_revision = "0005"
+down_revision = "i15_0001"
 branch_labels = None
 depends_on = None
 

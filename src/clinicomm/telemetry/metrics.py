@@ -127,3 +127,7 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=_LATENCY_BUCKETS,
 )
+LEASE_LOST = Counter(
+    "communication_outcome_lease_lost",
+    "Delivery outcomes not written because this worker no longer held the lease",
+)

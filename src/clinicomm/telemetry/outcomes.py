@@ -1,7 +1,7 @@
 """The one log line of a delivery that ends `failed`, `bounced` or `suppressed`.
 
 Called where that end is decided: the worker (`delivery.worker`, once per handled delivery)
-and the webhook status path (`delivery.events`). The line carries ids, the channel, the last
+and the webhook status path (`delivery.ingest`). The line carries ids, the channel, the last
 provider, the error class and the provider's code: never an address, a name or a body
 (error messages are left out: a provider may echo the address in them).
 """
