@@ -163,6 +163,9 @@ class ClinicStats(_Answer):
     byChannel: dict[str, dict[str, int]]
     counts: list[StatusCount]
     latency: list[LatencyStats]
+    bounceRate: dict[str, float] = Field(
+        description="Per provider: share of the deliveries it took that bounced"
+    )
 
 
 class TriedProvider(_Answer):

@@ -77,7 +77,26 @@ async def enqueue(
     if not ids:
         return 0
     expected = delivery_ids if isinstance(delivery_ids, Mapping) else {}
-    rows = (
+    # Primary-key lookups only (a join lets SQLite scan `messages` for the target filter);
+    # the common case, no target, reads two narrow columns and stops.
+    owners = (
+        await session.execute(select(Delivery.id, Delivery.message_id).where(Delivery.id.in_(ids)))
+    ).all()
+    targets = {
+        m.id: m
+        for m in (
+            await session.execute(
+                select(Message.id, Message.callback_url, Message.callback_opts, Message.meta).where(
+                    Message.id.in_({o.message_id for o in owners}),
+                    Message.callback_url.is_not(None),
+                )
+            )
+        ).all()
+    }
+    if not targets:
+        return 0
+    wanted = [o.id for o in owners if o.message_id in targets]
+    deliveries = (
         await session.execute(
             select(
                 Delivery.id,
@@ -88,16 +107,12 @@ async def enqueue(
                 Delivery.provider,
                 Delivery.error,
                 Delivery.requeues,
-                Message.callback_url,
-                Message.callback_opts,
-                Message.meta,
-            )
-            .join(Message, Message.id == Delivery.message_id)
-            .where(Delivery.id.in_(ids), Message.callback_url.is_not(None))
+            ).where(Delivery.id.in_(wanted))
         )
     ).all()
+    rows = [(d, targets[d.message_id]) for d in deliveries]
     values: list[dict[str, Any]] = []
-    for row in rows:
+    for row, message in rows:
         if expected and expected.get(row.id) not in (None, row.status):
             continue
         event = event_row(
@@ -109,9 +124,9 @@ async def enqueue(
             provider=row.provider,
             error=row.error,
             requeues=row.requeues or 0,
-            url=row.callback_url,
-            opts=row.callback_opts or {},
-            metadata=row.meta or {},
+            url=message.callback_url,
+            opts=message.callback_opts or {},
+            metadata=message.meta or {},
             now=now,
         )
         if event is not None:
