@@ -11,6 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "clinicomm"
 #: Top to bottom: a package may import only packages listed after it.
 ORDER = [
     "cli",
+    "reference",  # docs/providers.md, docs/configuration.md from the models
+    "http",  # the HTTP client for callers: the API's answer models, the callback signature
     "api",
     "<root>",  # clinicomm/__init__.py: the public Python API
     "client",
@@ -18,6 +20,7 @@ ORDER = [
     "observability",
     "messaging",
     "delivery",
+    "callbacks",
     "routing",
     "settings",
     "providers",

@@ -28,6 +28,27 @@ keys_app = typer.Typer(help="Master and data key operations.", no_args_is_help=T
 app.add_typer(keys_app, name="keys")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from clinicomm import __version__
+
+        typer.echo(f"clinicomm {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """Email, WhatsApp and SMS for many clinics, each through its own providers."""
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"clinicomm: {message}", err=True)
     raise typer.Exit(code)
@@ -131,7 +152,7 @@ def serve() -> None:
     from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, fmt=settings.log_format)
     try:
         verifier = TokenVerifier.from_settings(settings)
     except JwtConfigError as exc:
@@ -220,8 +241,18 @@ def token(
 def worker(
     batch_size: int | None = typer.Option(None, min=1, help="Deliveries claimed per batch."),
     concurrency: int | None = typer.Option(None, min=1, help="Sends in flight at once."),
+    metrics_port: int | None = typer.Option(
+        None,
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Serve Prometheus /metrics on this port (CLINICOMM_METRICS_HOST, 127.0.0.1); "
+        "default CLINICOMM_METRICS_PORT, unset: none.",
+    ),
 ) -> None:
-    """Run a delivery worker (no HTTP). Run several on PostgreSQL; SIGTERM stops it gently."""
+    """Run a delivery worker (no HTTP API). Run several on PostgreSQL; SIGTERM stops it gently.
+
+    The worker also sends status callbacks and runs the probes and alert rules."""
     import signal
 
     from clinicomm.client import worker_options
@@ -230,12 +261,13 @@ def worker(
     from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, fmt=settings.log_format)
     options = worker_options(settings)
     if batch_size:
         options.batch_size = batch_size
     if concurrency:
         options.concurrency = concurrency
+    port = metrics_port if metrics_port is not None else settings.metrics_port
 
     async def go() -> None:
         rt = await Runtime.create(settings, migrate=settings.is_sqlite)
@@ -243,17 +275,154 @@ def worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        from clinicomm.observability.inventory import GaugeRefresher
+        from clinicomm.observability.metrics_server import MetricsServer
         from clinicomm.observability.monitors import start_monitors, stop_monitors
 
+        server = None
+        if port is not None:
+            refresher = GaugeRefresher(rt.db, rt.config.global_settings, 0.25)
+            server = MetricsServer(refresher, settings.metrics_host, port)
+            try:
+                await server.start()
+            except OSError as exc:
+                await rt.close()
+                fail(f"cannot listen on {settings.metrics_host}:{port}: {exc.strerror}")
         monitors = start_monitors(rt, stop)
         try:
             await Worker.for_runtime(rt, options).run(stop)
         finally:
             stop.set()
             await stop_monitors(monitors)
+            if server is not None:
+                await server.stop()
             await rt.close()
 
     run(go)
+
+
+@app.command()
+def status(message_id: str = typer.Argument(..., help="The message's id.")) -> None:
+    """Print a message's status with each delivery, its attempts and its callbacks (JSON).
+    Exit 1 when no such message exists."""
+    import json
+
+    from clinicomm.delivery.status import get_message
+    from clinicomm.store.db import Database
+
+    settings = load_settings()
+
+    async def go() -> dict[str, Any] | None:
+        db = Database(settings.database_url)
+        try:
+            async with db.read() as session:
+                return await get_message(session, message_id, None)
+        finally:
+            await db.dispose()
+
+    result = run(go)
+    if result is None:
+        fail(f"message {message_id!r} not found")
+    typer.echo(json.dumps(result, indent=2))
+
+
+def _when(value: str, option: str) -> Any:
+    from datetime import UTC, datetime
+
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option}: not an ISO 8601 time: {value!r}", 2)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+@app.command("requeue")
+def requeue_command(
+    clinic: str = typer.Option(..., "--clinic", help="The clinic whose deliveries to re-queue."),
+    status: str = typer.Option("failed", "--status", help="Only `failed` can be re-queued."),
+    since: str = typer.Option(..., "--since", help="ISO 8601 start (UTC unless a zone is given)."),
+    until: str = typer.Option(..., "--until", help="ISO 8601 end (exclusive)."),
+    provider: str | None = typer.Option(
+        None, "--provider", help="Only deliveries whose last provider was this (key or label)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count them, change nothing."),
+    batch_size: int = typer.Option(500, "--batch-size", min=1, help="Deliveries per transaction."),
+) -> None:
+    """Re-queue deliveries that failed between --since and --until (after an outage).
+
+    Each delivery is re-queued once (never one that was re-queued before); each batch is one
+    transaction with one audit entry `delivery.requeue` naming the delivery ids."""
+    from clinicomm.delivery.requeue import find, requeue
+    from clinicomm.store.db import Database
+
+    if status != "failed":
+        fail("--status: only failed deliveries can be re-queued", 2)
+    start, end = _when(since, "--since"), _when(until, "--until")
+    if end <= start:
+        fail("--until must be after --since", 2)
+    settings = load_settings()
+
+    async def go() -> tuple[int, int]:
+        db = Database(settings.database_url)
+        try:
+            ids = await find(
+                db, clinic_id=clinic, status=status, since=start, until=end, provider=provider
+            )
+            if dry_run:
+                return len(ids), 0
+            done = 0
+            with Progress(
+                TextColumn("re-queueing deliveries"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                transient=not sys.stderr.isatty(),
+            ) as progress:
+                task = progress.add_task("requeue", total=len(ids))
+                for offset in range(0, len(ids), batch_size):
+                    batch = ids[offset : offset + batch_size]
+                    done += await requeue(
+                        db,
+                        batch,
+                        clinic_id=clinic,
+                        status=status,
+                        actor="cli",
+                        note=f"since={start.isoformat()} until={end.isoformat()}"
+                        + (f" provider={provider}" if provider else ""),
+                    )
+                    progress.update(task, completed=offset + len(batch))
+            return len(ids), done
+        finally:
+            await db.dispose()
+
+    found, done = run(go)
+    if dry_run:
+        typer.echo(f"{found} deliveries would be re-queued (dry run: nothing changed)")
+    else:
+        typer.echo(f"{done} deliveries re-queued ({found} matched)")
+
+
+@app.command()
+def providers(
+    key: str | None = typer.Argument(None, help="One provider key (`sendgrid`); all if left out."),
+) -> None:
+    """Print each provider's credential fields (type, required, secret, default, description)
+    as Markdown; `docs/providers.md` is this output."""
+    from clinicomm.reference import providers_markdown
+
+    try:
+        typer.echo(providers_markdown(key), nl=False)
+    except KeyError:
+        fail(f"unknown provider {key!r}", 2)
+
+
+@app.command()
+def variables() -> None:
+    """Print every CLINICOMM_* variable (type, default, description) as Markdown;
+    `docs/configuration.md` is this output."""
+    from clinicomm.reference import variables_markdown
+
+    typer.echo(variables_markdown(), nl=False)
 
 
 @app.command("test-config")

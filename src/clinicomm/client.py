@@ -4,8 +4,9 @@
         accepted = await client.send(SendRequest(...))  # durable when it returns
         status = await client.get(accepted.id)
 
-By default the client also runs a delivery worker in its process, like `clinicomm serve`;
-pass `run_worker=False` when separate `clinicomm worker` processes do the sending.
+By default the client also runs a delivery worker and the status-callback sender in its
+process, like `clinicomm serve`; pass `run_worker=False` when separate `clinicomm worker`
+processes do the sending.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Client:
         self.worker: Worker | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._callbacks: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -65,8 +67,13 @@ class Client:
             self.settings, migrate=self.settings.is_sqlite, env=self._env
         )
         if self.run_worker:
+            from clinicomm.observability.monitors import callback_sender
+
             self.worker = Worker.for_runtime(self.runtime, worker_options(self.settings))
             self._task = asyncio.create_task(self.worker.run(self._stop), name="client-worker")
+            self._callbacks = asyncio.create_task(
+                callback_sender(self.runtime).run(self._stop), name="client-callbacks"
+            )
 
     def _rt(self) -> Runtime:
         if self.runtime is None:
@@ -92,6 +99,10 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._callbacks is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._callbacks
+            self._callbacks = None
         if self.runtime is not None:
             await self.runtime.close()
             self.runtime = None

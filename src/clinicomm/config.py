@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./clinicomm.db"
@@ -21,16 +21,25 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CLINICOMM_", extra="ignore")
 
+    #: SQLAlchemy URL: `sqlite+aiosqlite:///file.db` or `postgresql+asyncpg://user@host/db`.
     database_url: str = DEFAULT_SQLITE_URL
+    #: `redis://host:6379/0`: shared config cache, invalidation, limits and health.
     redis_url: str | None = None
     #: `kid1:base64key,kid2:base64key`; the first encrypts, all decrypt.
     master_keys: str | None = None
+    #: HS256 secret for bearer tokens (a dev secret is generated when unset, outside production).
     jwt_secret: str | None = None
+    #: PEM public key for RS256/ES256 tokens instead of the HS256 secret.
     jwt_public_key: str | None = None
+    #: Interface `clinicomm serve` listens on.
     host: str = "127.0.0.1"
+    #: Port `clinicomm serve` listens on.
     port: int = 8000
+    #: Run a delivery worker inside `clinicomm serve` (false: API only, separate workers).
     worker: bool = True
+    #: `production` refuses dev keys, dev JWT secrets and unsafe SMTP.
     env: Literal["development", "test", "production"] = "development"
+    #: A JSON `communicationSettings` document for the global providers (wins over `EMAIL_*`…).
     global_settings_file: Path | None = None
     #: Where dev keys are generated when none are configured.
     data_dir: Path = Path(".clinicomm")
@@ -41,13 +50,24 @@ class Settings(BaseSettings):
     config_poll_seconds: float = Field(default=0.5, gt=0)
     #: How long a save waits for every process to acknowledge an invalidation (Redis).
     invalidation_ack_timeout: float = Field(default=2.0, ge=0)
+    #: Root log level (DEBUG, INFO, WARNING, ERROR).
     log_level: str = "INFO"
+    #: `json` (one object per line) or `text`; unset: text on a terminal, JSON otherwise.
+    log_format: Literal["json", "text"] | None = None
+    #: `clinicomm worker` serves Prometheus `/metrics` on this port when set (0.0.0.0 is not
+    #: implied: it listens on `metrics_host`).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Interface the worker's metrics listener binds.
+    metrics_host: str = "127.0.0.1"
     #: Seconds a provider call may take before it counts as a transient failure.
     provider_timeout_seconds: float = Field(default=10.0, gt=0)
-    #: Delivery worker tuning (see `delivery.worker.WorkerOptions`).
+    #: Deliveries a worker claims per batch.
     worker_batch_size: int = Field(default=100, ge=1)
+    #: Provider calls a worker has in flight at once.
     worker_concurrency: int = Field(default=256, ge=1)
+    #: Seconds a claimed delivery stays leased; a crashed worker's deliveries return after it.
     worker_lease_seconds: float = Field(default=60.0, gt=0)
+    #: Seconds between claims when no NOTIFY or in-process wake-up came (the safety net).
     worker_poll_seconds: float = Field(default=1.0, gt=0)
     #: Message contents (bodies, template variables: PHI) are erased this many days after the
     #: message was accepted; deliveries, attempts and ids stay for the record.
@@ -57,9 +77,13 @@ class Settings(BaseSettings):
     #: Provider health: the rolling window, the minimum outcomes before a band changes, and
     #: how long an open circuit waits before its half-open probes (see `routing.health`).
     health_window_seconds: float = Field(default=300.0, gt=0)
+    #: Width of one bucket of the rolling health window, in seconds.
     health_bucket_seconds: float = Field(default=10.0, gt=0)
+    #: Outcomes needed in the window before a provider's band (healthy/degraded/down) changes.
     health_min_samples: int = Field(default=20, ge=1)
+    #: Seconds an open circuit waits before letting probe sends through (half-open).
     health_cool_down_seconds: float = Field(default=30.0, ge=0)
+    #: Probe sends allowed through a half-open circuit.
     health_half_open_probes: int = Field(default=3, ge=1)
     #: Webhooks: rebuild the signed URL from `X-Forwarded-Proto`/`X-Forwarded-Host`. Only
     #: behind a proxy that sets (overwrites) them; otherwise a caller could choose the URL.
@@ -76,6 +100,20 @@ class Settings(BaseSettings):
     alert_interval_seconds: float = Field(default=60.0, gt=0)
     #: Fired and resolved alerts are POSTed here as JSON when set.
     alert_webhook_url: str | None = None
+
+    #: Platform-wide status callbacks (for clinics without their own `callbacks`): every
+    #: delivery status change is POSTed here, signed with the secret.
+    status_callback_url: str | None = None
+    #: Signs the platform-wide callbacks (`Clinicomm-Signature`); at least 16 characters.
+    status_callback_secret: SecretStr | None = None
+    #: Callback retries: full-jitter backoff over base·2^attempt seconds (at most 1 h).
+    callback_retry_base_seconds: float = Field(default=5.0, gt=0)
+    #: A callback not delivered this many seconds after its status change ends `expired`.
+    callback_max_age_seconds: float = Field(default=86400.0, gt=0)
+    #: Seconds one callback POST may take.
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: How often an idle callback sender looks for queued callbacks.
+    callback_poll_seconds: float = Field(default=1.0, gt=0)
 
     @property
     def production(self) -> bool:

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 from redis.asyncio import Redis
 
+from clinicomm.callbacks.targets import CallbackTargets
 from clinicomm.config import Settings
 from clinicomm.crypto import MasterKeyring
 from clinicomm.delivery.outbox import Notifier
@@ -107,7 +108,7 @@ class Runtime:
             config,
             http,
             notifier,
-            MessagingService(db, config, notifier),
+            MessagingService(db, config, notifier, CallbackTargets(config, settings)),
             ChainBuilder(context),
             make_health(
                 redis,

@@ -26,7 +26,9 @@ def free_port() -> int:
 class ServeProcess:
     """`python -m clinicomm.cli serve` with the test's database, Redis, keys and JWT secret."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -46,6 +48,7 @@ class ServeProcess:
         env.pop("CLINICOMM_REDIS_URL", None)
         if settings.redis_url:
             env["CLINICOMM_REDIS_URL"] = settings.redis_url
+        env.update(extra_env or {})
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "clinicomm.cli", "serve"],

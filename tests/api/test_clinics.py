@@ -219,5 +219,5 @@ async def test_unknown_channel_and_routes(api: Api) -> None:
     assert [d["path"] for d in answer.json()["error"]["details"]] == ["path.channel"]
     missing = await api.client.get("/api/v1/nothing-here")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    wrong = await api.client.delete(f"{C}/clinic-a", headers=api.admin)
+    wrong = await api.client.post(f"{C}/clinic-a", json={}, headers=api.admin)
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"

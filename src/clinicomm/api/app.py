@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from clinicomm import __version__
-from clinicomm.api import errors
+from clinicomm.api import errors, openapi
 from clinicomm.api.auth import TokenVerifier
 from clinicomm.api.middleware import RequestContext
 from clinicomm.api.routers import (
@@ -68,15 +68,17 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # `api.openapi.install` serves /docs and /redoc from local assets
         openapi_url="/openapi.json",
         redoc_url=None,
+        generate_unique_id_function=openapi.operation_id,
         # Our metrics are Prometheus (/metrics) and our logs are JSON lines; FastAPI's native
         # OpenTelemetry layer would add spans and histograms to every request for nothing.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = resolved
     errors.install(app)
+    openapi.install(app)
     app.add_middleware(RequestContext)
     app.include_router(clinics.router)
     app.include_router(audit.router)

@@ -1,4 +1,5 @@
-"""Request context: a request id on every log line and answer, an access line, and the 500.
+"""Request context: a request id on every log line and answer, an access line, HTTP metrics
+(`communication_http_requests`, `…_duration_seconds` by route template), and the 500.
 
 A pure ASGI middleware (no `BaseHTTPMiddleware`), so the context variables it sets are seen by
 the route, its dependencies and the exception handlers, all running in the same task.
@@ -14,11 +15,14 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clinicomm.api.errors import error_response
+from clinicomm.telemetry import metrics
 from clinicomm.telemetry.logging import bind_context, reset_context
 
 log = logging.getLogger("clinicomm.api.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+#: Probes and scrapes: access-logged at DEBUG (they would drown the INFO log otherwise).
+PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # A client's request id is kept if it is short and plain; anything else is replaced (it goes
 # into every log line and the audit log, so it must not be a place to smuggle data).
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -67,17 +71,23 @@ class RequestContext:
             )
             await response(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
-            log.info(
+            route = getattr(scope.get("route"), "path", None)
+            elapsed = time.perf_counter() - start
+            method = str(scope.get("method"))
+            label = route or "unmatched"  # the template, never the raw path (ids, tokens)
+            metrics.HTTP_REQUESTS.labels(method, label, str(status)).inc()
+            metrics.HTTP_LATENCY.labels(method, label).observe(elapsed)
+            log.log(
+                logging.DEBUG if route in PROBE_ROUTES and status < 500 else logging.INFO,
                 "request",
                 extra={
                     "event": "http_request",
-                    "method": scope.get("method"),
+                    "method": method,
                     # The route template, not the raw path or query (ids only, no values).
-                    "route": getattr(route, "path", None),
+                    "route": route,
                     "path": scope.get("path"),
                     "status": status,
-                    "durationMs": round((time.perf_counter() - start) * 1000, 2),
+                    "durationMs": round(elapsed * 1000, 2),
                 },
             )
             reset_context(token)

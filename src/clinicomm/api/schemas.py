@@ -83,6 +83,23 @@ class Clinic(BaseModel):
     updatedAt: datetime
 
 
+class ClinicSummary(BaseModel):
+    """A clinic in the list: no settings."""
+
+    id: str
+    name: str
+    version: int
+    createdAt: datetime
+    updatedAt: datetime
+
+
+class ClinicList(BaseModel):
+    """A page of clinics by id; pass `nextCursor` as `cursor` for the next."""
+
+    items: list[ClinicSummary]
+    nextCursor: str | None
+
+
 class AuditItem(BaseModel):
     """One audit log entry: who changed what, when; secrets appear as `{"secret": true}`."""
 

@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.callbacks import queue as callbacks
 from clinicomm.delivery.records import DeliveryStatus
 from clinicomm.delivery.suppressions import SuppressionReason, apply_keyword, suppress
 from clinicomm.delivery.window import record_inbound
@@ -47,6 +48,7 @@ from clinicomm.providers.webhooks.base import (
 from clinicomm.providers.webhooks.keywords import classify_keyword
 from clinicomm.store import upsert
 from clinicomm.store.models import Delivery, DeliveryEventRecord, aware
+from clinicomm.telemetry.outcomes import log_delivery_end
 
 INBOUND = "inbound"  # event_type of a stored inbound message
 
@@ -266,8 +268,24 @@ async def _apply_to_delivery(
     if advance(delivery, event, when):
         result.status_changes += 1
         result.changed_deliveries.append(delivery.id)
+        await _status_changed(session, delivery, when)
     await _suppress_for(session, clinic_id, event, delivery, when, result)
     return delivery.id
+
+
+async def _status_changed(session: AsyncSession, delivery: Delivery, when: datetime) -> None:
+    """A webhook moved the delivery on: queue its status callback and log a bounce or
+    failure (`telemetry.outcomes`)."""
+    await callbacks.enqueue(session, [delivery.id], when)
+    log_delivery_end(
+        delivery_id=delivery.id,
+        message_id=delivery.message_id,
+        clinic_id=delivery.clinic_id,
+        channel=delivery.channel,
+        status=delivery.status,
+        provider=delivery.provider,
+        error=delivery.error,
+    )
 
 
 def suppression_reason(event: DeliveryEvent) -> SuppressionReason | None:

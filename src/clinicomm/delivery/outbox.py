@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Table, bindparam, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from clinicomm.callbacks import queue as callbacks
 from clinicomm.delivery.records import (
     Attempt,
     Claimed,
@@ -185,6 +186,11 @@ async def write_results(
         written.lease_lost = [o.delivery_id for o in outcomes if o.delivery_id not in held]
         await _apply_outcomes(session, owner, now, mine)
         written.outcomes = len(mine)
+        await callbacks.enqueue(
+            session,
+            {o.delivery_id: o.status.value for o in mine if o.status.value in callbacks.RANK},
+            now,
+        )
     if written.lease_lost:
         metrics.LEASE_LOST.inc(len(written.lease_lost))
         log.warning(

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.callbacks import queue as callbacks
 from clinicomm.store.models import Delivery, DeliveryAttempt, Message, aware
 
 #: A scope: None (every clinic) or the clinic ids visible to the caller.
@@ -112,7 +113,10 @@ async def get_message(
         )
         for row in rows:
             attempts[row.delivery_id].append(row)
-    items = [delivery_json(d, attempts[d.id]) for d in deliveries]
+    sent_callbacks = await callbacks.for_deliveries(session, ids)
+    items = [
+        {**delivery_json(d, attempts[d.id]), "callbacks": sent_callbacks[d.id]} for d in deliveries
+    ]
     return {
         "id": message.id,
         "clinicId": message.clinic_id,

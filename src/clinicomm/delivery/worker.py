@@ -43,6 +43,7 @@ from clinicomm.routing.chain import ChainBuilder
 from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database
 from clinicomm.store.models import utcnow
+from clinicomm.telemetry.outcomes import log_delivery_end
 
 if TYPE_CHECKING:
     from clinicomm.runtime import Runtime
@@ -223,10 +224,21 @@ class Worker:
             raise
         except Exception as exc:
             handled = self._not_prepared(claimed, exc)
-        if handled.outcome.status is DeliveryStatus.SENT:
+        outcome = handled.outcome
+        if outcome.status is DeliveryStatus.SENT:
             self.sent += 1
-        elif handled.outcome.status is DeliveryStatus.FAILED:
+        elif outcome.status is DeliveryStatus.FAILED:
             self.failed += 1
+        log_delivery_end(
+            delivery_id=claimed.id,
+            message_id=claimed.message_id,
+            clinic_id=claimed.clinic_id,
+            channel=claimed.channel,
+            status=outcome.status.value,
+            provider=outcome.provider,
+            error=outcome.error,
+            attempts=outcome.attempts,
+        )
         self._results.append(handled)
         if len(self._results) >= self.options.batch_size:
             self._flush_now.set()

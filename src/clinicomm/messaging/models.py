@@ -65,6 +65,9 @@ class SendRequest(_Camel):
     channels: list[Channel] = Field(min_length=1, max_length=3)
     template: TemplateSpec | None = None
     metadata: SendMetadata = Field(default_factory=SendMetadata)
+    #: Where this message's status callbacks go instead of the clinic's `callbacks.url`; must
+    #: be on the clinic's `callbacks.allowedUrls`.
+    callback_url: str | None = Field(default=None, max_length=2000)
 
     @field_validator("channels")
     @classmethod

@@ -8,11 +8,14 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select
 
+from clinicomm.callbacks.queue import event_row
+from clinicomm.callbacks.targets import CallbackTarget, CallbackTargets, CallbackUrlRefusedError
 from clinicomm.delivery.outbox import Notifier
 from clinicomm.delivery.records import NewDelivery
 from clinicomm.ids import new_id
@@ -94,10 +97,18 @@ class FairClock:
 class MessagingService:
     """`accept(request)`: the durable half of sending."""
 
-    def __init__(self, db: Database, config: ConfigService, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        db: Database,
+        config: ConfigService,
+        notifier: Notifier,
+        targets: CallbackTargets | None = None,
+    ) -> None:
         self.db = db
         self.config = config
         self.notifier = notifier
+        #: Resolves where status callbacks go; None: no callbacks from this process's sends.
+        self.targets = targets
         self.fair = FairClock()
         self.writer = BatchWriter(
             db, before_commit=notifier.in_transaction, after_commit=notifier.after_commit
@@ -117,12 +128,13 @@ class MessagingService:
         """
         clinic_id = request.metadata.clinic_id
         regions, fallbacks = await self._regions(clinic_id, request.channels)
+        target = await self._callback_target(clinic_id, request.callback_url)
         planned = plan(request, regions, fallbacks)
         scope = clinic_id or PLATFORM_KEY_OWNER
         digest = request_hash(request) if idempotency_key else ""
         for _ in range(3):
             answer = await self._write(
-                request, planned, clinic_id, scope, idempotency_key, digest, requested_by
+                request, planned, clinic_id, scope, idempotency_key, digest, requested_by, target
             )
             if answer is not None:
                 return answer
@@ -143,6 +155,7 @@ class MessagingService:
         idempotency_key: str | None,
         digest: str,
         requested_by: str | None,
+        target: CallbackTarget | None = None,
     ) -> SendAccepted | None:
         """Write the message; None when its idempotency key is already stored."""
         message_id = new_id()
@@ -188,6 +201,8 @@ class MessagingService:
                 "content": content,
                 "meta": request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True),
                 "requested_by": requested_by,
+                "callback_url": target.url if target else None,
+                "callback_opts": target.opts() if target else None,
                 "created_at": now,
             },
             deliveries=rows,
@@ -203,6 +218,8 @@ class MessagingService:
             if idempotency_key
             else None,
         )
+        if target is not None:
+            pending.callbacks = _failed_at_accept(rows, target, pending.message, now)
         if not await self.writer.write(pending):
             return None
         log.info(
@@ -215,6 +232,20 @@ class MessagingService:
             },
         )
         return answer
+
+    async def _callback_target(
+        self, clinic_id: str | None, requested: str | None
+    ) -> CallbackTarget | None:
+        if self.targets is None:
+            if requested is not None:
+                raise SendValidationError(
+                    [Problem("callbackUrl", "status callbacks are not configured", "value_error")]
+                )
+            return None
+        try:
+            return await self.targets.resolve(clinic_id, requested)
+        except CallbackUrlRefusedError as exc:
+            raise SendValidationError([Problem("callbackUrl", str(exc), "value_error")]) from None
 
     async def _regions(
         self, clinic_id: str | None, channels: list[Channel]
@@ -264,6 +295,33 @@ class MessagingService:
                 "Idempotency-Key was already used with a different payload"
             )
         return SendAccepted.model_validate(row.response)
+
+
+def _failed_at_accept(
+    rows: list[NewDelivery], target: CallbackTarget, message: dict[str, Any], now: datetime
+) -> list[dict[str, Any]]:
+    """Callback rows for the deliveries recorded `failed` at accept."""
+    events = []
+    for row in rows:
+        if row.status is not DeliveryStatus.FAILED:
+            continue
+        event = event_row(
+            delivery_id=row.id,
+            message_id=message["id"],
+            clinic_id=row.clinic_id,
+            channel=row.channel,
+            status=row.status.value,
+            provider=None,
+            error=row.error,
+            requeues=0,
+            url=target.url,
+            opts=target.opts(),
+            metadata=message["meta"],
+            now=now,
+        )
+        if event is not None:
+            events.append(event)
+    return events
 
 
 def request_hash(request: SendRequest) -> str:

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from clinicomm.callbacks.queue import CALLBACKS
 from clinicomm.delivery.outbox import enqueue
 from clinicomm.delivery.records import NewDelivery
 from clinicomm.store.db import Database
@@ -39,6 +40,8 @@ class PendingWrite:
     message: dict[str, Any]
     deliveries: list[NewDelivery]
     idempotency: dict[str, Any] | None = None
+    #: `callback_events` rows (deliveries recorded `failed` at accept, with a callback target).
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
     #: Resolves to True once committed, or False when the idempotency key was already taken
     #: (nothing of this message was written).
     done: asyncio.Future[bool] = field(
@@ -100,6 +103,9 @@ class BatchWriter:
             if writes:
                 await conn.execute(MESSAGES.insert(), [i.message for i in writes])
                 await enqueue(conn, [d for i in writes for d in i.deliveries])
+                events = [e for i in writes for e in i.callbacks]
+                if events:
+                    await conn.execute(CALLBACKS.insert(), events)
                 if self.before_commit is not None:
                     await self.before_commit(conn)
         self.batches += 1

@@ -115,15 +115,17 @@ def alert_json(row: AlertRecord) -> dict[str, Any]:
 
 
 class _Deltas:
-    """Counter/histogram totals of this process, as deltas since the previous read."""
+    """Counter/histogram totals of this process, as deltas since the previous read. The first
+    read is the baseline (delta 0): the process's history before the engine started (tests,
+    a long uptime) is not judged as if it had happened in one interval."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
 
     def delta(self, name: str, value: float) -> float:
-        before = self._last.get(name, 0.0)
+        before = self._last.get(name)
         self._last[name] = value
-        return max(0.0, value - before)
+        return 0.0 if before is None else max(0.0, value - before)
 
 
 def _sample_sum(metric: Any, suffix: str, **match: str) -> float:

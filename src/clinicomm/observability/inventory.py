@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from clinicomm.callbacks import queue as callback_queue
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel
 from clinicomm.settings.models import CommunicationSettings
 from clinicomm.store.db import Database
-from clinicomm.store.models import Clinic
+from clinicomm.store.models import Clinic, Delivery, aware, utcnow
 from clinicomm.telemetry import metrics
 
 COMM = "communicationSettings"
@@ -87,9 +89,37 @@ def set_gauges(inventory: Inventory, global_providers: dict[Channel, list[str]])
         metrics.PROVIDERS_IN_USE.labels(key).set(count)
 
 
+async def set_queue_gauges(db: Database, now: datetime | None = None) -> None:
+    """`communication_queue_depth{channel}` (queued + sending), `…_queue_oldest_age_seconds`
+    (the oldest due queued delivery) and `communication_callback_backlog`."""
+    now = now or utcnow()
+    async with db.read() as session:
+        depth = (
+            await session.execute(
+                select(Delivery.channel, func.count())
+                .where(Delivery.status.in_(("queued", "sending")))
+                .group_by(Delivery.channel)
+            )
+        ).all()
+        oldest = (
+            await session.execute(
+                select(Delivery.channel, func.min(Delivery.next_attempt_at))
+                .where(Delivery.status == "queued", Delivery.next_attempt_at <= now)
+                .group_by(Delivery.channel)
+            )
+        ).all()
+        backlog = await callback_queue.backlog(session)
+    counts = {str(c): int(n) for c, n in depth}
+    ages = {str(c): max(0.0, (now - aware(t)).total_seconds()) for c, t in oldest if t}
+    for channel in Channel:
+        metrics.QUEUE_DEPTH.labels(channel.value).set(counts.get(channel.value, 0))
+        metrics.QUEUE_OLDEST_AGE.labels(channel.value).set(ages.get(channel.value, 0.0))
+    metrics.CALLBACK_BACKLOG.set(backlog)
+
+
 class GaugeRefresher:
     """Recomputes the gauges from the database, at most once per `min_interval` seconds
-    (called on each `/metrics` scrape)."""
+    (called on each `/metrics` scrape, of `serve` or of a worker's metrics port)."""
 
     def __init__(
         self, db: Database, global_settings: CommunicationSettings, min_interval: float = 1.0
@@ -105,3 +135,4 @@ class GaugeRefresher:
             return
         self._last = now
         set_gauges(await clinic_inventory(self.db), global_keys(self.global_settings))
+        await set_queue_gauges(self.db)

@@ -1,6 +1,7 @@
-"""The background monitors of a process: periodic provider probes and alert evaluation.
+"""The background monitors of a process: periodic provider probes and alert evaluation,
+and the status-callback sender.
 
-`start_monitors(runtime, stop)` is called by `clinicomm serve` and `clinicomm worker`; both
+`start_monitors(runtime, stop)` is called by `clinicomm serve` and `clinicomm worker`; the
 tasks end when `stop` is set. Intervals: `CLINICOMM_PROBE_INTERVAL_SECONDS` (300) and
 `CLINICOMM_ALERT_INTERVAL_SECONDS` (60); `CLINICOMM_ALERT_WEBHOOK_URL` receives alerts.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from clinicomm.callbacks.sender import CallbackSender
 from clinicomm.observability.alerts import AlertEngine
 from clinicomm.observability.probes import ProbeRunner
 
@@ -41,11 +43,27 @@ def probe_runner(runtime: Runtime) -> ProbeRunner:
     )
 
 
+def callback_sender(runtime: Runtime) -> CallbackSender:
+    """The status-callback sender of this runtime (`clinicomm.callbacks.sender`)."""
+    settings = runtime.settings
+    assert runtime.messaging.targets is not None
+    return CallbackSender(
+        runtime.db,
+        runtime.messaging.targets,
+        production=settings.production,
+        retry_base=settings.callback_retry_base_seconds,
+        max_age=settings.callback_max_age_seconds,
+        timeout=settings.callback_timeout_seconds,
+        poll=settings.callback_poll_seconds,
+    )
+
+
 def start_monitors(runtime: Runtime, stop: asyncio.Event) -> list[asyncio.Task[None]]:
-    """Start the probe and alert loops; await the tasks after setting `stop`."""
+    """Start the probe, alert and status-callback loops; await the tasks after setting `stop`."""
     probes = probe_runner(runtime)
     alerts = alert_engine(runtime)
     return [
+        asyncio.create_task(callback_sender(runtime).run(stop), name="monitor-callbacks"),
         asyncio.create_task(probes.run(stop), name="monitor-probes"),
         asyncio.create_task(
             alerts.run(stop, runtime.settings.alert_interval_seconds), name="monitor-alerts"

@@ -68,6 +68,14 @@ class CircuitState(StrEnum):
     HALF_OPEN = "half_open"  # a few probe calls pass
 
 
+#: `communication_circuit_state` values.
+CIRCUIT_CODES: dict[CircuitState, int] = {
+    CircuitState.CLOSED: 0,
+    CircuitState.HALF_OPEN: 1,
+    CircuitState.OPEN: 2,
+}
+
+
 def outcome_for(error: BaseException | None) -> Outcome:
     """SUCCESS for None; for a ProviderError its `counts_for_health` decides FAILURE/IGNORED;
     any other exception (an adapter bug, an unclassified network error) is a FAILURE."""
@@ -179,6 +187,9 @@ class HealthTracker(ABC):
         if before == after:
             return
         metrics.CIRCUIT_TRANSITIONS.labels(clinic, provider, after).inc()
+        metrics.CIRCUIT_STATE.labels(clinic, provider).set(
+            CIRCUIT_CODES.get(CircuitState(after), 0)
+        )
         level = logging.WARNING if after == CircuitState.OPEN else logging.INFO
         log.log(
             level,
@@ -371,4 +382,3 @@ class InProcessHealth(HealthTracker):
         self, clinic_id: str | None, provider: str, ok: bool, detail: str | None = None
     ) -> None:
         self.probe_now(clinic_id, provider, ok, detail)
-

@@ -48,6 +48,7 @@ def invalidation_channel(redis: Redis) -> str:
     db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
     return INVALIDATE_CHANNEL if db == 0 else f"{INVALIDATE_CHANNEL}:{db}"
 
+
 _CAS_SCRIPT = """
 local cur = redis.call('HGET', KEYS[1], 'v')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
@@ -119,6 +120,9 @@ class ConfigCache(Generic[T]):
         self._listener: asyncio.Task[None] | None = None
         self.process_id = uuid.uuid4().hex[:12]
         self.invalidations_applied = 0
+        #: Called with the clinic id whenever its entries are dropped (the key store forgets
+        #: the clinic's unwrapped data key, so a deleted clinic's key leaves memory too).
+        self.on_drop: Callable[[str], None] | None = None
 
     # ---- L1 -------------------------------------------------------------------------------
     def l1_get(self, channel: str, clinic_id: str) -> T | None:
@@ -140,6 +144,8 @@ class ConfigCache(Generic[T]):
         """Forget a clinic's entries; `version` raises its floor."""
         if version is not None and version > self._floor.get(clinic_id, 0):
             self._floor[clinic_id] = version
+        if self.on_drop is not None:
+            self.on_drop(clinic_id)
         for key in [k for k in self._l1 if k[1] == clinic_id]:
             del self._l1[key]
 

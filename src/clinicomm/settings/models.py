@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     create_model,
     field_validator,
     model_validator,
@@ -193,6 +194,47 @@ class SmsSettings(ChannelSettings):
     max_segments: int | None = Field(default=None, ge=1, le=20)
 
 
+#: Delivery statuses a status callback can report.
+CallbackStatus = Literal["sent", "delivered", "read", "failed", "bounced", "suppressed"]
+
+
+class CallbackSettings(CamelModel):
+    """Where the clinic's delivery status changes are POSTed (see `delivery.callbacks`).
+
+    `secret` signs each callback (`Clinicomm-Signature`); it is encrypted at rest and masked in
+    answers like every credential. `events` limits the statuses sent (all when left out).
+    `allowedUrls` are the URLs a send request may name in `callbackUrl` instead of `url`.
+    """
+
+    url: str = Field(min_length=8, max_length=2000)
+    secret: SecretStr = Field(min_length=16, max_length=200)
+    events: list[CallbackStatus] | None = None
+    allowed_urls: list[str] = Field(default_factory=list, max_length=20)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_url(value)
+
+    @field_validator("allowed_urls")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        return [check_url(v) for v in value]
+
+
+def check_url(value: str) -> str:
+    """An absolute http(s) URL without credentials in it (the destination policy itself is
+    `delivery.callbacks.check_destination`, applied when sending)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials")
+    return value
+
+
 class CommunicationSettings(CamelModel):
     """A clinic's whole `communicationSettings` document."""
 
@@ -200,6 +242,7 @@ class CommunicationSettings(CamelModel):
     email: EmailSettings | None = None
     whatsapp: WhatsAppSettings | None = None
     sms: SmsSettings | None = None
+    callbacks: CallbackSettings | None = None
 
     def channel(self, channel: Channel) -> ChannelSettings | None:
         value: ChannelSettings | None = getattr(self, channel.value)

@@ -35,7 +35,11 @@ def _slots(doc: dict[str, Any]) -> Iterator[tuple[Channel, Path, dict[str, Any]]
 
 
 def secret_paths(doc: dict[str, Any]) -> Iterator[tuple[Path, str]]:
-    """Yield (path of the credentials dict, secret field name) for every secret present."""
+    """Yield (path of the credentials dict, secret field name) for every secret present:
+    the credentials' `SecretStr` fields and the status callbacks' `secret`."""
+    callbacks = doc.get("callbacks")
+    if isinstance(callbacks, dict) and callbacks.get("secret") is not None:
+        yield ("callbacks",), "secret"
     for channel, path, slot in _slots(doc):
         provider = slot.get("provider")
         credentials = slot.get("credentials")

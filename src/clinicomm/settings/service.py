@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.providers.base import MASK, Channel
 from clinicomm.settings import secrets
 from clinicomm.settings.cache import ConfigCache
-from clinicomm.settings.keys import KeyStore
+from clinicomm.settings.keys import PLATFORM, KeyStore
 from clinicomm.settings.models import (
+    CallbackSettings,
     ChannelSettings,
     CommunicationSettings,
     EmailSettings,
@@ -41,12 +42,31 @@ from clinicomm.settings.validation import (
     validate_settings,
 )
 from clinicomm.store.db import Database
-from clinicomm.store.models import Clinic, aware, utcnow
+from clinicomm.store.models import (
+    Clinic,
+    ClinicKey,
+    Delivery,
+    InboundContact,
+    Suppression,
+    aware,
+    utcnow,
+)
 from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
 COMM = "communicationSettings"
+#: The `communicationSettings` key of the status callbacks (and their L1 cache slot).
+CALLBACKS = "callbacks"
+
+
+@dataclass(frozen=True, slots=True)
+class _Boxed:
+    """An L1 entry that may hold None (a clinic without callbacks is cached too)."""
+
+    value: Any
+
+
 CHANNEL_MODELS: dict[Channel, type[ChannelSettings]] = {
     Channel.EMAIL: EmailSettings,
     Channel.WHATSAPP: WhatsAppSettings,
@@ -157,6 +177,7 @@ class ConfigService:
         self.db = db
         self.keys = keys
         self.cache = cache
+        cache.on_drop = keys.forget
         self.global_settings = global_settings
         self.poll_seconds = poll_seconds
         self._poller: asyncio.Task[None] | None = None
@@ -224,6 +245,33 @@ class ConfigService:
             time.perf_counter() - start
         )
         return resolved
+
+    async def get_callbacks(self, clinic_id: str) -> CallbackSettings | None:
+        """The clinic's status-callback settings (secret in clear), or None.
+
+        Cached in L1 with the channels (dropped with them on every change of the clinic);
+        a miss reads the database.
+        """
+        cached: Any = self.cache.l1_get(CALLBACKS, clinic_id)
+        if cached is not None:
+            value: CallbackSettings | None = cached.value
+            return value
+        async with self.db.sessions() as session:
+            row = await session.get(Clinic, clinic_id)
+            version = row.version if row is not None else 0
+            comm = (
+                row.settings.get(COMM)
+                if row is not None and isinstance(row.settings, dict)
+                else None
+            )
+            stored = comm.get(CALLBACKS) if isinstance(comm, dict) else None
+            settings: CallbackSettings | None = None
+            if isinstance(stored, dict):
+                cipher = await self.keys.cipher(session, clinic_id)
+                plain = secrets.decrypt({CALLBACKS: stored}, cipher)[CALLBACKS]
+                settings = validate_model(CallbackSettings, plain, (COMM, CALLBACKS))
+        self.cache.l1_put(CALLBACKS, clinic_id, version, _Boxed(settings))  # type: ignore[arg-type]
+        return settings
 
     def _count(self, label: str, channel: Channel, level: str, start: float) -> None:
         key = (label, channel.value)
@@ -365,6 +413,46 @@ class ConfigService:
             comm.pop(channel.value, None)
         action = "settings.delete" if channel is None else f"settings.delete.{channel.value}"
         return await self._write(session, row, current, plain, action, None)
+
+    async def delete_clinic(
+        self, session: AsyncSession, clinic_id: str, *, expected_version: int | None = None
+    ) -> Change:
+        """Delete the clinic: its settings and its data keys (a crypto-shred: every message
+        and secret encrypted under the clinic's key becomes unreadable), its suppressions and
+        inbound contacts; its queued deliveries end `failed` ("clinic deleted"). Messages,
+        deliveries, attempts and the audit log stay as records."""
+        row = await self._locked(session, clinic_id, expected_version)
+        current = await self._record(session, row)
+        await session.execute(delete(ClinicKey).where(ClinicKey.clinic_id == clinic_id))
+        await session.execute(delete(Suppression).where(Suppression.clinic_id == clinic_id))
+        await session.execute(delete(InboundContact).where(InboundContact.clinic_id == clinic_id))
+        await session.execute(
+            update(Delivery)
+            .where(Delivery.clinic_id == clinic_id, Delivery.status == "queued")
+            .values(
+                status="failed",
+                error={"reason": "clinic deleted", "errors": []},
+                updated_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        await session.delete(row)
+        await session.flush()
+        self.keys.forget(clinic_id)
+        return Change(clinic_id, current.version + 1, "clinic.delete", current.communication, None)
+
+    async def list_clinics(
+        self, session: AsyncSession, *, limit: int, after: str | None
+    ) -> tuple[list[Clinic], str | None]:
+        """Clinics by id (the platform's own key holder excluded), and the id to continue
+        after (None at the end). Rows only: names and versions, no settings are decrypted."""
+        query = select(Clinic).where(Clinic.id != PLATFORM)
+        if after is not None:
+            query = query.where(Clinic.id > after)
+        rows = list((await session.scalars(query.order_by(Clinic.id).limit(limit + 1))).all())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].id if more and rows else None)
 
     async def _locked(
         self, session: AsyncSession, clinic_id: str, expected_version: int | None

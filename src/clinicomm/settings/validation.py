@@ -122,4 +122,6 @@ def plain_document(settings: CommunicationSettings) -> dict[str, Any]:
                 target = target[int(part)] if part.isdigit() else target[part]
             if isinstance(slot.credentials, ProviderCredentials):
                 target["credentials"] = slot.credentials.secret_dict()
+    if settings.callbacks is not None:
+        doc["callbacks"]["secret"] = settings.callbacks.secret.get_secret_value()
     return doc

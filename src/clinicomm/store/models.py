@@ -112,6 +112,11 @@ class Message(Base):
     #: The caller's metadata (opaque ids such as appointmentId), never content.
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     requested_by: Mapped[str | None] = mapped_column(String(200))
+    #: Where status callbacks of this message go (fixed at accept), or None for none.
+    callback_url: Mapped[str | None] = mapped_column(String(2000), default=None)
+    #: `{"source": "clinic"|"platform", "events": [status, …] | null}`: whose secret signs
+    #: the callbacks and which statuses are sent (null: all).
+    callback_opts: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: Indexed for the retention purge of contents.
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
@@ -159,6 +164,9 @@ class Delivery(Base):
     #: First report of delivery (set also by a `read` that came without a `delivered`).
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
     read_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: How many times an operator re-queued it (`clinicomm requeue`): the generation its
+    #: status callbacks are ordered in.
+    requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_deliveries_due", "status", "fair_at"),
@@ -290,3 +298,41 @@ class AlertRecord(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     fired_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class CallbackEvent(Base):
+    """One status change of a delivery, to be POSTed to the caller (at least once, in order).
+
+    `seq` orders the events of one delivery (re-queue generation * 10 + status rank): only the
+    pending event with the lowest `seq` of a delivery can be claimed, and an event whose `seq`
+    is not above the highest already sent is dropped (`superseded`), so a later status is never
+    followed by an earlier one. `state`: pending, sent, expired (gave up after the maximum
+    age), superseded, skipped (status not in the target's `events`).
+    """
+
+    __tablename__ = "callback_events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    delivery_id: Mapped[str] = mapped_column(String(36))
+    message_id: Mapped[str] = mapped_column(String(36))
+    clinic_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    seq: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(String(2000))
+    source: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: Why the last attempt failed: an HTTP status or an exception class, never a body.
+    last_error: Mapped[str | None] = mapped_column(String(300), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (
+        Index("ix_callback_events_due", "state", "next_attempt_at"),
+        Index("ix_callback_events_delivery", "delivery_id", "state", "seq"),
+    )

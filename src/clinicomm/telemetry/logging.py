@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line on stderr, with the request id on every line.
+"""Structured logs: one JSON object (or one text line) per record on stderr, with the request id
+on every line. `CLINICOMM_LOG_FORMAT=json|text`; unset, text on a terminal and JSON otherwise.
 
 Each line has `time`, `level`, `logger`, `message`, `event` and `requestId`, plus the ids bound
 to the current context (`bind_context(clinicId=…, sub=…)`) and the `extra={…}` of the call.
@@ -89,11 +90,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """One readable line: `time LEVEL logger: message key=value …` (ids only, like JSON)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]
+        fields: dict[str, Any] = dict(current_context())
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_") and value is not None:
+                fields[key] = value
+        tail = " ".join(f"{k}={v}" for k, v in fields.items())
+        line = f"{when} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if tail:
+            line = f"{line}  {tail}"
+        if record.exc_info and record.exc_info[0] is not None:
+            line += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        return line
+
+
+class _QuietLibraries(logging.Filter):
+    """Alembic's INFO lines (plugin setup, "will assume transactional DDL", …) become DEBUG:
+    they say nothing an operator needs on every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("alembic") and record.levelno == logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+        return True
+
+
 _HANDLER_FLAG = "_clinicomm_json_handler"
 
 
-def configure_logging(level: str | int = "INFO", stream: IO[str] | None = None) -> logging.Handler:
-    """Send every log line (ours, uvicorn's, SQLAlchemy's) as JSON to `stream` (stderr).
+def resolve_format(value: str | None, stream: IO[str]) -> str:
+    """`json` or `text`: the configured one, else text on a terminal and JSON otherwise."""
+    if value in ("json", "text"):
+        return value
+    isatty = getattr(stream, "isatty", None)
+    return "text" if callable(isatty) and isatty() else "json"
+
+
+def configure_logging(
+    level: str | int = "INFO", stream: IO[str] | None = None, fmt: str | None = None
+) -> logging.Handler:
+    """Send every log line (ours, uvicorn's, SQLAlchemy's) to `stream` (stderr), as JSON or
+    text (`fmt`, `CLINICOMM_LOG_FORMAT`; by default text on a terminal, JSON otherwise).
 
     Idempotent: a handler installed by an earlier call is replaced, never doubled.
     """
@@ -101,8 +142,10 @@ def configure_logging(level: str | int = "INFO", stream: IO[str] | None = None) 
     for existing in list(root.handlers):
         if getattr(existing, _HANDLER_FLAG, False):
             root.removeHandler(existing)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(TextFormatter() if resolve_format(fmt, out) == "text" else JsonFormatter())
+    handler.addFilter(_QuietLibraries())
     setattr(handler, _HANDLER_FLAG, True)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)

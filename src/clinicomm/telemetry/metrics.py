@@ -93,6 +93,40 @@ RATE_LIMITED = Counter(
     "Deliveries held back by a clinic's own rate limit",
     ["clinicId", "channel"],
 )
+
+# ---- status callbacks, queues, circuits, HTTP (issue 16) -----------------------------------
+CALLBACKS = Counter(
+    "communication_callbacks",
+    "Status callback sends by outcome (sent, retry, expired, superseded)",
+    ["outcome"],
+)
+CALLBACK_BACKLOG = Gauge(
+    "communication_callback_backlog", "Status callbacks queued and not yet delivered"
+)
+QUEUE_DEPTH = Gauge(
+    "communication_queue_depth", "Deliveries queued or being sent, per channel", ["channel"]
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "communication_queue_oldest_age_seconds",
+    "Age of the oldest due queued delivery, per channel (0 when none)",
+    ["channel"],
+)
+CIRCUIT_STATE = Gauge(
+    "communication_circuit_state",
+    "Circuit per (owner, provider): 0 closed, 1 half-open, 2 open",
+    ["owner", "provider"],
+)
+HTTP_REQUESTS = Counter(
+    "communication_http_requests",
+    "HTTP requests by method, route template and status code",
+    ["method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "communication_http_request_duration_seconds",
+    "HTTP request latency by method and route template",
+    ["method", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
 LEASE_LOST = Counter(
     "communication_outcome_lease_lost",
     "Delivery outcomes not written because this worker no longer held the lease",

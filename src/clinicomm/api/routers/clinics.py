@@ -12,8 +12,8 @@ import logging
 import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,8 +25,10 @@ from clinicomm.api.schemas import (
     ERRORS,
     Clinic,
     ClinicCreate,
+    ClinicList,
     ClinicPatch,
     ClinicReplace,
+    ClinicSummary,
     ErrorAnswer,
 )
 from clinicomm.providers.base import Channel
@@ -34,6 +36,7 @@ from clinicomm.runtime import Runtime
 from clinicomm.settings.audit import record_change
 from clinicomm.settings.service import COMM, Change, ClinicNotFoundError, ClinicRecord
 from clinicomm.store.models import Clinic as ClinicRow
+from clinicomm.store.models import aware
 from clinicomm.telemetry.logging import request_id
 
 log = logging.getLogger(__name__)
@@ -263,6 +266,60 @@ async def _delete(
         )
         _audit(session, change, principal, None)
     return clinic_answer(await _publish(runtime, change))
+
+
+@router.get(
+    "",
+    response_model=ClinicList,
+    responses=ERRORS,
+    summary="Clinics by id, paginated (SuperAdmin); names and versions, no settings",
+)
+async def list_clinics(
+    runtime: RuntimeDep,
+    _: Annotated[Principal, Depends(require(Permission.MANAGE, platform=True))],
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(pattern=CLINIC_ID_PATTERN)] = None,
+) -> ClinicList:
+    async with runtime.db.read() as session:
+        rows, next_cursor = await runtime.config.list_clinics(session, limit=limit, after=cursor)
+    return ClinicList(
+        items=[
+            ClinicSummary(
+                id=r.id,
+                name=r.name,
+                version=r.version,
+                createdAt=aware(r.created_at),
+                updatedAt=aware(r.updated_at),
+            )
+            for r in rows
+        ],
+        nextCursor=next_cursor,
+    )
+
+
+@router.delete(
+    "/{clinicId}",
+    status_code=204,
+    response_class=Response,
+    responses={**ERRORS, **_412},
+    openapi_extra=_IF_MATCH_DOC,
+    summary="Delete a clinic (SuperAdmin): settings and data keys (crypto-shred), audited",
+)
+async def delete_clinic(
+    clinicId: ClinicId,
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Permission.MANAGE, platform=True))],
+    expected: IfMatch,
+) -> Response:
+    async with runtime.db.session() as session:
+        change = await runtime.config.delete_clinic(session, clinicId, expected_version=expected)
+        _audit(session, change, principal, None)
+    await runtime.config.committed(change)
+    log.info(
+        "clinic deleted",
+        extra={"event": "clinic.delete", "clinicId": clinicId, "version": change.version},
+    )
+    return Response(status_code=204)
 
 
 async def _name(session: AsyncSession, clinic_id: str) -> str | None:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 
+from clinicomm.api.answers import DeliveryPage, MessageStatus
 from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import authenticated, authorize, get_runtime
 from clinicomm.api.errors import ApiError, forbidden
@@ -86,6 +87,7 @@ async def send(
 
 @router.get(
     "/{messageId}",
+    response_model=MessageStatus,
     responses={**ERRORS, 404: {"model": ErrorAnswer, "description": "Unknown message"}},
     summary="A message, each delivery's status, provider, attempts and error",
 )
@@ -105,6 +107,7 @@ async def get_communication(
 
 @router.get(
     "",
+    response_model=DeliveryPage,
     responses=ERRORS,
     summary="Deliveries, newest first, filtered by clinic and status",
 )

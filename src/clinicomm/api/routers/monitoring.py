@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from clinicomm.api.answers import AlertList, ClinicHealth, ClinicStats, ConfigTestResult
 from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import get_runtime, require
 from clinicomm.api.errors import ApiError
@@ -45,9 +46,7 @@ async def _exists(runtime: Runtime, clinic_id: str) -> None:
             raise ClinicNotFoundError(clinic_id)
 
 
-def _health_item(
-    health: ProviderHealth, scope: str, key: str, position: int
-) -> dict[str, Any]:
+def _health_item(health: ProviderHealth, scope: str, key: str, position: int) -> dict[str, Any]:
     return {
         "provider": key,
         "label": health.provider,
@@ -70,6 +69,7 @@ def _health_item(
 
 @router.get(
     "/api/v1/clinics/{clinicId}/communication/health",
+    response_model=ClinicHealth,
     responses=ERRORS,
     summary="Health of each provider of the clinic's chains (own and global)",
 )
@@ -98,6 +98,7 @@ async def communication_health(
 
 @router.get(
     "/api/v1/clinics/{clinicId}/communication/stats",
+    response_model=ClinicStats,
     responses=ERRORS,
     summary="Counts by channel, provider and status, and latency percentiles",
 )
@@ -128,6 +129,8 @@ async def communication_stats(
 
 @router.post(
     "/api/v1/clinics/{clinicId}/communication/test",
+    response_model=ConfigTestResult,
+    response_model_exclude_unset=True,
     responses=ERRORS,
     summary="Send a test message through the clinic's own providers (audited)",
 )
@@ -162,6 +165,7 @@ StatusFilter = Annotated[
 
 @router.get(
     "/api/v1/alerts",
+    response_model=AlertList,
     responses=ERRORS,
     summary="Every alert, newest first (SuperAdmin)",
 )
@@ -176,6 +180,7 @@ async def alerts(
 
 @router.get(
     "/api/v1/clinics/{clinicId}/alerts",
+    response_model=AlertList,
     responses=ERRORS,
     summary="The clinic's alerts, newest first",
 )

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.api.answers import SuppressionItem, SuppressionList
 from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import get_runtime, require
 from clinicomm.api.errors import ApiError
@@ -105,6 +106,7 @@ def _item(row: Suppression) -> dict[str, Any]:
 
 @router.get(
     "/{clinicId}/suppressions",
+    response_model=SuppressionList,
     responses=ERRORS,
     summary="The clinic's opt-outs, newest first (manage)",
 )
@@ -131,7 +133,8 @@ async def list_suppressions(
 @router.post(
     "/{clinicId}/suppressions",
     status_code=201,
-    responses=ERRORS,
+    response_model=SuppressionItem,
+    responses={**ERRORS, 200: {"model": SuppressionItem, "description": "Already recorded"}},
     summary="Record an opt-out: no message reaches this address on this channel (manage)",
 )
 async def add_suppression(

@@ -92,8 +92,15 @@ async def _credentials(runtime: Runtime, provider: str, clinic_id: str) -> tuple
 @router.post(
     "/{provider}/{clinicId}",
     summary="A provider's status reports and inbound messages for one clinic (signed)",
+    response_class=PlainTextResponse,
     responses={
-        200: {"description": "Stored (Twilio: empty TwiML)"},
+        200: {
+            "description": "Stored (Twilio: empty TwiML)",
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "text/xml": {"schema": {"type": "string"}},
+            },
+        },
         400: {"description": "Not the provider's webhook format"},
         401: {"description": "Signature missing or invalid for this clinic"},
         404: {"description": "Unknown provider or clinic, or the clinic does not use it"},

@@ -79,9 +79,7 @@ class SendGridAdapter(HttpAdapter):
         """
         creds = self.credentials
         require_body(self.key, message)
-        sender = resolve_sender(
-            self.key, message, email=creds.from_email, name=creds.from_name
-        )
+        sender = resolve_sender(self.key, message, email=creds.from_email, name=creds.from_name)
         # custom_args sit on the personalization: SendGrid merges them with (and lets them
         # override) the top-level ones, and the official OpenAPI file types the top-level
         # `custom_args` as a string although the API takes an object there too.

@@ -422,9 +422,7 @@ class SmtpAdapter(ProviderAdapter):
         header we write is ASCII (RFC 2047 encoded-words for non-ASCII names and subjects) and
         every part is `utf-8`, so the output is 7-bit and needs neither SMTPUTF8 nor 8BITMIME.
         """
-        sender = resolve_sender(
-            self.key, message, email=self.credentials.from_, name=None
-        )
+        sender = resolve_sender(self.key, message, email=self.credentials.from_, name=None)
         if not (message.text or message.html):
             raise ConfigurationError(
                 "SMTP sends rendered text or HTML; this message has neither", provider=self.key

@@ -93,8 +93,9 @@ class VonageAdapterBase(HttpAdapter):
                 )
             except (ValueError, TypeError, jwt.PyJWTError):
                 # Never echo the key or the library's message (it may quote the key).
-                raise ConfigurationError("privateKey is not a usable RSA key",
-                                         provider=self.key) from None
+                raise ConfigurationError(
+                    "privateKey is not a usable RSA key", provider=self.key
+                ) from None
             self._jwt_expires = now + JWT_TTL
         return self._jwt
 

@@ -20,7 +20,7 @@ Keyword = Literal["stop", "start"]
 
 
 def classify_keyword(body: str | None) -> Keyword | None:
-    """"stop" or "start" when the whole trimmed, case-insensitive body is such a keyword.
+    """ "stop" or "start" when the whole trimmed, case-insensitive body is such a keyword.
 
     Inner runs of whitespace count as one space ("opt  out"); trailing punctuation such as
     "STOP." or "Stop!" still counts, since people type it. Anything longer ("please stop

@@ -80,8 +80,11 @@ async def verify(
             key,
             algorithms=["HS256", "HS384", "HS512"],
             issuer="MessageBird",
-            options={"require": ["iss", "nbf", "exp", "url_hash"], "verify_exp": False,
-                     "verify_nbf": False},
+            options={
+                "require": ["iss", "nbf", "exp", "url_hash"],
+                "verify_exp": False,
+                "verify_nbf": False,
+            },
         )
     except jwt.PyJWTError as exc:
         raise WebhookAuthError(f"JWT rejected: {type(exc).__name__}") from exc

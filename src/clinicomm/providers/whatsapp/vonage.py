@@ -31,8 +31,9 @@ class VonageWhatsAppAdapter(VonageAdapterBase):
         template = message.template
         name = template_name(template, self.creds.templates)
         params = ordered_variables(template.variables)
-        check_param_count(self.creds.template_params, template, name, len(params),
-                          provider=self.key)
+        check_param_count(
+            self.creds.template_params, template, name, len(params), provider=self.key
+        )
         body: dict[str, Any] = {"name": name}
         if params:
             body["parameters"] = params

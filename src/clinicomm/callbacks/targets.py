@@ -1,0 +1,104 @@
+"""Where a message's status callbacks go, decided once when it is accepted.
+
+A clinic's `communicationSettings.callbacks` wins; without one, the platform-wide
+`CLINICOMM_STATUS_CALLBACK_URL` (signed with `CLINICOMM_STATUS_CALLBACK_SECRET`). A send request
+may name `callbackUrl` only when it is the clinic's `url` or on its `allowedUrls`.
+
+`check_destination` is the one place a callback destination is judged before a connection
+(and `session_factory` the one place their HTTP session is built), so the platform's egress
+policy can replace them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from clinicomm.config import Settings
+from clinicomm.settings.models import CallbackStatus
+from clinicomm.settings.service import ConfigService
+
+Source = Literal["clinic", "platform"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackTarget:
+    url: str
+    #: Whose secret signs: the clinic's `callbacks.secret` or the platform's.
+    source: Source
+    #: Statuses sent; None: all.
+    events: list[str] | None
+
+    def opts(self) -> dict[str, object]:
+        return {"source": self.source, "events": self.events}
+
+
+class CallbackUrlRefusedError(Exception):
+    """The request's `callbackUrl` is not allowed for this clinic."""
+
+
+class DestinationRefusedError(Exception):
+    """The destination may not be called (egress policy)."""
+
+
+class CallbackTargets:
+    """Resolves targets (at accept) and secrets (at send time, so a rotation applies)."""
+
+    def __init__(self, config: ConfigService, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+
+    def _platform(self) -> tuple[str, str] | None:
+        url, secret = self.settings.status_callback_url, self.settings.status_callback_secret
+        if url and secret is not None:
+            return url, secret.get_secret_value()
+        return None
+
+    async def resolve(self, clinic_id: str | None, requested: str | None) -> CallbackTarget | None:
+        """The target of a new message, or None. Raises CallbackUrlRefusedError."""
+        own = await self.config.get_callbacks(clinic_id) if clinic_id else None
+        if own is not None:
+            if requested is None:
+                return CallbackTarget(own.url, "clinic", _events(own.events))
+            if requested == own.url or requested in own.allowed_urls:
+                return CallbackTarget(requested, "clinic", _events(own.events))
+            raise CallbackUrlRefusedError("callbackUrl is not on the clinic's allowedUrls")
+        if requested is not None:
+            raise CallbackUrlRefusedError("the clinic has no callbacks configured")
+        platform = self._platform()
+        return CallbackTarget(platform[0], "platform", None) if platform else None
+
+    async def secret(self, clinic_id: str | None, source: str) -> str | None:
+        """The secret that signs now for a target's source (None: no longer configured)."""
+        if source == "clinic" and clinic_id:
+            own = await self.config.get_callbacks(clinic_id)
+            return own.secret.get_secret_value() if own is not None else None
+        platform = self._platform()
+        return platform[1] if platform else None
+
+
+def _events(events: list[CallbackStatus] | None) -> list[str] | None:
+    return None if events is None else [str(e) for e in events]
+
+
+def check_destination(url: str, *, production: bool) -> None:
+    """Raise DestinationRefusedError unless `url` may be called: http(s) with a host and no
+    credentials; https only in production."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DestinationRefusedError("not an absolute http(s) URL")
+    if parts.username or parts.password:
+        raise DestinationRefusedError("credentials in the URL")
+    if production and parts.scheme != "https":
+        raise DestinationRefusedError("production sends callbacks over https only")
+
+
+def session_factory(timeout: float) -> aiohttp.ClientSession:
+    """The HTTP session callbacks are sent with (no redirects are followed by the sender)."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        connector=aiohttp.TCPConnector(limit=64, limit_per_host=8),
+    )
