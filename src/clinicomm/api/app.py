@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from clinicomm import __version__
+from clinicomm import __version__, console
 from clinicomm.api import errors
 from clinicomm.api.auth import TokenVerifier
 from clinicomm.api.middleware import RequestContext
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(ops.router)
     app.include_router(webhooks.router)
     app.include_router(suppressions.router)
+    console.mount(app)
     return app
 
 
