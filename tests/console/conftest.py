@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import Envelope, Session
 from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import Envelope, Session
 
 from clinicomm.api.auth import Role, TokenVerifier
 from clinicomm.console.sessions import issue_link_token

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from clinicomm.api.auth import Role
-from tests.api.serve_proc import ROOT
+from tests.api.serve_proc import ROOT, free_port
 from tests.conftest import canary
 from tests.console.conftest import JWT_SECRET, Console, Inbox, shot
 
@@ -47,11 +46,26 @@ def smtp(port: int) -> dict[str, Any]:
 def test_console_link_command_signs_in_once(console_server: Console, browser: Any) -> None:
     """`clinicomm console-link` prints a link; it opens a session once, never twice."""
     out = subprocess.run(
-        [sys.executable, "-m", "clinicomm.cli", "console-link", "--role", "SuperAdmin",
-         "--base-url", console_server.url],
-        cwd=ROOT, env={"CLINICOMM_JWT_SECRET": JWT_SECRET, "PATH": "/usr/bin:/bin",
-                       "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "clinicomm.cli",
+            "console-link",
+            "--role",
+            "SuperAdmin",
+            "--base-url",
+            console_server.url,
+        ],
+        cwd=ROOT,
+        env={
+            "CLINICOMM_JWT_SECRET": JWT_SECRET,
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.strip()
     assert out.startswith(f"{console_server.url}/console/login#token=")
     context = browser.new_context()
@@ -73,8 +87,9 @@ def test_console_link_command_signs_in_once(console_server: Console, browser: An
     token = cookie["value"]
     page.click("text=Sign out")
     page.wait_for_url("**/console/login")
-    replay = httpx.get(f"{console_server.url}/console/clinics",
-                       cookies={"clinicomm_console": token})
+    replay = httpx.get(
+        f"{console_server.url}/console/clinics", cookies={"clinicomm_console": token}
+    )
     assert replay.status_code == 401 and "session has ended" in replay.text
     context.close()
     other.close()
@@ -153,11 +168,11 @@ def test_manager_sees_clinic_but_no_form_and_forged_post_is_refused(
     assert version == '"1"'  # nothing changed
 
 
-def test_admin_of_one_clinic_cannot_open_another(
-    new_page: Any, console_server: Console
-) -> None:
+def test_admin_of_one_clinic_cannot_open_another(new_page: Any, console_server: Console) -> None:
     create_clinic(console_server, "clinic-aa", "Clinic Alpha", {})
-    create_clinic(console_server, "clinic-bb", "Bravo Private Name", {"email": {"primary": smtp(1)}})
+    create_clinic(
+        console_server, "clinic-bb", "Bravo Private Name", {"email": {"primary": smtp(1)}}
+    )
     page = new_page(Role.CLINIC_ADMIN, "clinic-aa")
     assert "Bravo Private Name" not in page.content()
     for path in ("", "/health", "/audit", "/suppressions"):
@@ -173,8 +188,7 @@ def test_admin_of_one_clinic_cannot_open_another(
 def test_failover_shows_both_attempts(
     new_page: Any, console_server: Console, smtp_server: tuple[int, Inbox]
 ) -> None:
-    port, inbox = smtp_server
-    from tests.api.serve_proc import free_port
+    port, _ = smtp_server
 
     dead = free_port()  # nothing listens: connection refused, the provider is down
     create_clinic(
@@ -186,9 +200,13 @@ def test_failover_shows_both_attempts(
     with console_server.api() as api:
         sent = api.post(
             "/api/v1/communications",
-            json={"title": "Reminder", "body": "See you", "channels": ["email"],
-                  "recipients": [{"email": "patient-fo@example.com"}],
-                  "metadata": {"clinicId": "clinic-fo"}},
+            json={
+                "title": "Reminder",
+                "body": "See you",
+                "channels": ["email"],
+                "recipients": [{"email": "patient-fo@example.com"}],
+                "metadata": {"clinicId": "clinic-fo"},
+            },
         )
         assert sent.status_code == 202, sent.text
         message_id = sent.json()["id"]
@@ -206,7 +224,9 @@ def test_failover_shows_both_attempts(
     attempts = page.locator("li.attempt")
     assert attempts.count() == 2
     assert "failed" in attempts.nth(0).inner_text()
-    assert "provider_down" in attempts.nth(0).inner_text() or "class" in attempts.nth(0).inner_text()
+    assert (
+        "provider_down" in attempts.nth(0).inner_text() or "class" in attempts.nth(0).inner_text()
+    )
     assert "sent" in attempts.nth(1).inner_text()
     assert "final status sent" in page.inner_text("li.final")
     assert "patient-fo@example.com" not in page.content()  # addresses shown masked
@@ -222,9 +242,17 @@ def test_stale_edit_gets_the_conflict_message(new_page: Any, console_server: Con
     page.goto(f"{console_server.url}/console/clinics/clinic-st")
     with console_server.api() as api:  # someone else saves in between
         current = api.get("/api/v1/clinics/clinic-st").json()
-        current["settings"]["communicationSettings"]["email"]["defaultFrom"] = "other@clinic.example"
-        assert api.put("/api/v1/clinics/clinic-st", json={"settings": current["settings"]},
-                       headers={"If-Match": '"1"'}).status_code == 200
+        current["settings"]["communicationSettings"]["email"]["defaultFrom"] = (
+            "other@clinic.example"
+        )
+        assert (
+            api.put(
+                "/api/v1/clinics/clinic-st",
+                json={"settings": current["settings"]},
+                headers={"If-Match": '"1"'},
+            ).status_code
+            == 200
+        )
     page.fill("#email-primary-host", "smtp.mine.example")
     page.click("text=Save smtp")
     conflict = page.wait_for_selector("#conflict")
@@ -233,7 +261,9 @@ def test_stale_edit_gets_the_conflict_message(new_page: Any, console_server: Con
     assert "email.defaultFrom" in text and "other@clinic.example" in text
     shot(page, "clinic-conflict")
     with console_server.api() as api:
-        email = api.get("/api/v1/clinics/clinic-st").json()["settings"]["communicationSettings"]["email"]
+        email = api.get("/api/v1/clinics/clinic-st").json()["settings"]["communicationSettings"][
+            "email"
+        ]
     assert email["primary"]["credentials"]["host"] == "127.0.0.1"  # the stale edit was not saved
 
 
@@ -280,9 +310,16 @@ def test_axe_finds_no_serious_violation_on_any_page(
     create_clinic(console_server, "clinic-ax", "Clinic Axe", {"email": {"primary": smtp(25)}})
     page = new_page(Role.SUPER_ADMIN)
     with console_server.api() as api:
-        sent = api.post("/api/v1/communications", json={
-            "title": "t", "body": "b", "channels": ["sms"], "recipients": [{"email": "a@example.com"}],
-            "metadata": {"clinicId": "clinic-ax"}})
+        sent = api.post(
+            "/api/v1/communications",
+            json={
+                "title": "t",
+                "body": "b",
+                "channels": ["sms"],
+                "recipients": [{"email": "a@example.com"}],
+                "metadata": {"clinicId": "clinic-ax"},
+            },
+        )
     urls = [*PAGES, f"/console/messages/{sent.json()['id']}"]
     problems: list[str] = []
     for path in urls:
@@ -306,5 +343,3 @@ def _axe(page: Any, path: str) -> list[str]:
         for v in result["violations"]
         if v["impact"] in ("serious", "critical")
     ]
-
-

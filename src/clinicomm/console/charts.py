@@ -162,10 +162,17 @@ def volume_chart(series: Series) -> Markup:
     return _frame(f"Sent and failed per hour: {series.provider}", summary, "".join(bars), y_max, "")
 
 
-def line_chart(title: str, summary: str, lines: dict[str, list[float | None]], unit: str) -> Markup:
-    """Lines (one CSS class per name) over the hours; gaps where a value is None."""
+def line_chart(
+    title: str,
+    summary: str,
+    lines: dict[str, list[float | None]],
+    unit: str,
+    y_max: float | None = None,
+) -> Markup:
+    """Lines (one CSS class per name) over the hours; gaps where a value is None. The y axis
+    goes to `y_max`, or to the largest value."""
     values = [v for line in lines.values() for v in line if v is not None]
-    y_max = max(values, default=0.0) or 1.0
+    y_max = y_max or max(values, default=0.0) or 1.0
     body: list[str] = []
     for name, line in lines.items():
         count = len(line)
@@ -201,4 +208,5 @@ def success_chart(series: Series) -> Markup:
         f"{'no calls' if rate is None else f'{rate:.1%}'}"
     )
     hourly = [v * 100 if v is not None else None for v in series.hourly_success()]
-    return line_chart(f"Success rate per hour: {series.provider}", summary, {"rate": hourly}, " %")
+    title = f"Success rate per hour: {series.provider}"
+    return line_chart(title, summary, {"rate": hourly}, " %", 100.0)

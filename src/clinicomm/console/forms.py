@@ -67,7 +67,11 @@ def _label(name: str) -> str:
         else:
             current += char
     words.append(current)
-    return " ".join(words).capitalize()
+    words = [_ACRONYMS.get(w, w) for w in words]
+    return " ".join([words[0][:1].upper() + words[0][1:], *words[1:]])
+
+
+_ACRONYMS = {"tls": "TLS", "url": "URL", "id": "ID", "sid": "SID", "api": "API", "arns": "ARNs"}
 
 
 def provider_schema(channel: Channel, key: str) -> dict[str, Any]:
@@ -81,7 +85,9 @@ def provider_fields(channel: Channel, key: str, current: dict[str, Any] | None) 
     required = set(schema.get("required", []))
     current = current or {}
     fields: list[FormField] = []
-    for name, prop in schema.get("properties", {}).items():
+    # `expiresAt` (for the expiry alert) is common to every provider and rarely set: last.
+    properties = sorted(schema.get("properties", {}).items(), key=lambda i: i[0] == "expiresAt")
+    for name, prop in properties:
         kind = _kind(prop)
         value = current.get(name)
         description = str(prop.get("description", ""))[:300]

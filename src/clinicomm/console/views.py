@@ -36,6 +36,7 @@ from clinicomm.console.sessions import COOKIE
 from clinicomm.console.web import (
     ApiOutcome,
     ConsoleError,
+    ConsoleRoute,
     api_error,
     cookie_secure,
     current_user,
@@ -54,7 +55,7 @@ from clinicomm.runtime import Runtime
 from clinicomm.settings.service import COMM, VersionConflictError
 from clinicomm.store.models import AuditEntry, Clinic, Delivery, Suppression, aware, utcnow
 
-router = APIRouter(prefix="/console", include_in_schema=False)
+router = APIRouter(prefix="/console", include_in_schema=False, route_class=ConsoleRoute)
 CHANNELS = [c.value for c in Channel]
 
 

@@ -9,14 +9,16 @@ the same status, code, message and per-path details the API would answer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from clinicomm.api.auth import Permission
@@ -43,9 +45,16 @@ def _masked(address: object) -> str:
 
 
 def _when(value: object) -> str:
+    """A timestamp (datetime or ISO text) as `2026-12-01 22:26:40.426 UTC`."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
     if isinstance(value, datetime):
-        return aware(value).isoformat(timespec="seconds")
-    return "" if value is None else str(value)
+        moment = aware(value).astimezone(UTC)
+        return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d} UTC"
+    return ""
 
 
 templates.filters["masked"] = _masked
@@ -104,6 +113,28 @@ async def api_error(request: Request, exc: Exception) -> ApiOutcome | None:
             body = json.loads(bytes(answer.body))["error"]
             return ApiOutcome(answer.status_code, body["code"], body["message"], body["details"])
     return None
+
+
+class ConsoleRoute(APIRoute):
+    """A console route: an exception the API has an answer for becomes an error page with
+    that answer's status and message (a 404 page, not the API's JSON)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ConsoleError:
+                raise
+            except Exception as exc:
+                found = await api_error(request, exc)
+                if found is None or found.status == 500:
+                    raise
+                title = "Not found" if found.status == 404 else "Not possible"
+                raise ConsoleError(found.status, title, found.message, found.details) from None
+
+        return route
 
 
 def store(request: Request) -> SessionStore:
