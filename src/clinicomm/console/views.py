@@ -123,7 +123,17 @@ async def logout(request: Request) -> Response:
 
 
 async def _health(request: Request, clinic_id: str, user: Any) -> dict[str, Any]:
-    return await monitoring_api.communication_health(clinic_id, _runtime(request), user.principal)
+    """The API's health answer, each hop with a `band` to draw: its status, or `unknown`
+    while fewer than `CLINICOMM_HEALTH_MIN_SAMPLES` calls were seen (and the circuit is closed)."""
+    health = await monitoring_api.communication_health(
+        clinic_id, _runtime(request), user.principal
+    )
+    least = request.app.state.settings.health_min_samples
+    for channel in health["channels"].values():
+        for hop in channel["providers"]:
+            few = hop["samples"] < least and hop["circuit"] == "closed"
+            hop["band"] = "unknown" if few else hop["status"]
+    return health
 
 
 @router.get("/clinics")
