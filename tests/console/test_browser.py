@@ -276,9 +276,12 @@ def test_opt_outs_and_audit(new_page: Any, console_server: Console) -> None:
     page.select_option("#s-reason", "stop")
     page.click("text=Add opt-out")
     page.wait_for_selector("td:text('+14155552671')")
+    page.select_option("#s-channel", "sms")
     page.fill("#s-address", "not a number")
     page.click("text=Add opt-out")
-    page.wait_for_selector("div.error")
+    error = page.wait_for_selector("#s-address-err")  # beside the field the API's path names
+    assert "not an E.164" in error.inner_text() or "phone" in error.inner_text()
+    assert page.input_value("#s-address") == "not a number"
     shot(page, "suppressions")
     page.click("button[aria-label^='Remove the opt-out']")
     page.wait_for_selector("text=No opt-outs.")
@@ -343,3 +346,72 @@ def _axe(page: Any, path: str) -> list[str]:
         for v in result["violations"]
         if v["impact"] in ("serious", "critical")
     ]
+
+
+def test_pages_carry_a_strict_csp_and_errors_are_pages_not_500s(console_server: Console) -> None:
+    """Without a browser: headers, and odd requests answered with a page and a 4xx."""
+    base = console_server.url
+    login = httpx.get(f"{base}/console/login")
+    assert login.status_code == 200
+    csp = login.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "unsafe" not in csp
+    assert login.headers["x-frame-options"] == "DENY"
+    assert not re.search(r"(src|href)=\"(https?:)?//", login.text)  # nothing from elsewhere
+    assert httpx.get(f"{base}/console/static/console.js").status_code == 200
+    create_clinic(console_server, "clinic-er", "Clinic Errors", {})
+    with httpx.Client(base_url=base, follow_redirects=True) as client:
+        signed = client.post(
+            "/console/login",
+            data={"token": console_server.link(Role.SUPER_ADMIN).split("#token=")[1]},
+        )
+        assert signed.status_code == 200 and "Clinics" in signed.text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', signed.text)
+        assert csrf is not None
+        cases = [
+            ("get", "/console/clinics/no-such-clinic", {}, 404),
+            ("get", "/console/messages/no-such-message", {}, 404),
+            ("get", "/console/messages?from=yesterday", {}, 422),
+            ("get", "/console/clinics/clinic-er/audit?to=soon", {}, 422),
+            ("post", "/console/clinics/clinic-er/channels/fax/slot", {"csrf": csrf[1]}, 422),
+            (
+                "post",
+                "/console/clinics/clinic-er/channels/email/slot",
+                {"csrf": csrf[1], "slot": "primary", "provider": "smtp"},
+                422,
+            ),  # no version
+            (
+                "post",
+                "/console/clinics/clinic-er/channels/email/slot",
+                {"csrf": csrf[1], "slot": "side", "version": "1"},
+                422,
+            ),
+            (
+                "post",
+                "/console/clinics/clinic-er/channels/email/options",
+                {"csrf": csrf[1], "version": "1", "options": "{not json"},
+                422,
+            ),
+            (
+                "post",
+                "/console/clinics/clinic-er/channels/email/options",
+                {"csrf": "forged", "version": "1", "options": "{}"},
+                403,
+            ),
+            (
+                "post",
+                "/console/clinics/clinic-er/suppressions",
+                {"csrf": csrf[1], "action": "remove", "channel": "pigeon", "address": "x"},
+                422,
+            ),
+            (
+                "post",
+                "/console/clinics/clinic-er/test",
+                {"csrf": csrf[1], "channel": "email", "to": "nobody@example.com"},
+                422,
+            ),
+        ]
+        for method, path, form, expected in cases:
+            answer = client.request(method, path, data=form or None)
+            assert answer.status_code == expected, (path, answer.status_code, answer.text[:300])
+            assert answer.headers["content-type"].startswith("text/html"), path
+            assert "content-security-policy" in answer.headers

@@ -125,9 +125,7 @@ async def logout(request: Request) -> Response:
 async def _health(request: Request, clinic_id: str, user: Any) -> dict[str, Any]:
     """The API's health answer, each hop with a `band` to draw: its status, or `unknown`
     while fewer than `CLINICOMM_HEALTH_MIN_SAMPLES` calls were seen (and the circuit is closed)."""
-    health = await monitoring_api.communication_health(
-        clinic_id, _runtime(request), user.principal
-    )
+    health = await monitoring_api.communication_health(clinic_id, _runtime(request), user.principal)
     least = request.app.state.settings.health_min_samples
     for channel in health["channels"].values():
         for hop in channel["providers"]:
@@ -328,7 +326,10 @@ async def _save(
     version the user loaded as `If-Match`; conflicts and problems are shown on the page."""
     user = await current_user(request)
     runtime = _runtime(request)
-    version = int(form["version"]) if form.get("version", "").isdigit() else None
+    if not form.get("version", "").isdigit() or len(form["version"]) > 12:
+        # Always a conditional write: without the version a stale form would overwrite.
+        raise ConsoleError(422, "Not valid", "The form does not say which version it edits.")
+    version = int(form["version"])
     async with runtime.db.sessions() as session:
         record = await runtime.config.get_clinic(session, clinic_id)
     settings = copy.deepcopy(record.masked()["settings"])
@@ -350,7 +351,7 @@ async def _save(
             request,
             clinic_id,
             status=409,
-            conflict=await _changes_since(runtime, clinic_id, version or 0, exc.current),
+            conflict=await _changes_since(runtime, clinic_id, version, exc.current),
         )
     except Exception as exc:
         found = await api_error(request, exc)
@@ -598,7 +599,11 @@ async def _events(request: Request, delivery_ids: list[str]) -> dict[str, list[A
 
 @router.get("/clinics/{clinic_id}/suppressions")
 async def suppressions_page(
-    request: Request, clinic_id: str, error: ApiOutcome | None = None, status: int = 200
+    request: Request,
+    clinic_id: str,
+    error: ApiOutcome | None = None,
+    status: int = 200,
+    posted: dict[str, str] | None = None,
 ) -> Response:
     user = await current_user(request)
     require(user, Permission.MANAGE, clinic_id)
@@ -614,6 +619,8 @@ async def suppressions_page(
         items=items["items"],
         channels=CHANNELS,
         error=error,
+        errors=error.field_errors() if error else {},
+        posted=posted or {},
         reasons=[r.value for r in SuppressionReason],
     )
 
@@ -646,10 +653,10 @@ async def suppressions_action(request: Request, clinic_id: str) -> Response:
     except (ValidationError, ValueError) as exc:
         details = validation_details(exc.errors()) if isinstance(exc, ValidationError) else []
         outcome = ApiOutcome(422, "validation_error", "not valid", details)
-        return await suppressions_page(request, clinic_id, outcome, 422)
+        return await suppressions_page(request, clinic_id, outcome, 422, form)
     except ApiError as exc:
         outcome = ApiOutcome(exc.status, exc.code, exc.message, exc.details)
-        return await suppressions_page(request, clinic_id, outcome, exc.status)
+        return await suppressions_page(request, clinic_id, outcome, exc.status, form)
     return redirect(f"/console/clinics/{clinic_id}/suppressions")
 
 
