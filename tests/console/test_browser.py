@@ -265,6 +265,25 @@ def test_stale_edit_gets_the_conflict_message(new_page: Any, console_server: Con
             "email"
         ]
     assert email["primary"]["credentials"]["host"] == "127.0.0.1"  # the stale edit was not saved
+    # Rate limits: a form from RateLimit's schema; the API's 422 beside the field.
+    page.check("#email-rate-enabled")
+    page.fill("#email-rate-maxPerMinute", "0")
+    page.click("text=Save email rate limit")
+    error = page.wait_for_selector("#email-rate-maxPerMinute-err")
+    assert "greater than or equal to 1" in error.inner_text()
+    assert page.input_value("#email-rate-maxPerMinute") == "0"  # drawn as it was sent
+    page.fill("#email-rate-maxPerMinute", "30")
+    page.select_option("#email-rate-onDayLimit", "fail")
+    page.click("text=Save email rate limit")
+    page.wait_for_selector("p.notice >> text=Saved.")
+    # Window templates through the channel's JSON (validated by the API).
+    page.fill("#whatsapp-options", '{"windowTemplates": {"APPOINTMENT": "reminder"}}')
+    page.click("text=Save whatsapp settings")
+    page.wait_for_selector("p.notice >> text=Saved.")
+    with console_server.api() as api:
+        comm = api.get("/api/v1/clinics/clinic-st").json()["settings"]["communicationSettings"]
+    assert comm["email"]["rateLimit"] == {"enabled": True, "maxPerMinute": 30, "onDayLimit": "fail"}
+    assert comm["whatsapp"]["windowTemplates"]["APPOINTMENT"]["name"] == "reminder"
 
 
 def test_opt_outs_and_audit(new_page: Any, console_server: Console) -> None:

@@ -18,7 +18,14 @@ from clinicomm.providers import registry
 from clinicomm.providers.base import MASK, Channel
 
 #: Form field kinds.
-TEXT, NUMBER, CHECKBOX, SECRET, JSON_TEXT = "text", "number", "checkbox", "secret", "json"
+TEXT, NUMBER, CHECKBOX, SECRET, JSON_TEXT, CHOICE = (
+    "text",
+    "number",
+    "checkbox",
+    "secret",
+    "json",
+    "choice",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,7 @@ class FormField:
     value: str  #: current value as text ("" for secrets, always)
     checked: bool = False  #: for checkboxes
     is_set: bool = False  #: for secrets: a value is stored
+    options: tuple[str, ...] = ()  #: for a choice (`enum`)
 
 
 class FormError(Exception):
@@ -52,6 +60,8 @@ def _kind(prop: dict[str, Any]) -> str:
         return JSON_TEXT
     if "boolean" in types:
         return CHECKBOX
+    if any("enum" in o for o in options):
+        return CHOICE
     if types & {"integer", "number"}:
         return NUMBER
     return TEXT
@@ -81,7 +91,11 @@ def provider_schema(channel: Channel, key: str) -> dict[str, Any]:
 
 def provider_fields(channel: Channel, key: str, current: dict[str, Any] | None) -> list[FormField]:
     """The form of provider `key` filled from `current` (the *masked* credentials)."""
-    schema = provider_schema(channel, key)
+    return schema_fields(provider_schema(channel, key), current)
+
+
+def schema_fields(schema: dict[str, Any], current: dict[str, Any] | None) -> list[FormField]:
+    """The inputs of a model's JSON schema, filled from `current` (a masked document)."""
     required = set(schema.get("required", []))
     current = current or {}
     fields: list[FormField] = []
@@ -114,6 +128,13 @@ def provider_fields(channel: Channel, key: str, current: dict[str, Any] | None) 
             text = json.dumps(value, indent=1, ensure_ascii=False) if value is not None else ""
         else:
             text = "" if value is None else str(value)
+        if kind == CHOICE:
+            choices = tuple(str(v) for o in prop.get("anyOf", [prop]) for v in o.get("enum", []))
+            text = text or str(prop.get("default", choices[0] if choices else ""))
+            fields.append(
+                FormField(name, _label(name), kind, True, description, text, options=choices)
+            )
+            continue
         fields.append(FormField(name, _label(name), kind, name in required, description, text))
     return fields
 
@@ -127,7 +148,12 @@ def credentials_from_form(
     applies its defaults); an empty secret is sent as the mask (keep the stored value) unless
     `clear.<member>` is checked. Raises FormError for a JSON field that does not parse.
     """
-    schema = provider_schema(channel, key)
+    return values_from_form(provider_schema(channel, key), form, path=f"{prefix}.credentials")
+
+
+def values_from_form(schema: dict[str, Any], form: dict[str, str], *, path: str) -> dict[str, Any]:
+    """The document of a posted form of `schema` (inputs named `cred.<member>`); see
+    `credentials_from_form`. `path` is the document's JSON path, for errors."""
     out: dict[str, Any] = {}
     for name, prop in schema.get("properties", {}).items():
         kind = _kind(prop)
@@ -147,18 +173,17 @@ def credentials_from_form(
             try:
                 out[name] = json.loads(raw)
             except ValueError:
-                raise FormError(f"{prefix}.credentials.{name}", "not valid JSON") from None
+                raise FormError(f"{path}.{name}", "not valid JSON") from None
             continue
         out[name] = raw.strip()
     return out
 
 
 def posted_values(
-    channel: Channel, key: str, form: dict[str, str], stored: dict[str, Any] | None
+    schema: dict[str, Any], form: dict[str, str], stored: dict[str, Any] | None
 ) -> dict[str, Any]:
     """What a refused form showed, to draw it again as the user left it: posted text and
     checkboxes, and for secrets only whether one is stored (a typed secret is not echoed)."""
-    schema = provider_schema(channel, key)
     stored = stored or {}
     values: dict[str, Any] = {}
     for name, prop in schema.get("properties", {}).items():

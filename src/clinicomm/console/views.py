@@ -31,6 +31,9 @@ from clinicomm.console.forms import (
     credentials_from_form,
     posted_values,
     provider_fields,
+    provider_schema,
+    schema_fields,
+    values_from_form,
 )
 from clinicomm.console.sessions import COOKIE
 from clinicomm.console.web import (
@@ -52,11 +55,13 @@ from clinicomm.observability.alerts import list_alerts
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel
 from clinicomm.runtime import Runtime
+from clinicomm.settings.models import RateLimit
 from clinicomm.settings.service import COMM, VersionConflictError
 from clinicomm.store.models import AuditEntry, Clinic, Delivery, Suppression, aware, utcnow
 
 router = APIRouter(prefix="/console", include_in_schema=False, route_class=ConsoleRoute)
 CHANNELS = [c.value for c in Channel]
+RATE_SCHEMA = RateLimit.model_json_schema(by_alias=True)
 
 
 def _runtime(request: Request) -> Runtime:
@@ -265,7 +270,7 @@ async def _clinic_page(
                     else None
                 )
                 if refused is not None:
-                    creds = posted_values(channel, key, refused, creds)
+                    creds = posted_values(provider_schema(channel, key), refused, creds)
                 fields = provider_fields(channel, key, creds)
             slots.append(
                 {
@@ -276,7 +281,11 @@ async def _clinic_page(
                     "new": current is None,
                 }
             )
-        options = {k: v for k, v in doc.items() if k not in ("primary", "fallback")}
+        rate = doc.get("rateLimit") if isinstance(doc.get("rateLimit"), dict) else None
+        if posted is not None and posted[0] == channel.value and posted[1].get("form") == "rate":
+            rate = posted_values(RATE_SCHEMA, posted[1], None)
+        structured = ("primary", "fallback", "rateLimit")
+        options = {k: v for k, v in doc.items() if k not in structured}
         options_text = json.dumps(options, indent=2, ensure_ascii=False)
         if posted is not None and posted[0] == channel.value and "options" in posted[1]:
             options_text = posted[1]["options"]
@@ -286,6 +295,7 @@ async def _clinic_page(
                 "doc": doc,
                 "slots": slots,
                 "options": options_text,
+                "rate_fields": schema_fields(RATE_SCHEMA, rate),
                 "providers": registry.keys(channel),
                 "chain": health["channels"][channel.value],
             }
@@ -445,10 +455,27 @@ async def save_options(request: Request, clinic_id: str, channel: Channel) -> Re
         if not isinstance(options, dict):
             raise FormError(f"{prefix}.options", "must be a JSON object")
         doc = comm.setdefault(channel.value, {})
-        kept = {k: v for k, v in doc.items() if k in ("primary", "fallback")}
-        options.pop("primary", None)
-        options.pop("fallback", None)
+        kept = {k: v for k, v in doc.items() if k in ("primary", "fallback", "rateLimit")}
+        for name in kept:
+            options.pop(name, None)
         comm[channel.value] = {**options, **kept}
+
+    return await _save(request, clinic_id, channel, form, build)
+
+
+@router.post("/clinics/{clinic_id}/channels/{channel}/rate-limit")
+async def save_rate_limit(request: Request, clinic_id: str, channel: Channel) -> Response:
+    """The channel's own send limits, a form generated from `RateLimit`'s schema."""
+    user = await current_user(request)
+    require(user, Permission.MANAGE, clinic_id)
+    form = await read_form(request, user)
+    form["form"] = "rate"
+    path = f"settings.communicationSettings.{channel.value}.rateLimit"
+
+    def build(comm: dict[str, Any]) -> None:
+        comm.setdefault(channel.value, {})["rateLimit"] = values_from_form(
+            RATE_SCHEMA, form, path=path
+        )
 
     return await _save(request, clinic_id, channel, form, build)
 
