@@ -377,6 +377,12 @@ def test_pages_carry_a_strict_csp_and_errors_are_pages_not_500s(console_server: 
     assert login.headers["x-frame-options"] == "DENY"
     assert not re.search(r"(src|href)=\"(https?:)?//", login.text)  # nothing from elsewhere
     assert httpx.get(f"{base}/console/static/console.js").status_code == 200
+    cross = httpx.post(
+        f"{base}/console/login",
+        data={"token": console_server.link(Role.SUPER_ADMIN).split("#token=")[1]},
+        headers={"Origin": "https://elsewhere.example"},
+    )
+    assert cross.status_code == 403 and "set-cookie" not in cross.headers
     create_clinic(console_server, "clinic-er", "Clinic Errors", {})
     with httpx.Client(base_url=base, follow_redirects=True) as client:
         signed = client.post(

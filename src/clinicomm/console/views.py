@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -35,7 +36,7 @@ from clinicomm.console.forms import (
     schema_fields,
     values_from_form,
 )
-from clinicomm.console.sessions import COOKIE
+from clinicomm.console.sessions import COOKIE, SignInError
 from clinicomm.console.web import (
     ApiOutcome,
     ConsoleError,
@@ -47,6 +48,7 @@ from clinicomm.console.web import (
     redirect,
     render,
     require,
+    same_origin,
     store,
 )
 from clinicomm.delivery.events import SuppressionReason
@@ -57,7 +59,14 @@ from clinicomm.providers.base import Channel
 from clinicomm.runtime import Runtime
 from clinicomm.settings.models import RateLimit
 from clinicomm.settings.service import COMM, VersionConflictError
-from clinicomm.store.models import AuditEntry, Clinic, Delivery, Suppression, aware, utcnow
+from clinicomm.store.models import (
+    AuditEntry,
+    Clinic,
+    Delivery,
+    DeliveryEventRecord,
+    aware,
+    utcnow,
+)
 
 router = APIRouter(prefix="/console", include_in_schema=False, route_class=ConsoleRoute)
 CHANNELS = [c.value for c in Channel]
@@ -91,12 +100,9 @@ async def login_page(request: Request) -> Response:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
+    same_origin(request)  # no signing a victim into someone else's session from another site
     body = (await request.body())[:8192].decode("utf-8", "replace")
-    from urllib.parse import parse_qsl
-
     token = dict(parse_qsl(body)).get("token", "")
-    from clinicomm.console.sessions import SignInError
-
     try:
         cookie, _ = await store(request).sign_in(request.app.state.verifier, token)
     except SignInError as exc:
@@ -603,8 +609,6 @@ async def message_page(request: Request, message_id: str) -> Response:
 
 
 async def _events(request: Request, delivery_ids: list[str]) -> dict[str, list[Any]]:
-    from clinicomm.store.models import DeliveryEventRecord
-
     out: dict[str, list[Any]] = {i: [] for i in delivery_ids}
     if not delivery_ids:
         return out
@@ -709,4 +713,4 @@ async def audit_page(request: Request, clinic_id: str) -> Response:
     return render(request, "audit.html", user, clinic_id=clinic_id, rows=rows, q=q)
 
 
-__all__ = ["Suppression", "router", "timedelta"]
+__all__ = ["router"]

@@ -161,11 +161,7 @@ async def current_user(request: Request) -> ConsoleUser:
 
 async def read_form(request: Request, user: ConsoleUser) -> dict[str, str]:
     """A posted urlencoded form, after the CSRF and same-origin checks (403 otherwise)."""
-    origin = request.headers.get("origin")
-    if origin is not None and origin != "null":
-        expected = f"{request.url.scheme}://{request.url.netloc}"
-        if origin != expected:
-            raise ConsoleError(403, "Refused", "This request did not come from the console.")
+    same_origin(request)
     body = await request.body()
     if len(body) > MAX_FORM_BYTES:
         raise ConsoleError(413, "Too large", "The form is too large.")
@@ -175,6 +171,15 @@ async def read_form(request: Request, user: ConsoleUser) -> dict[str, str]:
     if not check_csrf(user, form.get("csrf")):
         raise ConsoleError(403, "Refused", "The form's security token is missing or stale.")
     return form
+
+
+def same_origin(request: Request) -> None:
+    """403 when the browser says the request comes from another origin."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin != "null":
+        expected = f"{request.url.scheme}://{request.url.netloc}"
+        if origin != expected:
+            raise ConsoleError(403, "Refused", "This request did not come from the console.")
 
 
 def require(user: ConsoleUser, permission: Permission, clinic_id: str | None) -> None:
