@@ -127,8 +127,8 @@ def serve() -> None:
 
     from clinicomm.api.app import create_app
     from clinicomm.api.auth import JwtConfigError, TokenVerifier
-    from clinicomm.observability.logging import configure_logging
     from clinicomm.runtime import Runtime
+    from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -228,7 +228,7 @@ def console_link(
 ) -> None:
     """Print a one-time console sign-in link (the token is in the fragment, never logged)."""
     from clinicomm.api.auth import CLINIC_SCOPED, JwtConfigError, Role, TokenVerifier
-    from clinicomm.console.sessions import issue_link_token
+    from clinicomm.api.console.sessions import issue_link_token
 
     try:
         parsed = Role(role)
@@ -256,8 +256,8 @@ def worker(
 
     from clinicomm.client import worker_options
     from clinicomm.delivery.worker import Worker
-    from clinicomm.observability.logging import configure_logging
     from clinicomm.runtime import Runtime
+    from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level)

@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 
 from clinicomm.api.auth import Role, TokenVerifier
-from clinicomm.console.sessions import issue_link_token
+from clinicomm.api.console.sessions import issue_link_token
 from tests.api.serve_proc import ROOT, free_port
 from tests.conftest import BACKEND, MASTER_KEYS
 

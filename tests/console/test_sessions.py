@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import update
 
 from clinicomm.api.auth import Role, TokenVerifier
-from clinicomm.console.forms import SECRET, credentials_from_form, provider_fields
-from clinicomm.console.sessions import SessionStore, SignInError, check_csrf, issue_link_token
+from clinicomm.api.console.forms import SECRET, credentials_from_form, provider_fields
+from clinicomm.api.console.sessions import SessionStore, SignInError, check_csrf, issue_link_token
 from clinicomm.providers.base import MASK, Channel
 from clinicomm.runtime import Runtime
 from clinicomm.store.models import ConsoleSession, utcnow

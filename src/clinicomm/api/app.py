@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from clinicomm import __version__, console
-from clinicomm.api import errors
+from clinicomm import __version__
+from clinicomm.api import console, errors
 from clinicomm.api.auth import TokenVerifier
 from clinicomm.api.middleware import RequestContext
 from clinicomm.api.routers import (

@@ -149,6 +149,10 @@ class Delivery(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: The delivery this one replaces on another channel (channel fallback).
     parent_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    #: The patient's address for the clinic's channel fallback when it is another kind than
+    #: `recipient` (the phone number of an email delivery whose fallback is SMS); stored only
+    #: when the clinic configured such a fallback at acceptance.
+    fallback_address: Mapped[str | None] = mapped_column(String(320), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -205,7 +209,8 @@ class DeliveryEventRecord(Base):
 
     The unique (provider, clinic_id, event_id) makes a redelivered event a no-op. `delivery_id`
     and `processed_at` stay NULL while no delivery matches `provider_message_id` yet (the
-    webhook can beat the worker's commit); `delivery.events.apply_pending` finishes those.
+    webhook can beat the worker's commit); the sweep (`delivery.ingest.apply_stored`) finishes
+    those.
     """
 
     __tablename__ = "delivery_events"
@@ -288,7 +293,7 @@ class AlertRecord(Base):
 
 
 class ConsoleSession(Base):
-    """A signed-in console user (`clinicomm.console.sessions`). The cookie holds a random
+    """A signed-in console user (`clinicomm.api.console.sessions`). The cookie holds a random
     token; only its SHA-256 is stored, so a database read does not yield a usable session."""
 
     __tablename__ = "console_sessions"

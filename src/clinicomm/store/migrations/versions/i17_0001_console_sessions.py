@@ -1,7 +1,7 @@
 """console sessions (issue 17: the admin console's server-side sessions)
 
 Revision ID: i17_0001
-Revises: 0005
+Revises: i15_0001
 Create Date: 2026-12-01 22:20:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = 'i17_0001'
-down_revision = '0005'
+down_revision = 'i15_0001'
 branch_labels = None
 depends_on = None
 

@@ -21,13 +21,8 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from clinicomm.api.auth import Permission
-from clinicomm.api.errors import ApiError, validation_details
-from clinicomm.api.routers import clinics as clinics_api
-from clinicomm.api.routers import monitoring as monitoring_api
-from clinicomm.api.routers import suppressions as suppressions_api
-from clinicomm.api.schemas import ClinicCreate, ClinicReplace
-from clinicomm.console import charts
-from clinicomm.console.forms import (
+from clinicomm.api.console import charts
+from clinicomm.api.console.forms import (
     FormError,
     credentials_from_form,
     posted_values,
@@ -36,8 +31,8 @@ from clinicomm.console.forms import (
     schema_fields,
     values_from_form,
 )
-from clinicomm.console.sessions import COOKIE, SignInError
-from clinicomm.console.web import (
+from clinicomm.api.console.sessions import COOKIE, SignInError
+from clinicomm.api.console.web import (
     ApiOutcome,
     ConsoleError,
     ConsoleRoute,
@@ -51,8 +46,13 @@ from clinicomm.console.web import (
     same_origin,
     store,
 )
-from clinicomm.delivery.events import SuppressionReason
+from clinicomm.api.errors import ApiError, validation_details
+from clinicomm.api.routers import clinics as clinics_api
+from clinicomm.api.routers import monitoring as monitoring_api
+from clinicomm.api.routers import suppressions as suppressions_api
+from clinicomm.api.schemas import ClinicCreate, ClinicReplace
 from clinicomm.delivery.status import get_message
+from clinicomm.delivery.suppressions import SuppressionReason
 from clinicomm.observability.alerts import list_alerts
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel

@@ -12,8 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
-from clinicomm.console import views
-from clinicomm.console.web import STATIC_DIR, ConsoleError, render
+from clinicomm.api.console import views
+from clinicomm.api.console.web import STATIC_DIR, ConsoleError, render
 
 
 async def _error_page(request: Request, exc: Exception) -> Response:
@@ -22,7 +22,7 @@ async def _error_page(request: Request, exc: Exception) -> Response:
         return render(request, "login.html", None, status=401, error=exc.message)
     user = None
     try:
-        from clinicomm.console.web import current_user
+        from clinicomm.api.console.web import current_user
 
         user = await current_user(request)
     except ConsoleError:

@@ -22,10 +22,10 @@ from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from clinicomm.api.auth import Permission
-from clinicomm.console.sessions import COOKIE, ConsoleUser, SessionStore, check_csrf
+from clinicomm.api.console.sessions import COOKIE, ConsoleUser, SessionStore, check_csrf
 from clinicomm.store.models import aware
 
-_ROOT = resources.files("clinicomm.console")
+_ROOT = resources.files("clinicomm.api.console")
 STATIC_DIR = str(_ROOT / "static")
 templates = Environment(
     loader=FileSystemLoader(str(_ROOT / "templates")),
