@@ -237,7 +237,12 @@ def test_failover_shows_both_attempts(
 
 
 def test_stale_edit_gets_the_conflict_message(new_page: Any, console_server: Console) -> None:
-    create_clinic(console_server, "clinic-st", "Clinic Stale", {"email": {"primary": smtp(25)}})
+    create_clinic(
+        console_server,
+        "clinic-st",
+        "Clinic Stale",
+        {"email": {"primary": smtp(25)}, "whatsapp": {"primary": {"provider": "disabled"}}},
+    )
     page = new_page(Role.CLINIC_ADMIN, "clinic-st")
     page.goto(f"{console_server.url}/console/clinics/clinic-st")
     with console_server.api() as api:  # someone else saves in between

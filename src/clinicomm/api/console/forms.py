@@ -41,6 +41,7 @@ class FormField:
     checked: bool = False  #: for checkboxes
     is_set: bool = False  #: for secrets: a value is stored
     options: tuple[str, ...] = ()  #: for a choice (`enum`)
+    placeholder: str = ""  #: the model's default, shown while the input is empty
 
 
 class FormError(Exception):
@@ -135,7 +136,13 @@ def schema_fields(schema: dict[str, Any], current: dict[str, Any] | None) -> lis
                 FormField(name, _label(name), kind, True, description, text, options=choices)
             )
             continue
-        fields.append(FormField(name, _label(name), kind, name in required, description, text))
+        default = prop.get("default")
+        hint = "" if default is None or kind == JSON_TEXT else f"default {default}"
+        fields.append(
+            FormField(
+                name, _label(name), kind, name in required, description, text, placeholder=hint
+            )
+        )
     return fields
 
 
