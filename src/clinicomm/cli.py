@@ -237,6 +237,36 @@ def token(
         fail(str(exc))
 
 
+@app.command("console-link")
+def console_link(
+    role: str = typer.Option(..., "--role", help="SuperAdmin, ClinicAdmin or ClinicManager."),
+    clinic: str | None = typer.Option(None, "--clinic", help="The clinic (clinic-scoped roles)."),
+    sub: str = typer.Option("console", "--sub", help="Who signs in (shown in the audit log)."),
+    ttl: int = typer.Option(300, "--ttl", min=1, max=900, help="Seconds the link may be opened."),
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="The console's origin; default http://CLINICOMM_HOST:PORT."
+    ),
+) -> None:
+    """Print a one-time console sign-in link (the token is in the fragment, never logged)."""
+    from clinicomm.api.auth import CLINIC_SCOPED, JwtConfigError, Role, TokenVerifier
+    from clinicomm.api.console.sessions import issue_link_token
+
+    try:
+        parsed = Role(role)
+    except ValueError:
+        fail(f"unknown role {role!r}; one of {', '.join(r.value for r in Role)}", 2)
+    if parsed in CLINIC_SCOPED and not clinic:
+        fail(f"role {parsed.value} needs --clinic", 2)
+    settings = load_settings()
+    try:
+        verifier = TokenVerifier.from_settings(settings)
+        token = issue_link_token(verifier, parsed, clinic_id=clinic, sub=sub, ttl=ttl)
+    except JwtConfigError as exc:
+        fail(str(exc))
+    origin = (base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    typer.echo(f"{origin}/console/login#token={token}")
+
+
 @app.command()
 def worker(
     batch_size: int | None = typer.Option(None, min=1, help="Deliveries claimed per batch."),

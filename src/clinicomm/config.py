@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     probe_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Alert rules are evaluated every this many seconds.
     alert_interval_seconds: float = Field(default=60.0, gt=0)
+    #: Console sessions end after this long without a request, and this long after sign-in.
+    console_idle_seconds: int = Field(default=900, ge=10)
+    console_session_max_seconds: int = Field(default=8 * 3600, ge=60)
     #: Fired and resolved alerts are POSTed here as JSON when set.
     alert_webhook_url: str | None = None
 

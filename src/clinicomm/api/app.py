@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from clinicomm import __version__
-from clinicomm.api import errors, openapi
+from clinicomm.api import console, errors, openapi
 from clinicomm.api.auth import TokenVerifier
 from clinicomm.api.middleware import RequestContext
 from clinicomm.api.routers import (
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(ops.router)
     app.include_router(webhooks.router)
     app.include_router(suppressions.router)
+    console.mount(app)
     return app
 
 

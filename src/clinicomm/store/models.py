@@ -336,3 +336,25 @@ class CallbackEvent(Base):
         Index("ix_callback_events_due", "state", "next_attempt_at"),
         Index("ix_callback_events_delivery", "delivery_id", "state", "seq"),
     )
+
+
+class ConsoleSession(Base):
+    """A signed-in console user (`clinicomm.api.console.sessions`). The cookie holds a random
+    token; only its SHA-256 is stored, so a database read does not yield a usable session."""
+
+    __tablename__ = "console_sessions"
+
+    #: hex SHA-256 of the cookie's token.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The `jti` of the sign-in link it was opened with: unique, so a link works once.
+    link_jti: Mapped[str] = mapped_column(String(128), unique=True)
+    #: The link's verified claims (`sub`, `role`, `clinic_id`, `clinic_ids`): the principal.
+    claims: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: The CSRF token every state-changing request must carry.
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Absolute end, whatever the activity.
+    expires_at: Mapped[datetime]
+    #: Set by sign-out (or an expiry noticed); an ended session is never accepted again.
+    ended_at: Mapped[datetime | None] = mapped_column(default=None)
