@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from clinicomm.delivery.queue import Claimed, Outcome
@@ -30,6 +32,7 @@ from clinicomm.observability import metrics
 from clinicomm.providers.base import Channel, OutboundMessage, TemplateRef
 from clinicomm.providers.errors import (
     ComplianceError,
+    ContentError,
     ProviderDownError,
     ProviderError,
     RecipientError,
@@ -229,13 +232,7 @@ async def send_through_chain(
         except ProviderError as exc:
             error = exc
         except Exception as exc:  # an adapter bug must not lose the delivery
-            log.exception(
-                "adapter raised an unclassified exception",
-                extra={"event": "adapter_bug", "provider": hop.label, "deliveryId": claimed.id},
-            )
-            error = ProviderDownError(
-                f"unexpected adapter error: {type(exc).__name__}", provider=hop.key
-            )
+            error = unclassified(exc, hop.key, hop.label, claimed.id)
         duration = time.perf_counter() - started
         now = now_fn()
         attempts += 1
@@ -262,7 +259,7 @@ async def send_through_chain(
             )
         _FAILED[channel].labels(clinic_label, hop.key, error.error_class.value).inc()
         errors.append(_reason(hop, error))
-        if isinstance(error, (RecipientError, ComplianceError)):
+        if isinstance(error, (RecipientError, ComplianceError, ContentError)):
             metrics.TOTAL_FAILED.labels(channel.value).inc()
             return Handled(
                 Outcome(
@@ -373,3 +370,31 @@ def channel_fallback_row(claimed: Claimed, channel: Channel, now: datetime) -> d
         "created_at": now,
         "updated_at": now,
     }
+
+
+def unclassified(exc: Exception, key: str, label: str, delivery_id: str) -> ProviderError:
+    """An exception an adapter did not classify, as a provider error, logged by its class.
+
+    The log line carries the exception's type, where it was raised (our file and line), the
+    provider and the delivery id: never `str(exc)` or a traceback, which may quote a title,
+    an address or a body. A ValueError or UnicodeError comes from building the message (the
+    email package refusing a header, text that cannot be encoded): a `ContentError`, which
+    fails only this delivery and never counts against the provider. Anything else is a bug
+    reported like a provider that is down, so the next provider is tried.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else None
+    content = isinstance(exc, (ValueError, UnicodeError))
+    log.error(
+        "message could not be built" if content else "adapter raised an unclassified exception",
+        extra={
+            "event": "message_malformed" if content else "adapter_bug",
+            "provider": label,
+            "deliveryId": delivery_id,
+            "error": type(exc).__name__,
+            "where": where,
+        },
+    )
+    if content:
+        return ContentError(f"the message cannot be built: {type(exc).__name__}", provider=key)
+    return ProviderDownError(f"unexpected adapter error: {type(exc).__name__}", provider=key)

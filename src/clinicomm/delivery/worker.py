@@ -328,12 +328,12 @@ class Worker:
                 "event": "delivery_prepare_failed",
                 "deliveryId": claimed.id,
                 "clinicId": claimed.clinic_id,
+                # The type only: an exception's text may quote a patient's address or content.
                 "error": type(exc).__name__,
-                "detail": str(exc)[:200],
             },
         )
         now = utcnow()
-        reason = {"provider": None, "class": "internal", "message": f"{type(exc).__name__}: {exc}"}
+        reason = {"provider": None, "class": "internal", "message": type(exc).__name__}
         errors = [*claimed.errors, reason]
         retry_at = now + timedelta(seconds=self.options.prepare_retry_seconds)
         deadline = claimed.created_at + timedelta(seconds=self.options.max_age_seconds)

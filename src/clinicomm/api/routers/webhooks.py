@@ -34,6 +34,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from clinicomm.api.deps import get_runtime
 from clinicomm.api.errors import ApiError
+from clinicomm.api.limits import WEBHOOK_MAX_BYTES
 from clinicomm.api.schemas import CLINIC_ID_PATTERN
 from clinicomm.delivery.events import store_events
 from clinicomm.delivery.webhooks import webhook_service
@@ -59,7 +60,7 @@ Provider = Annotated[
     ),
 ]
 #: Webhook bodies are small (a SendGrid batch is well under this); larger ones are refused.
-MAX_BODY = 1024 * 1024
+MAX_BODY = WEBHOOK_MAX_BYTES  # enforced while reading by api.limits.BodySizeLimit
 _BACKGROUND: set[asyncio.Task[None]] = set()
 _TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
