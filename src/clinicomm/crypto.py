@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -177,15 +179,48 @@ def new_data_key() -> bytes:
     return AESGCM.generate_key(bit_length=256)
 
 
-class FieldCipher:
-    """Encrypts and decrypts one clinic's secret fields with its data key."""
+#: Prefix of a blind index: `bi1:` + hex HMAC-SHA256 of the canonical address.
+INDEX_PREFIX = "bi1:"
 
-    __slots__ = ("_aead", "clinic_id", "key_version")
+
+def derive_index_key(data_key: bytes, clinic_id: str) -> bytes:
+    """The clinic's blind-index key: HMAC-SHA256 of a fixed label under its data key (a
+    one-step HKDF-Expand), so it is as secret as the data key but never used to encrypt."""
+    label = f"clinicomm:blind-index:v1:{clinic_id}".encode()
+    return hmac.new(data_key, label + b"\x01", hashlib.sha256).digest()
+
+
+class FieldCipher:
+    """Encrypts and decrypts one clinic's secret fields with its data key, and computes the
+    blind index of its patients' addresses."""
+
+    __slots__ = ("_aead", "_index_key", "clinic_id", "key_version")
 
     def __init__(self, clinic_id: str, data_key: bytes, key_version: int = 1) -> None:
         self.clinic_id = clinic_id
         self.key_version = key_version
         self._aead = AESGCM(data_key)
+        self._index_key = derive_index_key(data_key, clinic_id)
+
+    def index(self, address: str) -> str:
+        """The blind index of an address (email addresses compared lower-cased, E.164 as is):
+        equal addresses of one clinic give equal indexes; without the clinic's key an index
+        reveals nothing and cannot be matched to another clinic's."""
+        canonical = address.strip().lower()  # E.164 has no letters; emails compare lower-cased
+        digest = hmac.new(self._index_key, canonical.encode(), hashlib.sha256).hexdigest()
+        return INDEX_PREFIX + digest
+
+    def encrypt_address(self, address: str) -> str:
+        """A patient's address as stored (`cc1:` form), bound to this clinic (not to a row, so
+        a delivery's ciphertext can be copied into the opt-out it causes)."""
+        return self.encrypt(address, "address")
+
+    def decrypt_address(self, stored: str) -> str:
+        """The address of `encrypt_address`; a value that is not a ciphertext is returned as it
+        is (a row written before addresses were encrypted, not yet migrated)."""
+        if not is_ciphertext(stored):
+            return stored
+        return self.decrypt(stored, "address")
 
     def __repr__(self) -> str:
         return f"<FieldCipher clinic={self.clinic_id!r} v{self.key_version}>"
@@ -238,3 +273,7 @@ class FieldCipher:
 
 def is_ciphertext(value: object) -> bool:
     return isinstance(value, str) and value.startswith(CIPHERTEXT_PREFIX) and value.count(":") >= 2
+
+
+def is_index(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(INDEX_PREFIX)

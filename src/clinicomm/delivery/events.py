@@ -37,6 +37,7 @@ from sqlalchemy import and_, case, delete, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.crypto import FieldCipher, is_index
 from clinicomm.messaging.models import DeliveryStatus
 from clinicomm.providers.base import Channel
 from clinicomm.providers.webhooks.base import (
@@ -136,9 +137,17 @@ async def apply_events(
 
 
 async def _store(
-    session: AsyncSession, clinic_id: str, event: WebhookEvent, received: datetime
+    session: AsyncSession,
+    clinic_id: str,
+    event: WebhookEvent,
+    received: datetime,
+    cipher: FieldCipher | None = None,
 ) -> int | None:
-    """Insert the event row; None when this (provider, clinic, event id) is already stored."""
+    """Insert the event row; None when this (provider, clinic, event id) is already stored.
+
+    With the clinic's `cipher` (the webhook endpoint), the address is stored as its blind
+    index beside its ciphertext, and a status event keeps none of the provider's raw item
+    (every field the status machine needs has its own column)."""
     values: dict[str, Any] = {
         "clinic_id": clinic_id,
         "provider": event.provider,
@@ -161,7 +170,12 @@ async def _store(
             recipient=event.recipient,
             bounce_permanent=event.bounce_permanent,
             error=event.error,
-            payload=event.raw,
+            payload=event.raw if cipher is None else {},
+        )
+    if cipher is not None and values.get("recipient"):
+        address = canonical_key(values["channel"] or "", values["recipient"])
+        values.update(
+            recipient=cipher.index(address), recipient_enc=cipher.encrypt_address(address)
         )
     stmt = (
         _insert(session, DeliveryEventRecord)
@@ -200,7 +214,7 @@ async def _find_delivery(
         ).all()
     )
     if len(rows) > 1 and event.recipient:  # one provider id for several recipients
-        rows = [d for d in rows if d.recipient == event.recipient] or rows
+        rows = [d for d in rows if event.recipient in (d.recipient_index, d.recipient)] or rows
     return rows[0] if rows else None
 
 
@@ -296,12 +310,23 @@ async def _suppress_for(
     reason = _reason_for(event)
     if reason is None:
         return
-    address = event.recipient or (delivery.recipient if delivery else None)
+    # The event's address (a blind index once stored), else the delivery's; the opt-out
+    # keeps the delivery's ciphertext of the address (`FieldCipher.encrypt_address`).
+    known = (delivery.recipient_index or delivery.recipient) if delivery is not None else None
+    address = event.recipient or known
     channel = event.channel.value if event.channel else (delivery.channel if delivery else None)
     if not address or not channel:
         return
+    sealed = delivery.recipient if delivery is not None and is_index(address) else None
     if await suppress(
-        session, clinic_id, channel, address, reason, f"webhook:{event.provider}", now=when
+        session,
+        clinic_id,
+        channel,
+        address,
+        reason,
+        f"webhook:{event.provider}",
+        now=when,
+        address_enc=sealed or None,
     ):
         result.suppressions_added += 1
 
@@ -345,8 +370,12 @@ async def suppress(
     source: str,
     *,
     now: datetime | None = None,
+    address_enc: str | None = None,
 ) -> bool:
     """Record that `address` must not get messages on `channel`; False if it already was.
+
+    `address` is the blind index of the address (`FieldCipher.index`; a clear address only
+    from rows written before addresses were encrypted), `address_enc` its ciphertext.
 
     The first reason is kept (a later complaint does not overwrite a STOP). Also the entry
     point for a manual opt-out (API) and for a Twilio 21610 seen by the worker on send.
@@ -357,6 +386,7 @@ async def suppress(
             clinic_id=clinic_id,
             channel=str(channel),
             address=canonical_key(channel, address),
+            address_enc=address_enc,
             reason=reason.value,
             source=source[:120],
             created_at=now or _utcnow(),
@@ -509,6 +539,7 @@ async def store_events(
     events: Iterable[WebhookEvent],
     *,
     now: datetime | None = None,
+    cipher: FieldCipher | None = None,
 ) -> tuple[list[int], int]:
     """Store verified, parsed events unprocessed (the fast part of a webhook request).
 
@@ -519,7 +550,7 @@ async def store_events(
     ids: list[int] = []
     duplicates = 0
     for event in events:
-        row_id = await _store(session, clinic_id, event, received)
+        row_id = await _store(session, clinic_id, event, received, cipher)
         if row_id is None:
             duplicates += 1
         else:
@@ -597,6 +628,7 @@ async def _apply_stored_inbound(
             SuppressionReason.STOP,
             source,
             now=when,
+            address_enc=record.recipient_enc,
         ):
             result.suppressions_added += 1
     elif keyword == "start":

@@ -50,19 +50,23 @@ async def load(db: Database, batch: list[Claimed]) -> Gates:
         return gates
     async with db.read() as session:
         hit = await suppressed_among(
-            session, [(c.clinic_id or "", c.channel, c.recipient) for c in scoped]
+            session, [(c.clinic_id or "", c.channel, _key(c)) for c in scoped]
         )
-        gates.suppressed = {
-            c.id for c in scoped if (c.clinic_id or "", c.channel, c.recipient) in hit
-        }
+        gates.suppressed = {c.id for c in scoped if (c.clinic_id or "", c.channel, _key(c)) in hit}
         wa = [c for c in scoped if c.channel == Channel.WHATSAPP.value]
         if wa:
-            last = await last_inbound_among(session, [(c.clinic_id or "", c.recipient) for c in wa])
+            last = await last_inbound_among(session, [(c.clinic_id or "", _key(c)) for c in wa])
             for c in wa:
-                at = last.get((c.clinic_id or "", c.recipient))
+                at = last.get((c.clinic_id or "", _key(c)))
                 if at is not None:
                     gates.last_inbound[c.id] = at
     return gates
+
+
+def _key(claimed: Claimed) -> str:
+    """What suppressions and the window are looked up by: the address's blind index (the
+    stored address itself only for a row written before addresses were encrypted)."""
+    return claimed.recipient_index or claimed.recipient
 
 
 def window(

@@ -16,7 +16,15 @@ from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.messaging.models import DeliveryStatus
-from clinicomm.store.models import Delivery, DeliveryAttempt, IdempotencyKey, Message, aware
+from clinicomm.store.models import (
+    AuditEntry,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryEventRecord,
+    IdempotencyKey,
+    Message,
+    aware,
+)
 
 _T: Table = Delivery.__table__  # type: ignore[assignment]
 _ATTEMPTS: Table = DeliveryAttempt.__table__  # type: ignore[assignment]
@@ -26,6 +34,7 @@ _RETURNING = (
     _T.c.clinic_id,
     _T.c.channel,
     _T.c.recipient,
+    _T.c.recipient_index,
     _T.c.chain_position,
     _T.c.provider_attempts,
     _T.c.attempts,
@@ -43,6 +52,8 @@ class Claimed:
     message_id: str
     clinic_id: str | None
     channel: str
+    #: The address: as stored (ciphertext) when claimed; in clear once the worker revealed it
+    #: (`Worker._handle`), for the adapter only.
     recipient: str
     chain_position: int
     provider_attempts: int
@@ -50,6 +61,10 @@ class Claimed:
     created_at: datetime
     errors: list[dict[str, Any]]
     parent_id: str | None
+    #: Blind index of the address: suppressions and the WhatsApp window are looked up by it.
+    recipient_index: str | None = None
+    #: The address as stored (encrypted): copied into a channel fallback and an opt-out.
+    sealed: str = ""
 
 
 async def claim(
@@ -82,6 +97,8 @@ async def claim(
             clinic_id=row.clinic_id,
             channel=row.channel,
             recipient=row.recipient,
+            recipient_index=row.recipient_index,
+            sealed=row.recipient,
             chain_position=row.chain_position,
             provider_attempts=row.provider_attempts,
             attempts=row.attempts,
@@ -104,15 +121,61 @@ async def reap_expired(session: AsyncSession, now: datetime) -> int:
 
 
 async def purge_contents(session: AsyncSession, before: datetime, limit: int = 5000) -> int:
-    """Erase the contents (bodies, template variables) of messages accepted before `before`:
-    the retention period. Message, delivery and attempt rows stay for the record."""
+    """Erase what identifies a patient in messages accepted before `before` (the retention
+    period): contents (title, body, HTML, template variables), metadata, and the encrypted
+    address of their deliveries and of the webhook events about those deliveries.
+
+    Kept: ids, statuses, providers, error classes, timestamps and the blind index, so
+    statistics and opt-outs still work (an opt-out keeps its own encrypted address for as long
+    as it stands). Returns the number of messages erased in this batch."""
+    ids = list(
+        (
+            await session.scalars(
+                select(Message.id)
+                .where(Message.created_at < before, Message.content != b"")
+                .limit(limit)
+            )
+        ).all()
+    )
+    if not ids:
+        return 0
+    await session.execute(update(Message).where(Message.id.in_(ids)).values(content=b"", meta={}))
+    deliveries = select(Delivery.id).where(Delivery.message_id.in_(ids)).scalar_subquery()
+    await session.execute(
+        update(DeliveryEventRecord)
+        .where(DeliveryEventRecord.delivery_id.in_(deliveries))
+        .values(recipient_enc=None, payload={})
+    )
+    await session.execute(
+        update(Delivery).where(Delivery.message_id.in_(ids)).values(recipient="")
+    )
+    return len(ids)
+
+
+async def purge_events(session: AsyncSession, before: datetime, limit: int = 5000) -> int:
+    """Erase the encrypted address of webhook events received before `before` that match no
+    delivery (inbound messages, reports about unknown ids); their blind index stays."""
     old = (
-        select(Message.id)
-        .where(Message.created_at < before, Message.content != b"")
+        select(DeliveryEventRecord.id)
+        .where(
+            DeliveryEventRecord.received_at < before,
+            DeliveryEventRecord.recipient_enc.is_not(None),
+        )
         .limit(limit)
         .scalar_subquery()
     )
-    result = await session.execute(update(Message).where(Message.id.in_(old)).values(content=b""))
+    result = await session.execute(
+        update(DeliveryEventRecord)
+        .where(DeliveryEventRecord.id.in_(old))
+        .values(recipient_enc=None, payload={})
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def purge_audit(session: AsyncSession, before: datetime, limit: int = 5000) -> int:
+    """Delete audit entries older than `before` (`CLINICOMM_AUDIT_RETENTION_DAYS`)."""
+    old = select(AuditEntry.id).where(AuditEntry.at < before).limit(limit).scalar_subquery()
+    result = await session.execute(delete(AuditEntry).where(AuditEntry.id.in_(old)))
     return int(getattr(result, "rowcount", 0) or 0)
 
 

@@ -100,14 +100,14 @@ class Handled:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     #: A delivery on another channel that replaces this one (channel fallback).
     fallback: dict[str, Any] | None = None
-    #: (clinic id, channel, address, reason value, source): an opt-out learnt on send
-    #: (Twilio 21610, a permanent bounce), recorded with the results.
-    suppress: tuple[str, str, str, str, str] | None = None
+    #: (clinic id, channel, blind index, reason value, source, encrypted address): an
+    #: opt-out learnt on send (Twilio 21610, a permanent bounce), recorded with the results.
+    suppress: tuple[str, str, str, str, str, str] | None = None
 
 
 def suppression_on_send(
     claimed: Claimed, hop: Hop, error: ProviderError
-) -> tuple[str, str, str, str, str] | None:
+) -> tuple[str, str, str, str, str, str] | None:
     """The opt-out a send error proves: Twilio 21610 (the number opted out at Twilio) or a
     permanent bounce (RecipientError with an SMTP 5.1.x code or a provider's permanent
     recipient code). PROVIDER-FACTS §8 items 18 and 20."""
@@ -115,13 +115,15 @@ def suppression_on_send(
         return None
     source = f"send:{hop.key}"
     if isinstance(error, ComplianceError) and error.code == "21610":
-        return (claimed.clinic_id, claimed.channel, claimed.recipient, "provider_21610", source)
+        reason = "provider_21610"
+        return (claimed.clinic_id, claimed.channel, _index(claimed), reason, source, claimed.sealed)
     if (
         isinstance(error, RecipientError)
         and claimed.channel == Channel.EMAIL.value
         and ((error.code or "").startswith("5.1.") or (hop.key, error.code) == ("postmark", "406"))
     ):
-        return (claimed.clinic_id, claimed.channel, claimed.recipient, "bounce", source)
+        reason = "bounce"
+        return (claimed.clinic_id, claimed.channel, _index(claimed), reason, source, claimed.sealed)
     return None
 
 
@@ -362,7 +364,8 @@ def channel_fallback_row(claimed: Claimed, channel: Channel, now: datetime) -> d
         "message_id": claimed.message_id,
         "clinic_id": claimed.clinic_id,
         "channel": channel.value,
-        "recipient": claimed.recipient,
+        "recipient": claimed.sealed,
+        "recipient_index": claimed.recipient_index,
         "status": DeliveryStatus.QUEUED.value,
         "next_attempt_at": now,
         "fair_at": now,
@@ -370,6 +373,11 @@ def channel_fallback_row(claimed: Claimed, channel: Channel, now: datetime) -> d
         "created_at": now,
         "updated_at": now,
     }
+
+
+def _index(claimed: Claimed) -> str:
+    """The key an opt-out is recorded under: the blind index (legacy rows: the address)."""
+    return claimed.recipient_index or claimed.recipient
 
 
 def unclassified(exc: Exception, key: str, label: str, delivery_id: str) -> ProviderError:

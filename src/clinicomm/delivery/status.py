@@ -13,6 +13,9 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.messaging.sealed import open_json
+from clinicomm.settings.keys import PLATFORM, KeyStore
+from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, DeliveryAttempt, Message, aware
 
 #: A scope: None (every clinic) or the clinic ids visible to the caller.
@@ -154,3 +157,24 @@ async def list_messages(
         ],
         "nextCursor": page[-1].id if len(rows) > limit and page else None,
     }
+
+
+async def reveal(answer: dict[str, Any], keys: KeyStore, db: Database) -> dict[str, Any]:
+    """Decrypt, in an answer of `get_message` or `list_messages` the caller may read, the
+    addresses and the metadata (stored encrypted with the clinic's data key). An erased
+    address (retention) is answered as null."""
+    async def address(clinic_id: str | None, stored: str) -> str | None:
+        if not stored:
+            return None
+        cipher = await keys.cipher_for(db, clinic_id or PLATFORM)
+        return cipher.decrypt_address(stored)
+
+    if "deliveries" in answer:
+        clinic_id = answer["clinicId"]
+        cipher = await keys.cipher_for(db, clinic_id or PLATFORM)
+        answer["metadata"] = open_json(cipher, answer["metadata"], f"meta:{answer['id']}")
+        for item in answer["deliveries"]:
+            item["recipient"] = await address(clinic_id, item["recipient"])
+    for item in answer.get("items", []):
+        item["recipient"] = await address(item["clinicId"], item["recipient"])
+    return answer

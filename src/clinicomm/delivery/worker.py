@@ -39,7 +39,9 @@ from clinicomm.delivery.queue import (
     Claimed,
     Outcome,
     claim,
+    purge_audit,
     purge_contents,
+    purge_events,
     purge_idempotency_keys,
     reap_expired,
     write_results,
@@ -75,6 +77,8 @@ class WorkerOptions:
     prepare_retry_seconds: float = 30.0
     #: Message contents are erased this long after acceptance (see `purge_contents`).
     retention_seconds: float = 30 * 86400.0
+    #: Audit entries are deleted this long after they were written (six years).
+    audit_retention_seconds: float = 2192 * 86400.0
     #: Base of the full-jitter backoff between retries on one provider.
     retry_base_seconds: float = 2.0
 
@@ -243,6 +247,12 @@ class Worker:
 
     async def _handle(self, claimed: Claimed) -> Handled:
         """Check what must stop the delivery before any provider call, then send it."""
+        if claimed.recipient == claimed.sealed and claimed.sealed:
+            # The address in clear, for the adapter only (never logged or stored).
+            cipher = await self.config.keys.cipher_for(
+                self.db, claimed.clinic_id or PLATFORM_KEY_OWNER
+            )
+            claimed.recipient = cipher.decrypt_address(claimed.sealed)
         content = self._contents.get(claimed.message_id)
         if content is None and claimed.message_id in self._erased:
             return _refused(claimed, "message content erased after the retention period")
@@ -409,9 +419,15 @@ class Worker:
                     )
                     for h in pending:
                         if h.suppress is not None:
-                            clinic, channel, address, reason, source = h.suppress
+                            clinic, channel, index, reason, source, sealed = h.suppress
                             await suppress(
-                                session, clinic, channel, address, SuppressionReason(reason), source
+                                session,
+                                clinic,
+                                channel,
+                                index,
+                                SuppressionReason(reason),
+                                source,
+                                address_enc=sealed or None,
                             )
                     if any(h.fallback for h in pending):
                         await self.notifier.in_transaction(await session.connection())
@@ -438,8 +454,11 @@ class Worker:
                 async with self.db.session() as session:
                     taken = await reap_expired(session, utcnow())
                     await purge_idempotency_keys(session, utcnow())
-                    erased = await purge_contents(
-                        session, utcnow() - timedelta(seconds=self.options.retention_seconds)
+                    before = utcnow() - timedelta(seconds=self.options.retention_seconds)
+                    erased = await purge_contents(session, before)
+                    await purge_events(session, before)
+                    await purge_audit(
+                        session, utcnow() - timedelta(seconds=self.options.audit_retention_seconds)
                     )
                 if erased:
                     log.info(

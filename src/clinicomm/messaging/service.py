@@ -22,6 +22,7 @@ from clinicomm.messaging.models import (
     SendAccepted,
     SendRequest,
 )
+from clinicomm.messaging.sealed import open_json, seal_json
 from clinicomm.messaging.writer import BatchWriter, PendingWrite
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
@@ -166,6 +167,7 @@ class MessagingService:
         rows: list[dict[str, Any]] = []
         summaries: list[DeliverySummary] = []
         stamps = self.fair.stamps(clinic_id, len(planned), now)
+        cipher = await self.config.keys.cipher_for(self.db, scope)
         for item, fair_at in zip(planned, stamps, strict=True):
             delivery_id = new_id()
             status = DeliveryStatus.FAILED if item.failure else DeliveryStatus.QUEUED
@@ -176,7 +178,12 @@ class MessagingService:
                     "message_id": message_id,
                     "clinic_id": clinic_id,
                     "channel": item.channel.value,
-                    "recipient": item.recipient,
+                    # The address encrypted with the clinic's data key, and its blind index
+                    # for suppressions and the WhatsApp window.
+                    "recipient": cipher.encrypt_address(item.recipient)
+                    if item.recipient
+                    else "",
+                    "recipient_index": cipher.index(item.recipient) if item.recipient else None,
                     "status": status.value,
                     "next_attempt_at": now,
                     "fair_at": fair_at,
@@ -195,15 +202,15 @@ class MessagingService:
                 )
             )
         answer = SendAccepted(id=message_id, deliveries=summaries)
-        cipher = await self.config.keys.cipher_for(self.db, scope)
         content = cipher.encrypt_bytes(orjson.dumps(request.content()), f"message:{message_id}")
+        meta = request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
         pending = PendingWrite(
             message={
                 "id": message_id,
                 "clinic_id": clinic_id,
                 "category": request.category,
                 "content": content,
-                "meta": request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "meta": seal_json(cipher, meta, f"meta:{message_id}"),
                 "requested_by": requested_by,
                 "created_at": now,
             },
@@ -213,7 +220,12 @@ class MessagingService:
                 "key": idempotency_key,
                 "request_hash": digest,
                 "message_id": message_id,
-                "response": answer.model_dump(mode="json", by_alias=True),
+                # The first answer names the recipients: stored encrypted like them.
+                "response": seal_json(
+                    cipher,
+                    answer.model_dump(mode="json", by_alias=True),
+                    f"idempotency:{scope}:{idempotency_key}",
+                ),
                 "created_at": now,
                 "expires_at": now + IDEMPOTENCY_TTL,
             }
@@ -270,7 +282,10 @@ class MessagingService:
             raise IdempotencyConflictError(
                 "Idempotency-Key was already used with a different payload"
             )
-        return SendAccepted.model_validate(row.response)
+        cipher = await self.config.keys.cipher_for(self.db, scope)
+        return SendAccepted.model_validate(
+            open_json(cipher, row.response, f"idempotency:{scope}:{key}")
+        )
 
 
 def request_hash(request: SendRequest) -> str:

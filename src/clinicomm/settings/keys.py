@@ -77,6 +77,11 @@ class KeyStore:
         async with db.read() as session:
             return await self.cipher(session, PLATFORM)
 
+    async def index_for(self, db: Database, clinic_id: str, address: str) -> str:
+        """The blind index of `address` in `clinic_id` (what suppressions, the WhatsApp window
+        and inbound contacts are keyed by)."""
+        return (await self.cipher_for(db, clinic_id)).index(address)
+
     def forget(self, clinic_id: str | None = None) -> None:
         """Drop cached ciphers (all when clinic_id is None)."""
         if clinic_id is None:

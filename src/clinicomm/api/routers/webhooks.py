@@ -133,8 +133,10 @@ async def receive(
         confirm = ses.subscribe_url(webhook) if key == "ses" else None
     except (WebhookPayloadError, WebhookAuthError) as exc:
         raise ApiError(400, "bad_request", f"not a {key} webhook: {exc}") from None
+    # Addresses are stored as the clinic's blind index beside their ciphertext.
+    cipher = await runtime.keys.cipher_for(runtime.db, clinicId)
     async with runtime.db.session() as session:
-        ids, duplicates = await store_events(session, clinicId, events)
+        ids, duplicates = await store_events(session, clinicId, events, cipher=cipher)
         if confirm is not None:
             _record_subscription(session, clinicId, webhook, confirm)
     service.submit(ids)
