@@ -399,6 +399,16 @@ class ConfigService:
         )
         return Change(row.id, row.version, action, current.communication, plain.get(COMM), record)
 
+    async def reencrypt(self, session: AsyncSession, clinic_id: str) -> Change:
+        """Write the clinic's settings again, secrets encrypted under its current data key
+        version (a data-key rotation); the settings themselves do not change (not validated
+        again). The caller commits, then awaits `committed()` (the caches hold ciphertexts)."""
+        row = await self._locked(session, clinic_id, None)
+        current = await self._record(session, row)
+        return await self._write(
+            session, row, current, copy.deepcopy(current.settings), "key.rotate_data", None
+        )
+
     def _prepare(
         self, settings: dict[str, Any], stored_plain: dict[str, Any] | None
     ) -> dict[str, Any]:

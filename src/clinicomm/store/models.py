@@ -75,6 +75,10 @@ class ClinicKey(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True, default=1)
     master_kid: Mapped[str] = mapped_column(String(64), index=True)
     wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    #: The clinic's blind-index key wrapped by the same master key, set from the first data
+    #: key rotation on (before, it is derived from the version-1 data key), so every index
+    #: stays valid when data keys rotate.
+    index_key: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     rotated_at: Mapped[datetime | None] = mapped_column(default=None)
 

@@ -7,7 +7,9 @@ Create Date: 2026-12-01 22:40:00
 `deliveries.recipient`, `suppressions.address_enc` and `delivery_events.recipient_enc` hold
 ciphertexts (`cc1:` form, longer than an address: Text); `deliveries.recipient_index`,
 `suppressions.address` and `delivery_events.recipient` hold the blind index (`bi1:` form).
-Rows written before this revision keep their clear addresses until `clinicomm migrate`
+`clinic_keys.index_key` holds the clinic's blind-index key, wrapped like the data key, once the
+data key has been rotated (before that it is derived from the data key). Rows written before
+this revision keep their clear addresses until `clinicomm migrate`
 encrypts them (`clinicomm.store.address_migration`, batched and resumable).
 """
 
@@ -32,9 +34,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('address_enc', sa.Text(), nullable=True))
     with op.batch_alter_table('delivery_events', schema=None) as batch_op:
         batch_op.add_column(sa.Column('recipient_enc', sa.Text(), nullable=True))
+    with op.batch_alter_table('clinic_keys', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('index_key', sa.LargeBinary(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('clinic_keys', schema=None) as batch_op:
+        batch_op.drop_column('index_key')
     with op.batch_alter_table('delivery_events', schema=None) as batch_op:
         batch_op.drop_column('recipient_enc')
     with op.batch_alter_table('suppressions', schema=None) as batch_op:
