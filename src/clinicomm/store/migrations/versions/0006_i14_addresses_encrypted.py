@@ -15,6 +15,8 @@ encrypts them (`clinicomm.store.address_migration`, batched and resumable).
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -24,7 +26,28 @@ branch_labels = None
 depends_on = None
 
 
+def _drop_disabled_credentials(settings: Any) -> bool:
+    """Remove `credentials` from `"provider": "disabled"` slots (no model marks their secrets,
+    so they were stored in clear; they are refused from now on). True when changed."""
+    comm = settings.get('communicationSettings') if isinstance(settings, dict) else None
+    changed = False
+    for channel in (comm or {}).values() if isinstance(comm, dict) else ():
+        if not isinstance(channel, dict):
+            continue
+        slots = [channel.get('primary'), *(channel.get('fallback') or [])]
+        for slot in slots:
+            if isinstance(slot, dict) and slot.get('provider') == 'disabled' and 'credentials' in slot:
+                del slot['credentials']
+                changed = True
+    return changed
+
+
 def upgrade() -> None:
+    clinics = sa.table('clinics', sa.column('id', sa.String), sa.column('settings', sa.JSON))
+    bind = op.get_bind()
+    for clinic_id, settings in bind.execute(sa.select(clinics.c.id, clinics.c.settings)).all():
+        if _drop_disabled_credentials(settings):
+            bind.execute(clinics.update().where(clinics.c.id == clinic_id).values(settings=settings))
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.alter_column(
             'recipient', existing_type=sa.String(length=320), type_=sa.Text(), existing_nullable=False
