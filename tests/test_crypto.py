@@ -79,6 +79,8 @@ def test_first_key_encrypts_all_decrypt() -> None:
         (f"k1:{base64.b64encode(b'short').decode()}", "5 bytes"),
         (f"{key('a')},{key('a')}", "twice"),
     ],
+    # Stable ids (the values hold random keys): xdist workers must collect the same names.
+    ids=["no-kid", "bad-base64", "short-key", "kid-twice"],
 )
 def test_bad_master_key_config(value: str, message: str) -> None:
     with pytest.raises(MasterKeyConfigError, match=message):
