@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.crypto import FieldDecryptionError
 from clinicomm.observability import metrics
 from clinicomm.providers.base import MASK, Channel
 from clinicomm.settings import secrets
@@ -242,11 +243,17 @@ class ConfigService:
         if l2 is not None:
             version, stored = l2
             if version >= self.cache.known_version(clinic_id):
-                metrics.CONFIG_CACHE_HIT.labels(label, channel.value, "l2").inc()
-                async with self.db.sessions() as session:
-                    resolved = await self._resolve(session, clinic_id, channel, version, stored)
-                self.cache.l1_put(channel.value, clinic_id, version, resolved)
-                return resolved
+                try:
+                    async with self.db.sessions() as session:
+                        resolved = await self._resolve(session, clinic_id, channel, version, stored)
+                except FieldDecryptionError:
+                    # A stale entry under a data-key version destroyed since (a rotation run
+                    # by a process without Redis): the database has the current form.
+                    resolved = None
+                if resolved is not None:
+                    metrics.CONFIG_CACHE_HIT.labels(label, channel.value, "l2").inc()
+                    self.cache.l1_put(channel.value, clinic_id, version, resolved)
+                    return resolved
         metrics.CONFIG_CACHE_MISS.labels(label, channel.value).inc()
         async with self.db.sessions() as session:
             row = await session.get(Clinic, clinic_id)
