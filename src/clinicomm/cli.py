@@ -238,8 +238,8 @@ def serve() -> None:
 
     from clinicomm.api.app import create_app
     from clinicomm.api.auth import JwtConfigError, TokenVerifier
-    from clinicomm.observability.logging import configure_logging
     from clinicomm.runtime import Runtime
+    from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -337,8 +337,8 @@ def worker(
 
     from clinicomm.client import worker_options
     from clinicomm.delivery.worker import Worker
-    from clinicomm.observability.logging import configure_logging
     from clinicomm.runtime import Runtime
+    from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +19,12 @@ from redis.asyncio import Redis
 
 from clinicomm.config import Settings
 from clinicomm.crypto import MasterKeyring
-from clinicomm.messaging.service import MessagingService, Notifier
+from clinicomm.delivery.outbox import Notifier
+from clinicomm.messaging.service import MessagingService
 from clinicomm.providers.base import AdapterContext
 from clinicomm.routing.chain import ChainBuilder
-from clinicomm.routing.health import HealthConfig, HealthTracker, make_health
+from clinicomm.routing.health import HealthConfig, HealthTracker, InProcessHealth
+from clinicomm.routing.health_redis import RedisHealth
 from clinicomm.routing.limits import RateLimiter, make_limiter
 from clinicomm.settings.cache import ConfigCache
 from clinicomm.settings.globals import load_global_settings
@@ -134,3 +138,16 @@ class Runtime:
 def _json_dumps(value: Any) -> str:
     """Provider request bodies, serialised with orjson (several times faster than json)."""
     return orjson.dumps(value).decode()
+
+
+def make_health(
+    redis: Redis | None,
+    config: HealthConfig | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> HealthTracker:
+    """`RedisHealth` when a Redis client is given (every process shares one circuit per
+    (clinic, provider)), else `InProcessHealth` (`clock` applies to it)."""
+    if redis is None:
+        return InProcessHealth(config, clock=clock)
+    return RedisHealth(redis, config)

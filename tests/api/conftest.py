@@ -20,8 +20,8 @@ import pytest
 from clinicomm.api.app import create_app
 from clinicomm.api.auth import Role, TokenVerifier
 from clinicomm.config import Settings
-from clinicomm.observability.logging import JsonFormatter
 from clinicomm.runtime import Runtime
+from clinicomm.telemetry.logging import JsonFormatter
 from tests.conftest import CANARIES, canary
 
 #: Everything the API answered and everything logged, for the canary scan.

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from clinicomm.api.auth import Role
-from clinicomm.delivery.events import record_inbound
+from clinicomm.delivery.window import record_inbound
 from clinicomm.delivery.worker import Worker, WorkerOptions
 from tests.api.conftest import Api, create_clinic
 from tests.conftest import canary
@@ -117,3 +117,75 @@ async def test_get_shows_both_deliveries_the_link_and_why(api: Api) -> None:
         ("whatsapp", None),
         ("sms", wa["id"]),
     }
+
+async def _send_and_wait(api: Api, clinic: str) -> dict[str, Any]:
+    headers = api.auth(Role.SERVICE)
+    answer = await api.client.post(
+        "/api/v1/communications",
+        json={
+            "category": "APPOINTMENT",
+            "body": "Your appointment is at 10:30.",
+            "recipients": [{"phone": PATIENT}],
+            "channels": ["whatsapp"],
+            "metadata": {"clinicId": clinic},
+        },
+        headers=headers,
+    )
+    assert answer.status_code == 202, answer.text
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        Worker.for_runtime(api.runtime, WorkerOptions(poll_seconds=0.05)).run(stop)
+    )
+    try:
+        for _ in range(300):
+            got = await api.client.get(
+                f"/api/v1/communications/{answer.json()['id']}", headers=headers
+            )
+            data: dict[str, Any] = got.json()
+            if len(data["deliveries"]) == 2 and all(
+                d["status"] in TERMINAL for d in data["deliveries"]
+            ):
+                return data
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    raise AssertionError(f"not terminal: {data}")
+
+
+async def test_get_shows_why_not_on_whatsapp_became_an_sms(api: Api) -> None:
+    async with (
+        CaptureServer(
+            Scripted(400, {"error": {"code": 131026, "message": "Message undeliverable"}})
+        ) as meta,
+        CaptureServer(Scripted(201, {"sid": "SM" + "9" * 32, "status": "queued"})) as twilio,
+    ):
+        await create_clinic(api, "clinic-nw", settings(meta, twilio))
+        index = await api.runtime.keys.index_for(api.runtime.db, "clinic-nw", PATIENT)
+        async with api.runtime.db.session() as session:
+            at = datetime.now(UTC) - timedelta(minutes=1)
+            await record_inbound(session, "clinic-nw", "whatsapp", index, at)
+        data = await _send_and_wait(api, "clinic-nw")
+    wa, sms = sorted(data["deliveries"], key=lambda d: d["channel"] != "whatsapp")
+    assert wa["status"] == "failed" and wa["provider"] == "clinic:meta_business"
+    assert wa["error"]["fallbackReason"] == "not_on_channel"
+    assert wa["error"]["reason"] == (
+        "the recipient cannot be reached on this channel; falling back to sms"
+    )
+    (why,) = wa["error"]["errors"]
+    assert why["class"] == "recipient" and why["code"] == "131026"
+    assert sms["status"] == "sent" and sms["parentId"] == wa["id"]
+
+
+async def test_get_shows_why_a_closed_window_became_an_sms(api: Api) -> None:
+    async with (
+        CaptureServer() as meta,
+        CaptureServer(Scripted(201, {"sid": "SM" + "8" * 32, "status": "queued"})) as twilio,
+    ):
+        await create_clinic(api, "clinic-cw", settings(meta, twilio))
+        data = await _send_and_wait(api, "clinic-cw")  # the patient never wrote: closed
+    wa, sms = sorted(data["deliveries"], key=lambda d: d["channel"] != "whatsapp")
+    assert wa["error"]["fallbackReason"] == "template_required"
+    assert wa["error"]["reason"] == "template required; falling back to sms"
+    assert wa["attempts"] == [] and meta.requests == []
+    assert sms["status"] == "sent" and sms["parentId"] == wa["id"]

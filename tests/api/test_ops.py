@@ -11,8 +11,8 @@ import pytest
 from clinicomm.api.app import create_app
 from clinicomm.api.auth import Role
 from clinicomm.config import Settings
-from clinicomm.observability.logging import JsonFormatter
 from clinicomm.runtime import Runtime
+from clinicomm.telemetry.logging import JsonFormatter
 from tests.api.conftest import Api, create_clinic, recording_client
 from tests.conftest import BACKEND, MASTER_KEYS
 

@@ -23,10 +23,9 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
-from clinicomm.delivery.queue import purge_contents
+from clinicomm.delivery.retention import purge_contents
 from clinicomm.delivery.webhooks import webhook_service
 from clinicomm.delivery.worker import Worker, WorkerOptions
-from clinicomm.observability.logging import JsonFormatter
 from clinicomm.settings import reseal
 from clinicomm.settings.rotation import rotate_data
 from clinicomm.store.models import (
@@ -38,6 +37,7 @@ from clinicomm.store.models import (
     Suppression,
     utcnow,
 )
+from clinicomm.telemetry.logging import JsonFormatter
 from tests.api.conftest import Api, create_clinic
 from tests.api.test_webhooks import sign_twilio
 from tests.conftest import canary

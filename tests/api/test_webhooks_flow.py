@@ -18,14 +18,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from clinicomm.delivery.events import bounce_rate, is_suppressed, record_inbound
+from clinicomm.delivery.bounces import bounce_rate
 from clinicomm.delivery.webhooks import webhook_service
+from clinicomm.delivery.window import record_inbound
 from clinicomm.delivery.worker import Worker, WorkerOptions
 from clinicomm.store.models import AuditEntry, Delivery
 from tests.api.conftest import Api, create_clinic
 from tests.api.test_webhooks import sign_meta, sign_twilio
 from tests.conftest import canary
 from tests.support.http_capture import CaptureServer, Scripted
+from tests.support.webhooks import is_suppressed
 
 PATIENT = "+14155552671"
 SID = "SM" + "a" * 32
@@ -319,3 +321,23 @@ async def test_bounce_rate_per_provider(api: Api, worker: Worker) -> None:
             rates = await bounce_rate(session, "clinic-b", datetime.now(UTC) - timedelta(hours=1))
             assert rates == {"twilio": 0.25}
             assert await bounce_rate(session, "clinic-b", datetime.now(UTC) + timedelta(hours=1)) == {}
+
+
+async def test_stats_api_gives_the_same_bounce_rate(api: Api, worker: Worker) -> None:
+    async with CaptureServer() as twilio:
+        twilio.default = Scripted(201, {"sid": SID, "status": "queued"})
+        await create_clinic(api, "clinic-sb", twilio_settings(twilio, canary("twilio-token")))
+        ids = [await send(api, "clinic-sb", "sms") for _ in range(4)]
+        rows = [await delivery(api, m, {"sent"}) for m in ids]
+        async with api.runtime.db.session() as session:
+            row = await session.get(Delivery, rows[0].id)
+            assert row is not None
+            row.status = "bounced"
+        got = await api.client.get(
+            "/api/v1/clinics/clinic-sb/communication/stats", headers=api.admin
+        )
+        assert got.status_code == 200, got.text
+        assert got.json()["bounceRate"] == {"twilio": 0.25}
+        async with api.runtime.db.read() as session:
+            since = datetime.now(UTC) - timedelta(hours=24)
+            assert await bounce_rate(session, "clinic-sb", since) == got.json()["bounceRate"]

@@ -11,20 +11,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from clinicomm.delivery.events import (
-    SuppressionReason,
-    apply_events,
-    apply_pending,
-    is_suppressed,
-    suppress,
-    window_open,
-)
+from clinicomm.delivery.ingest import ApplyResult, apply_stored, store_events
+from clinicomm.delivery.suppressions import SuppressionReason, suppress
+from clinicomm.delivery.window import is_open, last_inbound_among
 from clinicomm.providers.base import Channel
 from clinicomm.providers.webhooks import (
     DeliveryEvent,
     EventType,
     InboundMessage,
+    WebhookEvent,
     meta,
     postmark,
     ses,
@@ -32,7 +29,7 @@ from clinicomm.providers.webhooks import (
 )
 from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, DeliveryEventRecord, Message, Suppression, aware
-from tests.support.webhooks import form_request, json_request, raw
+from tests.support.webhooks import form_request, is_suppressed, json_request, raw
 
 CLINIC = "clinic-a"
 OTHER = "clinic-b"
@@ -75,6 +72,21 @@ def status_event(kind: EventType, status: str, ts: int, provider_id: str = WAMID
         event_type=kind, occurred_at=datetime.fromtimestamp(ts, UTC), recipient=PATIENT,
         channel=Channel.WHATSAPP,
     )
+
+
+async def apply_events(
+    s: AsyncSession, clinic: str, events: list[WebhookEvent], *, now: datetime
+) -> ApplyResult:
+    """What the webhook endpoint runs: store (before the answer), then apply those rows."""
+    ids, duplicates = await store_events(s, clinic, events, now=now)
+    result = await apply_stored(s, ids=ids, now=now)
+    result.stored, result.duplicates = len(ids), duplicates
+    return result
+
+
+async def window_open(s: AsyncSession, clinic: str, address: str, now: datetime) -> bool:
+    last = await last_inbound_among(s, [(clinic, address)])
+    return is_open(last.get((clinic, address)), now)
 
 
 async def test_same_event_twice_changes_status_once(db: Database) -> None:
@@ -249,7 +261,7 @@ async def test_event_before_the_provider_id_is_recorded_is_applied_later(db: Dat
         assert d is not None
         d.provider_message_id = WAMID
         d.status = "sent"
-        pending = await apply_pending(s, CLINIC, WAMID, now=T0)
+        pending = await apply_stored(s, now=T0)  # the sweep
     assert pending.status_changes == 1
     assert (await get(db, delivery_id)).status == "delivered"
     async with db.session() as s:

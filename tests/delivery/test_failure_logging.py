@@ -8,9 +8,9 @@ import logging
 import pytest
 
 from clinicomm.delivery.sender import unclassified
-from clinicomm.observability.logging import JsonFormatter
 from clinicomm.providers.errors import ContentError, ErrorClass, ProviderDownError
 from clinicomm.routing.health import Outcome, outcome_for
+from clinicomm.telemetry.logging import JsonFormatter
 
 SECRET = "Your HIV test result for Jane Roe <jane.roe@patient.example>"
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from clinicomm.delivery.queue import purge_contents
+from clinicomm.delivery.retention import purge_contents
 from clinicomm.store.models import Delivery, Message, utcnow
 from tests.support.pipeline import create_clinic, wait_terminal
 

@@ -221,16 +221,19 @@ async def test_meta_131047_outside_window_fails_without_any_fallback(
         ]
 
 
-async def test_meta_131026_undeliverable_fails_without_failover(
+async def test_meta_131026_undeliverable_skips_other_numbers_and_falls_back_to_sms(
     make_client: Callable[..., Any],
 ) -> None:
+    """Issue 15 item 8: not on WhatsApp is the same on every WhatsApp number (no failover),
+    and the clinic's SMS fallback now reaches the patient (before: failed, nothing sent)."""
     async with Servers(META_OK) as s:
         s.primary.default = meta_error(131026, message="Message undeliverable")
         status = await run_one(make_client, "clinic-m131026", meta_comm(s))
-        assert_failed_alone(status, s, "recipient")
-        assert attempts(status["deliveries"][0]) == [
-            ("clinic:meta_business", "failed", "recipient", "131026")
-        ]
+        wa, sms = sorted(status["deliveries"], key=lambda d: d["channel"] != "whatsapp")
+        assert wa["status"] == "failed" and wa["error"]["fallbackReason"] == "not_on_channel"
+        assert attempts(wa) == [("clinic:meta_business", "failed", "recipient", "131026")]
+        assert len(s.primary.requests) == 1 and s.fallback.requests == []
+        assert sms["status"] == "sent" and len(s.sms.requests) == 1
 
 
 async def test_meta_token_error_190_fails_over(make_client: Callable[..., Any]) -> None:

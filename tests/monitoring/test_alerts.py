@@ -8,11 +8,11 @@ from typing import Any
 
 from sqlalchemy import update
 
-from clinicomm.observability import metrics
 from clinicomm.observability.alerts import AlertConfig, AlertEngine
 from clinicomm.providers.base import Channel
 from clinicomm.routing.limits import clinic_channel_key
 from clinicomm.store.models import Delivery, utcnow
+from clinicomm.telemetry import metrics
 from tests.monitoring.conftest import Mon, ProviderSink, email_request, email_settings, sendgrid
 from tests.support.http_capture import CaptureServer
 

@@ -30,10 +30,10 @@ from clinicomm.routing.health import (
     InProcessHealth,
     Outcome,
     health_key,
-    make_health,
     outcome_for,
 )
 from clinicomm.routing.health_redis import RedisHealth
+from clinicomm.runtime import make_health
 from tests.routing.conftest import FakeClock, peer
 
 # Small numbers so the Redis variant runs in real time: 2 s window in 0.1 s buckets.

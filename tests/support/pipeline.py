@@ -29,7 +29,7 @@ async def open_window(client: Client, clinic_id: str, phone: str) -> None:
     """The patient wrote on WhatsApp a minute ago: free-form text is allowed (24-hour window)."""
     from datetime import UTC, datetime, timedelta
 
-    from clinicomm.delivery.events import record_inbound
+    from clinicomm.delivery.window import record_inbound
 
     rt = client._rt()
     async with rt.db.session() as session:

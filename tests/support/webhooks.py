@@ -43,3 +43,11 @@ def context(**kwargs: Any) -> WebhookContext:
     """A context with its own seen-token store (tests do not share replay state)."""
     kwargs.setdefault("seen_tokens", MemorySeenTokenStore())
     return WebhookContext(**kwargs)
+
+
+async def is_suppressed(session: Any, clinic_id: str, channel: str, address: str) -> bool:
+    """Whether the address is suppressed, asked the way admission asks (one batch of one)."""
+    from clinicomm.delivery.suppressions import suppressed_among
+
+    key = (clinic_id, channel, address)
+    return key in await suppressed_among(session, [key])

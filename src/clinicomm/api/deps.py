@@ -16,8 +16,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from clinicomm.api.auth import AuthError, Permission, Principal, TokenVerifier
 from clinicomm.api.errors import ApiError, forbidden, unauthorized
-from clinicomm.observability.logging import bind_context
 from clinicomm.runtime import Runtime
+from clinicomm.telemetry.logging import bind_context
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT: `clinicomm token --role …`")
 

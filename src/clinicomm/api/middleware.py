@@ -14,7 +14,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clinicomm.api.errors import error_response
-from clinicomm.observability.logging import bind_context, reset_context
+from clinicomm.telemetry.logging import bind_context, reset_context
 
 log = logging.getLogger("clinicomm.api.access")
 

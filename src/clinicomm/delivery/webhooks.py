@@ -2,8 +2,8 @@
 
 `POST /api/v1/webhooks/{provider}/{clinicId}` (api/routers/webhooks.py) verifies with the
 clinic's own credentials (`WebhookService.credentials`), stores the parsed events in one
-transaction (`delivery.events.store_events`) and answers; `WebhookService.submit` then applies
-them in a task of this process (`delivery.events.apply_stored`), so the answer never waits
+transaction (`delivery.ingest.store_events`) and answers; `WebhookService.submit` then applies
+them in a task of this process (`delivery.ingest.apply_stored`), so the answer never waits
 for status updates (PROVIDER-FACTS §8 item 16). If the process stops before that task ran,
 the rows stay unprocessed in `delivery_events` and the sweep (every `sweep_seconds`, and at
 start) applies them; the sweep also applies status events that arrived before the worker
@@ -17,22 +17,21 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from clinicomm.delivery.events import apply_stored
+from clinicomm.delivery.ingest import apply_stored
 from clinicomm.providers import registry
-from clinicomm.providers.webhooks import HANDLERS, ses
-from clinicomm.providers.webhooks.base import MemorySeenTokenStore, WebhookContext
-from clinicomm.runtime import Runtime
+from clinicomm.providers.webhooks import handler_key, webhook_context
+from clinicomm.providers.webhooks.base import MemorySeenTokenStore
 from clinicomm.store.models import utcnow
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from clinicomm.runtime import Runtime
 
-#: URL spellings of provider keys (`/webhooks/meta/...` is `meta_business`).
-PROVIDER_ALIASES = {"meta": "meta_business", "whatsapp": "meta_business", "aws_ses": "ses"}
+log = logging.getLogger(__name__)
 
 
 class RedisSeenTokenStore:
@@ -58,11 +57,11 @@ class WebhookService:
     def __init__(self, runtime: Runtime, *, sweep_seconds: float = 5.0) -> None:
         self.runtime = runtime
         self.sweep_seconds = sweep_seconds
-        self.context = WebhookContext(
-            seen_tokens=RedisSeenTokenStore(runtime.redis)
+        self.context = webhook_context(
+            runtime.http,
+            RedisSeenTokenStore(runtime.redis)
             if runtime.redis is not None
             else MemorySeenTokenStore(),
-            fetch_certificate=ses.http_certificate_fetcher(runtime.http),
         )
         #: Awaited before each application of stored events (tests slow processing with it).
         self.delay: Callable[[], Awaitable[None]] | None = None
@@ -72,8 +71,7 @@ class WebhookService:
     @staticmethod
     def provider_key(name: str) -> str | None:
         """The canonical provider key of a URL segment, or None when no handler has it."""
-        key = PROVIDER_ALIASES.get(name, name)
-        return key if key in HANDLERS else None
+        return handler_key(name)
 
     async def clinic_exists(self, clinic_id: str) -> bool:
         from clinicomm.store.models import Clinic

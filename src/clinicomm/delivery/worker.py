@@ -3,9 +3,10 @@
 One worker runs inside `clinicomm serve` (unless `CLINICOMM_WORKER=false`); `clinicomm worker`
 runs it alone, as many processes as wanted on PostgreSQL. The loop:
 
-1. claim up to `batch_size` due deliveries with a lease (`delivery.queue.claim`), as long as
+1. claim up to `batch_size` due deliveries with a lease (`delivery.outbox.claim`), as long as
    fewer than `concurrency` are in flight;
-2. send each one concurrently (`delivery.sender`), collecting outcomes and attempt rows;
+2. handle each one concurrently: `delivery.admission` (checks before any provider call),
+   then `delivery.sender` (adapter calls, asking `delivery.decision` after each one);
 3. a flusher writes outcomes and attempts in one transaction every `flush_interval` (batched);
    a failed write is retried, never dropped;
 4. when there is nothing due, wait for a wake-up: PostgreSQL `LISTEN` or the in-process event
@@ -24,39 +25,34 @@ import contextlib
 import logging
 import os
 import socket
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
-from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from clinicomm.delivery import gates, policy
-from clinicomm.delivery.events import SuppressionReason, suppress
-from clinicomm.delivery.queue import (
-    Claimed,
-    Outcome,
-    claim,
+from clinicomm.crypto import CryptoError
+from clinicomm.delivery import admission, decision
+from clinicomm.delivery.admission import Guards
+from clinicomm.delivery.contents import Contents, Erased, Unreadable
+from clinicomm.delivery.outbox import Notifier, claim, reap_expired, write_results
+from clinicomm.delivery.records import Claimed, DeliveryStatus, Handled
+from clinicomm.delivery.retention import (
     purge_audit,
     purge_contents,
     purge_events,
     purge_idempotency_keys,
-    reap_expired,
-    write_results,
 )
-from clinicomm.delivery.sender import Content, Guards, Handled, send_through_chain
-from clinicomm.messaging.models import DeliveryStatus
-from clinicomm.messaging.service import PLATFORM_KEY_OWNER, Notifier
-from clinicomm.observability import metrics
+from clinicomm.delivery.sender import Walk, outcome_of, position_of, send_through_chain
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
-from clinicomm.routing.limits import clinic_channel_key, clinic_channel_limits
-from clinicomm.runtime import Runtime
+from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database
-from clinicomm.store.models import Message, utcnow
+from clinicomm.store.models import utcnow
+
+if TYPE_CHECKING:
+    from clinicomm.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +105,8 @@ class Worker:
         self._results: list[Handled] = []
         self._flushing = 0
         self._flush_now = asyncio.Event()
-        self._contents: OrderedDict[str, Content] = OrderedDict()
-        self._erased: set[str] = set()
-        self._gates: dict[str, gates.Gates] = {}
+        self._contents = Contents(db, config.keys)
+        self._facts: dict[str, admission.Facts] = {}
         self.sent = 0
         self.failed = 0
 
@@ -199,14 +194,14 @@ class Worker:
 
     async def _start(self, batch: list[Claimed]) -> None:
         try:
-            await self._load_contents({c.message_id: c.clinic_id for c in batch})
+            await self._contents.load([c.message_id for c in batch])
         except Exception as exc:
             log.warning(
                 "could not load message contents",
                 extra={"event": "content_load_failed", "error": type(exc).__name__},
             )
         try:
-            facts = await gates.load(self.db, batch)
+            facts = await admission.load(self.db, batch)
         except Exception as exc:  # no facts: each delivery is retried later (_process)
             log.warning(
                 "could not load suppressions",
@@ -214,7 +209,7 @@ class Worker:
             )
         else:
             for claimed in batch:
-                self._gates[claimed.id] = facts
+                self._facts[claimed.id] = facts
         for claimed in batch:
             self._claimed[claimed.id] = claimed
             task = asyncio.create_task(self._process(claimed), name=claimed.id)
@@ -228,7 +223,7 @@ class Worker:
         delivery_id = task.get_name()
         self._inflight.pop(delivery_id, None)
         self._claimed.pop(delivery_id, None)
-        self._gates.pop(delivery_id, None)
+        self._facts.pop(delivery_id, None)
 
     async def _process(self, claimed: Claimed) -> None:
         try:
@@ -246,89 +241,70 @@ class Worker:
             self._flush_now.set()
 
     async def _handle(self, claimed: Claimed) -> Handled:
-        """Check what must stop the delivery before any provider call, then send it."""
-        if claimed.recipient == claimed.sealed and claimed.sealed:
-            # The address in clear, for the adapter only (never logged or stored).
-            cipher = await self.config.keys.cipher_for(
-                self.db, claimed.clinic_id or PLATFORM_KEY_OWNER
+        """Admission (every check before a provider call), then the chain."""
+        content = self._contents.lookup(claimed.message_id)
+        if isinstance(content, Erased):
+            return Handled(claimed.refuse("message content erased after the retention period"))
+        if isinstance(content, Unreadable):
+            return Handled(
+                claimed.fail("configuration", errors=[*claimed.errors, _config(content.error)])
             )
-            claimed.recipient = cipher.decrypt_address(claimed.sealed)
-        content = self._contents.get(claimed.message_id)
-        if content is None and claimed.message_id in self._erased:
-            return _refused(claimed, "message content erased after the retention period")
         if content is None:
             raise LookupError("message content unavailable")
+        try:
+            await self._reveal(claimed)
+        except CryptoError as exc:  # CryptoError messages name keys and clinics, never values
+            errors = [*claimed.errors, _config(str(exc))]
+            return Handled(claimed.fail("configuration", errors=errors))
+        facts = self._facts.get(claimed.id)
+        if facts is None:
+            raise LookupError("suppressions could not be read")
         resolved = await self.config.get_clinic_config(claimed.clinic_id, Channel(claimed.channel))
-        reason = policy.blocked(resolved, content)
-        if reason is not None:
-            return _refused(claimed, reason)
-        gated = self._gate(claimed, resolved, content)
-        if isinstance(gated, Handled):
-            return gated
-        limited = await self._clinic_limit(claimed, resolved)
-        if limited is not None:
-            return limited
+        verdict = await admission.admit(claimed, resolved, content, facts, self.guards, utcnow())
+        if isinstance(verdict, admission.Suppressed):
+            return Handled(claimed.suppressed())
+        if isinstance(verdict, admission.Refused):
+            return self._refused(claimed, resolved, verdict)
+        if isinstance(verdict, admission.Wait):
+            return Handled(claimed.requeue(verdict.at, verdict.reason))
         return await send_through_chain(
             claimed,
             self.chains.chain(resolved),
-            gated,
+            verdict.content,
             now_fn=utcnow,
             max_age=timedelta(seconds=self.options.max_age_seconds),
             guards=self.guards,
             retry_base=self.options.retry_base_seconds,
         )
 
-    def _gate(
-        self, claimed: Claimed, resolved: ResolvedChannel, content: Content
-    ) -> Handled | Content:
-        """Opt-outs and the WhatsApp window (`delivery.gates`), before any provider call."""
-        facts = self._gates.get(claimed.id)
-        if facts is None:
-            raise LookupError("suppressions could not be read")
-        if claimed.id in facts.suppressed:
-            return Handled(
-                Outcome(
-                    claimed.id,
-                    DeliveryStatus.SUPPRESSED,
-                    claimed.attempts,
-                    error={"reason": "the recipient opted out of this channel", "errors": []},
-                )
-            )
-        decided = gates.window(resolved, content, facts.last_inbound.get(claimed.id), utcnow())
-        if isinstance(decided, str):
-            return _refused(claimed, decided)
-        return decided
+    async def _reveal(self, claimed: Claimed) -> None:
+        """The addresses in clear, for the adapter only (never logged or stored), and the
+        fallback address's blind index (for a channel-fallback delivery)."""
+        if not claimed.sealed and not claimed.fallback_sealed:
+            return
+        cipher = await self.config.keys.cipher_for(self.db, claimed.clinic_id or PLATFORM)
+        if claimed.sealed and claimed.recipient == claimed.sealed:
+            claimed.recipient = cipher.decrypt_address(claimed.sealed)
+        if claimed.fallback_sealed and claimed.fallback_address == claimed.fallback_sealed:
+            claimed.fallback_address = cipher.decrypt_address(claimed.fallback_sealed)
+            claimed.fallback_index = cipher.index(claimed.fallback_address)
 
-    async def _clinic_limit(self, claimed: Claimed, resolved: ResolvedChannel) -> Handled | None:
-        """The clinic's own `rateLimit` for the channel, shared by every process: over the
-        minute or hour limit the delivery waits; over the day limit it waits for the next
-        window or fails, as the clinic set `onDayLimit`."""
-        own = resolved.own
-        if self.guards is None or own is None or own.rate_limit is None:
-            return None
-        limits = clinic_channel_limits(own.rate_limit)
-        if not limits:
-            return None
-        key = clinic_channel_key(claimed.clinic_id, claimed.channel)
-        wait = await self.guards.limiter.acquire(key, limits)
-        if wait <= 0:
-            return None
-        day = own.rate_limit.max_per_day
-        day_full = day is not None and await self.guards.limiter.usage(key, [(day, 86400.0)]) >= 1
-        metrics.RATE_LIMITED.labels(claimed.clinic_id or "global", claimed.channel).inc()
-        if day_full and own.rate_limit.on_day_limit == "fail":
-            return _refused(claimed, "the clinic's daily limit is reached")
-        return Handled(
-            Outcome(
-                claimed.id,
-                DeliveryStatus.QUEUED,
-                claimed.attempts,
-                chain_position=claimed.chain_position,
-                provider_attempts=claimed.provider_attempts,
-                next_attempt_at=utcnow() + timedelta(seconds=wait),
-                error={"reason": "waiting for the clinic's rate limit", "errors": claimed.errors},
+    def _refused(
+        self, claimed: Claimed, resolved: ResolvedChannel, verdict: admission.Refused
+    ) -> Handled:
+        """Refused before any provider call; the clinic's channel fallback takes the delivery
+        when the reason allows it (a closed window without a template)."""
+        if verdict.fallback is not None:
+            chain = self.chains.chain(resolved)
+            now = utcnow()
+            walk = Walk(claimed.chain_position, 0, claimed.attempts, list(claimed.errors))
+            deadline = claimed.created_at + timedelta(seconds=self.options.max_age_seconds)
+            step = decision.channel_fallback(
+                position_of(claimed, chain, walk, deadline), verdict.fallback
             )
-        )
+            if step is not None:
+                return outcome_of(claimed, step, walk, None, now)
+        return Handled(claimed.refuse(verdict.reason))
 
     def _not_prepared(self, claimed: Claimed, exc: Exception) -> Handled:
         """A delivery that could not even be tried: retry later, fail once too old."""
@@ -348,48 +324,10 @@ class Worker:
         retry_at = now + timedelta(seconds=self.options.prepare_retry_seconds)
         deadline = claimed.created_at + timedelta(seconds=self.options.max_age_seconds)
         if retry_at >= deadline:
-            outcome = Outcome(
-                claimed.id,
-                DeliveryStatus.FAILED,
-                claimed.attempts,
-                chain_position=claimed.chain_position,
-                error={"reason": "could not be prepared before its maximum age", "errors": errors},
+            return Handled(
+                claimed.fail("could not be prepared before its maximum age", errors=errors)
             )
-        else:
-            outcome = Outcome(
-                claimed.id,
-                DeliveryStatus.QUEUED,
-                claimed.attempts,
-                chain_position=claimed.chain_position,
-                provider_attempts=claimed.provider_attempts,
-                next_attempt_at=retry_at,
-                error={"reason": "retrying", "errors": errors},
-            )
-        return Handled(outcome)
-
-    # ---- message contents -----------------------------------------------------------------
-    async def _load_contents(self, wanted: dict[str, str | None]) -> None:
-        missing = [m for m in wanted if m not in self._contents]
-        if not missing:
-            return
-        async with self.db.read() as session:
-            rows = (
-                await session.execute(
-                    select(Message.id, Message.clinic_id, Message.content, Message.category).where(
-                        Message.id.in_(missing)
-                    )
-                )
-            ).all()
-            categories = {row[0]: row[3] for row in rows}
-            for message_id, clinic_id, blob, _ in rows:
-                if not blob:  # erased after the retention period
-                    self._erased.add(message_id)
-                    continue
-                cipher = await self.config.keys.cipher_for(self.db, clinic_id or PLATFORM_KEY_OWNER)
-                data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
-                self._contents[message_id] = Content.from_json(data, categories[message_id])
-        while len(self._contents) > 10_000:
-            self._contents.popitem(last=False)
+        return Handled(claimed.requeue(retry_at, "retrying", errors=errors))
 
     # ---- results --------------------------------------------------------------------------
     async def _flusher(self, stop: asyncio.Event) -> None:
@@ -416,19 +354,8 @@ class Worker:
                         outcomes=[h.outcome for h in pending],
                         attempts=[a for h in pending for a in h.attempts],
                         new_deliveries=[h.fallback for h in pending if h.fallback],
+                        suppressions=[h.suppress for h in pending if h.suppress],
                     )
-                    for h in pending:
-                        if h.suppress is not None:
-                            clinic, channel, index, reason, source, sealed = h.suppress
-                            await suppress(
-                                session,
-                                clinic,
-                                channel,
-                                index,
-                                SuppressionReason(reason),
-                                source,
-                                address_enc=sealed or None,
-                            )
                     if any(h.fallback for h in pending):
                         await self.notifier.in_transaction(await session.connection())
                 if any(h.fallback for h in pending):
@@ -489,21 +416,7 @@ class Worker:
                     await task
         now = utcnow()
         for claimed in list(self._claimed.values()):
-            self._results.append(
-                Handled(
-                    Outcome(
-                        claimed.id,
-                        DeliveryStatus.QUEUED,
-                        claimed.attempts,
-                        chain_position=claimed.chain_position,
-                        provider_attempts=claimed.provider_attempts,
-                        next_attempt_at=now,
-                        error={"reason": "released", "errors": claimed.errors}
-                        if claimed.errors
-                        else None,
-                    )
-                )
-            )
+            self._results.append(Handled(claimed.requeue(now, "released", quiet=True)))
         self._claimed.clear()
 
     # ---- wake-ups ---------------------------------------------------------------------------
@@ -537,13 +450,10 @@ async def _wait_any(stop: asyncio.Event, event: asyncio.Event | None, seconds: f
             waiter.cancel()
 
 
-def _refused(claimed: Claimed, reason: str) -> Handled:
-    """The delivery ends `failed` with `reason`, before any provider was called."""
-    return Handled(
-        Outcome(
-            claimed.id,
-            DeliveryStatus.FAILED,
-            claimed.attempts,
-            error={"reason": reason, "errors": claimed.errors},
-        )
-    )
+def _config(detail: str) -> dict[str, Any]:
+    """The reason recorded for content this worker cannot decrypt."""
+    return {
+        "provider": None,
+        "class": "configuration",
+        "message": f"message content or address cannot be decrypted by this worker ({detail})",
+    }

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from clinicomm.delivery.records import DeliveryStatus as DeliveryStatus
 from clinicomm.providers.base import Channel, SingleLine
 
 #: `metadata` holds routing and correlation ids: at most this many keys and this many bytes
 #: serialized (a larger object is either a mistake or patient data that has no place there).
 METADATA_MAX_KEYS = 50
 METADATA_MAX_BYTES = 8 * 1024
-
-
-class DeliveryStatus(StrEnum):
-    """Where one delivery is. Every delivery ends in one of the last six."""
-
-    QUEUED = "queued"  # stored, waiting for a worker (first try or a scheduled retry)
-    SENDING = "sending"  # claimed by a worker (leased)
-    SENT = "sent"  # a provider took it (its message id is recorded)
-    DELIVERED = "delivered"  # the provider reported delivery to the device or mailbox
-    READ = "read"  # the recipient opened or read it
-    FAILED = "failed"  # no provider could take it; `error` says why, per provider
-    BOUNCED = "bounced"  # the provider reported a bounce after `sent`
-    SUPPRESSED = "suppressed"  # not sent: the recipient opted out of this channel
-
 
 TERMINAL = frozenset(
     {

@@ -8,13 +8,13 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import delete, select
 
+from clinicomm.delivery.outbox import Notifier
+from clinicomm.delivery.records import NewDelivery
 from clinicomm.ids import new_id
 from clinicomm.messaging.models import (
     DeliveryStatus,
@@ -27,6 +27,7 @@ from clinicomm.messaging.writer import BatchWriter, PendingWrite
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.settings.keys import PLATFORM
+from clinicomm.settings.models import ChannelSettings
 from clinicomm.settings.service import ConfigService
 from clinicomm.settings.validation import Problem
 from clinicomm.store.db import Database
@@ -62,25 +63,8 @@ class PlannedDelivery:
     recipient: str
     #: Set when the delivery cannot be attempted at all (no address for the channel).
     failure: str | None = None
-
-
-class Notifier:
-    """Wakes workers when deliveries are due: an in-process event, plus PostgreSQL NOTIFY."""
-
-    CHANNEL = "clinicomm_deliveries"
-
-    def __init__(self) -> None:
-        import asyncio
-
-        self.event = asyncio.Event()
-
-    async def in_transaction(self, conn: AsyncConnection) -> None:
-        """Queue a NOTIFY that PostgreSQL delivers at commit (no-op on SQLite)."""
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text(f"NOTIFY {self.CHANNEL}"))
-
-    def after_commit(self) -> None:
-        self.event.set()
+    #: The recipient's address on the clinic's channel fallback, when of another kind.
+    fallback_address: str | None = None
 
 
 class FairClock:
@@ -133,8 +117,8 @@ class MessagingService:
         With the same `idempotency_key` and payload within 24 h, answers the first answer again.
         """
         clinic_id = request.metadata.clinic_id
-        regions = await self._regions(clinic_id, request.channels)
-        planned = plan(request, regions)
+        regions, fallbacks = await self._regions(clinic_id, request.channels)
+        planned = plan(request, regions, fallbacks)
         scope = clinic_id or PLATFORM_KEY_OWNER
         digest = request_hash(request) if idempotency_key else ""
         for _ in range(3):
@@ -164,7 +148,7 @@ class MessagingService:
         """Write the message; None when its idempotency key is already stored."""
         message_id = new_id()
         now = utcnow()
-        rows: list[dict[str, Any]] = []
+        rows: list[NewDelivery] = []
         summaries: list[DeliverySummary] = []
         stamps = self.fair.stamps(clinic_id, len(planned), now)
         cipher = await self.config.keys.cipher_for(self.db, scope)
@@ -173,24 +157,23 @@ class MessagingService:
             status = DeliveryStatus.FAILED if item.failure else DeliveryStatus.QUEUED
             error = {"reason": item.failure, "errors": []} if item.failure else None
             rows.append(
-                {
-                    "id": delivery_id,
-                    "message_id": message_id,
-                    "clinic_id": clinic_id,
-                    "channel": item.channel.value,
-                    # The address encrypted with the clinic's data key, and its blind index
-                    # for suppressions and the WhatsApp window.
-                    "recipient": cipher.encrypt_address(item.recipient)
-                    if item.recipient
-                    else "",
-                    "recipient_index": cipher.index(item.recipient) if item.recipient else None,
-                    "status": status.value,
-                    "next_attempt_at": now,
-                    "fair_at": fair_at,
-                    "error": error,
-                    "created_at": now,
-                    "updated_at": now,
-                }
+                NewDelivery(
+                    id=delivery_id,
+                    message_id=message_id,
+                    clinic_id=clinic_id,
+                    channel=item.channel.value,
+                    # The addresses encrypted with the clinic's data key, and the blind index
+                    # suppressions and the WhatsApp window look the recipient up by.
+                    recipient=cipher.encrypt_address(item.recipient) if item.recipient else "",
+                    recipient_index=cipher.index(item.recipient) if item.recipient else None,
+                    status=status,
+                    fair_at=fair_at,
+                    created_at=now,
+                    error=error,
+                    fallback_address=cipher.encrypt_address(item.fallback_address)
+                    if item.fallback_address
+                    else None,
+                )
             )
             summaries.append(
                 DeliverySummary(
@@ -245,17 +228,27 @@ class MessagingService:
         )
         return answer
 
-    async def _regions(self, clinic_id: str | None, channels: list[Channel]) -> dict[Channel, str]:
-        """Default phone regions of the clinic's channels; checks that the clinic exists."""
+    async def _regions(
+        self, clinic_id: str | None, channels: list[Channel]
+    ) -> tuple[dict[Channel, str], dict[Channel, Channel]]:
+        """Default phone regions of the clinic's channels, and the channel fallbacks that
+        need another kind of address (email → SMS); checks that the clinic exists."""
         regions: dict[Channel, str] = {}
-        for channel in channels:
+        fallbacks: dict[Channel, Channel] = {}
+        wanted = list(channels)
+        for channel in wanted:
             resolved = await self.config.get_clinic_config(clinic_id, channel)
             if clinic_id is not None and resolved.version == 0:
                 raise UnknownClinicError(clinic_id)
             region = getattr(resolved.effective, "default_region", None)
             if isinstance(region, str):
                 regions[channel] = region
-        return regions
+            target = _other_kind_fallback(resolved.own, channel)
+            if channel in channels and target is not None:
+                fallbacks[channel] = target
+                if target not in wanted:
+                    wanted.append(target)  # its default region reads the fallback number
+        return regions, fallbacks
 
     async def _previous(self, scope: str, key: str, digest: str) -> SendAccepted | None:
         async with self.db.read() as session:
@@ -295,8 +288,26 @@ def request_hash(request: SendRequest) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def plan(request: SendRequest, regions: dict[Channel, str]) -> list[PlannedDelivery]:
-    """One delivery per (recipient, channel), with canonical addresses.
+def _other_kind_fallback(own: ChannelSettings | None, channel: Channel) -> Channel | None:
+    """The channel the clinic falls back to from `channel` when it addresses patients another
+    way (email ↔ phone), else None (the chain builder reads the same setting)."""
+    if own is None:
+        return None
+    target = own.fallback_strategy.fallback_provider
+    if target not in {c.value for c in Channel} or target == channel.value:
+        return None
+    other = Channel(target)
+    return other if (other is Channel.EMAIL) != (channel is Channel.EMAIL) else None
+
+
+def plan(
+    request: SendRequest,
+    regions: dict[Channel, str],
+    fallbacks: dict[Channel, Channel] | None = None,
+) -> list[PlannedDelivery]:
+    """One delivery per (recipient, channel), with canonical addresses; with `fallbacks`
+    (channel → fallback channel of another address kind) each delivery also keeps the
+    recipient's address on the fallback channel, when the request gives one.
 
     A malformed address is a 422 (SendValidationError, every problem with its path); a missing
     address for a requested channel is a delivery recorded `failed` with the reason.
@@ -341,7 +352,15 @@ def plan(request: SendRequest, regions: dict[Channel, str]) -> list[PlannedDeliv
                     PlannedDelivery(channel, "", f"recipient has no {kind} for {channel.value}")
                 )
             else:
-                planned.append(PlannedDelivery(channel, address))
+                target = (fallbacks or {}).get(channel)
+                other = None
+                if target is Channel.EMAIL:
+                    other = email
+                elif target is Channel.WHATSAPP:
+                    other = numbers["whatsapp"] or numbers["phone"]
+                elif target is Channel.SMS:
+                    other = numbers["phone"]
+                planned.append(PlannedDelivery(channel, address, fallback_address=other))
     if problems:
         raise SendValidationError(problems)
     return planned

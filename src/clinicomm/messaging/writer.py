@@ -23,11 +23,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from clinicomm.delivery.outbox import enqueue
+from clinicomm.delivery.records import NewDelivery
 from clinicomm.store.db import Database
-from clinicomm.store.models import Delivery, IdempotencyKey, Message
+from clinicomm.store.models import IdempotencyKey, Message
 
 MESSAGES: Table = Message.__table__  # type: ignore[assignment]
-DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 IDEMPOTENCY: Table = IdempotencyKey.__table__  # type: ignore[assignment]
 
 
@@ -36,7 +37,7 @@ class PendingWrite:
     """One accepted message's rows."""
 
     message: dict[str, Any]
-    deliveries: list[dict[str, Any]]
+    deliveries: list[NewDelivery]
     idempotency: dict[str, Any] | None = None
     #: Resolves to True once committed, or False when the idempotency key was already taken
     #: (nothing of this message was written).
@@ -98,7 +99,7 @@ class BatchWriter:
             writes = [i for i in batch if id(i) not in taken]
             if writes:
                 await conn.execute(MESSAGES.insert(), [i.message for i in writes])
-                await conn.execute(DELIVERIES.insert(), [d for i in writes for d in i.deliveries])
+                await enqueue(conn, [d for i in writes for d in i.deliveries])
                 if self.before_commit is not None:
                     await self.before_commit(conn)
         self.batches += 1

@@ -30,10 +30,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-from sqlalchemy import case, func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from clinicomm.observability import metrics
+from clinicomm.delivery.bounces import bounce_counts, per_clinic
 from clinicomm.observability.inventory import Inventory, clinic_inventory
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
@@ -41,7 +41,8 @@ from clinicomm.routing.health import HealthState, HealthTracker
 from clinicomm.routing.limits import RateLimiter, clinic_channel_key, clinic_channel_limits
 from clinicomm.settings.service import ConfigService
 from clinicomm.store.db import Database
-from clinicomm.store.models import AlertRecord, Delivery, aware, utcnow
+from clinicomm.store.models import AlertRecord, aware, utcnow
+from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class AlertEngine:
                     _skipped(clinic_id, channel, exc)
                     continue
                 for hop in chain.hops:
-                    owner = clinic_id if hop.scope == "clinic" else None
+                    owner = hop.health_owner(clinic_id)
                     if (owner, hop.label) in seen:
                         continue
                     seen.add((owner, hop.label))
@@ -286,25 +287,14 @@ class AlertEngine:
         return RuleResult(found)
 
     async def _bounces(self) -> RuleResult:
-        """bounce_rate: bounced / (sent + delivered + read + bounced) per clinic in the window."""
+        """bounce_rate per clinic in the window, as `delivery.bounces` defines it (bounced /
+        handed to a provider)."""
         since = self.now() - timedelta(seconds=self.settings.bounce_window_seconds)
-        counted = ("sent", "delivered", "read", "bounced")
-        bounced = func.sum(case((Delivery.status == "bounced", 1), else_=0))
-        query = (
-            select(Delivery.clinic_id, bounced, func.count())
-            .where(
-                Delivery.clinic_id.is_not(None),
-                Delivery.status.in_(counted),
-                Delivery.created_at >= since,
-            )
-            .group_by(Delivery.clinic_id)
-        )
         async with self.db.read() as session:
-            rows = (await session.execute(query)).all()
+            counts = await bounce_counts(session, since)
         found = []
         cfg = self.settings
-        for clinic_id, n_bounced, total in rows:
-            n_bounced, total = int(n_bounced or 0), int(total)
+        for clinic_id, (total, n_bounced) in sorted(per_clinic(counts).items()):
             if total >= cfg.bounce_min_samples and n_bounced / total > cfg.bounce_rate:
                 rate = round(n_bounced / total, 4)
                 details = {"bounced": n_bounced, "total": total, "rate": rate}
@@ -379,8 +369,9 @@ class AlertEngine:
         transitions: list[Transition] = []
         async with self.db.read() as session:
             active = list(
-                (await session.execute(select(AlertRecord).where(AlertRecord.status == "active")))
-                .scalars()
+                (
+                    await session.execute(select(AlertRecord).where(AlertRecord.status == "active"))
+                ).scalars()
             )
         active_keys = {row.key for row in active}
         for key, condition in wanted.items():
@@ -462,9 +453,7 @@ class AlertEngine:
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout),
             ) as answer:
                 if answer.status >= 300:
-                    raise aiohttp.ClientResponseError(
-                        answer.request_info, (), status=answer.status
-                    )
+                    raise aiohttp.ClientResponseError(answer.request_info, (), status=answer.status)
         except Exception as exc:
             log.warning(
                 "alert webhook failed",
@@ -504,4 +493,3 @@ async def list_alerts(
     async with db.read() as session:
         rows = (await session.execute(query)).scalars()
         return [alert_json(r) for r in rows]
-

@@ -13,12 +13,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from clinicomm.observability import metrics
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel
 from clinicomm.settings.models import CommunicationSettings
 from clinicomm.store.db import Database
 from clinicomm.store.models import Clinic
+from clinicomm.telemetry import metrics
 
 COMM = "communicationSettings"
 

@@ -8,10 +8,13 @@ tasks end when `stop` is set. Intervals: `CLINICOMM_PROBE_INTERVAL_SECONDS` (300
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from clinicomm.observability.alerts import AlertEngine
-from clinicomm.routing.probes import ProbeRunner
-from clinicomm.runtime import Runtime
+from clinicomm.observability.probes import ProbeRunner
+
+if TYPE_CHECKING:
+    from clinicomm.runtime import Runtime
 
 
 def alert_engine(runtime: Runtime) -> AlertEngine:

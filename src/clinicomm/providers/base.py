@@ -176,6 +176,22 @@ class ProviderAdapter(abc.ABC):
     channel: ClassVar[Channel]
     display_name: ClassVar[str]
     credentials_model: ClassVar[type[ProviderCredentials]]
+    #: Other spellings of `key` accepted in settings documents (`aws_ses` for `ses`).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: `ComplianceError` codes meaning the recipient opted out with this provider (Twilio
+    #: 21610): the worker records a suppression with the failure.
+    opt_out_codes: ClassVar[frozenset[str]] = frozenset()
+    #: `RecipientError` codes meaning a permanent bounce (besides SMTP 5.1.x): suppressed.
+    bounce_codes: ClassVar[frozenset[str]] = frozenset()
+    #: `RecipientError` codes meaning the recipient cannot be reached on this channel at all
+    #: (not a WhatsApp user): the clinic's channel fallback may reach them elsewhere.
+    unreachable_codes: ClassVar[frozenset[str]] = frozenset()
+    #: Credentials fields (sender id, messages per second) when the provider caps a sender's
+    #: throughput (a WhatsApp phone number: `phone_number_id`, `max_per_second`).
+    throughput_fields: ClassVar[tuple[str, str] | None] = None
+    #: The provider the seed's global variables assume for this channel when
+    #: `<CHANNEL>_PROVIDER` is unset (one per channel: smtp, meta_business, twilio).
+    global_default: ClassVar[bool] = False
 
     def __init__(self, credentials: ProviderCredentials, context: AdapterContext) -> None:
         self.credentials = credentials

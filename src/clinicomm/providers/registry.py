@@ -19,13 +19,6 @@ from clinicomm.providers.base import Channel, ProviderAdapter, ProviderCredentia
 #: A provider key that turns a channel (or one slot of it) off.
 DISABLED = "disabled"
 
-#: Other spellings accepted in settings documents, mapped to the canonical key.
-ALIASES: dict[Channel, dict[str, str]] = {
-    Channel.EMAIL: {"aws_ses": "ses"},
-    Channel.WHATSAPP: {},
-    Channel.SMS: {"sns": "aws_sns"},
-}
-
 
 @dataclass(frozen=True, slots=True)
 class ProviderSpec:
@@ -36,6 +29,8 @@ class ProviderSpec:
     display_name: str
     credentials_model: type[ProviderCredentials]
     adapter: type[ProviderAdapter]
+    #: Other spellings accepted in settings documents (the adapter's `aliases`).
+    aliases: tuple[str, ...] = ()
 
 
 _SPECS: dict[tuple[Channel, str], ProviderSpec] = {}
@@ -50,6 +45,7 @@ def register(adapter: type[ProviderAdapter]) -> type[ProviderAdapter]:
         display_name=adapter.display_name,
         credentials_model=adapter.credentials_model,
         adapter=adapter,
+        aliases=tuple(adapter.aliases),
     )
     existing = _SPECS.get((spec.channel, spec.key))
     if existing is not None and existing.adapter is not adapter:
@@ -78,13 +74,28 @@ def load_all() -> None:
 
 def canonical_key(channel: Channel, key: str) -> str:
     """The canonical provider key for a spelling accepted in settings (`aws_ses` → `ses`)."""
-    return ALIASES[channel].get(key, key)
+    return aliases(channel).get(key, key)
+
+
+def aliases(channel: Channel) -> dict[str, str]:
+    """Other spellings accepted in settings for `channel`, mapped to the canonical key."""
+    load_all()
+    return {alias: s.key for s in _SPECS.values() if s.channel == channel for alias in s.aliases}
 
 
 def get(channel: Channel, key: str) -> ProviderSpec:
     """The provider registered under `key` for `channel`; KeyError if there is none."""
     load_all()
     return _SPECS[(channel, canonical_key(channel, key))]
+
+
+def default_key(channel: Channel) -> str:
+    """The provider the seed's variables assume for `channel` when `<CHANNEL>_PROVIDER` is
+    unset: the one whose adapter declares `global_default`."""
+    for spec in specs(channel):
+        if spec.adapter.global_default:
+            return spec.key
+    raise LookupError(f"no provider declares itself the {channel.value} default")
 
 
 def specs(channel: Channel | None = None) -> list[ProviderSpec]:

@@ -45,11 +45,10 @@ class Hop:
     #: (a WhatsApp phone number: 80/s by default).
     throughput: tuple[str, int] | None = None
 
-    @property
-    def health_scope(self) -> str | None:
-        """Whose health this hop's outcomes count for: the clinic's own provider, or the
-        platform's (None) for a global provider, shared by every clinic that uses it."""
-        return None if self.scope == "global" else "clinic"
+    def health_owner(self, clinic_id: str | None) -> str | None:
+        """Whose health this hop's outcomes count for: the clinic's, for its own provider, or
+        the platform's (None) for a global provider, shared by every clinic that uses it."""
+        return clinic_id if self.scope == "clinic" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +149,12 @@ class ChainBuilder:
         if isinstance(settings, EmailSettings):
             from_email, from_name = settings.default_from, settings.default_from_name
         throughput = None
-        sender = getattr(slot.credentials, "phone_number_id", None)
-        cap = getattr(slot.credentials, "max_per_second", None)
-        if isinstance(sender, str) and isinstance(cap, int):
-            throughput = (sender, cap)
+        fields = type(adapter).throughput_fields
+        if fields is not None:
+            sender = getattr(slot.credentials, fields[0], None)
+            cap = getattr(slot.credentials, fields[1], None)
+            if isinstance(sender, str) and isinstance(cap, int):
+                throughput = (sender, cap)
         return Hop(
             label=label,
             scope=scope,

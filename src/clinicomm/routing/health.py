@@ -38,10 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from redis.asyncio import Redis
-
-from clinicomm.observability import metrics
 from clinicomm.providers.errors import ProviderError, redact
+from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -374,17 +372,3 @@ class InProcessHealth(HealthTracker):
     ) -> None:
         self.probe_now(clinic_id, provider, ok, detail)
 
-
-def make_health(
-    redis: Redis | None,
-    config: HealthConfig | None = None,
-    *,
-    clock: Callable[[], float] = time.time,
-) -> HealthTracker:
-    """`RedisHealth` when a Redis client is given (every process shares one circuit per
-    (clinic, provider)), else `InProcessHealth` (`clock` applies to it)."""
-    if redis is None:
-        return InProcessHealth(config, clock=clock)
-    from clinicomm.routing.health_redis import RedisHealth
-
-    return RedisHealth(redis, config)

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from redis.exceptions import RedisError
 
-from clinicomm.observability import metrics
+from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
 

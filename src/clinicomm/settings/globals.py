@@ -19,12 +19,6 @@ from clinicomm.providers import registry
 from clinicomm.providers.base import Channel
 from clinicomm.settings.models import CommunicationSettings
 
-#: The provider assumed for a channel whose variables are set without `<CHANNEL>_PROVIDER`.
-_DEFAULT_PROVIDER = {
-    Channel.EMAIL: "smtp",
-    Channel.WHATSAPP: "meta_business",
-    Channel.SMS: "twilio",
-}
 _SIGNAL = {
     Channel.EMAIL: "EMAIL_HOST",
     Channel.WHATSAPP: "WHATSAPP_API_KEY",
@@ -44,7 +38,8 @@ def document_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         provider = env.get(f"{prefix}_PROVIDER")
         if not provider and not env.get(_SIGNAL[channel]):
             continue
-        provider = provider or _DEFAULT_PROVIDER[channel]
+        # Without `<CHANNEL>_PROVIDER`: the provider module that declares `global_default`.
+        provider = provider or registry.default_key(channel)
         if provider == registry.DISABLED:
             doc[channel.value] = {"enabled": False}
             continue
@@ -67,7 +62,7 @@ def document_from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 section["defaultFrom"] = env["EMAIL_FROM"]
             if env.get("EMAIL_FROM_NAME"):
                 section["defaultFromName"] = env["EMAIL_FROM_NAME"]
-            if provider != "smtp":
+            if "from_email" in spec.credentials_model.model_fields:
                 credentials.setdefault("fromEmail", env.get("EMAIL_FROM"))
                 credentials.setdefault("fromName", env.get("EMAIL_FROM_NAME"))
                 credentials = {k: v for k, v in credentials.items() if v}

@@ -78,7 +78,7 @@ def _provider_union(channel: Channel) -> Any:
     """A discriminated union of one config model per provider of `channel`, tagged by `provider`."""
     members: list[Any] = []
     for spec in registry.specs(channel):
-        tags = [spec.key, *(a for a, k in registry.ALIASES[channel].items() if k == spec.key)]
+        tags = [spec.key, *(a for a, k in registry.aliases(channel).items() if k == spec.key)]
         model = create_model(
             f"{channel.value.capitalize()}{_pascal(spec.key)}Config",
             __base__=ProviderConfig,
@@ -177,7 +177,7 @@ class WhatsAppSettings(ChannelSettings):
 
     `windowTemplates` maps a message category (`APPOINTMENT_REMINDER`, `GENERAL`, …) to the
     template a free-form text of that category is sent as when the patient's 24-hour window
-    is closed; a category without one fails `template required` (see `delivery.gates`).
+    is closed; a category without one fails `template required` (see `delivery.admission`).
     """
 
     primary: WhatsAppProviderConfig | None = None
@@ -213,5 +213,5 @@ def union_tags() -> frozenset[str]:
     tags: set[str] = {registry.DISABLED}
     for channel in CHANNELS:
         tags.update(registry.keys(channel))
-        tags.update(registry.ALIASES[channel])
+        tags.update(registry.aliases(channel))
     return frozenset(tags)

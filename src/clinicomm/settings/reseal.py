@@ -6,7 +6,7 @@ in batches of one transaction each, the rows not yet in the current form:
 | table | column | current form |
 |---|---|---|
 | messages | content, meta | `cc2` blob of the current key version; meta sealed |
-| deliveries | recipient, recipient_index | `cc1:<version>:` ciphertext and its blind index |
+| deliveries | recipient, recipient_index, fallback_address | ciphertexts, the blind index |
 | suppressions | address, address_enc | blind index; ciphertext of the current version |
 | inbound_contacts | address | blind index |
 | delivery_events | recipient, recipient_enc | blind index; current ciphertext (no raw item) |
@@ -105,8 +105,19 @@ def _predicates(cipher: FieldCipher) -> list[tuple[str, Any, ColumnElement[bool]
             Delivery,
             and_(
                 _clinic(Delivery.clinic_id, clinic_id),
-                Delivery.recipient != "",
-                or_(Delivery.recipient.not_like(current), Delivery.recipient_index.is_(None)),
+                or_(
+                    and_(
+                        Delivery.recipient != "",
+                        or_(
+                            Delivery.recipient.not_like(current),
+                            Delivery.recipient_index.is_(None),
+                        ),
+                    ),
+                    and_(
+                        Delivery.fallback_address.is_not(None),
+                        Delivery.fallback_address.not_like(current),
+                    ),
+                ),
             ),
         ),
         (
@@ -226,11 +237,14 @@ async def _deliveries(session: AsyncSession, cipher: FieldCipher, limit: int) ->
     changed = 0
     for row in rows:
         address = _address(cipher, row.recipient)
-        if address is None:
-            continue
-        row.recipient = cipher.encrypt_address(address)
-        row.recipient_index = cipher.index(address)
-        changed += 1
+        if address is not None:
+            row.recipient = cipher.encrypt_address(address)
+            row.recipient_index = cipher.index(address)
+            changed += 1
+        fallback = _address(cipher, row.fallback_address)
+        if fallback is not None:
+            row.fallback_address = cipher.encrypt_address(fallback)
+            changed += 1
     return changed
 
 

@@ -23,7 +23,6 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.crypto import FieldDecryptionError
-from clinicomm.observability import metrics
 from clinicomm.providers.base import MASK, Channel
 from clinicomm.settings import secrets
 from clinicomm.settings.cache import ConfigCache
@@ -44,6 +43,7 @@ from clinicomm.settings.validation import (
 )
 from clinicomm.store.db import Database
 from clinicomm.store.models import Clinic, aware, utcnow
+from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
 

@@ -157,6 +157,11 @@ class Delivery(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: The delivery this one replaces on another channel (channel fallback).
     parent_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    #: The patient's address for the clinic's channel fallback when it is another kind than
+    #: `recipient` (the phone number of an email delivery whose fallback is SMS); stored only
+    #: when the clinic configured such a fallback at acceptance. Encrypted like `recipient`;
+    #: erased by retention.
+    fallback_address: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -213,7 +218,8 @@ class DeliveryEventRecord(Base):
 
     The unique (provider, clinic_id, event_id) makes a redelivered event a no-op. `delivery_id`
     and `processed_at` stay NULL while no delivery matches `provider_message_id` yet (the
-    webhook can beat the worker's commit); `delivery.events.apply_pending` finishes those.
+    webhook can beat the worker's commit); the sweep (`delivery.ingest.apply_stored`) finishes
+    those.
     """
 
     __tablename__ = "delivery_events"

@@ -29,12 +29,12 @@ from clinicomm.api.schemas import (
     ClinicReplace,
     ErrorAnswer,
 )
-from clinicomm.observability.logging import request_id
 from clinicomm.providers.base import Channel
 from clinicomm.runtime import Runtime
 from clinicomm.settings.audit import record_change
 from clinicomm.settings.service import COMM, Change, ClinicNotFoundError, ClinicRecord
 from clinicomm.store.models import Clinic as ClinicRow
+from clinicomm.telemetry.logging import request_id
 
 log = logging.getLogger(__name__)
 

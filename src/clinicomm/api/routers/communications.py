@@ -24,8 +24,8 @@ from clinicomm.messaging.service import (
     SendValidationError,
     UnknownClinicError,
 )
-from clinicomm.observability.logging import bind_context
 from clinicomm.runtime import Runtime
+from clinicomm.telemetry.logging import bind_context
 
 router = APIRouter(prefix="/api/v1/communications", tags=["communications"])
 

@@ -15,15 +15,16 @@ from clinicomm.api.deps import get_runtime, require
 from clinicomm.api.errors import ApiError
 from clinicomm.api.routers.clinics import ClinicId
 from clinicomm.api.schemas import ERRORS
+from clinicomm.delivery.bounces import bounce_rate
 from clinicomm.delivery.stats import clinic_stats
 from clinicomm.delivery.testsend import BadTestRequest, run_config_test
 from clinicomm.observability.alerts import list_alerts
-from clinicomm.observability.logging import request_id
 from clinicomm.providers.base import Channel
 from clinicomm.routing.health import ProviderHealth
 from clinicomm.runtime import Runtime
 from clinicomm.settings.service import ClinicNotFoundError
 from clinicomm.store.models import Clinic, aware, utcnow
+from clinicomm.telemetry.logging import request_id
 
 router = APIRouter(tags=["monitoring"])
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -84,7 +85,7 @@ async def communication_health(
         chain = runtime.chains.chain(resolved)
         items = []
         for position, hop in enumerate(chain.hops):
-            owner = clinicId if hop.scope == "clinic" else None
+            owner = hop.health_owner(clinicId)
             state = await runtime.health.state(owner, hop.label)
             items.append(_health_item(state, hop.scope, hop.key, position))
         channels[channel.value] = {
@@ -120,7 +121,9 @@ async def communication_stats(
         )
     await _exists(runtime, clinicId)
     async with runtime.db.read() as session:
-        return await clinic_stats(session, clinicId, start, end)
+        stats = await clinic_stats(session, clinicId, start, end)
+        stats["bounceRate"] = await bounce_rate(session, clinicId, start, end)
+        return stats
 
 
 @router.post(

@@ -3,7 +3,7 @@
 All three need `clinic:communication:manage` for the clinic. Addresses are stored canonical:
 email addresses normalized and lower-cased whole, phone numbers E.164 (`providers/phone.py`;
 a number without `+` is refused, there is no region to read it in). A send to a suppressed
-(clinic, channel, address) ends `suppressed` without any provider call (`delivery.gates`).
+(clinic, channel, address) ends `suppressed` without any provider call (`delivery.admission`).
 Each change writes an audit entry (`suppression.add`, `suppression.remove`) in its transaction.
 """
 
@@ -23,13 +23,13 @@ from clinicomm.api.deps import get_runtime, require
 from clinicomm.api.errors import ApiError
 from clinicomm.api.schemas import CLINIC_ID_PATTERN, ERRORS
 from clinicomm.crypto import FieldCipher
-from clinicomm.delivery.events import SuppressionReason, canonical_key, suppress, unsuppress
-from clinicomm.observability.logging import request_id
+from clinicomm.delivery.suppressions import SuppressionReason, canonical_key, suppress, unsuppress
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.runtime import Runtime
 from clinicomm.settings.service import ClinicNotFoundError
 from clinicomm.store.models import AuditEntry, Clinic, Suppression
+from clinicomm.telemetry.logging import request_id
 
 router = APIRouter(prefix="/api/v1/clinics", tags=["suppressions"])
 

@@ -36,14 +36,13 @@ from clinicomm.api.deps import get_runtime
 from clinicomm.api.errors import ApiError
 from clinicomm.api.limits import WEBHOOK_MAX_BYTES
 from clinicomm.api.schemas import CLINIC_ID_PATTERN
-from clinicomm.delivery.events import store_events
+from clinicomm.delivery.ingest import store_events
 from clinicomm.delivery.webhooks import webhook_service
-from clinicomm.observability.logging import bind_context, request_id
-from clinicomm.providers.webhooks import HANDLERS, WebhookAuthError, WebhookPayloadError, ses
-from clinicomm.providers.webhooks import meta as meta_webhooks
+from clinicomm.providers.webhooks import HANDLERS, WebhookAuthError, WebhookPayloadError
 from clinicomm.providers.webhooks.base import WebhookRequest
 from clinicomm.runtime import Runtime
 from clinicomm.store.models import AuditEntry
+from clinicomm.telemetry.logging import bind_context, request_id
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +54,15 @@ Provider = Annotated[
     str,
     Path(
         max_length=40,
-        description="meta_business (or meta), twilio, sendgrid, mailgun, postmark, ses, "
-        "vonage, messagebird",
+        description=", ".join(
+            f"{h.provider} (or {', '.join(h.aliases)})" if h.aliases else h.provider
+            for h in HANDLERS.values()
+        ),
     ),
 ]
 #: Webhook bodies are small (a SendGrid batch is well under this); larger ones are refused.
 MAX_BODY = WEBHOOK_MAX_BYTES  # enforced while reading by api.limits.BodySizeLimit
 _BACKGROUND: set[asyncio.Task[None]] = set()
-_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
 
 def public_url(request: Request, trust_forwarded: bool) -> str:
@@ -130,7 +130,7 @@ async def receive(
         raise ApiError(401, "unauthorized", "webhook signature is missing or invalid")
     try:
         events = handler.parse(webhook)
-        confirm = ses.subscribe_url(webhook) if key == "ses" else None
+        confirm = handler.subscription_url(webhook) if handler.subscription_url else None
     except (WebhookPayloadError, WebhookAuthError) as exc:
         raise ApiError(400, "bad_request", f"not a {key} webhook: {exc}") from None
     # Addresses are stored as the clinic's blind index beside their ciphertext.
@@ -138,7 +138,7 @@ async def receive(
     async with runtime.db.session() as session:
         ids, duplicates = await store_events(session, clinicId, events, cipher=cipher)
         if confirm is not None:
-            _record_subscription(session, clinicId, webhook, confirm)
+            _record_subscription(session, key, clinicId, webhook, confirm)
     service.submit(ids)
     log.info(
         "webhook stored",
@@ -153,9 +153,8 @@ async def receive(
         task = asyncio.create_task(_confirm_subscription(runtime, confirm))
         _BACKGROUND.add(task)
         task.add_done_callback(_BACKGROUND.discard)
-    if key == "twilio":
-        return Response(_TWIML, media_type="text/xml")
-    return PlainTextResponse("ok")
+    answer, media_type = handler.answer
+    return Response(answer, media_type=media_type)
 
 
 @router.get(
@@ -164,32 +163,36 @@ async def receive(
     response_class=PlainTextResponse,
     responses={
         403: {"description": "hub.verify_token does not match"},
-        404: {"description": "Not Meta, unknown clinic, or the clinic does not use Meta"},
+        404: {"description": "No handshake for this provider, unknown clinic, or not used by it"},
     },
 )
 async def handshake(
     provider: Provider, clinicId: ClinicId, request: Request, runtime: RuntimeDep
 ) -> PlainTextResponse:
     bind_context(clinicId=clinicId)
-    if webhook_service(runtime).provider_key(provider) != meta_webhooks.PROVIDER:
-        raise ApiError(404, "not_found", "only meta_business has a subscription handshake")
+    key = webhook_service(runtime).provider_key(provider)
+    answer = HANDLERS[key].handshake if key is not None else None
+    if answer is None:
+        raise ApiError(404, "not_found", "this provider has no subscription handshake")
     _, candidates = await _credentials(runtime, provider, clinicId)
     query = dict(request.query_params)
     for credentials in candidates:
         try:
-            return PlainTextResponse(meta_webhooks.handshake(query, credentials))
+            return PlainTextResponse(answer(query, credentials))
         except WebhookAuthError:
             continue
     raise ApiError(403, "forbidden", "hub.verify_token does not match")
 
 
-def _record_subscription(session: Any, clinic_id: str, webhook: WebhookRequest, url: str) -> None:
+def _record_subscription(
+    session: Any, key: str, clinic_id: str, webhook: WebhookRequest, url: str
+) -> None:
     message = webhook.json()
     topic = str(message.get("TopicArn") or "")
     session.add(
         AuditEntry(
             clinic_id=clinic_id,
-            actor="webhook:ses",
+            actor=f"webhook:{key}",
             role="provider",
             action="webhook.sns_subscription",
             request_id=request_id(),

@@ -57,6 +57,8 @@ class PostmarkAdapter(HttpAdapter):
     """Sends one email per call through Postmark's `/email` or `/email/withTemplate`."""
 
     key = "postmark"
+    #: 406: the address is inactive (hard bounce, complaint or manual suppression).
+    bounce_codes = frozenset({"406"})
     channel = Channel.EMAIL
     display_name = "Postmark"
     credentials_model = PostmarkCredentials

@@ -96,6 +96,7 @@ class SesAdapter(HttpAdapter):
     """Sends one email per call through SES v2 `SendEmail`."""
 
     key = "ses"
+    aliases = ("aws_ses",)
     channel = Channel.EMAIL
     display_name = "Amazon SES"
     credentials_model = SesCredentials
@@ -111,7 +112,10 @@ class SesAdapter(HttpAdapter):
     @property
     def endpoint(self) -> str:
         """`endpointUrl` when set, else `https://email.{region}.amazonaws.com`."""
-        url = self.credentials.endpoint_url or f"https://email.{self.credentials.region}.amazonaws.com"
+        url = (
+            self.credentials.endpoint_url
+            or f"https://email.{self.credentials.region}.amazonaws.com"
+        )
         return url.rstrip("/")
 
     def build_payload(self, message: OutboundMessage) -> dict[str, Any]:
@@ -185,11 +189,7 @@ class SesAdapter(HttpAdapter):
         # https://docs.aws.amazon.com/ses/latest/dg/manage-sending-quotas-errors.html
         if "daily message quota exceeded" in lowered:
             return ProviderDownError("daily sending quota exhausted", **kw)
-        if (
-            status == 429
-            or code in _THROTTLE_CODES
-            or "maximum sending rate exceeded" in lowered
-        ):
+        if status == 429 or code in _THROTTLE_CODES or "maximum sending rate exceeded" in lowered:
             return RateLimitedError("rate limited", retry_after=answer.retry_after, **kw)
         if code in _DOWN_CODES:
             return ProviderDownError("sending paused for this account", **kw)

@@ -304,6 +304,7 @@ class SmtpAdapter(ProviderAdapter):
     """Sends through an SMTP submission server over a pool of authenticated TLS connections."""
 
     key = "smtp"
+    global_default = True
     channel = Channel.EMAIL
     display_name = "SMTP"
     credentials_model = SmtpCredentials

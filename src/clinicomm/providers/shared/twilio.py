@@ -43,7 +43,7 @@ API_VERSION = "2010-04-01"
 WHATSAPP_PREFIX = "whatsapp:"
 
 # https://www.twilio.com/docs/api/errors/<code>
-_RECIPIENT_CODES = frozenset({21211, 21612, 21614, 21635, 21608})
+_RECIPIENT_CODES = frozenset({21211, 21612, 21614, 21635, 21608, 63003})
 _COMPLIANCE_CODES = frozenset({21610, 63016, 63014})  # opted out, outside window, blocked
 _QUOTA_CODES = frozenset({63038})  # account daily cap: fail over until the reset
 _RATE_CODES = frozenset({20429, 14107})  # too many requests / SMS send rate limit
@@ -77,6 +77,9 @@ def classify_twilio_error(answer: Answer, provider: str = "twilio") -> ProviderE
 
 class TwilioAdapterBase(HttpAdapter):
     """Twilio send and probe; subclasses say how a number is addressed on their channel."""
+
+    #: 21610: the number replied STOP to this sender (PROVIDER-FACTS §8 item 18).
+    opt_out_codes = frozenset({"21610"})
 
     #: Prefix of channel addresses (`whatsapp:`); empty for SMS.
     address_prefix: str = ""

@@ -35,13 +35,23 @@ API_VERSION = "2010-03-31"
 
 _MESSAGE_ID_RE = re.compile(r"<MessageId>([^<]{1,200})</MessageId>")
 
-_RATE_CODES = frozenset({"Throttling", "ThrottlingException", "ThrottledException",
-                         "KMSThrottling"})
-_CONFIG_CODES = frozenset({
-    "AuthorizationError", "InvalidClientTokenId", "SignatureDoesNotMatch",
-    "AccessDenied", "AccessDeniedException", "IncompleteSignature", "MissingAuthenticationToken",
-    "ExpiredToken", "InvalidSecurity", "OptInRequired",
-})
+_RATE_CODES = frozenset(
+    {"Throttling", "ThrottlingException", "ThrottledException", "KMSThrottling"}
+)
+_CONFIG_CODES = frozenset(
+    {
+        "AuthorizationError",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "AccessDeniedException",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredToken",
+        "InvalidSecurity",
+        "OptInRequired",
+    }
+)
 _COMPLIANCE_CODES = frozenset({"OptedOut", "OptedOutException"})
 _TRANSIENT_CODES = frozenset({"InternalError", "InternalFailure", "ServiceUnavailable"})
 
@@ -77,6 +87,7 @@ class SnsAdapter(HttpAdapter):
     """SMS through Amazon SNS `Publish` to a phone number."""
 
     key = "aws_sns"
+    aliases = ("sns",)
     channel = Channel.SMS
     display_name = "Amazon SNS"
     credentials_model = SnsCredentials

@@ -13,6 +13,7 @@ class TwilioSmsAdapter(TwilioAdapterBase):
     """SMS through Twilio: plain E.164 `To`/`From` (or a Messaging Service)."""
 
     key = "twilio"
+    global_default = True
     channel = Channel.SMS
     display_name = "Twilio"
     credentials_model = TwilioCredentials

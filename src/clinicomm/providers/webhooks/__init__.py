@@ -47,10 +47,34 @@ class WebhookHandler:
     verify: Callable[[WebhookRequest, Any, WebhookContext | None], Awaitable[None]]
     parse: Callable[[WebhookRequest], list[WebhookEvent]]
     credentials_model: type[ProviderCredentials]
+    #: Other spellings of the key in the webhook URL (`/webhooks/meta/...`).
+    aliases: tuple[str, ...] = ()
+    #: Error codes in a status report that prove the recipient opted out with the provider.
+    opt_out_codes: frozenset[str] = frozenset()
+    #: The body and media type of the 200 answer (Twilio wants TwiML).
+    answer: tuple[str, str] = ("ok", "text/plain")
+    #: A subscription handshake to record for the operator: the URL to confirm, or None
+    #: (SNS `SubscriptionConfirmation`).
+    subscription_url: Callable[[WebhookRequest], str | None] | None = None
+    #: A GET subscription handshake (Meta's `hub.verify_token` → `hub.challenge`): the
+    #: answer for (query, credentials); raises WebhookAuthError when the token is wrong.
+    handshake: Callable[[dict[str, str], Any], str] | None = None
 
 
 def _handler(module: Any) -> WebhookHandler:
-    return WebhookHandler(module.PROVIDER, module.verify, module.parse, module.CREDENTIALS)
+    """A webhook module's declarations: `PROVIDER`, `CREDENTIALS`, `verify`, `parse`, and
+    optionally `ALIASES`, `OPT_OUT_CODES`, `ANSWER`, `subscribe_url`, `handshake`."""
+    return WebhookHandler(
+        module.PROVIDER,
+        module.verify,
+        module.parse,
+        module.CREDENTIALS,
+        aliases=tuple(getattr(module, "ALIASES", ())),
+        opt_out_codes=frozenset(getattr(module, "OPT_OUT_CODES", ())),
+        answer=getattr(module, "ANSWER", ("ok", "text/plain")),
+        subscription_url=getattr(module, "subscribe_url", None),
+        handshake=getattr(module, "handshake", None),
+    )
 
 
 #: Provider key (the adapters' `key`) → its webhook handler.
@@ -68,6 +92,25 @@ HANDLERS: dict[str, WebhookHandler] = {
     )
 }
 
+
+def webhook_context(http: Any, seen_tokens: SeenTokenStore) -> WebhookContext:
+    """The verification context: the shared one-time-token store, and the HTTP fetcher of
+    signing certificates the SNS-based handlers need."""
+    return WebhookContext(
+        seen_tokens=seen_tokens, fetch_certificate=ses.http_certificate_fetcher(http)
+    )
+
+
+def handler_key(name: str) -> str | None:
+    """The provider key a webhook URL segment names (a key or one of its aliases), or None."""
+    if name in HANDLERS:
+        return name
+    for handler in HANDLERS.values():
+        if name in handler.aliases:
+            return handler.provider
+    return None
+
+
 __all__ = [
     "HANDLERS",
     "DeliveryEvent",
@@ -83,4 +126,6 @@ __all__ = [
     "WebhookPayloadError",
     "WebhookRequest",
     "classify_keyword",
+    "handler_key",
+    "webhook_context",
 ]

@@ -14,7 +14,8 @@ A provider module (`providers/webhooks/<provider>.py`) has two functions:
 
 The endpoint `POST /api/v1/webhooks/{provider}/{clinicId}` is then: build a `WebhookRequest`,
 load the clinic's credentials for `provider`, `await verify(...)`, `parse(...)`,
-`delivery.events.apply_events(session, clinic_id, events)`, commit, answer 2xx.
+`delivery.ingest.store_events(session, clinic_id, events)`, commit, answer 2xx; then
+`delivery.ingest.apply_stored`.
 """
 
 from __future__ import annotations

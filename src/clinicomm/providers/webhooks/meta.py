@@ -37,6 +37,7 @@ from clinicomm.providers.webhooks.base import (
 from clinicomm.providers.whatsapp.meta_business import MetaBusinessCredentials
 
 PROVIDER = "meta_business"
+ALIASES = ("meta", "whatsapp")
 CREDENTIALS = MetaBusinessCredentials
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 

@@ -46,11 +46,18 @@ from clinicomm.providers.webhooks.base import (
 )
 
 PROVIDER = "ses"
+ALIASES = ("aws_ses",)
 CREDENTIALS = SesCredentials
 _CERT_HOST = re.compile(r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
 _NOTIFICATION_KEYS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
 _CONFIRMATION_KEYS = (
-    "Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type",
+    "Message",
+    "MessageId",
+    "SubscribeURL",
+    "Timestamp",
+    "Token",
+    "TopicArn",
+    "Type",
 )
 _TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 

@@ -40,6 +40,10 @@ from clinicomm.providers.webhooks.base import (
 )
 
 PROVIDER = "twilio"
+#: 21610: the number replied STOP to this sender (PROVIDER-FACTS §8 item 18).
+OPT_OUT_CODES = frozenset({"21610"})
+#: Twilio expects TwiML in the answer to an inbound message: an empty response sends nothing.
+ANSWER = ('<?xml version="1.0" encoding="UTF-8"?><Response></Response>', "text/xml")
 CREDENTIALS = TwilioCredentials
 SIGNATURE_HEADER = "X-Twilio-Signature"
 SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
@@ -111,9 +115,12 @@ def parse(request: WebhookRequest) -> list[WebhookEvent]:
     if not sid:
         raise WebhookPayloadError("not a Twilio messaging callback (no MessageSid)")
     status = form.get("MessageStatus") or form.get("SmsStatus") or ""
-    channel = Channel.WHATSAPP if form.get("To", "").startswith("whatsapp:") or form.get(
-        "From", ""
-    ).startswith("whatsapp:") else Channel.SMS
+    channel = (
+        Channel.WHATSAPP
+        if form.get("To", "").startswith("whatsapp:")
+        or form.get("From", "").startswith("whatsapp:")
+        else Channel.SMS
+    )
     if status == "received" or (not form.get("MessageStatus") and "Body" in form):
         sender = phone_or_none(form.get("From"))
         if sender is None:

@@ -113,6 +113,11 @@ class MetaBusinessAdapter(HttpAdapter):
     """Sends WhatsApp text and template messages through Meta's Cloud API."""
 
     key = "meta_business"
+    global_default = True
+    throughput_fields = ("phone_number_id", "max_per_second")
+    #: 131026: message undeliverable: not on WhatsApp, an old app, terms not accepted
+    #: (PROVIDER-FACTS §1.4). The clinic's channel fallback may reach the patient by SMS.
+    unreachable_codes = frozenset({"131026"})
     channel = Channel.WHATSAPP
     display_name = "Meta WhatsApp Cloud API"
     credentials_model = MetaBusinessCredentials
@@ -171,7 +176,9 @@ class MetaBusinessAdapter(HttpAdapter):
             wamid = str(body["messages"][0]["id"])
         except (KeyError, IndexError, TypeError):
             raise TransientError(
-                "answer without a message id", provider=self.key, status_code=answer.status,
+                "answer without a message id",
+                provider=self.key,
+                status_code=answer.status,
                 detail=answer.text,
             ) from None
         status = body["messages"][0].get("message_status")

@@ -17,3 +17,6 @@ class TwilioWhatsAppAdapter(TwilioAdapterBase):
     display_name = "Twilio"
     credentials_model = TwilioCredentials
     address_prefix = WHATSAPP_PREFIX
+    #: 63003: the channel could not find the `To` address (the number is not on WhatsApp):
+    #: https://www.twilio.com/docs/api/errors/63003. The clinic's channel fallback may take it.
+    unreachable_codes = frozenset({"63003"})

@@ -1,10 +1,10 @@
 """patients' addresses encrypted beside a blind index
 
 Revision ID: 0006_i14
-Revises: 0005
+Revises: i15_0001
 Create Date: 2026-12-01 22:40:00
 
-`deliveries.recipient`, `suppressions.address_enc` and `delivery_events.recipient_enc` hold
+`deliveries.recipient`, `deliveries.fallback_address`, `suppressions.address_enc` and `delivery_events.recipient_enc` hold
 ciphertexts (`cc1:` form, longer than an address: Text); `deliveries.recipient_index`,
 `suppressions.address` and `delivery_events.recipient` hold the blind index (`bi1:` form).
 `clinic_keys.index_key` holds the clinic's blind-index key, wrapped like the data key, once the
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0006_i14'
-down_revision = '0005'
+down_revision = 'i15_0001'
 branch_labels = None
 depends_on = None
 
@@ -53,6 +53,9 @@ def upgrade() -> None:
             'recipient', existing_type=sa.String(length=320), type_=sa.Text(), existing_nullable=False
         )
         batch_op.add_column(sa.Column('recipient_index', sa.String(length=80), nullable=True))
+        batch_op.alter_column(
+            'fallback_address', existing_type=sa.String(length=320), type_=sa.Text(), existing_nullable=True
+        )
     with op.batch_alter_table('suppressions', schema=None) as batch_op:
         batch_op.add_column(sa.Column('address_enc', sa.Text(), nullable=True))
     with op.batch_alter_table('delivery_events', schema=None) as batch_op:
@@ -70,6 +73,9 @@ def downgrade() -> None:
         batch_op.drop_column('address_enc')
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.drop_column('recipient_index')
+        batch_op.alter_column(
+            'fallback_address', existing_type=sa.Text(), type_=sa.String(length=320), existing_nullable=True
+        )
         batch_op.alter_column(
             'recipient', existing_type=sa.Text(), type_=sa.String(length=320), existing_nullable=False
         )

@@ -92,13 +92,12 @@ class ProbeRunner:
                     )
                     continue
                 for hop in chain.hops:
-                    if hop.scope == "global":
+                    owner = hop.health_owner(clinic_id)
+                    if owner is None:  # a global provider: probed once for everyone
                         if hop.label + channel.value in seen_global:
                             continue
                         seen_global.add(hop.label + channel.value)
-                        found.append(ProbeTarget(None, hop.label, hop.adapter))
-                    else:
-                        found.append(ProbeTarget(clinic_id, hop.label, hop.adapter))
+                    found.append(ProbeTarget(owner, hop.label, hop.adapter))
         return found
 
     async def probe_one(self, target: ProbeTarget) -> ProbeResult:

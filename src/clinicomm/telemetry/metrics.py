@@ -93,3 +93,7 @@ RATE_LIMITED = Counter(
     "Deliveries held back by a clinic's own rate limit",
     ["clinicId", "channel"],
 )
+LEASE_LOST = Counter(
+    "communication_outcome_lease_lost",
+    "Delivery outcomes not written because this worker no longer held the lease",
+)

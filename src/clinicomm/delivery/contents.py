@@ -1,0 +1,101 @@
+"""Message contents for the worker: read and decrypted per claimed batch, one row at a time.
+
+`Contents.load(message ids)` reads the batch's messages in one query and decrypts each with
+its clinic's data key (the platform key for messages without a clinic). A row that cannot be
+decrypted here (written under a master key this process does not hold, a damaged blob) is
+remembered as unreadable and fails only its own deliveries (`configuration`); an erased row
+(retention) is remembered as erased. `lookup` answers one of the three.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import orjson
+from sqlalchemy import select
+
+from clinicomm.delivery.records import Content
+from clinicomm.settings.keys import PLATFORM, KeyStore
+from clinicomm.store.db import Database
+from clinicomm.store.models import Message
+
+log = logging.getLogger(__name__)
+
+#: Entries kept per kind (a bounded cache: contents are re-read when evicted).
+MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """Erased after the retention period."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Cannot be decrypted by this process; `error` is the exception's class name."""
+
+    error: str
+
+
+class Contents:
+    """The decrypted contents of recently claimed messages (in memory only)."""
+
+    def __init__(self, db: Database, keys: KeyStore) -> None:
+        self.db = db
+        self.keys = keys
+        self._contents: OrderedDict[str, Content] = OrderedDict()
+        self._erased: set[str] = set()
+        self._unreadable: dict[str, str] = {}
+
+    def lookup(self, message_id: str) -> Content | Erased | Unreadable | None:
+        """The content, why there is none, or None when it was never loaded."""
+        content = self._contents.get(message_id)
+        if content is not None:
+            return content
+        if message_id in self._erased:
+            return Erased()
+        error = self._unreadable.get(message_id)
+        return Unreadable(error) if error is not None else None
+
+    async def load(self, message_ids: list[str]) -> None:
+        """Read and decrypt the messages not loaded yet. Raises only for a database error."""
+        missing = [m for m in dict.fromkeys(message_ids) if m not in self._contents]
+        if not missing:
+            return
+        async with self.db.read() as session:
+            rows = (
+                await session.execute(
+                    select(Message.id, Message.clinic_id, Message.content, Message.category).where(
+                        Message.id.in_(missing)
+                    )
+                )
+            ).all()
+            for message_id, clinic_id, blob, category in rows:
+                if not blob:
+                    self._erased.add(message_id)
+                    continue
+                try:
+                    cipher = await self.keys.cipher_for(self.db, clinic_id or PLATFORM)
+                    data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
+                except Exception as exc:
+                    self._unreadable[message_id] = type(exc).__name__
+                    log.warning(
+                        "message content cannot be decrypted here",
+                        extra={
+                            "event": "content_undecryptable",
+                            "messageId": message_id,
+                            "clinicId": clinic_id,
+                            "error": type(exc).__name__,
+                        },
+                    )
+                    continue
+                self._unreadable.pop(message_id, None)
+                self._contents[message_id] = Content.from_json(data, category)
+        while len(self._contents) > MAX_ENTRIES:
+            self._contents.popitem(last=False)
+        if len(self._unreadable) > MAX_ENTRIES:
+            self._unreadable.clear()
+        if len(self._erased) > MAX_ENTRIES:
+            self._erased.clear()

@@ -1,0 +1,249 @@
+"""The outbox: the deliveries table as a queue. Enqueue, claim with a lease, reap, write results.
+
+- `enqueue` inserts `NewDelivery` rows (accept's deliveries and channel fallbacks) and, with
+  `Notifier`, wakes workers (PostgreSQL NOTIFY at commit, an in-process event after it).
+- `claim` is one `UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING …`; on PostgreSQL the inner
+  select takes `FOR UPDATE SKIP LOCKED`, so any number of worker processes claim disjoint
+  batches. SQLite serialises writers, so the same statement is atomic there too.
+- `reap_expired` puts back in the queue a lease that expired (its worker died).
+- `write_results` records outcomes, attempt rows, new deliveries and suppressions in the
+  caller's transaction. Only outcomes whose lease this worker still holds are written (the
+  rows are locked first); the others are counted (`communication_outcome_lease_lost`) and
+  logged with ids, never dropped silently. Every status change the worker makes goes
+  through `_apply_outcomes`: the one place a status-change hook belongs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import Table, bindparam, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from clinicomm.delivery.records import (
+    Attempt,
+    Claimed,
+    DeliveryStatus,
+    NewDelivery,
+    Outcome,
+    Suppression,
+)
+from clinicomm.delivery.suppressions import suppress
+from clinicomm.store.models import Delivery, DeliveryAttempt, aware
+from clinicomm.telemetry import metrics
+
+log = logging.getLogger(__name__)
+
+_T: Table = Delivery.__table__  # type: ignore[assignment]
+_ATTEMPTS: Table = DeliveryAttempt.__table__  # type: ignore[assignment]
+_RETURNING = (
+    _T.c.id,
+    _T.c.message_id,
+    _T.c.clinic_id,
+    _T.c.channel,
+    _T.c.recipient,
+    _T.c.recipient_index,
+    _T.c.chain_position,
+    _T.c.provider_attempts,
+    _T.c.attempts,
+    _T.c.created_at,
+    _T.c.error,
+    _T.c.parent_id,
+    _T.c.fallback_address,
+)
+
+
+class Notifier:
+    """Wakes workers when deliveries are due: an in-process event, plus PostgreSQL NOTIFY."""
+
+    CHANNEL = "clinicomm_deliveries"
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    async def in_transaction(self, conn: AsyncConnection) -> None:
+        """Queue a NOTIFY that PostgreSQL delivers at commit (no-op on SQLite)."""
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text(f"NOTIFY {self.CHANNEL}"))
+
+    def after_commit(self) -> None:
+        self.event.set()
+
+
+async def enqueue(conn: AsyncConnection | AsyncSession, deliveries: Sequence[NewDelivery]) -> None:
+    """Insert delivery rows in the caller's transaction (the caller notifies after commit)."""
+    if deliveries:
+        await conn.execute(_T.insert(), [d.row() for d in deliveries])
+
+
+async def claim(
+    session: AsyncSession, *, owner: str, limit: int, now: datetime, lease: timedelta
+) -> list[Claimed]:
+    """Lease up to `limit` due deliveries to `owner`, in fair order (see `FairClock`)."""
+    due = (
+        select(_T.c.id)
+        .where(_T.c.status == DeliveryStatus.QUEUED.value, _T.c.next_attempt_at <= now)
+        .order_by(_T.c.fair_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    statement = (
+        _T.update()
+        .where(_T.c.id.in_(due.scalar_subquery()))
+        .values(
+            status=DeliveryStatus.SENDING.value,
+            lease_until=now + lease,
+            lease_owner=owner,
+            updated_at=now,
+        )
+        .returning(*_RETURNING)
+    )
+    rows = (await session.execute(statement)).all()
+    return [
+        Claimed(
+            id=row.id,
+            message_id=row.message_id,
+            clinic_id=row.clinic_id,
+            channel=row.channel,
+            recipient=row.recipient,
+            recipient_index=row.recipient_index,
+            sealed=row.recipient,
+            fallback_sealed=row.fallback_address,
+            chain_position=row.chain_position,
+            provider_attempts=row.provider_attempts,
+            attempts=row.attempts,
+            created_at=aware(row.created_at),
+            errors=list((row.error or {}).get("errors", [])),
+            parent_id=row.parent_id,
+            fallback_address=row.fallback_address,
+        )
+        for row in rows
+    ]
+
+
+async def reap_expired(session: AsyncSession, now: datetime) -> int:
+    """Put deliveries whose lease expired (their worker died) back in the queue."""
+    result = await session.execute(
+        _T.update()
+        .where(_T.c.status == DeliveryStatus.SENDING.value, _T.c.lease_until < now)
+        .values(status=DeliveryStatus.QUEUED.value, lease_owner=None, lease_until=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+_APPLY = (
+    _T.update()
+    .where(_T.c.id == bindparam("b_id"), _T.c.lease_owner == bindparam("b_owner"))
+    .values(
+        status=bindparam("b_status"),
+        attempts=bindparam("b_attempts"),
+        chain_position=bindparam("b_position"),
+        provider_attempts=bindparam("b_provider_attempts"),
+        next_attempt_at=bindparam("b_next"),
+        fair_at=bindparam("b_next"),
+        provider=bindparam("b_provider"),
+        provider_message_id=bindparam("b_pmid"),
+        error=bindparam("b_error"),
+        sent_at=bindparam("b_sent_at"),
+        lease_owner=None,
+        lease_until=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+@dataclass(slots=True)
+class Written:
+    """What `write_results` recorded."""
+
+    outcomes: int = 0
+    #: Delivery ids whose outcome was not written: this worker no longer held the lease.
+    lease_lost: list[str] = field(default_factory=list)
+
+
+async def write_results(
+    session: AsyncSession,
+    *,
+    owner: str,
+    now: datetime,
+    outcomes: Sequence[Outcome],
+    attempts: Sequence[Attempt] = (),
+    new_deliveries: Sequence[NewDelivery] = (),
+    suppressions: Sequence[Suppression] = (),
+) -> Written:
+    """Record outcomes (only where this worker still holds the lease), attempt rows, channel
+    fallback deliveries and opt-outs learnt on send, in the caller's transaction."""
+    await enqueue(session, new_deliveries)
+    if attempts:
+        await session.execute(_ATTEMPTS.insert(), [a.row() for a in attempts])
+    for s in suppressions:
+        await suppress(
+            session,
+            s.clinic_id,
+            s.channel,
+            s.address,
+            s.reason,
+            s.source,
+            now=now,
+            address_enc=s.address_enc,
+        )
+    written = Written()
+    if outcomes:
+        held = await _held(session, owner, [o.delivery_id for o in outcomes])
+        mine = [o for o in outcomes if o.delivery_id in held]
+        written.lease_lost = [o.delivery_id for o in outcomes if o.delivery_id not in held]
+        await _apply_outcomes(session, owner, now, mine)
+        written.outcomes = len(mine)
+    if written.lease_lost:
+        metrics.LEASE_LOST.inc(len(written.lease_lost))
+        log.warning(
+            "outcomes not written: the lease was lost",
+            extra={
+                "event": "outcome_lease_lost",
+                "workerId": owner,
+                "deliveryIds": written.lease_lost[:50],
+                "count": len(written.lease_lost),
+            },
+        )
+    return written
+
+
+async def _held(session: AsyncSession, owner: str, ids: list[str]) -> set[str]:
+    """The ids among `ids` still leased to `owner`, locked until the transaction ends (so the
+    reaper cannot take them between this check and the write)."""
+    rows = await session.execute(
+        select(_T.c.id).where(_T.c.id.in_(ids), _T.c.lease_owner == owner).with_for_update()
+    )
+    return {r[0] for r in rows}
+
+
+async def _apply_outcomes(
+    session: AsyncSession, owner: str, now: datetime, outcomes: Sequence[Outcome]
+) -> None:
+    """The status write of every delivery the worker handled (one statement, batched)."""
+    if not outcomes:
+        return
+    await session.execute(
+        _APPLY,
+        [
+            {
+                "b_id": o.delivery_id,
+                "b_owner": owner,
+                "b_status": o.status.value,
+                "b_attempts": o.attempts,
+                "b_position": o.chain_position,
+                "b_provider_attempts": o.provider_attempts,
+                "b_next": o.next_attempt_at or now,
+                "b_provider": o.provider,
+                "b_pmid": o.provider_message_id,
+                "b_error": o.error,
+                "b_sent_at": o.sent_at,
+                "b_now": now,
+            }
+            for o in outcomes
+        ],
+    )

@@ -1,0 +1,1 @@
+"""Ground-level telemetry: Prometheus metrics and structured logs (imports nothing of clinicomm)."""

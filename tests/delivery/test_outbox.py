@@ -1,0 +1,95 @@
+"""The outbox: enqueue, claim, lease, and a result written after the lease was lost."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from clinicomm.delivery.outbox import claim, enqueue, reap_expired, write_results
+from clinicomm.delivery.records import Attempt, DeliveryStatus, NewDelivery
+from clinicomm.store.db import Database
+from clinicomm.store.models import Delivery, DeliveryAttempt, Message
+from clinicomm.telemetry import metrics
+
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=60)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    yield database
+    await database.dispose()
+
+
+async def queued(db: Database, clinic: str) -> str:
+    message_id = str(uuid.uuid4())
+    delivery = NewDelivery(
+        id=str(uuid.uuid4()),
+        message_id=message_id,
+        clinic_id=clinic,
+        channel="sms",
+        recipient="+14155552671",
+        status=DeliveryStatus.QUEUED,
+        fair_at=T0,
+        created_at=T0,
+    )
+    async with db.session() as s:
+        s.add(Message(id=message_id, clinic_id=clinic, category="GENERAL", content=b"x"))
+        await s.flush()
+        await enqueue(s, [delivery])
+    return delivery.id
+
+
+def lost_count() -> float:
+    return sum(s.value for f in metrics.LEASE_LOST.collect() for s in f.samples
+               if s.name.endswith("_total"))
+
+
+async def test_an_outcome_after_a_lost_lease_is_counted_and_logged_not_written(
+    db: Database, log_records: pytest.LogCaptureFixture
+) -> None:
+    clinic = f"c-{uuid.uuid4().hex[:8]}"
+    delivery_id = await queued(db, clinic)
+    async with db.session() as s:
+        (mine,) = [c for c in await claim(s, owner="a", limit=100, now=T0, lease=LEASE)
+                   if c.id == delivery_id]
+    later = T0 + LEASE * 2  # worker a stalled past its lease; the reaper gave it to b
+    async with db.session() as s:
+        assert await reap_expired(s, later) >= 1
+        taken = await claim(s, owner="b", limit=100, now=later, lease=LEASE)
+        assert delivery_id in {c.id for c in taken}
+    before = lost_count()
+    attempt = Attempt.of(delivery_id, "clinic:twilio", 0.01, later, None)
+    async with db.session() as s:
+        written = await write_results(
+            s, owner="a", now=later,
+            outcomes=[mine.sent(provider="clinic:twilio", provider_message_id="SM1", at=later,
+                                attempts=1, position=0, errors=[])],
+            attempts=[attempt],
+        )
+    assert written.lease_lost == [delivery_id] and written.outcomes == 0
+    assert lost_count() == before + 1
+    (record,) = [r for r in log_records.records if getattr(r, "event", "") == "outcome_lease_lost"]
+    assert record.levelno == logging.WARNING
+    assert record.deliveryIds == [delivery_id]  # type: ignore[attr-defined]
+    assert "+1415" not in str(record.__dict__)
+    async with db.read() as s:
+        row = await s.get(Delivery, delivery_id)
+        assert row is not None and row.status == "sending" and row.lease_owner == "b"
+        # The provider call happened: its attempt row is kept.
+        attempts = await s.scalars(
+            select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
+        )
+        assert len(list(attempts)) == 1
+    async with db.session() as s:
+        written = await write_results(
+            s, owner="b", now=later,
+            outcomes=[mine.requeue(later, "retrying")],
+        )
+    assert written.lease_lost == [] and written.outcomes == 1
