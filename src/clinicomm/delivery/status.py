@@ -14,8 +14,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.crypto import CryptoError
-from clinicomm.messaging.sealed import open_json
 from clinicomm.settings.keys import PLATFORM, KeyStore
+from clinicomm.settings.sealed import open_json
 from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, DeliveryAttempt, Message, aware
 

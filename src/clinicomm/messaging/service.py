@@ -22,12 +22,12 @@ from clinicomm.messaging.models import (
     SendAccepted,
     SendRequest,
 )
-from clinicomm.messaging.sealed import open_json, seal_json
 from clinicomm.messaging.writer import BatchWriter, PendingWrite
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.models import ChannelSettings
+from clinicomm.settings.sealed import open_json, seal_json
 from clinicomm.settings.service import ConfigService
 from clinicomm.settings.validation import Problem
 from clinicomm.store.db import Database

@@ -30,8 +30,8 @@ from sqlalchemy import ColumnElement, and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.crypto import INDEX_PREFIX, FieldCipher, is_ciphertext, is_index
-from clinicomm.messaging.sealed import is_sealed, open_json, seal_json
 from clinicomm.settings.keys import PLATFORM
+from clinicomm.settings.sealed import is_sealed, open_json, seal_json
 from clinicomm.store.db import Database
 from clinicomm.store.models import (
     Delivery,
