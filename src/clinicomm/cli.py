@@ -86,7 +86,118 @@ def migrate() -> None:
         upgrade(settings.database_url)
     except Exception as exc:  # alembic wraps driver errors in many ways
         fail(f"migration failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    run(lambda: _reseal_all(settings, "encrypting stored addresses"))
     typer.echo("database is up to date")
+
+
+def _keyring(settings: Settings) -> MasterKeyring:
+    try:
+        return MasterKeyring.from_environment(
+            settings.master_keys, data_dir=settings.data_dir, production=settings.production
+        )
+    except CryptoError as exc:
+        fail(str(exc))
+
+
+def _progress(label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rows]} rows"),
+        TimeElapsedColumn(),
+        transient=not sys.stderr.isatty(),
+    )
+
+
+async def _reseal_all(settings: Settings, label: str) -> None:
+    """Rows written before addresses were encrypted (clear addresses, plain metadata,
+    unversioned blobs) rewritten for every clinic, batched and resumable (`settings.reseal`)."""
+    from clinicomm.settings import reseal
+    from clinicomm.settings.keys import KeyStore
+    from clinicomm.settings.rotation import clinic_ids
+    from clinicomm.store.db import Database
+
+    db = Database(settings.database_url)
+    try:
+        clinics = await clinic_ids(db)
+        if not clinics:
+            return
+        keys = KeyStore(_keyring(settings))
+        rows = 0
+        with _progress(label) as progress:
+            task = progress.add_task("reseal", total=len(clinics), rows=0)
+
+            def tick(_: str, count: int) -> None:
+                nonlocal rows
+                rows += count
+                progress.update(task, rows=rows)
+
+            for clinic_id in clinics:
+                cipher = await keys.cipher_for(db, clinic_id)
+                await reseal.reseal_clinic(db, cipher, progress=tick)
+                progress.advance(task)
+        if rows:
+            typer.echo(f"{rows} stored rows encrypted or re-encrypted")
+    finally:
+        await db.dispose()
+
+
+@keys_app.command("rotate-data")
+def keys_rotate_data(
+    clinic: str | None = typer.Option(None, "--clinic", help="The clinic whose data key rotates."),
+    every: bool = typer.Option(False, "--all", help="Every clinic (and the platform's key)."),
+    batch_size: int = typer.Option(500, min=1, help="Rows re-encrypted per transaction."),
+    settle_seconds: float = typer.Option(
+        10.0, min=0, help="Wait for every process to see the new key version (its key cache)."
+    ),
+) -> None:
+    """Give a clinic a new data key version, re-encrypt its secrets, contents and addresses
+    under it, then destroy the old version. Safe to run again after an interruption."""
+    from clinicomm.runtime import Runtime
+    from clinicomm.settings.rotation import clinic_ids, rotate_data
+
+    if (clinic is None) == (not every):
+        fail("give --clinic ID or --all", 2)
+    settings = load_settings()
+    _keyring(settings)  # a bad key configuration is one line, before anything starts
+
+    async def go() -> None:
+        rt = await Runtime.create(settings, migrate=False)
+        try:
+            targets = [clinic] if clinic is not None else await clinic_ids(rt.db)
+            rows = 0
+            with _progress("re-encrypting under new data keys") as progress:
+                task = progress.add_task("rotate", total=len(targets), rows=0)
+
+                def tick(_: str, count: int) -> None:
+                    nonlocal rows
+                    rows += count
+                    progress.update(task, rows=rows)
+
+                for clinic_id in targets:
+                    try:
+                        report = await rotate_data(
+                            rt.db,
+                            rt.keys,
+                            rt.config,
+                            clinic_id,
+                            batch_size=batch_size,
+                            settle_seconds=settle_seconds,
+                            progress=tick,
+                        )
+                    except KeyError:
+                        fail(f"clinic {clinic_id!r} has no data key")
+                    progress.advance(task)
+                    typer.echo(
+                        f"{clinic_id}: data key v{report.to_version} "
+                        f"(destroyed v{', v'.join(map(str, report.from_versions))}); "
+                        f"{sum(report.rows.values())} rows re-encrypted"
+                    )
+        finally:
+            await rt.close()
+
+    run(go)
 
 
 @keys_app.command("rotate")

@@ -16,7 +16,7 @@ import contextlib
 from typing import Any
 
 from clinicomm.config import Settings
-from clinicomm.delivery.status import get_message
+from clinicomm.delivery.status import get_message, reveal
 from clinicomm.delivery.worker import Worker, WorkerOptions
 from clinicomm.messaging.models import SendAccepted, SendRequest
 from clinicomm.runtime import Runtime
@@ -32,6 +32,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         retry_base_seconds=settings.retry_base_seconds,
         reap_interval=min(5.0, settings.worker_lease_seconds / 2),
         retention_seconds=settings.message_retention_days * 86400,
+        audit_retention_seconds=settings.audit_retention_days * 86400,
     )
 
 
@@ -90,8 +91,10 @@ class Client:
 
     async def get(self, message_id: str) -> dict[str, Any] | None:
         """The message with each delivery, its attempts and its status."""
-        async with self._rt().db.read() as session:
-            return await get_message(session, message_id, None)
+        rt = self._rt()
+        async with rt.db.read() as session:
+            found = await get_message(session, message_id, None)
+        return None if found is None else await reveal(found, rt.keys, rt.db)
 
     async def close(self) -> None:
         self._stop.set()

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     #: Message contents (bodies, template variables: PHI) are erased this many days after the
     #: message was accepted; deliveries, attempts and ids stay for the record.
     message_retention_days: float = Field(default=30.0, gt=0)
+    #: Audit entries are deleted after this many days (six years, HIPAA's record keeping).
+    audit_retention_days: float = Field(default=2192.0, gt=0)
+    #: The largest request body accepted (2 MiB: a send to 1,000 recipients fits); larger
+    #: ones are refused with 413 while they are read. Webhooks: at most 1 MiB.
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     #: A delivery still failing transiently after this long ends `failed`.
     delivery_max_age_seconds: float = Field(default=6 * 3600.0, gt=0)
     #: Provider health: the rolling window, the minimum outcomes before a band changes, and

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -177,15 +179,92 @@ def new_data_key() -> bytes:
     return AESGCM.generate_key(bit_length=256)
 
 
+_BLOB_MAGIC = b"cc2"
+
+
+def _blob_version(blob: bytes) -> int:
+    """The data key version of a binary ciphertext (1 for one without a header)."""
+    if blob.startswith(_BLOB_MAGIC) and len(blob) >= len(_BLOB_MAGIC) + 2:
+        return int.from_bytes(blob[len(_BLOB_MAGIC) : len(_BLOB_MAGIC) + 2], "big")
+    return 1
+
+
+#: Prefix of a blind index: `bi1:` + hex HMAC-SHA256 of the canonical address.
+INDEX_PREFIX = "bi1:"
+
+
+def derive_index_key(data_key: bytes, clinic_id: str) -> bytes:
+    """The clinic's blind-index key: HMAC-SHA256 of a fixed label under its data key (a
+    one-step HKDF-Expand), so it is as secret as the data key but never used to encrypt."""
+    label = f"clinicomm:blind-index:v1:{clinic_id}".encode()
+    return hmac.new(data_key, label + b"\x01", hashlib.sha256).digest()
+
+
 class FieldCipher:
-    """Encrypts and decrypts one clinic's secret fields with its data key."""
+    """Encrypts and decrypts one clinic's secret fields with its data key, and computes the
+    blind index of its patients' addresses."""
 
-    __slots__ = ("_aead", "clinic_id", "key_version")
+    __slots__ = ("_aead", "_index_key", "_older", "clinic_id", "key_version")
 
-    def __init__(self, clinic_id: str, data_key: bytes, key_version: int = 1) -> None:
+    def __init__(
+        self,
+        clinic_id: str,
+        data_key: bytes,
+        key_version: int = 1,
+        *,
+        older: dict[int, bytes] | None = None,
+        index_key: bytes | None = None,
+    ) -> None:
+        """`data_key` (version `key_version`) encrypts; `older` versions still decrypt while a
+        data-key rotation runs. `index_key` is the clinic's stable blind-index key (derived
+        from the data key when not given: a clinic whose data key never rotated)."""
         self.clinic_id = clinic_id
         self.key_version = key_version
         self._aead = AESGCM(data_key)
+        self._older = {v: AESGCM(k) for v, k in (older or {}).items() if v != key_version}
+        self._index_key = index_key or derive_index_key(data_key, clinic_id)
+
+    @property
+    def index_key(self) -> bytes:
+        return self._index_key
+
+    def _for_version(self, version: int, field: str) -> AESGCM:
+        if version == self.key_version:
+            return self._aead
+        aead = self._older.get(version)
+        if aead is None:
+            raise FieldDecryptionError(
+                self.clinic_id,
+                field,
+                f"encrypted with data key v{version}, which this clinic no longer has",
+            )
+        return aead
+
+    def is_current(self, stored: str | bytes) -> bool:
+        """Whether a stored value is under the current data key version."""
+        if isinstance(stored, bytes):
+            return _blob_version(stored) == self.key_version
+        return stored.startswith(f"{CIPHERTEXT_PREFIX}{self.key_version}:")
+
+    def index(self, address: str) -> str:
+        """The blind index of an address (email addresses compared lower-cased, E.164 as is):
+        equal addresses of one clinic give equal indexes; without the clinic's key an index
+        reveals nothing and cannot be matched to another clinic's."""
+        canonical = address.strip().lower()  # E.164 has no letters; emails compare lower-cased
+        digest = hmac.new(self._index_key, canonical.encode(), hashlib.sha256).hexdigest()
+        return INDEX_PREFIX + digest
+
+    def encrypt_address(self, address: str) -> str:
+        """A patient's address as stored (`cc1:` form), bound to this clinic (not to a row, so
+        a delivery's ciphertext can be copied into the opt-out it causes)."""
+        return self.encrypt(address, "address")
+
+    def decrypt_address(self, stored: str) -> str:
+        """The address of `encrypt_address`; a value that is not a ciphertext is returned as it
+        is (a row written before addresses were encrypted, not yet migrated)."""
+        if not is_ciphertext(stored):
+            return stored
+        return self.decrypt(stored, "address")
 
     def __repr__(self) -> str:
         return f"<FieldCipher clinic={self.clinic_id!r} v{self.key_version}>"
@@ -201,13 +280,34 @@ class FieldCipher:
         return f"{CIPHERTEXT_PREFIX}{self.key_version}:{body}"
 
     def encrypt_bytes(self, plaintext: bytes, context: str) -> bytes:
-        """Binary form (message bodies): nonce || ciphertext, bound to `context`."""
+        """Binary form (message bodies): `cc2` ‖ key version (2 bytes) ‖ nonce ‖ ciphertext,
+        bound to `context`. (Blobs written before versions were recorded are version 1.)"""
         nonce = os.urandom(_NONCE)
-        return nonce + self._aead.encrypt(nonce, plaintext, self._aad(context))
+        head = _BLOB_MAGIC + self.key_version.to_bytes(2, "big")
+        return head + nonce + self._aead.encrypt(nonce, plaintext, self._aad(context))
 
     def decrypt_bytes(self, blob: bytes, context: str) -> bytes:
+        """Plaintext of `encrypt_bytes` under any version this cipher holds."""
+        aad = self._aad(context)
+        if blob.startswith(_BLOB_MAGIC):
+            version = _blob_version(blob)
+            aead = self._aead if version == self.key_version else self._older.get(version)
+            body = blob[len(_BLOB_MAGIC) + 2 :]
+            if aead is not None:
+                try:
+                    return aead.decrypt(body[:_NONCE], body[_NONCE:], aad)
+                except InvalidTag:
+                    pass  # maybe a legacy blob whose random nonce begins with the magic
+            legacy = self._aead if self.key_version == 1 else self._older.get(1)
+            if legacy is not None:
+                try:
+                    return legacy.decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+                except InvalidTag:
+                    pass
+            reason = "authentication failed" if aead is not None else f"no data key v{version}"
+            raise FieldDecryptionError(self.clinic_id, context, reason)
         try:
-            return self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], self._aad(context))
+            return self._for_version(1, context).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
         except InvalidTag as exc:
             raise FieldDecryptionError(self.clinic_id, context, "authentication failed") from exc
 
@@ -216,18 +316,15 @@ class FieldCipher:
         if not is_ciphertext(stored):
             raise FieldDecryptionError(self.clinic_id, field, "value is not a clinicomm ciphertext")
         _, version, body = stored.split(":", 2)
-        if version != str(self.key_version):
-            raise FieldDecryptionError(
-                self.clinic_id,
-                field,
-                f"encrypted with data key v{version}, have v{self.key_version}",
-            )
+        if not version.isdigit():
+            raise FieldDecryptionError(self.clinic_id, field, "malformed ciphertext")
+        aead = self._for_version(int(version), field)
         try:
             raw = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise FieldDecryptionError(self.clinic_id, field, "malformed ciphertext") from exc
         try:
-            return self._aead.decrypt(raw[:_NONCE], raw[_NONCE:], self._aad(field)).decode()
+            return aead.decrypt(raw[:_NONCE], raw[_NONCE:], self._aad(field)).decode()
         except InvalidTag as exc:
             raise FieldDecryptionError(
                 self.clinic_id,
@@ -238,3 +335,7 @@ class FieldCipher:
 
 def is_ciphertext(value: object) -> bool:
     return isinstance(value, str) and value.startswith(CIPHERTEXT_PREFIX) and value.count(":") >= 2
+
+
+def is_index(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(INDEX_PREFIX)

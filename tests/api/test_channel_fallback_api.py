@@ -57,9 +57,10 @@ async def test_get_shows_both_deliveries_the_link_and_why(api: Api) -> None:
     ) as meta, CaptureServer(Scripted(201, {"sid": "SM" + "1" * 32, "status": "queued"})) as twilio:
         await create_clinic(api, "clinic-fb", settings(meta, twilio))
         # The patient wrote a minute ago: free-form WhatsApp text is allowed (24-hour window).
+        index = await api.runtime.keys.index_for(api.runtime.db, "clinic-fb", PATIENT)
         async with api.runtime.db.session() as session:
             await record_inbound(
-                session, "clinic-fb", "whatsapp", PATIENT, datetime.now(UTC) - timedelta(minutes=1)
+                session, "clinic-fb", "whatsapp", index, datetime.now(UTC) - timedelta(minutes=1)
             )
         headers = api.auth(Role.SERVICE)
         answer = await api.client.post(
@@ -160,9 +161,10 @@ async def test_get_shows_why_not_on_whatsapp_became_an_sms(api: Api) -> None:
         CaptureServer(Scripted(201, {"sid": "SM" + "9" * 32, "status": "queued"})) as twilio,
     ):
         await create_clinic(api, "clinic-nw", settings(meta, twilio))
+        index = await api.runtime.keys.index_for(api.runtime.db, "clinic-nw", PATIENT)
         async with api.runtime.db.session() as session:
             at = datetime.now(UTC) - timedelta(minutes=1)
-            await record_inbound(session, "clinic-nw", "whatsapp", PATIENT, at)
+            await record_inbound(session, "clinic-nw", "whatsapp", index, at)
         data = await _send_and_wait(api, "clinic-nw")
     wa, sms = sorted(data["deliveries"], key=lambda d: d["channel"] != "whatsapp")
     assert wa["status"] == "failed" and wa["provider"] == "clinic:meta_business"

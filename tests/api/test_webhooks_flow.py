@@ -209,8 +209,9 @@ async def test_twilio_21610_on_send_creates_the_opt_out(api: Api, worker: Worker
         await create_clinic(api, "clinic-o", twilio_settings(twilio, canary("twilio-token")))
         row = await delivery(api, await send(api, "clinic-o", "sms"), {"failed", "sent"})
         assert row.status == "failed"
+        index = await api.runtime.keys.index_for(api.runtime.db, "clinic-o", PATIENT)
         async with api.runtime.db.read() as session:
-            assert await is_suppressed(session, "clinic-o", "sms", PATIENT)
+            assert await is_suppressed(session, "clinic-o", "sms", index)
 
 
 @pytest.mark.parametrize("mapped", [True, False])
@@ -219,9 +220,10 @@ async def test_free_text_to_a_patient_silent_25_hours(api: Api, worker: Worker, 
         meta.default = Scripted(200, {"messages": [{"id": "wamid.T"}]})
         extra = {"windowTemplates": {"APPOINTMENT": "reminder"}} if mapped else {}
         await create_clinic(api, "clinic-w", meta_settings(meta, canary("meta-app"), **extra))
+        index = await api.runtime.keys.index_for(api.runtime.db, "clinic-w", PATIENT)
         async with api.runtime.db.session() as session:
             at = datetime.now(UTC) - timedelta(hours=25)
-            await record_inbound(session, "clinic-w", "whatsapp", PATIENT, at)
+            await record_inbound(session, "clinic-w", "whatsapp", index, at)
         row = await delivery(api, await send(api, "clinic-w", "whatsapp"), {"sent", "failed"})
         if mapped:
             assert row.status == "sent"

@@ -299,8 +299,10 @@ async def test_sms_providers_down_fall_back_to_whatsapp(make_client) -> None:
 async def opt_out(client: Any, clinic: str, channel: str, phone: str) -> None:
     from clinicomm.delivery.suppressions import SuppressionReason, suppress
 
-    async with client._rt().db.session() as session:
-        await suppress(session, clinic, channel, phone, SuppressionReason.STOP, "test")
+    rt = client._rt()
+    index = await rt.keys.index_for(rt.db, clinic, phone)  # opt-outs are keyed by blind index
+    async with rt.db.session() as session:
+        await suppress(session, clinic, channel, index, SuppressionReason.STOP, "test")
 
 
 async def test_sms_over_the_clinic_segment_cap_fails_before_any_call(make_client) -> None:

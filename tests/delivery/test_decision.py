@@ -26,6 +26,7 @@ from clinicomm.providers.base import Channel
 from clinicomm.providers.errors import (
     ComplianceError,
     ConfigurationError,
+    ContentError,
     ProviderDownError,
     ProviderError,
     RateLimitedError,
@@ -160,6 +161,11 @@ EMAIL_ROWS = {
     "complaint_compliance_fails_without_fallback": (
         ComplianceError("complaint"),
         Fail("compliance"),
+    ),
+    # A message the email package cannot build: no other hop, no channel fallback.
+    "malformed_message_fails_as_content": (
+        ContentError("the message cannot be built: ValueError"),
+        Fail("content"),
     ),
 }
 

@@ -119,3 +119,32 @@ def test_help_on_every_command(settings: Settings) -> None:
 def test_bad_argument_exits_2(settings: Settings) -> None:
     result = cli(settings, "keys", "rotate", "--batch-size", "zero", master_keys=MASTER_KEYS)
     assert result.returncode == 2
+
+
+async def test_rotate_data_cli_then_master_rotate_keeps_the_index_key(
+    runtime: Runtime, settings: Settings
+) -> None:
+    await create(runtime, "clinic-d", smtp_settings("pw-d"))
+    index = await runtime.keys.index_for(runtime.db, "clinic-d", "p@example.com")
+    bad = cli(settings, "keys", "rotate-data", master_keys=MASTER_KEYS)
+    assert bad.returncode == 2 and "--clinic ID or --all" in bad.stderr
+    result = cli(
+        settings, "keys", "rotate-data", "--clinic", "clinic-d", "--settle-seconds", "0",
+        master_keys=MASTER_KEYS,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "clinic-d: data key v2 (destroyed v1)" in result.stdout
+    # A master-key rotation afterwards re-wraps the stored index key too.
+    moved = cli(settings, "keys", "rotate", master_keys=f"{NEW_KEY},{MASTER_KEYS}")
+    assert moved.returncode == 0, moved.stderr
+    only_new = settings.model_copy(update={"master_keys": NEW_KEY})
+    rt = await Runtime.create(only_new, env={})
+    try:
+        cipher = await rt.keys.cipher_for(rt.db, "clinic-d")
+        assert cipher.key_version == 2
+        assert cipher.index("P@example.com") == index  # the blind index did not change
+        resolved = await rt.config.get_clinic_config("clinic-d", Channel.EMAIL)
+        assert resolved.own is not None and resolved.own.primary is not None
+        assert resolved.own.primary.credentials.password.get_secret_value() == "pw-d"  # type: ignore[union-attr]
+    finally:
+        await rt.close()

@@ -34,7 +34,8 @@ async def open_window(client: Client, clinic_id: str, phone: str) -> None:
     rt = client._rt()
     async with rt.db.session() as session:
         at = datetime.now(UTC) - timedelta(minutes=1)
-        await record_inbound(session, clinic_id, "whatsapp", phone, at)
+        index = await rt.keys.index_for(rt.db, clinic_id, phone)
+        await record_inbound(session, clinic_id, "whatsapp", index, at)
 
 
 async def wait_terminal(client: Client, message_id: str, timeout: float = 15) -> dict[str, Any]:

@@ -60,7 +60,9 @@ class CallbackState(_Answer):
 class _DeliveryFields(_Answer):
     id: str
     channel: Channel
-    recipient: str
+    recipient: str | None = Field(
+        description="The address; null once erased by retention or when its key is not held"
+    )
     status: DeliveryStatus
     provider: str | None
     providerMessageId: str | None

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from clinicomm import __version__
 from clinicomm.api import console, errors, openapi
 from clinicomm.api.auth import TokenVerifier
+from clinicomm.api.limits import BodySizeLimit, JsonDepthLimit
 from clinicomm.api.middleware import RequestContext
 from clinicomm.api.routers import (
     audit,
@@ -79,6 +80,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.settings = resolved
     errors.install(app)
     openapi.install(app)
+    # Innermost first: the depth check reads a body the size limit already bounds, and the
+    # request context (outermost) logs and ids every answer, 413 and 422 included.
+    app.add_middleware(JsonDepthLimit)
+    app.add_middleware(BodySizeLimit, max_bytes=resolved.max_body_bytes)
     app.add_middleware(RequestContext)
     app.include_router(clinics.router)
     app.include_router(audit.router)

@@ -135,7 +135,11 @@ class CallbackSender:
         secret = await self.targets.secret(item.clinic_id, item.source)
         if secret is None:
             return "no callback secret configured"
-        body = orjson.dumps(item.payload)
+        payload = dict(item.payload)
+        payload["metadata"] = await self.targets.metadata(
+            item.clinic_id, str(payload.get("messageId", "")), payload.get("metadata")
+        )
+        body = orjson.dumps(payload)
         headers = {
             "Content-Type": "application/json",
             HEADER: sign(secret, body),

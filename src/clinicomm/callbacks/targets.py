@@ -12,13 +12,16 @@ policy can replace them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from clinicomm.config import Settings
+from clinicomm.crypto import CryptoError
+from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.models import CallbackStatus
+from clinicomm.settings.sealed import open_json
 from clinicomm.settings.service import ConfigService
 
 Source = Literal["clinic", "platform"]
@@ -70,6 +73,18 @@ class CallbackTargets:
             raise CallbackUrlRefusedError("the clinic has no callbacks configured")
         platform = self._platform()
         return CallbackTarget(platform[0], "platform", None) if platform else None
+
+    async def metadata(
+        self, clinic_id: str | None, message_id: str, stored: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The caller's metadata of a message, opened at send time: the queued event keeps it
+        sealed as the message row does, so no callback row holds it in clear. `{}` when it was
+        erased (retention) or its key cannot be unwrapped here."""
+        try:
+            cipher = await self.config.keys.cipher_for(self.config.db, clinic_id or PLATFORM)
+            return open_json(cipher, stored, f"meta:{message_id}")
+        except CryptoError:
+            return {}
 
     async def secret(self, clinic_id: str | None, source: str) -> str | None:
         """The secret that signs now for a target's source (None: no longer configured)."""

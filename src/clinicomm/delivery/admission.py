@@ -125,16 +125,17 @@ async def load(db: Database, batch: list[Claimed]) -> Facts:
         return facts
     async with db.read() as session:
         hit = await suppressed_among(
-            session, [(c.clinic_id or "", c.channel, c.recipient) for c in scoped]
+            session, [(c.clinic_id or "", c.channel, c.lookup_key) for c in scoped]
         )
         facts.suppressed = {
-            c.id for c in scoped if (c.clinic_id or "", c.channel, c.recipient) in hit
+            c.id for c in scoped if (c.clinic_id or "", c.channel, c.lookup_key) in hit
         }
         wa = [c for c in scoped if c.channel == Channel.WHATSAPP.value]
         if wa:
-            last = await last_inbound_among(session, [(c.clinic_id or "", c.recipient) for c in wa])
+            keys = [(c.clinic_id or "", c.lookup_key) for c in wa]
+            last = await last_inbound_among(session, keys)
             for c in wa:
-                at = last.get((c.clinic_id or "", c.recipient))
+                at = last.get((c.clinic_id or "", c.lookup_key))
                 if at is not None:
                     facts.last_inbound[c.id] = at
     return facts

@@ -18,6 +18,7 @@ The rules (CONVENTIONS item 3; PROVIDER-FACTS §7-8):
 | this channel (`unreachable_codes`)  | (and this delivery is not itself a fallback), else    |
 |                                     | `Fail("recipient")`                                   |
 | other `RecipientError`              | `Fail("recipient")`                                   |
+| `ContentError` (malformed message)  | `Fail("content")`; no failover, no health count       |
 | `RecipientRateLimitedError`         | `Retry` at Retry-After on the same hop, no budget     |
 |                                     | used, while within the maximum age                    |
 | `TransientError` with budget left   | `Retry` after `backoff`, within the maximum age       |
@@ -35,6 +36,7 @@ from clinicomm.delivery.suppressions import SuppressionReason
 from clinicomm.providers.base import Channel
 from clinicomm.providers.errors import (
     ComplianceError,
+    ContentError,
     ProviderError,
     RecipientError,
     RecipientRateLimitedError,
@@ -137,6 +139,8 @@ def after_call(
     """The step after one provider call that answered `error` (None: success)."""
     if error is None:
         return Sent()
+    if isinstance(error, ContentError):  # the message itself: no provider would take it
+        return Fail(error.error_class.value)
     if isinstance(error, ComplianceError):
         if error.code is not None and error.code in facts.opt_out_codes:
             return Suppress(error.error_class.value, SuppressionReason.PROVIDER_OPT_OUT)

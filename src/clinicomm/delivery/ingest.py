@@ -34,8 +34,14 @@ from sqlalchemy import exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
+from clinicomm.crypto import FieldCipher, is_index
 from clinicomm.delivery.records import DeliveryStatus
-from clinicomm.delivery.suppressions import SuppressionReason, apply_keyword, suppress
+from clinicomm.delivery.suppressions import (
+    SuppressionReason,
+    apply_keyword,
+    canonical_key,
+    suppress,
+)
 from clinicomm.delivery.window import record_inbound
 from clinicomm.providers.base import Channel
 from clinicomm.providers.webhooks import HANDLERS
@@ -87,6 +93,7 @@ async def store_events(
     events: Iterable[WebhookEvent],
     *,
     now: datetime | None = None,
+    cipher: FieldCipher | None = None,
 ) -> tuple[list[int], int]:
     """Store verified, parsed events unprocessed (the fast part of a webhook request).
 
@@ -97,7 +104,7 @@ async def store_events(
     ids: list[int] = []
     duplicates = 0
     for event in events:
-        row_id = await _store(session, clinic_id, event, received)
+        row_id = await _store(session, clinic_id, event, received, cipher)
         if row_id is None:
             duplicates += 1
         else:
@@ -106,9 +113,17 @@ async def store_events(
 
 
 async def _store(
-    session: AsyncSession, clinic_id: str, event: WebhookEvent, received: datetime
+    session: AsyncSession,
+    clinic_id: str,
+    event: WebhookEvent,
+    received: datetime,
+    cipher: FieldCipher | None = None,
 ) -> int | None:
-    """Insert the event row; None when this (provider, clinic, event id) is already stored."""
+    """Insert the event row; None when this (provider, clinic, event id) is already stored.
+
+    With the clinic's `cipher` (the webhook endpoint), the address is stored as its blind
+    index beside its ciphertext, and a status event keeps none of the provider's raw item
+    (every field the status machine needs has its own column)."""
     values: dict[str, Any] = {
         "clinic_id": clinic_id,
         "provider": event.provider,
@@ -131,7 +146,12 @@ async def _store(
             recipient=event.recipient,
             bounce_permanent=event.bounce_permanent,
             error=event.error,
-            payload=event.raw,
+            payload=event.raw if cipher is None else {},
+        )
+    if cipher is not None and values.get("recipient"):
+        address = canonical_key(values["channel"] or "", values["recipient"])
+        values.update(
+            recipient=cipher.index(address), recipient_enc=cipher.encrypt_address(address)
         )
     stmt = (
         upsert.insert(session, DeliveryEventRecord)
@@ -212,7 +232,7 @@ async def _find_delivery(
         ).all()
     )
     if len(rows) > 1 and event.recipient:  # one provider id for several recipients
-        rows = [d for d in rows if d.recipient == event.recipient] or rows
+        rows = [d for d in rows if event.recipient in (d.recipient_index, d.recipient)] or rows
     return rows[0] if rows else None
 
 
@@ -314,12 +334,23 @@ async def _suppress_for(
     reason = suppression_reason(event)
     if reason is None:
         return
-    address = event.recipient or (delivery.recipient if delivery else None)
+    # The event's address (a blind index once stored), else the delivery's; the opt-out
+    # keeps the delivery's ciphertext of the address (`FieldCipher.encrypt_address`).
+    known = (delivery.recipient_index or delivery.recipient) if delivery is not None else None
+    address = event.recipient or known
     channel = event.channel.value if event.channel else (delivery.channel if delivery else None)
     if not address or not channel:
         return
+    sealed = delivery.recipient if delivery is not None and is_index(address) else None
     if await suppress(
-        session, clinic_id, channel, address, reason, f"webhook:{event.provider}", now=when
+        session,
+        clinic_id,
+        channel,
+        address,
+        reason,
+        f"webhook:{event.provider}",
+        now=when,
+        address_enc=sealed or None,
     ):
         result.suppressions_added += 1
 
@@ -339,6 +370,7 @@ async def _apply_inbound(
         (record.payload or {}).get("keyword"),
         f"inbound:{record.provider}",
         when,
+        address_enc=record.recipient_enc,
     )
     result.suppressions_added += added
     result.suppressions_lifted += lifted

@@ -47,6 +47,7 @@ _RETURNING = (
     _T.c.clinic_id,
     _T.c.channel,
     _T.c.recipient,
+    _T.c.recipient_index,
     _T.c.chain_position,
     _T.c.provider_attempts,
     _T.c.attempts,
@@ -110,6 +111,9 @@ async def claim(
             clinic_id=row.clinic_id,
             channel=row.channel,
             recipient=row.recipient,
+            recipient_index=row.recipient_index,
+            sealed=row.recipient,
+            fallback_sealed=row.fallback_address,
             chain_position=row.chain_position,
             provider_attempts=row.provider_attempts,
             attempts=row.attempts,
@@ -178,7 +182,16 @@ async def write_results(
     if attempts:
         await session.execute(_ATTEMPTS.insert(), [a.row() for a in attempts])
     for s in suppressions:
-        await suppress(session, s.clinic_id, s.channel, s.address, s.reason, s.source, now=now)
+        await suppress(
+            session,
+            s.clinic_id,
+            s.channel,
+            s.address,
+            s.reason,
+            s.source,
+            now=now,
+            address_enc=s.address_enc,
+        )
     written = Written()
     if outcomes:
         held = await _held(session, owner, [o.delivery_id for o in outcomes])

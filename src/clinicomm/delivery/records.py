@@ -95,6 +95,20 @@ class Claimed:
     parent_id: str | None
     #: The patient's address on the channel-fallback channel, when of another kind.
     fallback_address: str | None = None
+    #: Blind index of `recipient`: suppressions and the WhatsApp window are looked up by it.
+    recipient_index: str | None = None
+    #: The addresses as stored (encrypted), copied into a channel fallback and an opt-out;
+    #: `recipient` and `fallback_address` are in clear once the worker revealed them.
+    sealed: str = ""
+    fallback_sealed: str | None = None
+    #: Blind index of `fallback_address` (set by the worker with the clear address).
+    fallback_index: str | None = None
+
+    @property
+    def lookup_key(self) -> str:
+        """What opt-outs and the window are keyed by: the blind index (the stored address
+        itself only for a row written before addresses were encrypted)."""
+        return self.recipient_index or self.recipient
 
     def requeue(
         self,
@@ -237,9 +251,11 @@ class Suppression:
 
     clinic_id: str
     channel: str
+    #: The address's blind index, and its ciphertext (kept with the opt-out).
     address: str
     reason: SuppressionReason
     source: str
+    address_enc: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +274,8 @@ class NewDelivery:
     error: dict[str, Any] | None = None
     parent_id: str | None = None
     fallback_address: str | None = None
+    #: Blind index of `recipient` (both addresses are ciphertexts, `FieldCipher`).
+    recipient_index: str | None = None
 
     @classmethod
     def fallback_of(cls, claimed: Claimed, channel: Channel, now: datetime) -> NewDelivery:
@@ -265,7 +283,8 @@ class NewDelivery:
         address, or to `claimed.fallback_address` when `channel` addresses patients another
         way (email → SMS)."""
         same_kind = (channel is Channel.EMAIL) == (claimed.channel == Channel.EMAIL.value)
-        recipient = claimed.recipient if same_kind else claimed.fallback_address
+        recipient = (claimed.sealed or claimed.recipient) if same_kind else claimed.fallback_sealed
+        index = claimed.recipient_index if same_kind else claimed.fallback_index
         if recipient is None:
             raise ValueError("no address for the channel fallback")
         return cls(
@@ -274,6 +293,7 @@ class NewDelivery:
             clinic_id=claimed.clinic_id,
             channel=channel.value,
             recipient=recipient,
+            recipient_index=index,
             status=DeliveryStatus.QUEUED,
             fair_at=now,
             created_at=now,
@@ -287,6 +307,7 @@ class NewDelivery:
             "clinic_id": self.clinic_id,
             "channel": self.channel,
             "recipient": self.recipient,
+            "recipient_index": self.recipient_index,
             "status": self.status.value,
             "next_attempt_at": self.created_at,
             "fair_at": self.fair_at,

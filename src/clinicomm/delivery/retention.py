@@ -1,4 +1,5 @@
-"""Retention sweeps the worker's reaper runs: message contents and idempotency keys."""
+"""Retention sweeps the worker's reaper runs: what identifies a patient in old messages,
+deliveries and events; old audit entries; expired idempotency keys."""
 
 from __future__ import annotations
 
@@ -7,19 +8,73 @@ from datetime import datetime
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from clinicomm.store.models import IdempotencyKey, Message
+from clinicomm.store.models import (
+    AuditEntry,
+    Delivery,
+    DeliveryEventRecord,
+    IdempotencyKey,
+    Message,
+)
 
 
 async def purge_contents(session: AsyncSession, before: datetime, limit: int = 5000) -> int:
-    """Erase the contents (bodies, template variables) of messages accepted before `before`:
-    the retention period. Message, delivery and attempt rows stay for the record."""
+    """Erase what identifies a patient in messages accepted before `before` (the retention
+    period): contents (title, body, HTML, template variables), metadata, and the encrypted
+    address of their deliveries and of the webhook events about those deliveries.
+
+    Kept: ids, statuses, providers, error classes, timestamps and the blind index, so
+    statistics and opt-outs still work (an opt-out keeps its own encrypted address for as long
+    as it stands). Returns the number of messages erased in this batch."""
+    ids = list(
+        (
+            await session.scalars(
+                select(Message.id)
+                .where(Message.created_at < before, Message.content != b"")
+                .limit(limit)
+            )
+        ).all()
+    )
+    if not ids:
+        return 0
+    await session.execute(update(Message).where(Message.id.in_(ids)).values(content=b"", meta={}))
+    deliveries = select(Delivery.id).where(Delivery.message_id.in_(ids)).scalar_subquery()
+    await session.execute(
+        update(DeliveryEventRecord)
+        .where(DeliveryEventRecord.delivery_id.in_(deliveries))
+        .values(recipient_enc=None, payload={})
+    )
+    await session.execute(
+        update(Delivery)
+        .where(Delivery.message_id.in_(ids))
+        .values(recipient="", fallback_address=None)
+    )
+    return len(ids)
+
+
+async def purge_events(session: AsyncSession, before: datetime, limit: int = 5000) -> int:
+    """Erase the encrypted address of webhook events received before `before` that match no
+    delivery (inbound messages, reports about unknown ids); their blind index stays."""
     old = (
-        select(Message.id)
-        .where(Message.created_at < before, Message.content != b"")
+        select(DeliveryEventRecord.id)
+        .where(
+            DeliveryEventRecord.received_at < before,
+            DeliveryEventRecord.recipient_enc.is_not(None),
+        )
         .limit(limit)
         .scalar_subquery()
     )
-    result = await session.execute(update(Message).where(Message.id.in_(old)).values(content=b""))
+    result = await session.execute(
+        update(DeliveryEventRecord)
+        .where(DeliveryEventRecord.id.in_(old))
+        .values(recipient_enc=None, payload={})
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def purge_audit(session: AsyncSession, before: datetime, limit: int = 5000) -> int:
+    """Delete audit entries older than `before` (`CLINICOMM_AUDIT_RETENTION_DAYS`)."""
+    old = select(AuditEntry.id).where(AuditEntry.at < before).limit(limit).scalar_subquery()
+    result = await session.execute(delete(AuditEntry).where(AuditEntry.id.in_(old)))
     return int(getattr(result, "rowcount", 0) or 0)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from clinicomm.delivery import admission, decision
@@ -26,7 +28,7 @@ from clinicomm.delivery.records import (
     Suppression,
 )
 from clinicomm.providers.base import Channel, OutboundMessage, SendResult
-from clinicomm.providers.errors import ProviderDownError, ProviderError
+from clinicomm.providers.errors import ContentError, ProviderDownError, ProviderError
 from clinicomm.routing.backoff import BASE_SECONDS, retry_delay
 from clinicomm.routing.chain import Chain, Hop
 from clinicomm.routing.health import outcome_for
@@ -181,9 +183,10 @@ def outcome_of(
             Suppression(
                 claimed.clinic_id,
                 claimed.channel,
-                claimed.recipient,
+                claimed.lookup_key,
                 step.suppression,
                 f"send:{hop.key}",
+                address_enc=claimed.sealed or None,
             )
             if claimed.clinic_id is not None
             else None
@@ -262,13 +265,7 @@ async def _call(
     except ProviderError as exc:
         error = exc
     except Exception as exc:  # an adapter bug must not lose the delivery
-        log.exception(
-            "adapter raised an unclassified exception",
-            extra={"event": "adapter_bug", "provider": hop.label, "deliveryId": claimed.id},
-        )
-        error = ProviderDownError(
-            f"unexpected adapter error: {type(exc).__name__}", provider=hop.key
-        )
+        error = unclassified(exc, hop.key, hop.label, claimed.id)
     duration = time.perf_counter() - started
     walk.attempts += 1
     if guards is not None:
@@ -284,3 +281,31 @@ async def _call(
         _FAILED[channel].labels(clinic_label, hop.key, error.error_class.value).inc()
         walk.errors.append({**error.to_dict(), "provider": hop.label})
     return error, result
+
+
+def unclassified(exc: Exception, key: str, label: str, delivery_id: str) -> ProviderError:
+    """An exception an adapter did not classify, as a provider error, logged by its class.
+
+    The log line carries the exception's type, where it was raised (our file and line), the
+    provider and the delivery id: never `str(exc)` or a traceback, which may quote a title,
+    an address or a body. A ValueError or UnicodeError comes from building the message (the
+    email package refusing a header, text that cannot be encoded): a `ContentError`, which
+    fails only this delivery and never counts against the provider. Anything else is a bug
+    reported like a provider that is down, so the next provider is tried.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else None
+    content = isinstance(exc, (ValueError, UnicodeError))
+    log.error(
+        "message could not be built" if content else "adapter raised an unclassified exception",
+        extra={
+            "event": "message_malformed" if content else "adapter_bug",
+            "provider": label,
+            "deliveryId": delivery_id,
+            "error": type(exc).__name__,
+            "where": where,
+        },
+    )
+    if content:
+        return ContentError(f"the message cannot be built: {type(exc).__name__}", provider=key)
+    return ProviderDownError(f"unexpected adapter error: {type(exc).__name__}", provider=key)

@@ -14,6 +14,10 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
+from clinicomm.crypto import CryptoError
+from clinicomm.settings.keys import PLATFORM, KeyStore
+from clinicomm.settings.sealed import open_json
+from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, DeliveryAttempt, Message, aware
 
 #: A scope: None (every clinic) or the clinic ids visible to the caller.
@@ -158,3 +162,30 @@ async def list_messages(
         ],
         "nextCursor": page[-1].id if len(rows) > limit and page else None,
     }
+
+
+async def reveal(answer: dict[str, Any], keys: KeyStore, db: Database) -> dict[str, Any]:
+    """Decrypt, in an answer of `get_message` or `list_messages` the caller may read, the
+    addresses and the metadata (stored encrypted with the clinic's data key). An erased
+    address (retention), or one under a key this process cannot unwrap, is answered null."""
+    async def address(clinic_id: str | None, stored: str) -> str | None:
+        if not stored:
+            return None
+        try:
+            cipher = await keys.cipher_for(db, clinic_id or PLATFORM)
+            return cipher.decrypt_address(stored)
+        except CryptoError:  # a key this process cannot unwrap: the status still answers
+            return None
+
+    if "deliveries" in answer:
+        clinic_id = answer["clinicId"]
+        try:
+            cipher = await keys.cipher_for(db, clinic_id or PLATFORM)
+            answer["metadata"] = open_json(cipher, answer["metadata"], f"meta:{answer['id']}")
+        except CryptoError:
+            answer["metadata"] = {}
+        for item in answer["deliveries"]:
+            item["recipient"] = await address(clinic_id, item["recipient"])
+    for item in answer.get("items", []):
+        item["recipient"] = await address(item["clinicId"], item["recipient"])
+    return answer

@@ -58,10 +58,14 @@ async def suppress(
     source: str,
     *,
     now: datetime | None = None,
+    address_enc: str | None = None,
 ) -> bool:
     """Record that `address` must not get messages on `channel`; False if it already was.
 
-    The first reason is kept (a later complaint does not overwrite a STOP). Never commits.
+    `address` is the blind index of the address (`FieldCipher.index`; a clear address only
+    for rows written before addresses were encrypted), `address_enc` its ciphertext, kept for
+    as long as the opt-out stands. The first reason is kept (a later complaint does not
+    overwrite a STOP). Never commits.
     """
     stmt = (
         upsert.insert(session, SuppressionRow)
@@ -69,6 +73,7 @@ async def suppress(
             clinic_id=clinic_id,
             channel=str(channel),
             address=canonical_key(channel, address),
+            address_enc=address_enc,
             reason=reason.value,
             source=source[:120],
             created_at=now or datetime.now(UTC),
@@ -107,12 +112,20 @@ async def apply_keyword(
     keyword: str | None,
     source: str,
     now: datetime,
+    address_enc: str | None = None,
 ) -> tuple[int, int]:
     """The STOP/START rule (the one place it is written): `stop` suppresses, `start` lifts
     an opt-out (`OPT_IN_LIFTS`). Returns (suppressions added, suppressions lifted)."""
     if keyword == "stop":
         added = await suppress(
-            session, clinic_id, channel, address, SuppressionReason.STOP, source, now=now
+            session,
+            clinic_id,
+            channel,
+            address,
+            SuppressionReason.STOP,
+            source,
+            now=now,
+            address_enc=address_enc,
         )
         return int(added), 0
     if keyword == "start":

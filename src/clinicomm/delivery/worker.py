@@ -31,15 +31,22 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 
+from clinicomm.crypto import CryptoError
 from clinicomm.delivery import admission, decision
 from clinicomm.delivery.admission import Guards
 from clinicomm.delivery.contents import Contents, Erased, Unreadable
 from clinicomm.delivery.outbox import Notifier, claim, reap_expired, write_results
 from clinicomm.delivery.records import Claimed, DeliveryStatus, Handled
-from clinicomm.delivery.retention import purge_contents, purge_idempotency_keys
+from clinicomm.delivery.retention import (
+    purge_audit,
+    purge_contents,
+    purge_events,
+    purge_idempotency_keys,
+)
 from clinicomm.delivery.sender import Walk, outcome_of, position_of, send_through_chain
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
+from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database
 from clinicomm.store.models import utcnow
@@ -67,6 +74,8 @@ class WorkerOptions:
     prepare_retry_seconds: float = 30.0
     #: Message contents are erased this long after acceptance (see `purge_contents`).
     retention_seconds: float = 30 * 86400.0
+    #: Audit entries are deleted this long after they were written (six years).
+    audit_retention_seconds: float = 2192 * 86400.0
     #: Base of the full-jitter backoff between retries on one provider.
     retry_base_seconds: float = 2.0
 
@@ -254,6 +263,11 @@ class Worker:
             )
         if content is None:
             raise LookupError("message content unavailable")
+        try:
+            await self._reveal(claimed)
+        except CryptoError as exc:  # CryptoError messages name keys and clinics, never values
+            errors = [*claimed.errors, _config(str(exc))]
+            return Handled(claimed.fail("configuration", errors=errors))
         facts = self._facts.get(claimed.id)
         if facts is None:
             raise LookupError("suppressions could not be read")
@@ -274,6 +288,18 @@ class Worker:
             guards=self.guards,
             retry_base=self.options.retry_base_seconds,
         )
+
+    async def _reveal(self, claimed: Claimed) -> None:
+        """The addresses in clear, for the adapter only (never logged or stored), and the
+        fallback address's blind index (for a channel-fallback delivery)."""
+        if not claimed.sealed and not claimed.fallback_sealed:
+            return
+        cipher = await self.config.keys.cipher_for(self.db, claimed.clinic_id or PLATFORM)
+        if claimed.sealed and claimed.recipient == claimed.sealed:
+            claimed.recipient = cipher.decrypt_address(claimed.sealed)
+        if claimed.fallback_sealed and claimed.fallback_address == claimed.fallback_sealed:
+            claimed.fallback_address = cipher.decrypt_address(claimed.fallback_sealed)
+            claimed.fallback_index = cipher.index(claimed.fallback_address)
 
     def _refused(
         self, claimed: Claimed, resolved: ResolvedChannel, verdict: admission.Refused
@@ -300,12 +326,12 @@ class Worker:
                 "event": "delivery_prepare_failed",
                 "deliveryId": claimed.id,
                 "clinicId": claimed.clinic_id,
+                # The type only: an exception's text may quote a patient's address or content.
                 "error": type(exc).__name__,
-                "detail": str(exc)[:200],
             },
         )
         now = utcnow()
-        reason = {"provider": None, "class": "internal", "message": f"{type(exc).__name__}: {exc}"}
+        reason = {"provider": None, "class": "internal", "message": type(exc).__name__}
         errors = [*claimed.errors, reason]
         retry_at = now + timedelta(seconds=self.options.prepare_retry_seconds)
         deadline = claimed.created_at + timedelta(seconds=self.options.max_age_seconds)
@@ -367,8 +393,11 @@ class Worker:
                 async with self.db.session() as session:
                     taken = await reap_expired(session, utcnow())
                     await purge_idempotency_keys(session, utcnow())
-                    erased = await purge_contents(
-                        session, utcnow() - timedelta(seconds=self.options.retention_seconds)
+                    before = utcnow() - timedelta(seconds=self.options.retention_seconds)
+                    erased = await purge_contents(session, before)
+                    await purge_events(session, before)
+                    await purge_audit(
+                        session, utcnow() - timedelta(seconds=self.options.audit_retention_seconds)
                     )
                 if erased:
                     log.info(
@@ -438,5 +467,5 @@ def _config(detail: str) -> dict[str, Any]:
     return {
         "provider": None,
         "class": "configuration",
-        "message": f"message content cannot be decrypted by this worker ({detail})",
+        "message": f"message content or address cannot be decrypted by this worker ({detail})",
     }

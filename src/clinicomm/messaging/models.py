@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from clinicomm.delivery.records import DeliveryStatus as DeliveryStatus
-from clinicomm.providers.base import Channel
+from clinicomm.providers.base import Channel, SingleLine
+
+#: `metadata` holds routing and correlation ids: at most this many keys and this many bytes
+#: serialized (a larger object is either a mistake or patient data that has no place there).
+METADATA_MAX_KEYS = 50
+METADATA_MAX_BYTES = 8 * 1024
 
 TERMINAL = frozenset(
     {
@@ -29,19 +35,19 @@ class _Camel(BaseModel):
 class Recipient(_Camel):
     """One patient's addresses; each requested channel uses the matching one."""
 
-    email: str | None = Field(default=None, max_length=320)
+    email: SingleLine | None = Field(default=None, max_length=320)
     #: E.164 (`+14155552671`); used for SMS, and for WhatsApp unless `whatsapp` is given.
-    phone: str | None = Field(default=None, max_length=32)
+    phone: SingleLine | None = Field(default=None, max_length=32)
     #: A different number for WhatsApp, if the patient has one.
-    whatsapp: str | None = Field(default=None, max_length=32)
+    whatsapp: SingleLine | None = Field(default=None, max_length=32)
 
 
 class TemplateSpec(_Camel):
     """A provider template: the clinic's logical name (`appointmentConfirmation`) or the
     provider's own name, with language and positional or named variables."""
 
-    name: str = Field(min_length=1, max_length=200)
-    language: str = Field(default="en", min_length=2, max_length=15)
+    name: SingleLine = Field(min_length=1, max_length=200)
+    language: SingleLine = Field(default="en", min_length=2, max_length=15)
     variables: dict[str, str] = Field(default_factory=dict)
 
 
@@ -51,14 +57,25 @@ class SendMetadata(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    clinic_id: str | None = Field(default=None, alias="clinicId", max_length=64)
+    clinic_id: SingleLine | None = Field(default=None, alias="clinicId", max_length=64)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SendMetadata:
+        extra = self.model_extra or {}
+        if len(extra) + (self.clinic_id is not None) > METADATA_MAX_KEYS:
+            raise ValueError(f"metadata has more than {METADATA_MAX_KEYS} keys")
+        size = len(orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True)))
+        if size > METADATA_MAX_BYTES:
+            raise ValueError(f"metadata is larger than {METADATA_MAX_BYTES} bytes serialized")
+        return self
 
 
 class SendRequest(_Camel):
     """What a business service asks: one message, to recipients, on channels."""
 
-    category: str = Field(default="GENERAL", min_length=1, max_length=60)
-    title: str | None = Field(default=None, max_length=998)
+    category: SingleLine = Field(default="GENERAL", min_length=1, max_length=60)
+    #: The email subject: one line (a line break would be a header injection).
+    title: SingleLine | None = Field(default=None, max_length=998)
     body: str | None = Field(default=None, max_length=100_000)
     html: str | None = Field(default=None, max_length=1_000_000)
     recipients: list[Recipient] = Field(min_length=1, max_length=1000)

@@ -30,6 +30,7 @@ from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.models import ChannelSettings
+from clinicomm.settings.sealed import open_json, seal_json
 from clinicomm.settings.service import ConfigService
 from clinicomm.settings.validation import Problem
 from clinicomm.store.db import Database
@@ -163,6 +164,7 @@ class MessagingService:
         rows: list[NewDelivery] = []
         summaries: list[DeliverySummary] = []
         stamps = self.fair.stamps(clinic_id, len(planned), now)
+        cipher = await self.config.keys.cipher_for(self.db, scope)
         for item, fair_at in zip(planned, stamps, strict=True):
             delivery_id = new_id()
             status = DeliveryStatus.FAILED if item.failure else DeliveryStatus.QUEUED
@@ -173,12 +175,17 @@ class MessagingService:
                     message_id=message_id,
                     clinic_id=clinic_id,
                     channel=item.channel.value,
-                    recipient=item.recipient,
+                    # The addresses encrypted with the clinic's data key, and the blind index
+                    # suppressions and the WhatsApp window look the recipient up by.
+                    recipient=cipher.encrypt_address(item.recipient) if item.recipient else "",
+                    recipient_index=cipher.index(item.recipient) if item.recipient else None,
                     status=status,
                     fair_at=fair_at,
                     created_at=now,
                     error=error,
-                    fallback_address=item.fallback_address,
+                    fallback_address=cipher.encrypt_address(item.fallback_address)
+                    if item.fallback_address
+                    else None,
                 )
             )
             summaries.append(
@@ -191,15 +198,15 @@ class MessagingService:
                 )
             )
         answer = SendAccepted(id=message_id, deliveries=summaries)
-        cipher = await self.config.keys.cipher_for(self.db, scope)
         content = cipher.encrypt_bytes(orjson.dumps(request.content()), f"message:{message_id}")
+        meta = request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
         pending = PendingWrite(
             message={
                 "id": message_id,
                 "clinic_id": clinic_id,
                 "category": request.category,
                 "content": content,
-                "meta": request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "meta": seal_json(cipher, meta, f"meta:{message_id}"),
                 "requested_by": requested_by,
                 "callback_url": target.url if target else None,
                 "callback_opts": target.opts() if target else None,
@@ -211,7 +218,12 @@ class MessagingService:
                 "key": idempotency_key,
                 "request_hash": digest,
                 "message_id": message_id,
-                "response": answer.model_dump(mode="json", by_alias=True),
+                # The first answer names the recipients: stored encrypted like them.
+                "response": seal_json(
+                    cipher,
+                    answer.model_dump(mode="json", by_alias=True),
+                    f"idempotency:{scope}:{idempotency_key}",
+                ),
                 "created_at": now,
                 "expires_at": now + IDEMPOTENCY_TTL,
             }
@@ -294,7 +306,10 @@ class MessagingService:
             raise IdempotencyConflictError(
                 "Idempotency-Key was already used with a different payload"
             )
-        return SendAccepted.model_validate(row.response)
+        cipher = await self.config.keys.cipher_for(self.db, scope)
+        return SendAccepted.model_validate(
+            open_json(cipher, row.response, f"idempotency:{scope}:{key}")
+        )
 
 
 def _failed_at_accept(

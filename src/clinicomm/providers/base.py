@@ -9,17 +9,34 @@ imports nothing from the rest of clinicomm, so an adapter can be read, tested an
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, field_validator
 from pydantic.alias_generators import to_camel
 
 MASK = "********"
+
+#: CR, LF, tab and every other C0/C1 control character, DEL, and the Unicode line and paragraph
+#: separators: none may appear in a header value, a sender name or an address.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def single_line(value: str) -> str:
+    """`value` unchanged, or ValueError when it holds a line break or a control character
+    (the error never repeats the value: it may be a patient's data)."""
+    if _CONTROL.search(value):
+        raise ValueError("must not contain line breaks or control characters")
+    return value
+
+
+#: A string that goes into a header or an address: one line, no control characters.
+SingleLine = Annotated[str, AfterValidator(single_line)]
 
 
 class Channel(StrEnum):
@@ -48,6 +65,13 @@ class ProviderCredentials(BaseModel):
 
     #: When the credentials stop working (token expiry); drives the expiry alert.
     expires_at: datetime | None = None
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _one_line(cls, value: Any) -> Any:
+        """Every plain string of credentials (hosts, senders, ids) is one line; secrets are
+        not checked (they are never put in a header as given)."""
+        return single_line(value) if isinstance(value, str) else value
 
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ delivery worker decides what to do from the class alone:
     ├── ProviderDownError       try the next provider now (5xx storm, quota exhausted, unreachable)
     ├── ConfigurationError      credentials/sender wrong: trip the breaker, alert, fail over
     ├── RecipientError          this address can't receive on this channel: fail, no failover
+    ├── ContentError            the message itself cannot be built or sent: fail, no failover
     └── ComplianceError         opt-out, 24-hour window, template required: never routed around
 
 Each error carries the provider key, the HTTP/SMTP status, the provider's own error code and a
@@ -38,6 +39,7 @@ class ErrorClass(StrEnum):
     PROVIDER_DOWN = "provider_down"  # fail over to the next provider now
     CONFIGURATION = "configuration"  # bad credentials or sender: fail over and alert
     RECIPIENT = "recipient"  # permanent for this address: fail, no failover
+    CONTENT = "content"  # the message is malformed (a header it cannot carry): fail, no failover
     COMPLIANCE = "compliance"  # opt-out / window: fail, never routed around
 
 
@@ -136,6 +138,15 @@ class RecipientError(ProviderError):
     """This address cannot receive on this channel: fail the delivery, no failover."""
 
     error_class = ErrorClass.RECIPIENT
+    counts_for_health = False
+
+
+class ContentError(ProviderError):
+    """The message cannot be built or sent as given (a header value the email package
+    refuses, text that cannot be encoded): fail the delivery, no failover, no health count.
+    Another provider would refuse it too, and it says nothing about the provider."""
+
+    error_class = ErrorClass.CONTENT
     counts_for_health = False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from clinicomm.crypto import FieldCipher, MasterKeyring, new_data_key
+from clinicomm.crypto import FieldCipher, MasterKeyring, derive_index_key, new_data_key
 from clinicomm.store.db import Database
 from clinicomm.store.models import AuditEntry, Clinic, ClinicKey, utcnow
 
@@ -21,9 +22,14 @@ PLATFORM = "_platform"
 class KeyStore:
     """Finds a clinic's field cipher. Unwrapped data keys live only in this process's memory."""
 
-    def __init__(self, keyring: MasterKeyring) -> None:
+    #: How long a process uses a clinic's cached cipher before it re-reads the key versions.
+    REFRESH_SECONDS = 10.0
+
+    def __init__(self, keyring: MasterKeyring, refresh_seconds: float = REFRESH_SECONDS) -> None:
         self.keyring = keyring
+        self.refresh_seconds = refresh_seconds
         self._ciphers: dict[str, FieldCipher] = {}
+        self._loaded: dict[str, float] = {}
 
     async def create(self, session: AsyncSession, clinic_id: str) -> FieldCipher:
         """Make and store (wrapped) a new data key for a new clinic."""
@@ -32,33 +38,60 @@ class KeyStore:
         session.add(ClinicKey(clinic_id=clinic_id, version=1, master_kid=kid, wrapped_key=wrapped))
         cipher = FieldCipher(clinic_id, data_key, 1)
         self._ciphers[clinic_id] = cipher
+        self._loaded[clinic_id] = time.monotonic()
         return cipher
 
     async def cipher(self, session: AsyncSession, clinic_id: str) -> FieldCipher:
         """The clinic's cipher; raises KeyError if the clinic has no data key, CryptoError if the
         configured master keys cannot unwrap it."""
-        cached = self._ciphers.get(clinic_id)
+        cached = self._fresh(clinic_id)
         if cached is not None:
             return cached
-        row = (
+        rows = (
             await session.execute(
                 select(ClinicKey)
                 .where(ClinicKey.clinic_id == clinic_id)
                 .order_by(ClinicKey.version.desc())
-                .limit(1)
             )
-        ).scalar_one_or_none()
-        if row is None:
+        ).scalars().all()
+        if not rows:
             raise KeyError(clinic_id)
-        data_key = self.keyring.unwrap(row.master_kid, row.wrapped_key, clinic_id)
-        cipher = FieldCipher(clinic_id, data_key, row.version)
+        cipher = self._build(clinic_id, list(rows))
         self._ciphers[clinic_id] = cipher
+        self._loaded[clinic_id] = time.monotonic()
         return cipher
+
+    def _build(self, clinic_id: str, rows: list[ClinicKey]) -> FieldCipher:
+        """The cipher of a clinic's key rows (newest first): the newest encrypts, every other
+        version still decrypts (a data-key rotation in progress)."""
+        unwrap = self.keyring.unwrap
+        keys = {r.version: unwrap(r.master_kid, r.wrapped_key, clinic_id) for r in rows}
+        newest = rows[0]
+        index_key = (
+            self.keyring.unwrap(newest.master_kid, newest.index_key, f"{clinic_id}|index")
+            if newest.index_key
+            else None
+        )
+        if index_key is None and len(rows) > 1:
+            index_key = derive_index_key(keys[min(keys)], clinic_id)
+        return FieldCipher(
+            clinic_id, keys[newest.version], newest.version, older=keys, index_key=index_key
+        )
+
+    def _fresh(self, clinic_id: str) -> FieldCipher | None:
+        """The cached cipher, while younger than `refresh_seconds` (so a data-key version
+        added by `rotate_data` in another process is used within that time)."""
+        cached = self._ciphers.get(clinic_id)
+        if cached is None:
+            return None
+        if time.monotonic() - self._loaded.get(clinic_id, 0.0) > self.refresh_seconds:
+            return None
+        return cached
 
     async def cipher_for(self, db: Database, clinic_id: str) -> FieldCipher:
         """The clinic's cipher, from memory or (first time) the database. The platform's own
         key (`PLATFORM`, for messages sent without a clinic) is created on first use."""
-        cached = self._ciphers.get(clinic_id)
+        cached = self._fresh(clinic_id)
         if cached is not None:
             return cached
         try:
@@ -77,12 +110,19 @@ class KeyStore:
         async with db.read() as session:
             return await self.cipher(session, PLATFORM)
 
+    async def index_for(self, db: Database, clinic_id: str, address: str) -> str:
+        """The blind index of `address` in `clinic_id` (what suppressions, the WhatsApp window
+        and inbound contacts are keyed by)."""
+        return (await self.cipher_for(db, clinic_id)).index(address)
+
     def forget(self, clinic_id: str | None = None) -> None:
         """Drop cached ciphers (all when clinic_id is None)."""
         if clinic_id is None:
             self._ciphers.clear()
+            self._loaded.clear()
         else:
             self._ciphers.pop(clinic_id, None)
+            self._loaded.pop(clinic_id, None)
 
 
 @dataclass
@@ -138,6 +178,10 @@ async def rotate(
             for row in rows:
                 data_key = keyring.unwrap(row.master_kid, row.wrapped_key, row.clinic_id)
                 old = row.master_kid
+                if row.index_key is not None:
+                    index_aad = f"{row.clinic_id}|index"
+                    index_key = keyring.unwrap(row.master_kid, row.index_key, index_aad)
+                    _, row.index_key = keyring.wrap(index_key, index_aad)
                 row.master_kid, row.wrapped_key = keyring.wrap(data_key, row.clinic_id)
                 row.rotated_at = utcnow()
                 session.add(

@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from clinicomm.providers import registry
-from clinicomm.providers.base import Channel, ProviderCredentials
+from clinicomm.providers.base import Channel, ProviderCredentials, SingleLine
 
 CHANNELS: tuple[Channel, ...] = (Channel.EMAIL, Channel.WHATSAPP, Channel.SMS)
 
@@ -93,7 +93,9 @@ def _provider_union(channel: Channel) -> Any:
         __base__=ProviderConfig,
         provider=_literal([registry.DISABLED]),
         enabled=(bool, False),
-        credentials=(dict[str, Any] | None, None),
+        # A disabled slot takes no credentials: a free-form object here would be stored,
+        # answered and audited in clear, since no credentials model marks its secrets.
+        credentials=(None, None),
     )
     members.append(disabled)
     return Annotated[Union[tuple(members)], Field(discriminator="provider")]  # noqa: UP007
@@ -151,8 +153,8 @@ class EmailSettings(ChannelSettings):
 
     primary: EmailProviderConfig | None = None
     fallback: list[EmailProviderConfig] = Field(default_factory=list)
-    default_from: str | None = None
-    default_from_name: str | None = None
+    default_from: SingleLine | None = Field(default=None, max_length=320)
+    default_from_name: SingleLine | None = Field(default=None, max_length=200)
 
 
 class WindowTemplate(CamelModel):

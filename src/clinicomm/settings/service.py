@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from clinicomm.crypto import FieldDecryptionError
 from clinicomm.providers.base import MASK, Channel
 from clinicomm.settings import secrets
 from clinicomm.settings.cache import ConfigCache
@@ -290,11 +291,17 @@ class ConfigService:
         if l2 is not None:
             version, stored = l2
             if version >= self.cache.known_version(clinic_id):
-                metrics.CONFIG_CACHE_HIT.labels(label, channel.value, "l2").inc()
-                async with self.db.sessions() as session:
-                    resolved = await self._resolve(session, clinic_id, channel, version, stored)
-                self.cache.l1_put(channel.value, clinic_id, version, resolved)
-                return resolved
+                try:
+                    async with self.db.sessions() as session:
+                        resolved = await self._resolve(session, clinic_id, channel, version, stored)
+                except FieldDecryptionError:
+                    # A stale entry under a data-key version destroyed since (a rotation run
+                    # by a process without Redis): the database has the current form.
+                    resolved = None
+                if resolved is not None:
+                    metrics.CONFIG_CACHE_HIT.labels(label, channel.value, "l2").inc()
+                    self.cache.l1_put(channel.value, clinic_id, version, resolved)
+                    return resolved
         metrics.CONFIG_CACHE_MISS.labels(label, channel.value).inc()
         async with self.db.sessions() as session:
             row = await session.get(Clinic, clinic_id)
@@ -486,6 +493,16 @@ class ConfigService:
             row.id, row.name, row.version, plain, current.created_at, aware(row.updated_at)
         )
         return Change(row.id, row.version, action, current.communication, plain.get(COMM), record)
+
+    async def reencrypt(self, session: AsyncSession, clinic_id: str) -> Change:
+        """Write the clinic's settings again, secrets encrypted under its current data key
+        version (a data-key rotation); the settings themselves do not change (not validated
+        again). The caller commits, then awaits `committed()` (the caches hold ciphertexts)."""
+        row = await self._locked(session, clinic_id, None)
+        current = await self._record(session, row)
+        return await self._write(
+            session, row, current, copy.deepcopy(current.settings), "key.rotate_data", None
+        )
 
     def _prepare(
         self, settings: dict[str, Any], stored_plain: dict[str, Any] | None

@@ -94,6 +94,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # Deleted and overwritten content is zeroed in the file, so what retention erases is gone
+    # from the database file (older page images can stay in the WAL until it is overwritten).
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 

@@ -75,6 +75,10 @@ class ClinicKey(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True, default=1)
     master_kid: Mapped[str] = mapped_column(String(64), index=True)
     wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    #: The clinic's blind-index key wrapped by the same master key, set from the first data
+    #: key rotation on (before, it is derived from the version-1 data key), so every index
+    #: stays valid when data keys rotate.
+    index_key: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     rotated_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -132,8 +136,12 @@ class Delivery(Base):
     )
     clinic_id: Mapped[str | None] = mapped_column(String(64))
     channel: Mapped[str] = mapped_column(String(16))
-    #: Canonical address: an email address or an E.164 number.
-    recipient: Mapped[str] = mapped_column(String(320))
+    #: The canonical address (an email address or an E.164 number) encrypted with the clinic's
+    #: data key (`FieldCipher.encrypt_address`, context: the delivery id); "" when there is
+    #: none, or once erased by retention.
+    recipient: Mapped[str] = mapped_column(Text)
+    #: Blind index of the address (`FieldCipher.index`): kept after retention for statistics.
+    recipient_index: Mapped[str | None] = mapped_column(String(80), default=None)
     #: DeliveryStatus value.
     status: Mapped[str] = mapped_column(String(16))
     #: When a queued delivery may next be claimed.
@@ -156,8 +164,9 @@ class Delivery(Base):
     parent_id: Mapped[str | None] = mapped_column(String(36), default=None)
     #: The patient's address for the clinic's channel fallback when it is another kind than
     #: `recipient` (the phone number of an email delivery whose fallback is SMS); stored only
-    #: when the clinic configured such a fallback at acceptance.
-    fallback_address: Mapped[str | None] = mapped_column(String(320), default=None)
+    #: when the clinic configured such a fallback at acceptance. Encrypted like `recipient`;
+    #: erased by retention.
+    fallback_address: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -233,8 +242,11 @@ class DeliveryEventRecord(Base):
     event_type: Mapped[str] = mapped_column(String(24))
     occurred_at: Mapped[datetime | None] = mapped_column(default=None)
     channel: Mapped[str | None] = mapped_column(String(16), default=None)
-    #: Canonical address the event names (bounced email, inbound sender).
+    #: Blind index of the address the event names (bounced email, inbound sender).
     recipient: Mapped[str | None] = mapped_column(String(320), default=None)
+    #: That address encrypted (context `event:<id>`), for the suppression it may record;
+    #: erased by retention.
+    recipient_enc: Mapped[str | None] = mapped_column(Text, default=None)
     bounce_permanent: Mapped[bool | None] = mapped_column(Boolean, default=None)
     #: `{"code", "reason"}`, redacted.
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
@@ -256,8 +268,11 @@ class Suppression(Base):
 
     clinic_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     channel: Mapped[str] = mapped_column(String(16), primary_key=True)
-    #: Canonical address: E.164 number or email address.
+    #: Blind index of the address (`FieldCipher.index`): what every lookup uses.
     address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    #: The address encrypted (context `suppression:<channel>:<index>`): an opt-out is kept,
+    #: and readable by those allowed, for as long as it stands.
+    address_enc: Mapped[str | None] = mapped_column(Text, default=None)
     #: SuppressionReason value.
     reason: Mapped[str] = mapped_column(String(24))
     #: Who recorded it: `webhook:<provider>`, `send:<provider>`, `api:<actor>`.
@@ -272,6 +287,7 @@ class InboundContact(Base):
 
     clinic_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     channel: Mapped[str] = mapped_column(String(16), primary_key=True)
+    #: Blind index of the patient's address (never the address itself).
     address: Mapped[str] = mapped_column(String(320), primary_key=True)
     last_inbound_at: Mapped[datetime] = mapped_column()
 

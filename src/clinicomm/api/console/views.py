@@ -51,12 +51,14 @@ from clinicomm.api.routers import clinics as clinics_api
 from clinicomm.api.routers import monitoring as monitoring_api
 from clinicomm.api.routers import suppressions as suppressions_api
 from clinicomm.api.schemas import ClinicCreate, ClinicReplace
-from clinicomm.delivery.status import get_message
+from clinicomm.crypto import CryptoError
+from clinicomm.delivery.status import get_message, reveal
 from clinicomm.delivery.suppressions import SuppressionReason
 from clinicomm.observability.alerts import list_alerts
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel
 from clinicomm.runtime import Runtime
+from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.models import RateLimit
 from clinicomm.settings.service import COMM, VersionConflictError
 from clinicomm.store.models import (
@@ -589,11 +591,32 @@ async def messages_page(request: Request) -> Response:
         query = query.where(Delivery.created_at >= start)
     if end:
         query = query.where(Delivery.created_at < end)
-    async with _runtime(request).db.read() as session:
+    runtime = _runtime(request)
+    async with runtime.db.read() as session:
         rows = (await session.scalars(query)).all()
+    addresses = {row.id: await _address(runtime, row.clinic_id, row.recipient) for row in rows}
     return render(
-        request, "messages.html", user, rows=rows, q=q, clinic_id=clinic_id, channels=CHANNELS
+        request,
+        "messages.html",
+        user,
+        rows=rows,
+        addresses=addresses,
+        q=q,
+        clinic_id=clinic_id,
+        channels=CHANNELS,
     )
+
+
+async def _address(runtime: Runtime, clinic_id: str | None, stored: str) -> str | None:
+    """A delivery's address (stored encrypted), decrypted only to be shown masked; None once
+    erased or under a key this process cannot unwrap."""
+    if not stored:
+        return None
+    try:
+        cipher = await runtime.keys.cipher_for(runtime.db, clinic_id or PLATFORM)
+        return cipher.decrypt_address(stored)
+    except CryptoError:
+        return None
 
 
 @router.get("/messages/{message_id}")
@@ -604,6 +627,8 @@ async def message_page(request: Request, message_id: str) -> Response:
     readable = found is not None and (user.principal.allows(Permission.VIEW, found["clinicId"]))
     if found is None or not readable:  # the same answer: no hint that it exists elsewhere
         raise ConsoleError(404, "Not found", "No message with this id is visible to you.")
+    runtime = _runtime(request)
+    found = await reveal(found, runtime.keys, runtime.db)
     events = await _events(request, [d["id"] for d in found["deliveries"]])
     return render(request, "message.html", user, message=found, events=events)
 

@@ -18,7 +18,7 @@ from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import authenticated, authorize, get_runtime
 from clinicomm.api.errors import ApiError, forbidden
 from clinicomm.api.schemas import ERRORS, ErrorAnswer
-from clinicomm.delivery.status import GLOBAL, get_message, list_messages
+from clinicomm.delivery.status import GLOBAL, get_message, list_messages, reveal
 from clinicomm.messaging.models import DeliveryStatus, SendAccepted, SendRequest
 from clinicomm.messaging.service import (
     IdempotencyConflictError,
@@ -102,7 +102,7 @@ async def get_communication(
         raise ApiError(404, "not_found", f"message {message_id!r} not found")
     if not _readable(principal, found["clinicId"]):
         raise forbidden(f"role {principal.role.value} cannot read this message")
-    return found
+    return await reveal(found, runtime.keys, runtime.db)
 
 
 @router.get(
@@ -137,7 +137,7 @@ async def list_communications(
     else:
         raise forbidden(f"role {principal.role.value} cannot read messages")
     async with runtime.db.read() as session:
-        return await list_messages(
+        page = await list_messages(
             session,
             scope,
             clinic_id=clinic_id,
@@ -145,3 +145,4 @@ async def list_communications(
             limit=limit,
             cursor=cursor,
         )
+    return await reveal(page, runtime.keys, runtime.db)

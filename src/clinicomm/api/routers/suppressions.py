@@ -23,6 +23,7 @@ from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import get_runtime, require
 from clinicomm.api.errors import ApiError
 from clinicomm.api.schemas import CLINIC_ID_PATTERN, ERRORS
+from clinicomm.crypto import FieldCipher
 from clinicomm.delivery.suppressions import SuppressionReason, canonical_key, suppress, unsuppress
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
@@ -94,10 +95,13 @@ def _audit(
     )
 
 
-def _item(row: Suppression) -> dict[str, Any]:
+def _item(row: Suppression, cipher: FieldCipher) -> dict[str, Any]:
+    """An opt-out as answered: the address decrypted (stored as a blind index beside its
+    ciphertext); an opt-out recorded without a ciphertext shows its index."""
+    address = cipher.decrypt_address(row.address_enc) if row.address_enc else row.address
     return {
         "channel": row.channel,
-        "address": row.address,
+        "address": address,
         "reason": row.reason,
         "source": row.source,
         "createdAt": row.created_at.isoformat(),
@@ -127,7 +131,8 @@ async def list_suppressions(
                 query.order_by(Suppression.created_at.desc(), Suppression.address).limit(limit)
             )
         ).all()
-    return {"items": [_item(r) for r in rows]}
+    cipher = await runtime.keys.cipher_for(runtime.db, clinicId)
+    return {"items": [_item(r, cipher) for r in rows]}
 
 
 @router.post(
@@ -143,20 +148,28 @@ async def add_suppression(
     address = canonical_address(body.channel, body.address)
     async with runtime.db.session() as session:
         await _clinic(session, clinicId)
+        cipher = await runtime.keys.cipher(session, clinicId)
+        index = cipher.index(address)
         created = await suppress(
-            session, clinicId, body.channel, address, body.reason, f"api:{principal.sub}"
+            session,
+            clinicId,
+            body.channel,
+            index,
+            body.reason,
+            f"api:{principal.sub}",
+            address_enc=cipher.encrypt_address(address),
         )
         if created:
-            _audit(
+            _audit(  # the audit log outlives the opt-out: the blind index, never the address
                 session,
                 clinicId,
                 principal,
                 "suppression.add",
-                {"channel": body.channel.value, "address": address, "reason": body.reason.value},
+                {"channel": body.channel.value, "address": index, "reason": body.reason.value},
             )
-        row = await session.get(Suppression, (clinicId, body.channel.value, address))
+        row = await session.get(Suppression, (clinicId, body.channel.value, index))
         assert row is not None
-        item = _item(row)
+        item = _item(row, cipher)
     return JSONResponse(item, status_code=201 if created else 200)
 
 
@@ -186,7 +199,8 @@ async def remove_suppression(
     canonical = canonical_address(channel, address)
     async with runtime.db.session() as session:
         await _clinic(session, clinicId)
-        removed = await unsuppress(session, clinicId, channel, canonical)
+        index = (await runtime.keys.cipher(session, clinicId)).index(canonical)
+        removed = await unsuppress(session, clinicId, channel, index)
         if not removed:
             raise ApiError(404, "not_found", "no such opt-out")
         _audit(
@@ -194,6 +208,6 @@ async def remove_suppression(
             clinicId,
             principal,
             "suppression.remove",
-            {"channel": channel.value, "address": canonical},
+            {"channel": channel.value, "address": index},
         )
     return Response(status_code=204)

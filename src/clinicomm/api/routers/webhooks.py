@@ -34,6 +34,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from clinicomm.api.deps import get_runtime
 from clinicomm.api.errors import ApiError
+from clinicomm.api.limits import WEBHOOK_MAX_BYTES
 from clinicomm.api.schemas import CLINIC_ID_PATTERN
 from clinicomm.delivery.ingest import store_events
 from clinicomm.delivery.webhooks import webhook_service
@@ -60,7 +61,7 @@ Provider = Annotated[
     ),
 ]
 #: Webhook bodies are small (a SendGrid batch is well under this); larger ones are refused.
-MAX_BODY = 1024 * 1024
+MAX_BODY = WEBHOOK_MAX_BYTES  # enforced while reading by api.limits.BodySizeLimit
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
@@ -139,8 +140,10 @@ async def receive(
         confirm = handler.subscription_url(webhook) if handler.subscription_url else None
     except (WebhookPayloadError, WebhookAuthError) as exc:
         raise ApiError(400, "bad_request", f"not a {key} webhook: {exc}") from None
+    # Addresses are stored as the clinic's blind index beside their ciphertext.
+    cipher = await runtime.keys.cipher_for(runtime.db, clinicId)
     async with runtime.db.session() as session:
-        ids, duplicates = await store_events(session, clinicId, events)
+        ids, duplicates = await store_events(session, clinicId, events, cipher=cipher)
         if confirm is not None:
             _record_subscription(session, key, clinicId, webhook, confirm)
     service.submit(ids)

@@ -1,0 +1,177 @@
+"""Request bodies bounded before anything parses them: size (413) and JSON nesting (422).
+
+Two small ASGI middlewares, each doing one thing:
+
+- `BodySizeLimit` refuses a body larger than `CLINICOMM_MAX_BODY_BYTES` (webhooks: at most
+  `WEBHOOK_MAX_BYTES`) with 413 in the error shape: at once when `Content-Length` says so, and
+  otherwise while the body is read, so an oversized body is never held whole in memory.
+- `JsonDepthLimit` refuses a JSON body nested deeper than `MAX_JSON_DEPTH` with 422 naming the
+  path where it goes too deep (deep nesting exhausts recursion in parsers and deep copies).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clinicomm.api.errors import error_response
+
+#: Webhook bodies: no provider sends more than this for one call.
+WEBHOOK_MAX_BYTES = 1024 * 1024
+WEBHOOK_PREFIX = "/api/v1/webhooks/"
+MAX_JSON_DEPTH = 32
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised from `receive` while a body is read past its limit; answered 413 by the
+    HTTPException handler (FastAPI re-raises HTTPExceptions from body parsing unchanged)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+
+
+def body_limit(path: str, configured: int) -> int:
+    """The byte limit of a request to `path`."""
+    return min(configured, WEBHOOK_MAX_BYTES) if path.startswith(WEBHOOK_PREFIX) else configured
+
+
+class BodySizeLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = body_limit(scope.get("path", ""), self.max_bytes)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _too_large(limit)(scope, receive, send)
+            return
+        seen = 0
+
+        async def bounded() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLargeError(limit)
+            return message
+
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded, watch)
+        except BodyTooLargeError:
+            # Raised outside the routes' exception handlers (another middleware reading).
+            if started:
+                raise
+            await _too_large(limit)(scope, receive, send)
+
+
+class JsonDepthLimit:
+    """Reads a JSON body (already bounded by `BodySizeLimit`), checks its nesting, and hands
+    the same bytes on."""
+
+    def __init__(self, app: ASGIApp, max_depth: int = MAX_JSON_DEPTH) -> None:
+        self.app = app
+        self.max_depth = max_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_json(scope):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        path = too_deep(body, self.max_depth) if body else None
+        if path is not None:
+            detail = {
+                "path": path,
+                "message": f"nested deeper than {self.max_depth} levels",
+                "type": "too_deep",
+            }
+            answer = error_response(422, "validation_error", "the request is not valid", [detail])
+            await answer(scope, receive, send)
+            return
+        await self.app(scope, _replay([{"type": "http.request", "body": body}], receive), send)
+
+
+def too_deep(body: bytes, max_depth: int) -> str | None:
+    """The dotted path of the first array or object deeper than `max_depth`, or None.
+
+    A body that is not JSON is left to the route (it answers 422 itself); a body too deep for
+    the parser itself is answered at the root path.
+    """
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        message = str(exc).lower()
+        return "" if "depth" in message or "recursion" in message else None
+    stack: list[tuple[Any, list[str], int]] = [(document, [], 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, dict):
+            items: Any = value.items()
+        elif isinstance(value, list):
+            items = enumerate(value)
+        else:
+            continue
+        if depth > max_depth:
+            return ".".join(path)
+        stack.extend((child, [*path, str(key)], depth + 1) for key, child in items)
+    return None
+
+
+def _replay(messages: list[Message], then: Receive) -> Receive:
+    """`messages` first, then the real `receive` (which reports a disconnect when it comes)."""
+    queue = list(messages)
+
+    async def replay() -> Message:
+        if queue:
+            return queue.pop(0)
+        return await then()
+
+    return replay
+
+
+def _too_large(limit: int) -> Any:
+    message = f"the request body is larger than {limit} bytes"
+    return error_response(413, "payload_too_large", message)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _is_json(scope: Scope) -> bool:
+    if scope.get("method") not in {"POST", "PUT", "PATCH"}:
+        return False
+    for key, value in scope.get("headers", []):
+        if key.lower() == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return bool(media == b"application/json" or media.endswith(b"+json"))
+    return True  # FastAPI parses a body without Content-Type as JSON
