@@ -45,12 +45,35 @@ def canary(label: str) -> str:
     return value
 
 
+#: Modules whose tests measure time or throughput across processes (latency bounds, per-second
+#: caps, crash and restart timings): `scripts/test` runs them in a pass of their own, one at a
+#: time, after the rest has run on two xdist workers, so no other test competes for the cores.
+SERIAL_MODULES = frozenset(
+    {
+        "tests/api/test_cross_process.py",
+        "tests/delivery/test_fairness.py",
+        "tests/delivery/test_priority.py",
+        "tests/delivery/test_whatsapp_throughput.py",
+        "tests/delivery/test_workers.py",
+        "tests/faults/test_provider_faults.py",
+        "tests/faults/test_service_faults.py",
+        "tests/monitoring/test_processes.py",
+        "tests/routing/test_limits.py",
+        "tests/settings/test_cross_process.py",
+    }
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "redis: needs Redis (runs in the PostgreSQL + Redis leg)")
     config.addinivalue_line("markers", "postgres: needs PostgreSQL")
+    config.addinivalue_line("markers", "serial: timing-sensitive; run alone (scripts/test)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("::", 1)[0] in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
     if BACKEND == "postgres":
         return
     keep, drop = [], []
