@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clinicomm.config import Settings
 from clinicomm.crypto import CryptoError, MasterKeyring
+
+if TYPE_CHECKING:
+    from clinicomm.api.auth import Role
 
 T = TypeVar("T")
 
@@ -317,6 +320,20 @@ def serve() -> None:
     run(go)
 
 
+def _role(role: str, clinic: str | None) -> Role:
+    """The `--role` of `token` and `console-link`; exits 2 for an unknown role, or for a
+    clinic-scoped one without `--clinic`."""
+    from clinicomm.api.auth import CLINIC_SCOPED, Role
+
+    try:
+        parsed = Role(role)
+    except ValueError:
+        fail(f"unknown role {role!r}; one of {', '.join(r.value for r in Role)}", 2)
+    if parsed in CLINIC_SCOPED and not clinic:
+        fail(f"role {parsed.value} needs --clinic", 2)
+    return parsed
+
+
 @app.command()
 def token(
     role: str = typer.Option(
@@ -330,14 +347,9 @@ def token(
     ),
 ) -> None:
     """Print a bearer token signed with the configured JWT secret."""
-    from clinicomm.api.auth import CLINIC_SCOPED, JwtConfigError, Role, TokenVerifier
+    from clinicomm.api.auth import JwtConfigError, TokenVerifier
 
-    try:
-        parsed = Role(role)
-    except ValueError:
-        fail(f"unknown role {role!r}; one of {', '.join(r.value for r in Role)}", 2)
-    if parsed in CLINIC_SCOPED and not clinic:
-        fail(f"role {parsed.value} needs --clinic", 2)
+    parsed = _role(role, clinic)
     settings = load_settings()
     try:
         verifier = TokenVerifier.from_settings(settings)
@@ -359,15 +371,10 @@ def console_link(
     ),
 ) -> None:
     """Print a one-time console sign-in link (the token is in the fragment, never logged)."""
-    from clinicomm.api.auth import CLINIC_SCOPED, JwtConfigError, Role, TokenVerifier
+    from clinicomm.api.auth import JwtConfigError, TokenVerifier
     from clinicomm.api.console.sessions import issue_link_token
 
-    try:
-        parsed = Role(role)
-    except ValueError:
-        fail(f"unknown role {role!r}; one of {', '.join(r.value for r in Role)}", 2)
-    if parsed in CLINIC_SCOPED and not clinic:
-        fail(f"role {parsed.value} needs --clinic", 2)
+    parsed = _role(role, clinic)
     settings = load_settings()
     try:
         verifier = TokenVerifier.from_settings(settings)
