@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from clinicomm.providers import egress
 from clinicomm.providers.base import AdapterContext, ProviderAdapter, ProviderCredentials
 from clinicomm.providers.errors import (
     ConfigurationError,
@@ -124,7 +125,7 @@ class HttpAdapter(ProviderAdapter):
         if self.context.http is not None and not self.context.http.closed:
             return self.context.http
         if self._own_session is None or self._own_session.closed:
-            self._own_session = aiohttp.ClientSession()
+            self._own_session = egress.http_session(self.context.egress)
         return self._own_session
 
     async def close(self) -> None:
@@ -146,7 +147,9 @@ class HttpAdapter(ProviderAdapter):
         """Send one request and read the whole answer, whatever its status.
 
         Raises TransientError on a timeout or a dropped connection, ProviderDownError when the
-        host cannot be reached; never an aiohttp exception.
+        host cannot be reached, ConfigurationError("destination not allowed") when the egress
+        policy refuses every address of the host (no connection made); never an aiohttp
+        exception. Redirects are never followed: a 3xx is an answer like any other.
         """
         timeout = aiohttp.ClientTimeout(total=self.context.timeout)
         all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
@@ -160,12 +163,15 @@ class HttpAdapter(ProviderAdapter):
                 params=params,
                 timeout=timeout,
                 ssl=self._ssl,
+                allow_redirects=False,
             ) as response:
                 text = await response.text(errors="replace")
                 return Answer(response.status, response.headers, text, self.rate_limit_reset_header)
         except TimeoutError:
             raise TransientError("provider call timed out", provider=self.key) from None
         except aiohttp.ClientConnectorError as exc:
+            if egress.refused(exc):
+                raise ConfigurationError(egress.NOT_ALLOWED, provider=self.key) from None
             raise ProviderDownError(
                 "provider unreachable", provider=self.key, detail=type(exc).__name__
             ) from None

@@ -13,7 +13,7 @@ https://developers.facebook.com/documentation/business-messaging/whatsapp/suppor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, SecretStr
 
@@ -53,6 +53,7 @@ class MetaBusinessCredentials(ProviderCredentials):
     """A WhatsApp Business phone number on the Cloud API, with the clinic's template names."""
 
     api_url: str = "https://graph.facebook.com/v23.0"
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("api_url",)
     api_key: SecretStr
     phone_number_id: str = Field(min_length=1)
     business_account_id: str | None = None
