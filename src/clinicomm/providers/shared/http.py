@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import json
+import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -185,15 +186,53 @@ class HttpAdapter(ProviderAdapter):
 # --- classification by status --------------------------------------------------------------
 
 
+_XML_MESSAGE = re.compile(r"<Message>([^<]{1,1000})</Message>")
+
+
+def documented_detail(answer: Answer) -> str | None:
+    """The provider's documented error text of an answer, or None; never the raw body.
+
+    Read from the error fields the providers document: Meta `error.message`, SendGrid
+    `errors[].message`, MessageBird `errors[].description`, Twilio/Mailgun `message`,
+    Postmark `Message`, RFC 7807 `title`/`detail` (Vonage), OAuth `error_description`, AWS
+    `<Message>`. An answer from anything else (a metadata service, an admin page) yields
+    None, so what an arbitrary endpoint returns never reaches an API answer or a log.
+    `ProviderError` then cuts the text to 200 characters and masks addresses.
+    """
+    body = answer.json()
+    parts: list[str] = []
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            parts.append(error["message"])
+        errors = body.get("errors")
+        if isinstance(errors, list):
+            for item in errors[:3]:
+                if isinstance(item, dict):
+                    text = item.get("message") or item.get("description")
+                    if isinstance(text, str):
+                        parts.append(text)
+        for key in ("message", "Message", "title", "detail", "error_description"):
+            value = body.get(key)
+            if isinstance(value, str):
+                parts.append(value)
+    elif body is None and answer.text.lstrip().startswith("<"):
+        match = _XML_MESSAGE.search(answer.text)
+        if match:
+            parts.append(match.group(1))
+    return "; ".join(p for p in parts if p) or None
+
+
 def error_fields(
     answer: Answer, *, provider: str, code: str | None = None, detail: str | None = None
 ) -> dict[str, Any]:
-    """The keyword arguments every ProviderError from this answer takes (detail: the body)."""
+    """The keyword arguments every ProviderError from this answer takes (detail: the given
+    documented text, else `documented_detail`; never the raw body)."""
     return {
         "provider": provider,
         "status_code": answer.status,
         "code": code,
-        "detail": detail if detail is not None else answer.text,
+        "detail": detail if detail is not None else documented_detail(answer),
     }
 
 
