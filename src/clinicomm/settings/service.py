@@ -614,24 +614,17 @@ def _moved_endpoint(
 ) -> str | None:
     """The JSON name of the first endpoint field whose effective value differs, or None.
 
-    Values are compared after validation (defaults applied); when either side does not
-    validate, every endpoint field is compared as given."""
+    Values are compared after validation (defaults applied). When the new credentials do not
+    validate, None: the save fails on their own problems and nothing is stored."""
     try:
         model = _credentials_model(path, provider)
-    except (KeyError, ValueError):
-        return None
-    try:
         before: Any = model.model_validate(old)
         after: Any = model.model_validate(new)
-    except ValidationError:
-        before = after = None
+    except (KeyError, ValueError, ValidationError):
+        return None
     for name in model.endpoint_fields:
-        alias = model.model_fields[name].alias or name
-        if before is not None and after is not None:
-            if getattr(before, name) != getattr(after, name):
-                return alias
-        elif old.get(alias) != new.get(alias):
-            return alias
+        if getattr(before, name) != getattr(after, name):
+            return model.model_fields[name].alias or name
     return None
 
 

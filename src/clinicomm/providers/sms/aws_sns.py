@@ -74,7 +74,7 @@ def classify_sns_error(answer: Answer, provider: str = "aws_sns") -> ProviderErr
     if code in _CONFIG_CODES:
         return ConfigurationError("credentials or account refused", **kw)
     if code in ("InvalidParameter", "InvalidParameterValue"):
-        if "phone" in text.lower():
+        if "phone" in (text or "").lower():
             return RecipientError("invalid phone number", **kw)
         return ConfigurationError("invalid parameter", **kw)
     if code in _TRANSIENT_CODES or answer.status >= 500:
