@@ -249,6 +249,8 @@ class ConfigService:
                 self._count(label, channel, "l1", start)
                 return cached
             resolved = await self._load(clinic_id, channel, label)
+            if resolved.version == 0:  # unknown clinic: no series (see `_load`)
+                return resolved
         metrics.CONFIG_FETCH_LATENCY.labels(label, channel.value).observe(
             time.perf_counter() - start
         )
@@ -309,7 +311,6 @@ class ConfigService:
                     metrics.CONFIG_CACHE_HIT.labels(label, channel.value, "l2").inc()
                     self.cache.l1_put(channel.value, clinic_id, version, resolved)
                     return resolved
-        metrics.CONFIG_CACHE_MISS.labels(label, channel.value).inc()
         async with self.db.sessions() as session:
             row = await session.get(Clinic, clinic_id)
             if row is None:
@@ -319,8 +320,12 @@ class ConfigService:
                 comm = row.settings.get(COMM) if isinstance(row.settings, dict) else None
                 stored = comm.get(channel.value) if isinstance(comm, dict) else None
             resolved = await self._resolve(session, clinic_id, channel, version, stored)
-        if row is not None:
-            await self.cache.l2_put(channel.value, clinic_id, version, stored)
+        if row is None:
+            # An unknown clinic (version 0): no per-clinic metric series and no cache entry,
+            # so requests naming made-up clinics cannot grow /metrics or the caches.
+            return resolved
+        metrics.CONFIG_CACHE_MISS.labels(label, channel.value).inc()
+        await self.cache.l2_put(channel.value, clinic_id, version, stored)
         self.cache.l1_put(channel.value, clinic_id, version, resolved)
         return resolved
 
