@@ -112,8 +112,12 @@ def classify_reply(code: int, text: str, *, stage: str, provider: str = "smtp") 
         "provider": provider,
         "status_code": code,
         "code": enhanced.group(0) if enhanced else None,
-        "detail": f"{code} {text}",
+        # A real reply's text is the server's documented answer; anything else (aiosmtplib's
+        # -1 "Malformed SMTP response line" for a non-SMTP port) would echo a foreign banner.
+        "detail": f"{code} {text}" if 200 <= code <= 599 else None,
     }
+    if not 200 <= code <= 599:
+        return ConfigurationError("not an SMTP server answer", **kw)
     if 400 <= code < 500:
         if code in (421, 454, 450, 451, 452) and _RATE_WORDS.search(text):
             return RateLimitedError("server asked to slow down", **kw)
