@@ -114,9 +114,9 @@ async def test_connector_refuses_literal_and_resolved_addresses() -> None:
                         pass
                 assert refused(caught.value)
         allowed = EgressPolicy.from_strings(allow_private=False, allow=["internal.example"])
-        async with http_session(allowed, connector_args={"resolver": _Resolver()}) as session:
-            async with session.get(f"http://internal.example:{listener.port}/") as answer:
-                assert answer.status == 204
+        session = http_session(allowed, connector_args={"resolver": _Resolver()})
+        async with session, session.get(f"http://internal.example:{listener.port}/") as answer:
+            assert answer.status == 204
         assert listener.connections == 1
 
 
