@@ -149,3 +149,25 @@ async def test_smtp_refusal_makes_no_connection() -> None:
         assert listener.connections == 0
         with pytest.raises(DestinationNotAllowedError):
             await STRICT.resolve("localhost", 25)
+
+
+async def test_callbacks_use_the_same_policy() -> None:
+    """`callbacks/targets.py` had its own destination check; it is now this policy."""
+    from clinicomm.callbacks.targets import (
+        DestinationRefusedError,
+        check_destination,
+        session_factory,
+    )
+    from clinicomm.providers.egress import EgressConnector
+
+    for url in ("http://127.0.0.1:9000/hook", "https://169.254.169.254/", "https://[fd00::5]/"):
+        with pytest.raises(DestinationRefusedError):
+            check_destination(url, STRICT)
+    check_destination("https://hooks.example.com/cb", STRICT)
+    with pytest.raises(DestinationRefusedError, match="https"):
+        check_destination("http://hooks.example.com/cb", EgressPolicy(production=True))
+    session = session_factory(5.0, STRICT)
+    try:
+        assert isinstance(session.connector, EgressConnector) and session.connector.egress is STRICT
+    finally:
+        await session.close()
