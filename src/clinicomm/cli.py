@@ -430,7 +430,9 @@ def worker(
         server = None
         if port is not None:
             refresher = GaugeRefresher(rt.db, rt.config.global_settings, 0.25)
-            server = MetricsServer(refresher, settings.metrics_host, port)
+            server = MetricsServer(
+                refresher, settings.metrics_host, port, token=settings.metrics_token
+            )
             try:
                 await server.start()
             except OSError as exc:

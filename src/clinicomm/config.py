@@ -123,6 +123,39 @@ class Settings(BaseSettings):
     #: How often an idle callback sender looks for queued callbacks.
     callback_poll_seconds: float = Field(default=1.0, gt=0)
 
+    #: Egress: connect to private, loopback, link-local (cloud metadata) and reserved
+    #: addresses. Unset: false when `CLINICOMM_ENV=production`, true otherwise (local stand-ins).
+    egress_allow_private: bool | None = None
+    #: Egress: comma-separated hosts or CIDRs reachable even though private (an internal SMTP
+    #: relay, the platform's callback receiver): `smtp.internal,10.1.2.0/24`.
+    egress_allow: str = ""
+    #: Tokens must carry this `aud` claim when set; `clinicomm token` writes it.
+    jwt_audience: str | None = None
+    #: Tokens must carry this `iss` claim when set; `clinicomm token` writes it.
+    jwt_issuer: str | None = None
+    #: Tokens whose `exp - iat` is longer than this are refused (one day).
+    jwt_max_ttl_seconds: int = Field(default=86400, ge=60)
+    #: Signed webhook events older than this (or more than 60 s ahead) are refused.
+    webhook_max_age_seconds: float = Field(default=300.0, gt=0)
+    #: Failed webhook signatures per clinic and provider in a minute before answering 429.
+    webhook_signature_failures_per_minute: int = Field(default=20, ge=1)
+    #: `POST …/communication/test` calls per clinic in a minute before answering 429.
+    config_test_per_minute: int = Field(default=10, ge=1)
+    #: When set, `/metrics` (serve and worker) requires `Authorization: Bearer <token>`.
+    metrics_token: SecretStr | None = None
+
+    @property
+    def egress_private_allowed(self) -> bool:
+        """`egress_allow_private`, or its default for the environment."""
+        if self.egress_allow_private is not None:
+            return self.egress_allow_private
+        return not self.production
+
+    @property
+    def egress_allow_list(self) -> list[str]:
+        """`egress_allow` split on commas, blanks dropped."""
+        return [p.strip() for p in self.egress_allow.split(",") if p.strip()]
+
     @property
     def production(self) -> bool:
         return self.env == "production"

@@ -23,6 +23,7 @@ from clinicomm.crypto import MasterKeyring
 from clinicomm.delivery.outbox import Notifier
 from clinicomm.messaging.service import MessagingService
 from clinicomm.providers.base import AdapterContext
+from clinicomm.providers.egress import EgressPolicy, http_session
 from clinicomm.routing.chain import ChainBuilder
 from clinicomm.routing.health import HealthConfig, HealthTracker, InProcessHealth
 from clinicomm.routing.health_redis import RedisHealth
@@ -82,22 +83,32 @@ class Runtime:
             if settings.redis_url
             else None
         )
+        policy = egress_policy(settings)
         keys = KeyStore(keyring)
         cache: ConfigCache[ResolvedChannel] = ConfigCache(
             redis, ttl=settings.cache_ttl_seconds, ack_timeout=settings.invalidation_ack_timeout
         )
         config = ConfigService(
-            db, keys, cache, global_settings, poll_seconds=settings.config_poll_seconds
+            db,
+            keys,
+            cache,
+            global_settings,
+            poll_seconds=settings.config_poll_seconds,
+            egress=policy,
         )
         await config.start()
-        http = aiohttp.ClientSession(
+        http = http_session(
+            policy,
             json_serialize=_json_dumps,
-            connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, ttl_dns_cache=300),
+            connector_args={"limit": 1024, "limit_per_host": 256, "ttl_dns_cache": 300},
             timeout=aiohttp.ClientTimeout(total=settings.provider_timeout_seconds),
         )
         notifier = Notifier()
         context = AdapterContext(
-            http=http, timeout=settings.provider_timeout_seconds, environment=settings.env
+            http=http,
+            timeout=settings.provider_timeout_seconds,
+            environment=settings.env,
+            egress=policy,
         )
         return cls(
             settings,
@@ -134,6 +145,15 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
         await self.db.dispose()
+
+
+def egress_policy(settings: Settings) -> EgressPolicy:
+    """The process's egress policy (`providers.egress`) from `CLINICOMM_EGRESS_*`."""
+    return EgressPolicy.from_strings(
+        allow_private=settings.egress_private_allowed,
+        allow=settings.egress_allow_list,
+        production=settings.production,
+    )
 
 
 def _json_dumps(value: Any) -> str:

@@ -137,3 +137,81 @@ async def test_service_token_cannot_read_settings(api: Api) -> None:
         "/api/v1/clinics/clinic-a", headers={"Authorization": f"Bearer {token}"}
     )
     assert answer.status_code == 403
+
+
+# ---- issue 13: audience, issuer, lifetime; clinic_ids only on Service ----------------------
+
+
+def test_clinic_ids_only_on_service_tokens() -> None:
+    verifier = TokenVerifier(SECRET, None)
+    for role, extra in (
+        ("Doctor", {}),
+        ("Patient", {}),
+        ("ClinicAdmin", {"clinic_id": "clinic-a"}),
+        ("ClinicManager", {"clinic_id": "clinic-a"}),
+        ("SuperAdmin", {}),
+    ):
+        token = jwt.encode(_claims(role=role, clinic_ids=["clinic-b"], **extra), SECRET, algorithm="HS256")
+        with pytest.raises(AuthError, match="clinic_ids"):
+            verifier.verify(token)
+    # A Service token's clinic_id binds it (it did not: `--clinic clinic-a` could act for b).
+    bound = verifier.verify(jwt.encode(_claims(role="Service", clinic_id="clinic-a"), SECRET, algorithm="HS256"))
+    assert bound.allows(Permission.SEND, "clinic-a") and not bound.allows(Permission.SEND, "clinic-b")
+    assert not bound.allows(Permission.SEND, None)
+    assert bound.scope(Permission.SEND) == frozenset({"clinic-a"})
+    both = verifier.verify(
+        jwt.encode(_claims(role="Service", clinic_id="a", clinic_ids=["b"]), SECRET, algorithm="HS256")
+    )
+    assert both.scope(Permission.SEND) == frozenset({"a", "b"})
+    platform = verifier.verify(jwt.encode(_claims(role="Service"), SECRET, algorithm="HS256"))
+    assert platform.scope(Permission.SEND) is None  # the platform's own service
+    assert Principal("d", Role.DOCTOR).scope(Permission.SEND, Permission.VIEW) == frozenset()
+
+
+def test_audience_issuer_and_lifetime() -> None:
+    strict = TokenVerifier(SECRET, None, audience="clinicomm", issuer="https://idp.example", max_ttl=3600)
+    ok = strict.issue(Role.SUPER_ADMIN, ttl=600)  # issue() writes aud and iss
+    claims = jwt.decode(ok, SECRET, algorithms=["HS256"], audience="clinicomm")
+    assert claims["aud"] == "clinicomm" and claims["iss"] == "https://idp.example"
+    assert strict.verify(ok).role is Role.SUPER_ADMIN
+    now = int(time.time())
+    cases = {
+        "missing aud": {"iss": "https://idp.example"},
+        "foreign aud": {"aud": "another-service", "iss": "https://idp.example"},
+        "missing iss": {"aud": "clinicomm"},
+        "foreign iss": {"aud": "clinicomm", "iss": "https://evil.example"},
+        "too long": {"aud": "clinicomm", "iss": "https://idp.example", "iat": now, "exp": now + 7200},
+    }
+    for name, extra in cases.items():
+        token = jwt.encode(_claims(**extra), SECRET, algorithm="HS256")
+        with pytest.raises(AuthError):
+            strict.verify(token)
+        assert name
+    # Without iat the lifetime counts from now.
+    with pytest.raises(AuthError, match="lifetime"):
+        strict.verify(
+            jwt.encode(
+                {"sub": "u", "role": "SuperAdmin", "exp": now + 7200, "aud": "clinicomm", "iss": "https://idp.example"},
+                SECRET,
+                algorithm="HS256",
+            )
+        )
+    # Not configured: a foreign aud is not checked; the default lifetime limit is one day.
+    loose = TokenVerifier(SECRET, None)
+    loose.verify(jwt.encode(_claims(aud="anything"), SECRET, algorithm="HS256"))
+    with pytest.raises(AuthError, match="lifetime"):
+        loose.verify(jwt.encode(_claims(iat=now, exp=now + 2 * 86400), SECRET, algorithm="HS256"))
+
+
+def test_cli_token_writes_audience_and_issuer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLINICOMM_JWT_SECRET", SECRET)
+    monkeypatch.setenv("CLINICOMM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CLINICOMM_JWT_AUDIENCE", "clinicomm-api")
+    monkeypatch.setenv("CLINICOMM_JWT_ISSUER", "clinicomm-cli")
+    result = CliRunner().invoke(cli, ["token", "--role", "Service", "--clinic", "clinic-a"])
+    assert result.exit_code == 0, result.output
+    token = result.output.strip()
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience="clinicomm-api")
+    assert (claims["aud"], claims["iss"]) == ("clinicomm-api", "clinicomm-cli")
+    strict = TokenVerifier(SECRET, None, audience="clinicomm-api", issuer="clinicomm-cli")
+    assert strict.verify(token).scope(Permission.SEND) == frozenset({"clinic-a"})

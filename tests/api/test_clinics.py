@@ -24,7 +24,8 @@ async def test_get_edit_put_back_keeps_secrets(api: Api) -> None:
     assert comm["email"]["primary"]["credentials"]["password"] == MASK
     assert comm["whatsapp"]["primary"]["credentials"]["apiKey"] == MASK
     assert comm["whatsapp"]["primary"]["credentials"]["appSecret"] == MASK
-    comm["email"]["primary"]["credentials"]["port"] = 2525  # one non-secret field
+    # One non-secret field that is not an endpoint (a changed host/port needs the secret again).
+    comm["email"]["primary"]["credentials"]["maxConnections"] = 3
     put = await api.client.put(
         f"{C}/clinic-a",
         json={"settings": body["settings"]},
@@ -37,7 +38,7 @@ async def test_get_edit_put_back_keeps_secrets(api: Api) -> None:
     ] == MASK
     after = await api.stored("clinic-a")
     b, a = before.communication, after.communication
-    assert a["email"]["primary"]["credentials"]["port"] == 2525
+    assert a["email"]["primary"]["credentials"]["maxConnections"] == 3
     for channel, field in (("email", "password"), ("whatsapp", "apiKey"), ("whatsapp", "appSecret")):
         old = b[channel]["primary"]["credentials"][field]
         assert old.startswith("CANARY-")
@@ -164,14 +165,14 @@ async def test_merge_patch(api: Api) -> None:
     answer = await api.client.patch(
         f"{C}/clinic-a",
         content=b'{"settings": {"communicationSettings": {"whatsapp": null, '
-        b'"email": {"primary": {"credentials": {"port": 465, "secure": true}}}}}}',
+        b'"email": {"primary": {"credentials": {"maxConnections": 3, "secure": true}}}}}}',
         headers={**api.admin, "Content-Type": "application/merge-patch+json"},
     )
     assert answer.status_code == 200, answer.text
     after = await api.stored("clinic-a")
     assert "whatsapp" not in after.communication
     creds = after.communication["email"]["primary"]["credentials"]
-    assert creds["port"] == 465 and creds["secure"] is True
+    assert creds["maxConnections"] == 3 and creds["secure"] is True
     assert creds["password"] == before.communication["email"]["primary"]["credentials"]["password"]
     # A new secret through a patch is stored.
     new = canary("patched")

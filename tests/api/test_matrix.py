@@ -211,3 +211,77 @@ async def test_unauthenticated_matrix(two_clinics: Api, endpoint: str, kind: str
     assert answer.headers["www-authenticate"] == "Bearer"
     assert answer.json()["error"]["code"] == "unauthorized"
     await ENDPOINTS[endpoint].unchanged(api, target)
+
+
+# ---- issue 13: claims that must not widen a scope ------------------------------------------
+#: (role, clinic_id claim, extra claims) -> what the token may do on the communications
+#: endpoints of OWN and OTHER: send, list (without clinicId: which clinics appear), read one.
+#: "401" marks a token refused outright (`clinic_ids` on a role other than Service).
+CLAIM_CELLS: list[tuple[str, str | None, dict[str, Any], str | dict[str, Any]]] = [
+    ("Doctor", None, {"clinic_ids": [OTHER]}, "401"),
+    ("Patient", None, {"clinic_ids": [OTHER]}, "401"),
+    ("ClinicAdmin", OWN, {"clinic_ids": [OTHER]}, "401"),
+    ("ClinicManager", OWN, {"clinic_ids": [OTHER]}, "401"),
+    ("SuperAdmin", None, {"clinic_ids": [OTHER]}, "401"),
+    ("Doctor", None, {}, {"send": set(), "list": None, "read": set()}),
+    ("Doctor", OTHER, {}, {"send": set(), "list": None, "read": set()}),
+    ("ClinicAdmin", OWN, {}, {"send": {OWN}, "list": {OWN}, "read": {OWN}}),
+    ("ClinicManager", OWN, {}, {"send": set(), "list": {OWN}, "read": {OWN}}),
+    ("Service", OWN, {}, {"send": {OWN}, "list": {OWN}, "read": {OWN}}),
+    ("Service", None, {"clinic_ids": [OWN]}, {"send": {OWN}, "list": {OWN}, "read": {OWN}}),
+    ("Service", None, {}, {"send": {OWN, OTHER}, "list": {OWN, OTHER}, "read": {OWN, OTHER}}),
+    ("SuperAdmin", None, {}, {"send": {OWN, OTHER}, "list": {OWN, OTHER}, "read": {OWN, OTHER}}),
+]
+
+
+def _send_body(clinic: str) -> dict[str, Any]:
+    return {
+        "category": "APPOINTMENT",
+        "title": "t",
+        "body": "b",
+        "recipients": [{"email": "patient@example.com"}],
+        "channels": ["email"],
+        "metadata": {"clinicId": clinic},
+    }
+
+
+@pytest.mark.parametrize(("role", "clinic", "extra", "expect"), CLAIM_CELLS)
+async def test_claims_cannot_widen_scope(
+    two_clinics: Api, role: str, clinic: str | None, extra: dict[str, Any], expect: Any
+) -> None:
+    api = two_clinics
+    # One message per clinic, sent by the platform (so there is something to list and read).
+    ids = {}
+    for target in (OWN, OTHER):
+        sent = await api.client.post("/api/v1/communications", json=_send_body(target), headers=api.admin)
+        assert sent.status_code == 202, sent.text
+        ids[target] = sent.json()["id"]
+    headers = api.auth(role, clinic, **extra)
+    if expect == "401":
+        for method, path, body in (
+            ("GET", "/api/v1/communications", None),
+            ("GET", f"/api/v1/communications/{ids[OTHER]}", None),
+            ("POST", "/api/v1/communications", _send_body(OTHER)),
+            ("GET", f"/api/v1/clinics/{OTHER}", None),
+        ):
+            answer = await api.client.request(method, path, json=body, headers=headers)
+            assert answer.status_code == 401, (method, path, answer.text)
+            assert "clinic_ids" in answer.json()["error"]["message"]
+        return
+    for target in (OWN, OTHER):
+        sent = await api.client.post("/api/v1/communications", json=_send_body(target), headers=headers)
+        assert sent.status_code == (202 if target in expect["send"] else 403), (target, sent.text)
+        read = await api.client.get(f"/api/v1/communications/{ids[target]}", headers=headers)
+        assert read.status_code == (200 if target in expect["read"] else 403), (target, read.text)
+        listed = await api.client.get(
+            "/api/v1/communications", params={"clinicId": target}, headers=headers
+        )
+        allowed = expect["list"] is not None and target in expect["list"]
+        assert listed.status_code == (200 if allowed else 403), (target, listed.text)
+    listed = await api.client.get("/api/v1/communications", headers=headers)
+    if expect["list"] is None:
+        assert listed.status_code == 403, listed.text
+    else:
+        assert listed.status_code == 200, listed.text
+        seen = {item["clinicId"] for item in listed.json()["items"]}
+        assert seen <= expect["list"] and seen, (seen, listed.text)

@@ -131,7 +131,7 @@ def all_providers(label: str, s: dict[str, str]) -> dict[str, Any]:
                 "primary": {
                     "provider": "twilio",
                     "credentials": {
-                        "accountSid": "AC" + "0" * 32,
+                        "accountSid": "AC" + "X" * 32,  # the fixtures' AccountSid (bound)
                         "authToken": s["twilio"],
                         "fromNumber": "+14155550000",
                     },
@@ -228,7 +228,15 @@ def sns_body(note: dict[str, Any] | None, label: str, **extra: Any) -> bytes:
     msg = load("ses", "sns_envelope.json")
     if note is not None:
         msg["Message"] = json.dumps(note)
-    msg.update({"TopicArn": TOPIC[label], "SignatureVersion": "2", "SigningCertURL": CERT_URL})
+    fresh = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")  # inside the freshness window
+    msg.update(
+        {
+            "TopicArn": TOPIC[label],
+            "SignatureVersion": "2",
+            "SigningCertURL": CERT_URL,
+            "Timestamp": fresh,
+        }
+    )
     msg.update(extra)
     sig = _SNS_KEY.sign(ses.string_to_sign(msg), padding.PKCS1v15(), hashes.SHA256())
     msg["Signature"] = base64.b64encode(sig).decode()
@@ -469,7 +477,10 @@ async def test_sns_subscription_confirmation_is_recorded_for_the_operator(
     api: Api, clinics: Any
 ) -> None:
     msg = load("ses", "subscription_confirmation.json")
-    msg.update({"TopicArn": TOPIC["a"], "SignatureVersion": "2", "SigningCertURL": CERT_URL})
+    fresh = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    msg.update(
+        {"TopicArn": TOPIC["a"], "SignatureVersion": "2", "SigningCertURL": CERT_URL, "Timestamp": fresh}
+    )
     msg["Signature"] = base64.b64encode(
         _SNS_KEY.sign(ses.string_to_sign(msg), padding.PKCS1v15(), hashes.SHA256())
     ).decode()

@@ -148,8 +148,12 @@ async def test_cache_hit_rate_and_fetch_p95(make_mon: Any) -> None:
         eng = engine(mon, hook, cache_min_reads=20, fetch_min_samples=20)
         await eng.evaluate()  # baseline of this process's counters
         config = mon.runtime.config
-        for i in range(30):  # unknown clinics: every read goes to the database
-            await config.get_clinic_config(f"nobody-{i}", Channel.EMAIL)
+        # Misses: a clinic whose cached entries are always older than its version floor, so
+        # every read goes to the database (unknown clinics count nowhere since issue 13).
+        await mon.create_clinic("clinic-miss", {"email": email_settings(sendgrid(good, "m"))})
+        for _ in range(30):
+            config.cache.drop("clinic-miss", version=10**9)
+            await config.get_clinic_config("clinic-miss", Channel.EMAIL)
         # 30 synthetic slow fetches (an overloaded database would produce these)
         for _ in range(30):
             metrics.CONFIG_FETCH_LATENCY.labels("synthetic", "email").observe(0.5)

@@ -129,12 +129,20 @@ async def test_mask_keeps_the_stored_secret(runtime: Runtime) -> None:
         masked = (await runtime.config.get_clinic(session, "clinic-a")).masked()
     creds = masked["settings"]["communicationSettings"]["email"]["primary"]["credentials"]
     assert creds["password"] == MASK
-    creds["host"] = "changed.example"
+    creds["maxConnections"] = 7
     await runtime.config.save_settings("clinic-a", masked["settings"])
     resolved = await runtime.config.get_clinic_config("clinic-a", Channel.EMAIL)
     assert resolved.own is not None and resolved.own.primary is not None
     assert resolved.own.primary.credentials.password.get_secret_value() == "keep-me"  # type: ignore[union-attr]
-    assert resolved.own.primary.credentials.host == "changed.example"  # type: ignore[union-attr]
+    assert resolved.own.primary.credentials.max_connections == 7  # type: ignore[union-attr]
+    # A changed endpoint with the mask: the stored secret would go to a host its author did
+    # not choose, so the save is refused at the secret's path (issue 13).
+    creds["host"] = "changed.example"
+    with pytest.raises(SettingsValidationError) as refused:
+        await runtime.config.save_settings("clinic-a", masked["settings"])
+    assert [p.path for p in refused.value.problems] == [
+        "settings.communicationSettings.email.primary.credentials.password"
+    ]
 
 
 async def test_delete_channel_falls_back_to_global(runtime: Runtime) -> None:

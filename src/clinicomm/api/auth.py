@@ -2,7 +2,14 @@
 
 - Tokens are JWTs: HS256 with `CLINICOMM_JWT_SECRET`, or RS256/ES256 verified with
   `CLINICOMM_JWT_PUBLIC_KEY` (PEM). Claims: `sub`, `role`, `exp` (all required), `clinic_id`
-  (required for the clinic-scoped roles), `clinic_ids` (optional list, `Service` only).
+  (required for the clinic-scoped roles), `clinic_ids` (optional list, `Service` only: any
+  other role carrying it is refused with 401, so a claim can never widen a scope).
+- A `Service` token's `clinic_id` and/or `clinic_ids` limit it to those clinics for sending,
+  listing and reading; a `Service` token with neither is the platform's own (every clinic and
+  the global providers).
+- `CLINICOMM_JWT_AUDIENCE` / `CLINICOMM_JWT_ISSUER`, when set, must be the token's `aud` /
+  `iss` (401 otherwise); `exp - iat` (or `exp - now` without `iat`) may not exceed
+  `CLINICOMM_JWT_MAX_TTL_SECONDS` (one day).
 - With neither configured, a development secret is generated into `data_dir/jwt.secret`
   (mode 0600) with a warning; `CLINICOMM_ENV=production` refuses that, like the master key.
 - `Principal.allows(permission, clinic_id)` is the only place a permission is checked against
@@ -44,7 +51,7 @@ class Role(StrEnum):
     SUPER_ADMIN = "SuperAdmin"  #: every permission, every clinic
     CLINIC_ADMIN = "ClinicAdmin"  #: everything but platform operations, own clinic
     CLINIC_MANAGER = "ClinicManager"  #: view and stats, own clinic
-    SERVICE = "Service"  #: send, any clinic or those in `clinic_ids`
+    SERVICE = "Service"  #: send; its `clinic_id`/`clinic_ids`, or every clinic without them
     DOCTOR = "Doctor"  #: nothing here
     PATIENT = "Patient"  #: nothing here
 
@@ -91,7 +98,8 @@ class Principal:
     sub: str
     role: Role
     clinic_id: str | None = None
-    #: For `Service`: the clinics it may act for; `None` means every clinic.
+    #: For `Service`: the clinics it may act for (its `clinic_id` and `clinic_ids` claims);
+    #: `None` means every clinic (the platform's own service). Always None for other roles.
     clinic_ids: frozenset[str] | None = None
     claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -111,17 +119,45 @@ class Principal:
             return True
         if self.role in CLINIC_SCOPED:
             return clinic_id is not None and clinic_id == self.clinic_id
+        if self.role is not Role.SERVICE:  # Doctor, Patient: hold nothing (checked above)
+            return False
         if self.clinic_ids is not None:
             return clinic_id is not None and clinic_id in self.clinic_ids
         return True
+
+    def scope(self, *permissions: Permission) -> frozenset[str] | None:
+        """The clinics where this caller holds any of `permissions`: None for every clinic
+        (and the global providers), else that set (empty: nowhere). The one place a listing
+        derives its scope; it never widens what `allows` grants."""
+        held = [p for p in permissions if p in self.permissions]
+        if not held:
+            return frozenset()
+        if self.role is Role.SUPER_ADMIN:
+            return None
+        if self.role in CLINIC_SCOPED:
+            return frozenset({self.clinic_id}) if self.clinic_id else frozenset()
+        if self.role is Role.SERVICE:
+            return self.clinic_ids
+        return frozenset()
 
 
 class TokenVerifier:
     """Verifies bearer tokens and issues them (for `clinicomm token` and tests)."""
 
-    def __init__(self, secret: str | None, public_key: str | None) -> None:
+    def __init__(
+        self,
+        secret: str | None,
+        public_key: str | None,
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+        max_ttl: int = 86400,
+    ) -> None:
         if not secret and not public_key:
             raise JwtConfigError("no JWT secret or public key configured")
+        self.audience = audience or None
+        self.issuer = issuer or None
+        self.max_ttl = max_ttl
         self._secret = secret or None
         self._public_key = public_key or None
         self._verified: dict[str, tuple[Principal, float]] = {}
@@ -136,9 +172,14 @@ class TokenVerifier:
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
         """From `CLINICOMM_JWT_SECRET` / `CLINICOMM_JWT_PUBLIC_KEY`, or a generated dev secret."""
+        limits: dict[str, Any] = {
+            "audience": settings.jwt_audience,
+            "issuer": settings.jwt_issuer,
+            "max_ttl": settings.jwt_max_ttl_seconds,
+        }
         if settings.jwt_secret or settings.jwt_public_key:
-            return cls(settings.jwt_secret, settings.jwt_public_key)
-        return cls(dev_secret(settings.data_dir, production=settings.production), None)
+            return cls(settings.jwt_secret, settings.jwt_public_key, **limits)
+        return cls(dev_secret(settings.data_dir, production=settings.production), None, **limits)
 
     @property
     def can_issue(self) -> bool:
@@ -154,7 +195,8 @@ class TokenVerifier:
         ttl: int = 3600,
         extra: dict[str, Any] | None = None,
     ) -> str:
-        """A signed HS256 token. Raises JwtConfigError without a shared secret."""
+        """A signed HS256 token carrying the configured `aud`/`iss`. Raises JwtConfigError
+        without a shared secret."""
         if self._secret is None:
             raise JwtConfigError(
                 "only CLINICOMM_JWT_PUBLIC_KEY is configured; tokens are issued by its private key"
@@ -165,6 +207,10 @@ class TokenVerifier:
             claims["clinic_id"] = clinic_id
         if clinic_ids is not None:
             claims["clinic_ids"] = clinic_ids
+        if self.audience:
+            claims["aud"] = self.audience
+        if self.issuer:
+            claims["iss"] = self.issuer
         claims.update(extra or {})
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
@@ -201,21 +247,39 @@ class TokenVerifier:
             key = None
         if key is None:
             raise AuthError("token algorithm not accepted")
+        required = ["exp", "sub", "role"]
+        if self.audience:
+            required.append("aud")
+        if self.issuer:
+            required.append("iss")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
                 algorithms=[str(alg)],
-                options={"require": ["exp", "sub", "role"], "verify_aud": False},
+                options={"require": required, "verify_aud": self.audience is not None},
+                audience=self.audience,
+                issuer=self.issuer,
                 leeway=5,
             )
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("token expired") from exc
         except jwt.InvalidSignatureError as exc:
             raise AuthError("token signature invalid") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"claim {exc.claim!r} is required") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise AuthError("token audience not accepted") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise AuthError("token issuer not accepted") from exc
         except jwt.PyJWTError as exc:
             raise AuthError("token invalid") from exc
-        return principal_from_claims(claims), float(claims["exp"]) + 5
+        exp = claims["exp"]
+        iat = claims.get("iat")
+        start = iat if isinstance(iat, int | float) else time.time()
+        if not isinstance(exp, int | float) or exp - start > self.max_ttl + 5:
+            raise AuthError(f"token lifetime exceeds {self.max_ttl} seconds")
+        return principal_from_claims(claims), float(exp) + 5
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
@@ -235,9 +299,15 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     raw_ids = claims.get("clinic_ids")
     clinic_ids: frozenset[str] | None = None
     if raw_ids is not None:
+        if role is not Role.SERVICE:
+            raise AuthError(
+                f"claim 'clinic_ids' is accepted on Service tokens only, not {role.value}"
+            )
         if not isinstance(raw_ids, list) or not all(isinstance(i, str) for i in raw_ids):
             raise AuthError("claim 'clinic_ids' must be a list of strings")
         clinic_ids = frozenset(raw_ids)
+    if role is Role.SERVICE and clinic_id:
+        clinic_ids = (clinic_ids or frozenset()) | {clinic_id}
     return Principal(sub, role, clinic_id, clinic_ids, claims)
 
 

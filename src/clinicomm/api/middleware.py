@@ -1,5 +1,8 @@
 """Request context: a request id on every log line and answer, an access line, HTTP metrics
-(`communication_http_requests`, `…_duration_seconds` by route template), and the 500.
+(`communication_http_requests`, `…_duration_seconds` by route template), the 500, and the
+security headers of every `/api/v1` answer (`Cache-Control: no-store`,
+`X-Content-Type-Options: nosniff`, `Referrer-Policy: no-referrer`; TLS and HSTS are the
+deployment's proxy's, see docs/security.md).
 
 A pure ASGI middleware (no `BaseHTTPMiddleware`), so the context variables it sets are seen by
 the route, its dependencies and the exception handlers, all running in the same task.
@@ -26,6 +29,13 @@ PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # A client's request id is kept if it is short and plain; anything else is replaced (it goes
 # into every log line and the audit log, so it must not be a place to smuggle data).
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+#: Set on every `/api/v1` answer (replacing any the route set).
+API_HEADERS = (
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+_API_HEADER_NAMES = frozenset(name for name, _ in API_HEADERS)
 
 
 class RequestContext:
@@ -42,6 +52,7 @@ class RequestContext:
         incoming = _header(scope, REQUEST_ID_HEADER)
         rid = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         token = bind_context(requestId=rid)
+        api = str(scope.get("path", "")).startswith("/api/v1")
         start = time.perf_counter()
         status = 500
         started = False
@@ -55,8 +66,11 @@ class RequestContext:
                     (k, v)
                     for k, v in message.get("headers", [])
                     if k.lower() != REQUEST_ID_HEADER.encode()
+                    and not (api and k.lower() in _API_HEADER_NAMES)
                 ]
                 headers.append((b"x-request-id", rid.encode()))
+                if api:
+                    headers.extend(API_HEADERS)
                 message = {**message, "headers": headers}
             await send(message)
 

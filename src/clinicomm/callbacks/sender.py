@@ -31,6 +31,7 @@ from clinicomm.callbacks.targets import (
     check_destination,
     session_factory,
 )
+from clinicomm.providers.egress import NOT_ALLOWED, EgressPolicy, refused
 from clinicomm.store.db import Database
 from clinicomm.store.models import utcnow
 from clinicomm.telemetry import metrics
@@ -55,6 +56,7 @@ class CallbackSender:
         targets: CallbackTargets,
         *,
         production: bool = False,
+        egress: EgressPolicy | None = None,
         retry_base: float = 5.0,
         max_age: float = 86400.0,
         timeout: float = 10.0,
@@ -65,6 +67,7 @@ class CallbackSender:
         self.db = db
         self.targets = targets
         self.production = production
+        self.egress = egress or EgressPolicy(production=production)
         self.retry_base = retry_base
         self.max_age = timedelta(seconds=max_age)
         self.timeout = timeout
@@ -129,7 +132,7 @@ class CallbackSender:
     async def _post(self, item: queue.ClaimedCallback) -> str | None:
         """POST the event; None on a 2xx answer, else why it failed (status or error class)."""
         try:
-            check_destination(item.url, production=self.production)
+            check_destination(item.url, self.egress)
         except DestinationRefusedError as exc:
             return f"refused: {exc}"
         secret = await self.targets.secret(item.clinic_id, item.source)
@@ -147,7 +150,7 @@ class CallbackSender:
             "User-Agent": "clinicomm-callbacks",
         }
         if self._http is None:
-            self._http = session_factory(self.timeout)
+            self._http = session_factory(self.timeout, self.egress)
         try:
             async with self._http.post(
                 item.url, data=body, headers=headers, allow_redirects=False
@@ -157,6 +160,8 @@ class CallbackSender:
                     return None
                 return f"HTTP {answer.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if refused(exc):
+                return f"refused: {NOT_ALLOWED}"
             return type(exc).__name__
 
     async def _finish(

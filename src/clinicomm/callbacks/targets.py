@@ -4,21 +4,22 @@ A clinic's `communicationSettings.callbacks` wins; without one, the platform-wid
 `CLINICOMM_STATUS_CALLBACK_URL` (signed with `CLINICOMM_STATUS_CALLBACK_SECRET`). A send request
 may name `callbackUrl` only when it is the clinic's `url` or on its `allowedUrls`.
 
-`check_destination` is the one place a callback destination is judged before a connection
-(and `session_factory` the one place their HTTP session is built), so the platform's egress
-policy can replace them.
+`check_destination` judges a callback destination before a connection and `session_factory`
+builds their HTTP session; both apply the platform's one egress policy (`providers.egress`),
+to clinic and platform targets alike (an internal platform receiver goes on
+`CLINICOMM_EGRESS_ALLOW`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from clinicomm.config import Settings
 from clinicomm.crypto import CryptoError
+from clinicomm.providers.egress import EgressPolicy, http_session
 from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.models import CallbackStatus
 from clinicomm.settings.sealed import open_json
@@ -99,21 +100,21 @@ def _events(events: list[CallbackStatus] | None) -> list[str] | None:
     return None if events is None else [str(e) for e in events]
 
 
-def check_destination(url: str, *, production: bool) -> None:
-    """Raise DestinationRefusedError unless `url` may be called: http(s) with a host and no
-    credentials; https only in production."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DestinationRefusedError("not an absolute http(s) URL")
-    if parts.username or parts.password:
-        raise DestinationRefusedError("credentials in the URL")
-    if production and parts.scheme != "https":
-        raise DestinationRefusedError("production sends callbacks over https only")
+def check_destination(url: str, policy: EgressPolicy) -> None:
+    """Raise DestinationRefusedError unless `url` may be called under the egress policy
+    (`providers.egress`): http(s) with a host and no credentials, https only in production,
+    no literal private address while private destinations are refused. Names are checked
+    again, after resolution, when the session connects."""
+    problem = policy.check_endpoint(url, url=True)
+    if problem is not None:
+        raise DestinationRefusedError(problem)
 
 
-def session_factory(timeout: float) -> aiohttp.ClientSession:
-    """The HTTP session callbacks are sent with (no redirects are followed by the sender)."""
-    return aiohttp.ClientSession(
+def session_factory(timeout: float, policy: EgressPolicy) -> aiohttp.ClientSession:
+    """The HTTP session callbacks are sent with: through the egress policy's connector (no
+    redirects are followed by the sender)."""
+    return http_session(
+        policy,
         timeout=aiohttp.ClientTimeout(total=timeout),
-        connector=aiohttp.TCPConnector(limit=64, limit_per_host=8),
+        connector_args={"limit": 64, "limit_per_host": 8},
     )

@@ -168,6 +168,7 @@ async def reveal(answer: dict[str, Any], keys: KeyStore, db: Database) -> dict[s
     """Decrypt, in an answer of `get_message` or `list_messages` the caller may read, the
     addresses and the metadata (stored encrypted with the clinic's data key). An erased
     address (retention), or one under a key this process cannot unwrap, is answered null."""
+
     async def address(clinic_id: str | None, stored: str) -> str | None:
         if not stored:
             return None

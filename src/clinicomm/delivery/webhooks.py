@@ -62,6 +62,7 @@ class WebhookService:
             RedisSeenTokenStore(runtime.redis)
             if runtime.redis is not None
             else MemorySeenTokenStore(),
+            max_age=runtime.settings.webhook_max_age_seconds,
         )
         #: Awaited before each application of stored events (tests slow processing with it).
         self.delay: Callable[[], Awaitable[None]] | None = None

@@ -453,6 +453,7 @@ class AlertEngine:
                 self.webhook_url,
                 json={"event": transition.event, "alert": transition.alert},
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout),
+                allow_redirects=False,
             ) as answer:
                 if answer.status >= 300:
                     raise aiohttp.ClientResponseError(answer.request_info, (), status=answer.status)

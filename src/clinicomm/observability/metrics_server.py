@@ -9,10 +9,12 @@ exactly like `serve`'s `/metrics`. `/healthz` answers too.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 
 from clinicomm.observability.inventory import GaugeRefresher
 
@@ -22,16 +24,42 @@ log = logging.getLogger(__name__)
 REFRESH_TIMEOUT = 2.0
 
 
+def metrics_token_ok(expected: SecretStr | None, authorization: str | None) -> bool:
+    """Whether a `/metrics` request may be answered: no token configured, or the bearer
+    token given equals it (constant time)."""
+    if expected is None or not expected.get_secret_value():
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), expected.get_secret_value().encode()
+    )
+
+
 class MetricsServer:
     """`async with MetricsServer(refresher, host, port):` serves until the block ends."""
 
-    def __init__(self, refresher: GaugeRefresher, host: str, port: int) -> None:
+    def __init__(
+        self,
+        refresher: GaugeRefresher,
+        host: str,
+        port: int,
+        *,
+        token: SecretStr | None = None,
+    ) -> None:
         self.refresher = refresher
+        #: `CLINICOMM_METRICS_TOKEN`: required as a bearer token when set.
+        self.token = token
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if not metrics_token_ok(self.token, request.headers.get("Authorization")):
+            return web.json_response(
+                {"error": {"code": "unauthorized", "message": "a bearer token is required"}},
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         try:
             await asyncio.wait_for(self.refresher.refresh(), REFRESH_TIMEOUT)
         except Exception as exc:

@@ -51,6 +51,7 @@ def callback_sender(runtime: Runtime) -> CallbackSender:
         runtime.db,
         runtime.messaging.targets,
         production=settings.production,
+        egress=runtime.chains.context.egress,
         retry_base=settings.callback_retry_base_seconds,
         max_age=settings.callback_max_age_seconds,
         timeout=settings.callback_timeout_seconds,

@@ -20,6 +20,8 @@ import aiohttp
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, field_validator
 from pydantic.alias_generators import to_camel
 
+from clinicomm.providers.egress import PERMISSIVE, EgressPolicy
+
 MASK = "********"
 
 #: CR, LF, tab and every other C0/C1 control character, DEL, and the Unicode line and paragraph
@@ -65,6 +67,13 @@ class ProviderCredentials(BaseModel):
 
     #: When the credentials stop working (token expiry); drives the expiry alert.
     expires_at: datetime | None = None
+
+    #: Fields (Python names) that choose where the adapter connects: a URL or a host/port.
+    #: Changing one while keeping a secret as the mask is refused at save time, and each is
+    #: checked against the egress policy (`providers.egress.EgressPolicy.check_endpoint`).
+    endpoint_fields: ClassVar[tuple[str, ...]] = ()
+    #: Of `endpoint_fields`, those holding a bare host name (not a URL).
+    host_fields: ClassVar[tuple[str, ...]] = ()
 
     @field_validator("*", mode="after")
     @classmethod
@@ -161,6 +170,9 @@ class AdapterContext:
     environment: str = "development"
     #: Extra CA file for TLS (tests use a local CA); None means the system store.
     ca_file: str | None = None
+    #: Where adapters may connect (`providers.egress`); the permissive default is for tests
+    #: and tools that build a context by hand.
+    egress: EgressPolicy = PERMISSIVE
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -20,14 +20,27 @@ truncated, redacted excerpt of the response (`detail`); never a credential, neve
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import StrEnum
 
-_MAX_DETAIL = 300
+_MAX_DETAIL = 200
 # Things that look like an email address or a phone number are masked in error details:
 # a provider may echo the recipient back, and details end up in logs and API answers.
 _EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 _PHONE_RE = re.compile(r"\+?\d[\d\s().-]{6,}\d")
+# URLs and IP addresses (v4 and v6) in a detail would tell a caller about hosts it cannot see.
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+_IPV4_RE = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
+_IPV6_RE = re.compile(r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}")
+
+
+def _mask_ipv6(match: re.Match[str]) -> str:
+    try:
+        ipaddress.IPv6Address(match.group(0))
+    except ValueError:
+        return match.group(0)  # "12:30:45" is a time, not an address
+    return "<address>"
 
 
 class ErrorClass(StrEnum):
@@ -44,13 +57,19 @@ class ErrorClass(StrEnum):
 
 
 def redact(text: str | None, limit: int = _MAX_DETAIL) -> str | None:
-    """Truncate a provider response and mask anything that looks like an address or number."""
+    """Cut a provider's error text to `limit` (200) characters and mask anything that looks
+    like an email address, a phone number, a URL or an IP address; control characters
+    become spaces (a detail is one line)."""
     if text is None:
         return None
+    text = _URL_RE.sub("<url>", text)
     text = _EMAIL_RE.sub("<email>", text)
+    text = _IPV4_RE.sub("<address>", text)
+    text = _IPV6_RE.sub(_mask_ipv6, text)
     text = _PHONE_RE.sub("<phone>", text)
+    text = "".join(" " if (ord(c) < 32 or 127 <= ord(c) < 160) else c for c in text)
     if len(text) > limit:
-        text = text[:limit] + "…"
+        text = text[: limit - 1] + "…"
     return text
 
 

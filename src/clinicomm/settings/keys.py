@@ -48,12 +48,16 @@ class KeyStore:
         if cached is not None:
             return cached
         rows = (
-            await session.execute(
-                select(ClinicKey)
-                .where(ClinicKey.clinic_id == clinic_id)
-                .order_by(ClinicKey.version.desc())
+            (
+                await session.execute(
+                    select(ClinicKey)
+                    .where(ClinicKey.clinic_id == clinic_id)
+                    .order_by(ClinicKey.version.desc())
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
         if not rows:
             raise KeyError(clinic_id)
         cipher = self._build(clinic_id, list(rows))

@@ -226,7 +226,7 @@ class CallbackSettings(CamelModel):
 
 def check_url(value: str) -> str:
     """An absolute http(s) URL without credentials in it (the destination policy itself is
-    `delivery.callbacks.check_destination`, applied when sending)."""
+    `callbacks.targets.check_destination`, the egress policy, applied when sending)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(value)

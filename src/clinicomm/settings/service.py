@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.crypto import FieldDecryptionError
-from clinicomm.providers.base import MASK, Channel
+from clinicomm.providers import registry
+from clinicomm.providers.base import MASK, Channel, ProviderCredentials
+from clinicomm.providers.egress import PERMISSIVE, EgressPolicy
 from clinicomm.settings import secrets
 from clinicomm.settings.cache import ConfigCache
 from clinicomm.settings.keys import PLATFORM, KeyStore
@@ -36,6 +39,7 @@ from clinicomm.settings.models import (
     WhatsAppSettings,
 )
 from clinicomm.settings.validation import (
+    SETTINGS_PREFIX,
     Problem,
     SettingsValidationError,
     plain_document,
@@ -174,8 +178,11 @@ class ConfigService:
         global_settings: CommunicationSettings,
         *,
         poll_seconds: float = 0.5,
+        egress: EgressPolicy = PERMISSIVE,
     ) -> None:
         self.db = db
+        #: Judges endpoint fields at save time (the same policy refuses them at connect time).
+        self.egress = egress
         self.keys = keys
         self.cache = cache
         cache.on_drop = keys.forget
@@ -242,6 +249,8 @@ class ConfigService:
                 self._count(label, channel, "l1", start)
                 return cached
             resolved = await self._load(clinic_id, channel, label)
+            if resolved.version == 0:  # unknown clinic: no series (see `_load`)
+                return resolved
         metrics.CONFIG_FETCH_LATENCY.labels(label, channel.value).observe(
             time.perf_counter() - start
         )
@@ -302,7 +311,6 @@ class ConfigService:
                     metrics.CONFIG_CACHE_HIT.labels(label, channel.value, "l2").inc()
                     self.cache.l1_put(channel.value, clinic_id, version, resolved)
                     return resolved
-        metrics.CONFIG_CACHE_MISS.labels(label, channel.value).inc()
         async with self.db.sessions() as session:
             row = await session.get(Clinic, clinic_id)
             if row is None:
@@ -312,8 +320,12 @@ class ConfigService:
                 comm = row.settings.get(COMM) if isinstance(row.settings, dict) else None
                 stored = comm.get(channel.value) if isinstance(comm, dict) else None
             resolved = await self._resolve(session, clinic_id, channel, version, stored)
-        if row is not None:
-            await self.cache.l2_put(channel.value, clinic_id, version, stored)
+        if row is None:
+            # An unknown clinic (version 0): no per-clinic metric series and no cache entry,
+            # so requests naming made-up clinics cannot grow /metrics or the caches.
+            return resolved
+        metrics.CONFIG_CACHE_MISS.labels(label, channel.value).inc()
+        await self.cache.l2_put(channel.value, clinic_id, version, stored)
         self.cache.l1_put(channel.value, clinic_id, version, resolved)
         return resolved
 
@@ -521,6 +533,9 @@ class ConfigService:
         if isinstance(comm, dict):
             comm = _resolve_masks(comm, stored_plain)
         model = validate_settings(comm)
+        problems = endpoint_problems(model, self.egress)
+        if problems:
+            raise SettingsValidationError(problems)
         result[COMM] = plain_document(model)
         return result
 
@@ -561,8 +576,15 @@ def _encrypt_settings(plain: dict[str, Any], cipher: Any) -> dict[str, Any]:
 
 
 def _resolve_masks(doc: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
-    """Replace each mask with the stored secret at the same path and provider, if any."""
+    """Replace each mask with the stored secret at the same path and provider, if any.
+
+    A stored secret is never sent to a destination its author did not choose: when an
+    endpoint field of the slot (`ProviderCredentials.endpoint_fields`: `baseUrl`, `apiUrl`,
+    `endpointUrl`, SMTP `host`/`port`) differs from the stored one, keeping a secret as the
+    mask is refused (SettingsValidationError naming the secret's path).
+    """
     out = copy.deepcopy(doc)
+    problems: list[Problem] = []
     for path, name in secrets.masked_paths(out):
         if stored is None:
             continue
@@ -571,8 +593,77 @@ def _resolve_masks(doc: dict[str, Any], stored: dict[str, Any] | None) -> dict[s
         if old is not None and same_provider and old.get(name) not in (None, MASK):
             holder = secrets.lookup(out, path)
             assert holder is not None
+            moved = _moved_endpoint(path, secrets.provider_at(out, path), old, holder)
+            if moved is not None:
+                problems.append(
+                    Problem(
+                        ".".join(str(p) for p in (*SETTINGS_PREFIX, *path, name)),
+                        f"{moved!r} changed: enter the secret again instead of {MASK!r}",
+                        "mask_with_new_endpoint",
+                    )
+                )
+                continue
             holder[name] = old[name]
+    if problems:
+        raise SettingsValidationError(problems)
     return out
+
+
+def _credentials_model(path: secrets.Path, provider: str | None) -> type[ProviderCredentials]:
+    channel = Channel(str(path[0]))
+    return registry.get(channel, provider or "").credentials_model
+
+
+def _moved_endpoint(
+    path: secrets.Path, provider: str | None, old: dict[str, Any], new: dict[str, Any]
+) -> str | None:
+    """The JSON name of the first endpoint field whose effective value differs, or None.
+
+    Values are compared after validation (defaults applied). When the new credentials do not
+    validate, None: the save fails on their own problems and nothing is stored."""
+    try:
+        model = _credentials_model(path, provider)
+        before: Any = model.model_validate(old)
+        after: Any = model.model_validate(new)
+    except (KeyError, ValueError, ValidationError):
+        return None
+    for name in model.endpoint_fields:
+        if getattr(before, name) != getattr(after, name):
+            return model.model_fields[name].alias or name
+    return None
+
+
+def endpoint_problems(model: CommunicationSettings, policy: EgressPolicy) -> list[Problem]:
+    """Save-time egress check of every slot's endpoint fields (`EgressPolicy.check_endpoint`):
+    a literal private address while private destinations are refused, `http://` in production."""
+    found: list[Problem] = []
+    for section_key, channel_settings in (
+        ("email", model.email),
+        ("whatsapp", model.whatsapp),
+        ("sms", model.sms),
+    ):
+        if channel_settings is None:
+            continue
+        for path, slot in channel_settings.slots():
+            creds = slot.credentials
+            if not isinstance(creds, ProviderCredentials):
+                continue
+            kind = type(creds)
+            for name in kind.endpoint_fields:
+                value = getattr(creds, name)
+                if not isinstance(value, str) or not value:
+                    continue
+                message = policy.check_endpoint(value, url=name not in kind.host_fields)
+                if message is not None:
+                    alias = kind.model_fields[name].alias or name
+                    dotted = ".".join((*SETTINGS_PREFIX, section_key, path, "credentials", alias))
+                    found.append(Problem(dotted, message, "destination_not_allowed"))
+    if model.callbacks is not None:
+        message = policy.check_endpoint(model.callbacks.url, url=True)
+        if message is not None:
+            dotted = ".".join((*SETTINGS_PREFIX, "callbacks", "url"))
+            found.append(Problem(dotted, message, "destination_not_allowed"))
+    return found
 
 
 __all__ = [

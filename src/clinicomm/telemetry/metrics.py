@@ -131,3 +131,9 @@ LEASE_LOST = Counter(
     "communication_outcome_lease_lost",
     "Delivery outcomes not written because this worker no longer held the lease",
 )
+
+WEBHOOK_FOREIGN = Counter(
+    "communication_webhook_foreign_total",
+    "Webhooks signed with a clinic's secret but naming another account: acknowledged, not applied",
+    ["clinicId", "provider"],
+)

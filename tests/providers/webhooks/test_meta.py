@@ -110,3 +110,19 @@ def test_parse_inbound_text() -> None:
     assert event.text == "Stop"
     assert event.channel is Channel.WHATSAPP
     assert event.to == "15550783881"
+
+
+async def test_event_of_another_number_or_waba_is_foreign() -> None:
+    """Issue 13: the HMAC proves the app, not the clinic; the number (and the WABA when set)
+    must be the clinic's own."""
+    from clinicomm.providers.webhooks import ForeignEventError
+
+    body = raw("meta", "statuses.json")
+    other_number = CREDS.model_copy(update={"phone_number_id": "999999999999999"})
+    with pytest.raises(ForeignEventError, match="phone_number_id"):
+        await meta.verify(json_request(URL, body, signed(body)), other_number)
+    other_waba = CREDS.model_copy(update={"business_account_id": "111111111111111"})
+    with pytest.raises(ForeignEventError, match="Business Account"):
+        await meta.verify(json_request(URL, body, signed(body)), other_waba)
+    own_waba = CREDS.model_copy(update={"business_account_id": "102290129340398"})
+    await meta.verify(json_request(URL, body, signed(body)), own_waba)

@@ -33,7 +33,11 @@ def headers(signature: str, timestamp: str) -> dict[str, str]:
 
 async def test_sendgrid_published_vector_is_accepted() -> None:
     req = json_request(URL, VECTOR["payload"].encode(), headers(VECTOR["signature"], VECTOR["timestamp"]))
-    await sendgrid.verify(req, CREDS)
+    signed_at = datetime.fromtimestamp(int(VECTOR["timestamp"]), UTC)
+    await sendgrid.verify(req, CREDS, context(now=lambda: signed_at))
+    # The same vector today is a replay: refused (issue 13).
+    with pytest.raises(WebhookAuthError, match="older than"):
+        await sendgrid.verify(req, CREDS, context())
     [event] = sendgrid.parse(req)
     assert event.event_type is EventType.FAILED  # dropped
     assert event.provider_message_id == "LRzXl_NHStOGhQ4kofSm_A"
@@ -66,10 +70,17 @@ async def test_pem_key_and_local_signature_on_the_docs_fixture() -> None:
     body = raw("sendgrid", "events.json")
     ts = "1700000000"
     sig = base64.b64encode(private.sign(ts.encode() + body, ec.ECDSA(hashes.SHA256()))).decode()
-    await sendgrid.verify(json_request(URL, body, headers(sig, ts)), creds)
-    # A replay window is opt-in: far from "now" it is refused.
-    ctx = context(sendgrid_max_age=300, now=lambda: datetime.fromtimestamp(1700001000, UTC))
-    with pytest.raises(WebhookAuthError, match="window"):
+    await sendgrid.verify(
+        json_request(URL, body, headers(sig, ts)),
+        creds,
+        context(now=lambda: datetime.fromtimestamp(1700000000, UTC)),
+    )
+    # The replay window (300 s by default): far from "now" it is refused, in both directions.
+    ctx = context(now=lambda: datetime.fromtimestamp(1700001000, UTC))
+    with pytest.raises(WebhookAuthError, match="older than"):
+        await sendgrid.verify(json_request(URL, body, headers(sig, ts)), creds, ctx)
+    ctx = context(now=lambda: datetime.fromtimestamp(1700000000 - 61, UTC))
+    with pytest.raises(WebhookAuthError, match="future"):
         await sendgrid.verify(json_request(URL, body, headers(sig, ts)), creds, ctx)
 
 

@@ -53,7 +53,10 @@ def sns_message(note: str | None = None, version: str = "2", **overrides: Any) -
     msg = load("ses", "sns_envelope.json")
     if note is not None:
         msg["Message"] = raw("ses", note).decode().strip()
-    msg.update({"SignatureVersion": version, "SigningCertURL": CERT_URL, **overrides})
+    fresh = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")  # within the 300 s window
+    msg.update(
+        {"SignatureVersion": version, "SigningCertURL": CERT_URL, "Timestamp": fresh, **overrides}
+    )
     algo = hashes.SHA1() if version == "1" else hashes.SHA256()
     sig = _KEY.sign(ses.string_to_sign(msg), padding.PKCS1v15(), algo)
     msg["Signature"] = base64.b64encode(sig).decode()
@@ -73,6 +76,7 @@ async def test_valid_signature_is_accepted(version: str) -> None:
 async def test_subscription_confirmation_is_verified() -> None:
     msg = load("ses", "subscription_confirmation.json")
     msg["SignatureVersion"] = "2"
+    msg["Timestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     msg["Signature"] = base64.b64encode(
         _KEY.sign(ses.string_to_sign(msg), padding.PKCS1v15(), hashes.SHA256())
     ).decode()

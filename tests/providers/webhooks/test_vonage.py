@@ -39,9 +39,11 @@ async def test_valid_jwt_is_accepted() -> None:
     await vonage.verify(json_request(URL, body, bearer(body)), CREDS)
 
 
-async def test_jwt_without_payload_hash_is_accepted() -> None:
+async def test_jwt_without_payload_hash_is_refused() -> None:
+    """Issue 13: without payload_hash the JWT does not cover the body (any body would pass)."""
     body = raw("vonage", "status_read.json")
-    await vonage.verify(json_request(URL, body, bearer(body, with_hash=False)), CREDS)
+    with pytest.raises(WebhookAuthError, match="payload_hash"):
+        await vonage.verify(json_request(URL, body, bearer(body, with_hash=False)), CREDS)
 
 
 async def test_changed_byte_is_rejected() -> None:
@@ -81,3 +83,35 @@ def test_unknown_status_is_kept() -> None:
     [event] = vonage.parse(json_request(URL, body))
     assert event.event_type is EventType.UNKNOWN
     assert event.raw["status"] == "accepted_by_carrier"
+
+
+def _jwt(body: bytes, **claims: object) -> dict[str, str]:
+    base: dict[str, object] = {"iat": int(time.time()), "payload_hash": hashlib.sha256(body).hexdigest()}
+    base.update(claims)
+    return {"Authorization": "Bearer " + jwt.encode(base, SECRET, algorithm="HS256")}
+
+
+async def test_replayed_jwt_is_refused() -> None:
+    """Issue 13 finding 3: a JWT with an `iat` from 2001 was accepted; now stale is refused,
+    and so is one dated more than 60 s ahead."""
+    body = raw("vonage", "status_read.json")
+    with pytest.raises(WebhookAuthError, match="older than"):
+        await vonage.verify(json_request(URL, body, _jwt(body, iat=978307200)), CREDS)
+    with pytest.raises(WebhookAuthError, match="future"):
+        await vonage.verify(json_request(URL, body, _jwt(body, iat=int(time.time()) + 120)), CREDS)
+
+
+async def test_foreign_api_key_or_application_is_foreign() -> None:
+    from clinicomm.providers.shared.credentials import VonageCredentials
+    from clinicomm.providers.webhooks import ForeignEventError
+
+    body = raw("vonage", "status_read.json")
+    own = VonageCredentials.model_validate(
+        {"apiKey": "abcd1234", "apiSecret": "s", "applicationId": "app-own",
+         "privateKey": "k", "signatureSecret": SECRET, "fromNumber": "+15550100"}
+    )
+    await vonage.verify(json_request(URL, body, _jwt(body, api_key="abcd1234")), own)
+    with pytest.raises(ForeignEventError):
+        await vonage.verify(json_request(URL, body, _jwt(body, api_key="other-key")), own)
+    with pytest.raises(ForeignEventError):
+        await vonage.verify(json_request(URL, body, _jwt(body, application_id="app-x")), own)

@@ -128,14 +128,12 @@ async def list_communications(
         if not _readable(principal, target):
             raise forbidden(f"role {principal.role.value} cannot read {clinic_id!r}")
         scope = [clinic_id]
-    elif _readable(principal, None):
-        scope = None
-    elif principal.clinic_ids is not None:
-        scope = sorted(principal.clinic_ids)
-    elif principal.clinic_id is not None and _readable(principal, principal.clinic_id):
-        scope = [principal.clinic_id]
     else:
-        raise forbidden(f"role {principal.role.value} cannot read messages")
+        # Permission first, then scope: `Principal.scope` never grants more than `allows`.
+        allowed = principal.scope(Permission.SEND, Permission.VIEW)
+        if allowed is not None and not allowed:
+            raise forbidden(f"role {principal.role.value} cannot read messages")
+        scope = None if allowed is None else sorted(allowed)
     async with runtime.db.read() as session:
         page = await list_messages(
             session,

@@ -3,6 +3,7 @@ configuration test, and alerts (per clinic, and platform-wide for SuperAdmin).""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -15,7 +16,7 @@ from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import get_runtime, require
 from clinicomm.api.errors import ApiError
 from clinicomm.api.routers.clinics import ClinicId
-from clinicomm.api.schemas import ERRORS
+from clinicomm.api.schemas import ERRORS, ErrorAnswer
 from clinicomm.delivery.bounces import bounce_rate
 from clinicomm.delivery.stats import clinic_stats
 from clinicomm.delivery.testsend import BadTestRequest, run_config_test
@@ -131,7 +132,13 @@ async def communication_stats(
     "/api/v1/clinics/{clinicId}/communication/test",
     response_model=ConfigTestResult,
     response_model_exclude_unset=True,
-    responses=ERRORS,
+    responses={
+        **ERRORS,
+        429: {
+            "model": ErrorAnswer,
+            "description": "More than CLINICOMM_CONFIG_TEST_PER_MINUTE tests (`Retry-After`)",
+        },
+    },
     summary="Send a test message through the clinic's own providers (audited)",
 )
 async def communication_test(
@@ -140,6 +147,17 @@ async def communication_test(
     runtime: RuntimeDep,
     principal: Annotated[Principal, Depends(require(Permission.TEST))],
 ) -> dict[str, Any]:
+    # Each call makes one outbound request with the clinic's credentials: bounded per clinic.
+    wait = await runtime.limiter.acquire(
+        (clinicId, "config-test"), [(runtime.settings.config_test_per_minute, 60.0)]
+    )
+    if wait > 0:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many configuration tests for this clinic; retry later",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
     try:
         outcome = await run_config_test(
             runtime.db,

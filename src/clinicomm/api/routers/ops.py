@@ -1,5 +1,7 @@
 """Operations: `/healthz` (the process answers), `/readyz` (database and Redis answer),
-`/metrics` (Prometheus text). No authentication: they carry no clinic data."""
+`/metrics` (Prometheus text). The probes need no authentication (they carry no clinic data);
+`/metrics` lists clinic ids in its labels, so with `CLINICOMM_METRICS_TOKEN` set it requires
+`Authorization: Bearer <token>` (401 otherwise, compared in constant time)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import asyncio
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
@@ -15,6 +17,7 @@ from redis.exceptions import RedisError
 from clinicomm.api.deps import get_runtime
 from clinicomm.api.errors import error_response
 from clinicomm.api.schemas import ErrorAnswer, Health
+from clinicomm.observability.metrics_server import metrics_token_ok
 from clinicomm.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,14 @@ async def _redis(runtime: Runtime) -> bool:
     response_class=PlainTextResponse,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def metrics(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
+async def metrics(request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]) -> Response:
+    if not metrics_token_ok(runtime.settings.metrics_token, request.headers.get("authorization")):
+        return error_response(
+            401,
+            "unauthorized",
+            "a bearer token is required for /metrics",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     await refresh_gauges(runtime)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

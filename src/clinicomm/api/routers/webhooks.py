@@ -3,11 +3,18 @@
 No bearer token: the provider proves itself with a signature made with the clinic's own
 credentials (its slots of that provider, on any channel). The order of checks:
 
-1. unknown provider key, unknown clinic, or a clinic with no slot of that provider → 404;
-2. signature (or basic auth, or SNS certificate and topic) → 401 when no slot's credentials
-   verify it; nothing is stored;
-3. body not in the provider's format → 400;
-4. the parsed events are stored in `delivery_events` in one transaction (deduplicated by the
+1. unknown provider key, unknown clinic, or a clinic with no slot of that provider → 404,
+   one answer for all three (no enumeration of clinics or of what they use);
+2. more than `CLINICOMM_WEBHOOK_SIGNATURE_FAILURES_PER_MINUTE` failed signatures for this
+   clinic and provider in the last minute → 429 with `Retry-After`;
+3. signature (or basic auth, or SNS certificate and topic) and freshness (signed times within
+   `CLINICOMM_WEBHOOK_MAX_AGE_SECONDS`, Mailgun tokens single-use) → 401 when no slot's
+   credentials verify it (the failure is counted); nothing is stored. A valid signature for
+   another account than the clinic's (`ForeignEventError`: Meta number/WABA, Twilio
+   AccountSid, Vonage api_key/application) → the provider's normal answer, nothing stored,
+   `communication_webhook_foreign_total{clinicId,provider}` counted;
+4. body not in the provider's format → 400;
+5. the parsed events are stored in `delivery_events` in one transaction (deduplicated by the
    provider's event id) and the answer is sent; status changes, opt-outs and the WhatsApp
    window are applied afterwards by `delivery.webhooks.WebhookService`.
 
@@ -38,10 +45,16 @@ from clinicomm.api.limits import WEBHOOK_MAX_BYTES
 from clinicomm.api.schemas import CLINIC_ID_PATTERN
 from clinicomm.delivery.ingest import store_events
 from clinicomm.delivery.webhooks import webhook_service
-from clinicomm.providers.webhooks import HANDLERS, WebhookAuthError, WebhookPayloadError
+from clinicomm.providers.webhooks import (
+    HANDLERS,
+    ForeignEventError,
+    WebhookAuthError,
+    WebhookPayloadError,
+)
 from clinicomm.providers.webhooks.base import WebhookRequest
 from clinicomm.runtime import Runtime
 from clinicomm.store.models import AuditEntry
+from clinicomm.telemetry import metrics
 from clinicomm.telemetry.logging import bind_context, request_id
 
 log = logging.getLogger(__name__)
@@ -77,17 +90,40 @@ def public_url(request: Request, trust_forwarded: bool) -> str:
     return urlunsplit((scheme, host or parts.netloc, parts.path, parts.query, parts.fragment))
 
 
+#: The one answer for an unknown provider, an unknown clinic and a clinic that does not use
+#: the provider: which clinics exist and what they use is not told to an unauthenticated caller.
+_NOT_SERVED = "no webhook endpoint here for this provider and clinic"
+
+
 async def _credentials(runtime: Runtime, provider: str, clinic_id: str) -> tuple[str, list[Any]]:
     service = webhook_service(runtime)
     key = service.provider_key(provider)
-    if key is None:
-        raise ApiError(404, "not_found", f"no webhooks for provider {provider!r}")
-    if not await service.clinic_exists(clinic_id):
-        raise ApiError(404, "not_found", f"clinic {clinic_id!r} not found")
-    found = await service.credentials(clinic_id, key)
-    if not found:
-        raise ApiError(404, "not_found", f"the clinic does not use {key}")
+    found = await service.credentials(clinic_id, key) if key is not None else []
+    if key is None or not found:
+        raise ApiError(404, "not_found", _NOT_SERVED)
     return key, found
+
+
+def _failure_key(clinic_id: str, key: str) -> tuple[str, ...]:
+    return (clinic_id, "webhook-signature-failures", key)
+
+
+async def _check_failures(runtime: Runtime, clinic_id: str, key: str) -> None:
+    """429 while this clinic and provider had `webhook_signature_failures_per_minute` failed
+    signatures in the last minute (a brute force or a misconfigured sender)."""
+    limit = [(runtime.settings.webhook_signature_failures_per_minute, 60.0)]
+    if await runtime.limiter.usage(_failure_key(clinic_id, key), limit) >= 1.0:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many failed webhook signatures; retry later",
+            headers={"Retry-After": "60"},
+        )
+
+
+async def _count_failure(runtime: Runtime, clinic_id: str, key: str) -> None:
+    limit = [(runtime.settings.webhook_signature_failures_per_minute, 60.0)]
+    await runtime.limiter.acquire(_failure_key(clinic_id, key), limit)
 
 
 @router.post(
@@ -103,9 +139,10 @@ async def _credentials(runtime: Runtime, provider: str, clinic_id: str) -> tuple
             },
         },
         400: {"description": "Not the provider's webhook format"},
-        401: {"description": "Signature missing or invalid for this clinic"},
+        401: {"description": "Signature missing, invalid or stale for this clinic"},
         404: {"description": "Unknown provider or clinic, or the clinic does not use it"},
         413: {"description": "Body too large"},
+        429: {"description": "Too many failed signatures for this clinic and provider"},
     },
 )
 async def receive(
@@ -113,6 +150,7 @@ async def receive(
 ) -> Response:
     bind_context(clinicId=clinicId)
     key, candidates = await _credentials(runtime, provider, clinicId)
+    await _check_failures(runtime, clinicId, key)
     body = await request.body()
     if len(body) > MAX_BODY:
         raise ApiError(413, "payload_too_large", "webhook body too large")
@@ -123,18 +161,32 @@ async def receive(
     handler = HANDLERS[key]
     service = webhook_service(runtime)
     reason = "no credentials"
+    foreign = False
     for credentials in candidates:
         try:
             await handler.verify(webhook, credentials, service.context)
             break
+        except ForeignEventError as exc:
+            foreign, reason = True, str(exc)
         except WebhookAuthError as exc:
             reason = str(exc)
     else:
+        if foreign:
+            # Signed with the clinic's secret but for another account: acknowledged (the
+            # provider must not retry it forever), never applied, counted.
+            metrics.WEBHOOK_FOREIGN.labels(clinicId, key).inc()
+            log.warning(
+                "webhook for another account ignored",
+                extra={"event": "webhook_foreign", "provider": key, "reason": reason[:200]},
+            )
+            answer, media_type = handler.answer
+            return Response(answer, media_type=media_type)
+        await _count_failure(runtime, clinicId, key)
         log.warning(
             "webhook refused",
             extra={"event": "webhook_refused", "provider": key, "reason": reason[:200]},
         )
-        raise ApiError(401, "unauthorized", "webhook signature is missing or invalid")
+        raise ApiError(401, "unauthorized", "webhook signature is missing, invalid or stale")
     try:
         events = handler.parse(webhook)
         confirm = handler.subscription_url(webhook) if handler.subscription_url else None

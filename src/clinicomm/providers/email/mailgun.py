@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Literal
+from typing import ClassVar, Literal
 from urllib.parse import quote
 
 import aiohttp
@@ -49,6 +49,7 @@ class MailgunCredentials(ProviderCredentials):
     from_email: str | None = None
     from_name: str | None = None
     base_url: str | None = None
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
     #: HTTP webhook signing key: `signature.signature` = HMAC-SHA256(key, timestamp + token).
     webhook_signing_key: SecretStr | None = None
 

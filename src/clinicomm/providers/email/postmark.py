@@ -18,7 +18,7 @@ Failures, by what Postmark answers (HTTP status, then the body's `ErrorCode`):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import SecretStr
 
@@ -50,6 +50,7 @@ class PostmarkCredentials(ProviderCredentials):
     webhook_user: SecretStr | None = None
     webhook_password: SecretStr | None = None
     base_url: str = "https://api.postmarkapp.com"
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
 
 
 @registry.register

@@ -16,7 +16,7 @@ Failures, by what SendGrid answers:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import SecretStr
 
@@ -43,6 +43,7 @@ class SendGridCredentials(ProviderCredentials):
     #: SendGrid console shows it, or PEM. Public, but kept secret as the settings API asks.
     webhook_public_key: SecretStr | None = None
     base_url: str = "https://api.sendgrid.com"
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
 
 
 def _is_recipient_error(error: dict[str, Any]) -> bool:

@@ -44,12 +44,12 @@ from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid
-from typing import Any
+from typing import Any, ClassVar
 
 import aiosmtplib
 from pydantic import Field, SecretStr, model_validator
 
-from clinicomm.providers import registry
+from clinicomm.providers import egress, registry
 from clinicomm.providers.base import (
     AdapterContext,
     Channel,
@@ -74,6 +74,8 @@ class SmtpCredentials(ProviderCredentials):
     unless `requireTls` is false."""
 
     host: str = Field(min_length=1)
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("host", "port")
+    host_fields: ClassVar[tuple[str, ...]] = ("host",)
     port: int | None = Field(default=None, ge=1, le=65535)
     secure: bool = False
     require_tls: bool = True
@@ -110,8 +112,12 @@ def classify_reply(code: int, text: str, *, stage: str, provider: str = "smtp") 
         "provider": provider,
         "status_code": code,
         "code": enhanced.group(0) if enhanced else None,
-        "detail": f"{code} {text}",
+        # A real reply's text is the server's documented answer; anything else (aiosmtplib's
+        # -1 "Malformed SMTP response line" for a non-SMTP port) would echo a foreign banner.
+        "detail": f"{code} {text}" if 200 <= code <= 599 else None,
     }
+    if not 200 <= code <= 599:
+        return ConfigurationError("not an SMTP server answer", **kw)
     if 400 <= code < 500:
         if code in (421, 454, 450, 451, 452) and _RATE_WORDS.search(text):
             return RateLimitedError("server asked to slow down", **kw)
@@ -347,9 +353,23 @@ class SmtpAdapter(ProviderAdapter):
         server does not offer STARTTLS or the handshake fails.
         """
         creds = self.credentials
+        assert creds.port is not None  # set by the model's validator
+        try:
+            async with asyncio.timeout(self.context.timeout):
+                sock = await self.context.egress.open_socket(creds.host, creds.port)
+        except egress.DestinationNotAllowedError:
+            raise ConfigurationError(egress.NOT_ALLOWED, provider=self.key) from None
+        except TimeoutError as exc:
+            raise _classify_exception(exc, self.key, "connect") from exc
+        except OSError as exc:  # refused, unreachable, name not resolved
+            raise ProviderDownError(
+                "SMTP server unreachable", provider=self.key, detail=type(exc).__name__
+            ) from exc
+        # The socket is connected to an address the egress policy allowed; `hostname` stays
+        # the configured name, for the certificate check (STARTTLS and implicit TLS).
         client = aiosmtplib.SMTP(
             hostname=creds.host,
-            port=creds.port,
+            sock=sock,
             use_tls=creds.secure,
             start_tls=False,  # we decide below, so a missing STARTTLS cannot pass silently
             validate_certs=True,

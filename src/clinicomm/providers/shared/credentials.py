@@ -6,6 +6,8 @@ models live here and both channel modules import them.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, SecretStr, model_validator
 
 from clinicomm.providers.base import ProviderCredentials
@@ -19,6 +21,7 @@ class TwilioCredentials(ProviderCredentials):
     from_number: str | None = None
     messaging_service_sid: str | None = None
     base_url: str = "https://api.twilio.com"
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
     #: Logical template name (otp, appointmentReminder, …) → Content API `ContentSid` (HX…).
     templates: dict[str, str] = Field(default_factory=dict)
     #: Template name (logical or ContentSid) → number of variables it takes; checked locally.
@@ -43,6 +46,7 @@ class MessageBirdCredentials(ProviderCredentials):
     #: Signs webhooks: `MessageBird-Signature-JWT` (HMAC JWT with url_hash and payload_hash).
     signing_key: SecretStr | None = None
     base_url: str | None = None
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
     #: WhatsApp template namespace (the WABA's), needed for `hsm` template sends.
     template_namespace: str | None = None
     #: Logical template name → the approved WhatsApp template's name.
@@ -62,6 +66,7 @@ class VonageCredentials(ProviderCredentials):
     signature_secret: SecretStr | None = None
     from_number: str = Field(min_length=1)
     base_url: str = "https://api.nexmo.com"
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
     #: Logical template name → WhatsApp template name (`namespace:name` for older accounts).
     templates: dict[str, str] = Field(default_factory=dict)
     #: Template name (logical or provider's) → number of parameters; checked locally.
@@ -83,3 +88,4 @@ class AwsCredentials(ProviderCredentials):
     access_key_id: str = Field(min_length=1)
     secret_access_key: SecretStr
     endpoint_url: str | None = None
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("endpoint_url",)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import json
+import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from clinicomm.providers import egress
 from clinicomm.providers.base import AdapterContext, ProviderAdapter, ProviderCredentials
 from clinicomm.providers.errors import (
     ConfigurationError,
@@ -124,7 +126,7 @@ class HttpAdapter(ProviderAdapter):
         if self.context.http is not None and not self.context.http.closed:
             return self.context.http
         if self._own_session is None or self._own_session.closed:
-            self._own_session = aiohttp.ClientSession()
+            self._own_session = egress.http_session(self.context.egress)
         return self._own_session
 
     async def close(self) -> None:
@@ -146,7 +148,9 @@ class HttpAdapter(ProviderAdapter):
         """Send one request and read the whole answer, whatever its status.
 
         Raises TransientError on a timeout or a dropped connection, ProviderDownError when the
-        host cannot be reached; never an aiohttp exception.
+        host cannot be reached, ConfigurationError("destination not allowed") when the egress
+        policy refuses every address of the host (no connection made); never an aiohttp
+        exception. Redirects are never followed: a 3xx is an answer like any other.
         """
         timeout = aiohttp.ClientTimeout(total=self.context.timeout)
         all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
@@ -160,12 +164,15 @@ class HttpAdapter(ProviderAdapter):
                 params=params,
                 timeout=timeout,
                 ssl=self._ssl,
+                allow_redirects=False,
             ) as response:
                 text = await response.text(errors="replace")
                 return Answer(response.status, response.headers, text, self.rate_limit_reset_header)
         except TimeoutError:
             raise TransientError("provider call timed out", provider=self.key) from None
         except aiohttp.ClientConnectorError as exc:
+            if egress.refused(exc):
+                raise ConfigurationError(egress.NOT_ALLOWED, provider=self.key) from None
             raise ProviderDownError(
                 "provider unreachable", provider=self.key, detail=type(exc).__name__
             ) from None
@@ -179,15 +186,53 @@ class HttpAdapter(ProviderAdapter):
 # --- classification by status --------------------------------------------------------------
 
 
+_XML_MESSAGE = re.compile(r"<Message>([^<]{1,1000})</Message>")
+
+
+def documented_detail(answer: Answer) -> str | None:
+    """The provider's documented error text of an answer, or None; never the raw body.
+
+    Read from the error fields the providers document: Meta `error.message`, SendGrid
+    `errors[].message`, MessageBird `errors[].description`, Twilio/Mailgun `message`,
+    Postmark `Message`, RFC 7807 `title`/`detail` (Vonage), OAuth `error_description`, AWS
+    `<Message>`. An answer from anything else (a metadata service, an admin page) yields
+    None, so what an arbitrary endpoint returns never reaches an API answer or a log.
+    `ProviderError` then cuts the text to 200 characters and masks addresses.
+    """
+    body = answer.json()
+    parts: list[str] = []
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            parts.append(error["message"])
+        errors = body.get("errors")
+        if isinstance(errors, list):
+            for item in errors[:3]:
+                if isinstance(item, dict):
+                    text = item.get("message") or item.get("description")
+                    if isinstance(text, str):
+                        parts.append(text)
+        for key in ("message", "Message", "title", "detail", "error_description"):
+            value = body.get(key)
+            if isinstance(value, str):
+                parts.append(value)
+    elif body is None and answer.text.lstrip().startswith("<"):
+        match = _XML_MESSAGE.search(answer.text)
+        if match:
+            parts.append(match.group(1))
+    return "; ".join(p for p in parts if p) or None
+
+
 def error_fields(
     answer: Answer, *, provider: str, code: str | None = None, detail: str | None = None
 ) -> dict[str, Any]:
-    """The keyword arguments every ProviderError from this answer takes (detail: the body)."""
+    """The keyword arguments every ProviderError from this answer takes (detail: the given
+    documented text, else `documented_detail`; never the raw body)."""
     return {
         "provider": provider,
         "status_code": answer.status,
         "code": code,
-        "detail": detail if detail is not None else answer.text,
+        "detail": detail if detail is not None else documented_detail(answer),
     }
 
 

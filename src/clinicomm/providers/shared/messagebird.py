@@ -53,7 +53,7 @@ def classify_messagebird_error(answer: Answer, provider: str = "messagebird") ->
     items: list[dict[str, Any]] = [e for e in errors or [] if isinstance(e, dict)]
     first = items[0] if items else {}
     code = str(first["code"]) if first.get("code") is not None else None
-    detail = "; ".join(str(e.get("description", "")) for e in items) or answer.text
+    detail = "; ".join(str(e.get("description", "")) for e in items) or None
     kw = error_fields(answer, provider=provider, code=code, detail=detail)
     if answer.status == 429:
         return RateLimitedError("rate limited", retry_after=answer.retry_after, **kw)

@@ -51,7 +51,7 @@ def classify_vonage_error(answer: Answer, provider: str = "vonage") -> ProviderE
     type_link = str(body.get("type") or "")
     fragment = type_link.rsplit("#", 1)[1] if "#" in type_link else None
     title = str(body.get("title") or "")
-    detail = " ".join(p for p in (title, str(body.get("detail") or "")) if p) or answer.text
+    detail = " ".join(p for p in (title, str(body.get("detail") or "")) if p) or None
     kw = error_fields(answer, provider=provider, code=fragment, detail=detail)
     if answer.status == 402:
         return ProviderDownError("account balance too low", **kw)

@@ -65,7 +65,7 @@ class SnsCredentials(AwsCredentials):
 def classify_sns_error(answer: Answer, provider: str = "aws_sns") -> ProviderError:
     """Turn an SNS Query API error answer into the exception the worker acts on."""
     code, message = xml_error(answer.text)
-    text = message if message is not None else answer.text
+    text = message
     kw = error_fields(answer, provider=provider, code=code, detail=text)
     if code in _RATE_CODES or answer.status == 429:
         return RateLimitedError("rate limited", retry_after=answer.retry_after, **kw)
@@ -74,7 +74,7 @@ def classify_sns_error(answer: Answer, provider: str = "aws_sns") -> ProviderErr
     if code in _CONFIG_CODES:
         return ConfigurationError("credentials or account refused", **kw)
     if code in ("InvalidParameter", "InvalidParameterValue"):
-        if "phone" in text.lower():
+        if "phone" in (text or "").lower():
             return RecipientError("invalid phone number", **kw)
         return ConfigurationError("invalid parameter", **kw)
     if code in _TRANSIENT_CODES or answer.status >= 500:

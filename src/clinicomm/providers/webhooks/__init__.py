@@ -26,6 +26,7 @@ from clinicomm.providers.webhooks import (
 from clinicomm.providers.webhooks.base import (
     DeliveryEvent,
     EventType,
+    ForeignEventError,
     InboundMessage,
     MemorySeenTokenStore,
     SeenTokenStore,
@@ -93,11 +94,16 @@ HANDLERS: dict[str, WebhookHandler] = {
 }
 
 
-def webhook_context(http: Any, seen_tokens: SeenTokenStore) -> WebhookContext:
-    """The verification context: the shared one-time-token store, and the HTTP fetcher of
-    signing certificates the SNS-based handlers need."""
+def webhook_context(
+    http: Any, seen_tokens: SeenTokenStore, *, max_age: float = 300.0
+) -> WebhookContext:
+    """The verification context: the shared one-time-token store, the freshness window
+    (`CLINICOMM_WEBHOOK_MAX_AGE_SECONDS`) and the HTTP fetcher of signing certificates the
+    SNS-based handlers need."""
     return WebhookContext(
-        seen_tokens=seen_tokens, fetch_certificate=ses.http_certificate_fetcher(http)
+        seen_tokens=seen_tokens,
+        fetch_certificate=ses.http_certificate_fetcher(http),
+        max_age=max_age,
     )
 
 
@@ -115,6 +121,7 @@ __all__ = [
     "HANDLERS",
     "DeliveryEvent",
     "EventType",
+    "ForeignEventError",
     "InboundMessage",
     "MemorySeenTokenStore",
     "SeenTokenStore",

@@ -47,6 +47,14 @@ class WebhookAuthError(Exception):
     """
 
 
+class ForeignEventError(Exception):
+    """The signature is valid, but the event belongs to another account than the clinic's own
+    (Meta `phone_number_id`/WABA, Twilio `AccountSid`, Vonage `api_key`/application): two
+    clinics sharing an app secret must not write each other's statuses and opt-outs. The
+    endpoint answers as the provider needs (so it does not retry), applies nothing and counts
+    it (`communication_webhook_foreign_total`)."""
+
+
 class WebhookNotConfiguredError(WebhookAuthError):
     """The clinic has no webhook secret for this provider: every request is refused."""
 
@@ -213,12 +221,28 @@ class WebhookContext:
     now: Callable[[], datetime] = _utcnow
     #: Mailgun token reuse; the default lives in this process only.
     seen_tokens: SeenTokenStore = field(default_factory=lambda: DEFAULT_SEEN_TOKENS)
-    #: Oldest accepted signed timestamp, in seconds (Mailgun; SendGrid when `sendgrid_max_age`).
+    #: Oldest accepted signed time, in seconds (Mailgun `timestamp`, SendGrid's timestamp
+    #: header, Vonage `iat`, SNS `Timestamp`, MessageBird `nbf`):
+    #: `CLINICOMM_WEBHOOK_MAX_AGE_SECONDS`.
     max_age: float = 300.0
-    #: SendGrid documents no replay window; set seconds here to enforce one.
+    #: How far ahead of our clock a signed time may be (clock skew), in seconds.
+    max_future: float = 60.0
+    #: SendGrid's own window when it should differ from `max_age` (None: `max_age`).
     sendgrid_max_age: float | None = None
     #: Fetches SNS signing certificates; required for SES (see `ses.http_certificate_fetcher`).
     fetch_certificate: CertificateFetcher | None = None
+
+
+def check_fresh(signed: datetime | None, ctx: WebhookContext, what: str) -> None:
+    """Raise `WebhookAuthError` unless the signed time is at most `ctx.max_age` seconds old
+    and at most `ctx.max_future` seconds ahead (a replayed or pre-dated request)."""
+    if signed is None:
+        raise WebhookAuthError(f"{what} is missing or unreadable")
+    age = (ctx.now() - signed).total_seconds()
+    if age > ctx.max_age:
+        raise WebhookAuthError(f"{what} is older than {ctx.max_age:g} s (stale or replayed)")
+    if age < -ctx.max_future:
+        raise WebhookAuthError(f"{what} is more than {ctx.max_future:g} s in the future")
 
 
 def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:

@@ -27,6 +27,7 @@ from clinicomm.providers.webhooks.base import (
     WebhookEvent,
     WebhookPayloadError,
     WebhookRequest,
+    check_fresh,
     constant_time_equal,
     email_or_none,
     error_of,
@@ -68,9 +69,7 @@ async def verify(
     expected = hmac.new(key.encode(), (timestamp + token).encode(), hashlib.sha256).hexdigest()
     if not constant_time_equal(expected, given.lower()):
         raise WebhookAuthError("signature does not match timestamp and token")
-    signed = from_unix(timestamp)
-    if signed is None or abs((ctx.now() - signed).total_seconds()) > ctx.max_age:
-        raise WebhookAuthError("signed timestamp is outside the accepted window")
+    check_fresh(from_unix(timestamp), ctx, "signed timestamp")
     # Only a correctly signed token is remembered, so garbage cannot fill the store.
     if not await ctx.seen_tokens.add_if_new(f"mailgun:{token}", ctx.max_age * 2):
         raise WebhookAuthError("token was already used (replay)")

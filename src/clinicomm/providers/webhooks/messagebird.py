@@ -32,9 +32,11 @@ from clinicomm.providers.webhooks.base import (
     WebhookEvent,
     WebhookPayloadError,
     WebhookRequest,
+    check_fresh,
     constant_time_equal,
     error_of,
     from_iso,
+    from_unix,
     phone_or_none,
     require_secret,
 )
@@ -93,6 +95,7 @@ async def verify(
         raise WebhookAuthError("JWT is not valid yet (nbf)")
     if float(claims["exp"]) <= now - _LEEWAY:
         raise WebhookAuthError("JWT has expired (exp)")
+    check_fresh(from_unix(claims.get("iat", claims["nbf"])), context or WebhookContext(), "JWT iat")
     if not constant_time_equal(_sha256(request.url.encode()), str(claims["url_hash"])):
         raise WebhookAuthError("url_hash does not match the URL")
     payload_hash = claims.get("payload_hash")

@@ -22,6 +22,7 @@ from clinicomm.providers.phone import from_wa_id
 from clinicomm.providers.webhooks.base import (
     DeliveryEvent,
     EventType,
+    ForeignEventError,
     InboundMessage,
     WebhookAuthError,
     WebhookContext,
@@ -54,7 +55,10 @@ async def verify(
     credentials: MetaBusinessCredentials,
     context: WebhookContext | None = None,
 ) -> None:
-    """Raise `WebhookAuthError` unless the body carries a valid `sha256=` App Secret HMAC."""
+    """Raise `WebhookAuthError` unless the body carries a valid `sha256=` App Secret HMAC;
+    `ForeignEventError` when a change's `metadata.phone_number_id` is not the clinic's number,
+    or an entry's id is not its WABA (`businessAccountId`, when configured). One app secret
+    can serve several clinics; the HMAC alone does not say whose event it is."""
     secret = require_secret(credentials.app_secret, "appSecret")
     header = request.header(SIGNATURE_HEADER)
     if not header:
@@ -65,6 +69,28 @@ async def verify(
     expected = hmac.new(secret.encode(), request.body, hashlib.sha256).hexdigest()
     if not constant_time_equal(expected, given.lower()):
         raise WebhookAuthError("signature does not match the body")
+    _check_account(request, credentials)
+
+
+def _check_account(request: WebhookRequest, credentials: MetaBusinessCredentials) -> None:
+    try:
+        data = request.json()
+    except WebhookPayloadError:
+        return  # parse() answers 400
+    entries = data.get("entry") if isinstance(data, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        waba = entry.get("id")
+        own_waba = credentials.business_account_id
+        if own_waba and waba is not None and str(waba) != own_waba:
+            raise ForeignEventError("entry id is not the clinic's WhatsApp Business Account")
+        for change in entry.get("changes") or []:
+            value = change.get("value") if isinstance(change, dict) else None
+            metadata = value.get("metadata") if isinstance(value, dict) else None
+            number = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
+            if number is not None and str(number) != credentials.phone_number_id:
+                raise ForeignEventError("phone_number_id is not the clinic's number")
 
 
 def handshake(query: dict[str, str], credentials: MetaBusinessCredentials) -> str:

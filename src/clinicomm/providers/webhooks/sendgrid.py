@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import replace
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -34,6 +35,7 @@ from clinicomm.providers.webhooks.base import (
     WebhookNotConfiguredError,
     WebhookPayloadError,
     WebhookRequest,
+    check_fresh,
     email_or_none,
     error_of,
     from_unix,
@@ -91,9 +93,8 @@ async def verify(
         raise WebhookAuthError("signature does not match timestamp and body") from exc
     ctx = context or WebhookContext()
     if ctx.sendgrid_max_age is not None:
-        signed = from_unix(timestamp)
-        if signed is None or abs((ctx.now() - signed).total_seconds()) > ctx.sendgrid_max_age:
-            raise WebhookAuthError("signed timestamp is outside the accepted window")
+        ctx = replace(ctx, max_age=ctx.sendgrid_max_age)
+    check_fresh(from_unix(timestamp), ctx, "signed timestamp")
 
 
 def parse(request: WebhookRequest) -> list[WebhookEvent]:

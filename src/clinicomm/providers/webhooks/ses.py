@@ -40,6 +40,7 @@ from clinicomm.providers.webhooks.base import (
     WebhookNotConfiguredError,
     WebhookPayloadError,
     WebhookRequest,
+    check_fresh,
     email_or_none,
     error_of,
     from_iso,
@@ -149,6 +150,7 @@ async def verify(
         key.verify(signature, string_to_sign(message), padding.PKCS1v15(), algorithm)
     except InvalidSignature as exc:
         raise WebhookAuthError("SNS signature does not match") from exc
+    check_fresh(from_iso(message.get("Timestamp")), ctx, "SNS Timestamp")
 
 
 def subscribe_url(request: WebhookRequest) -> str | None:

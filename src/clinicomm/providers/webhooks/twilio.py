@@ -27,6 +27,7 @@ from clinicomm.providers.shared.credentials import TwilioCredentials
 from clinicomm.providers.webhooks.base import (
     DeliveryEvent,
     EventType,
+    ForeignEventError,
     InboundMessage,
     WebhookAuthError,
     WebhookContext,
@@ -91,7 +92,8 @@ async def verify(
     credentials: TwilioCredentials,
     context: WebhookContext | None = None,
 ) -> None:
-    """Raise `WebhookAuthError` unless `X-Twilio-Signature` matches the URL and the form."""
+    """Raise `WebhookAuthError` unless `X-Twilio-Signature` matches the URL and the form;
+    `ForeignEventError` when the event's `AccountSid` is not the clinic's `accountSid`."""
     given = request.header(SIGNATURE_HEADER)
     if not given:
         raise WebhookAuthError(f"missing {SIGNATURE_HEADER}")
@@ -104,8 +106,14 @@ async def verify(
     params = request.form if request.method == "POST" else ()
     for url in _url_variants(request.url):
         if constant_time_equal(signature(url, params, key, sha256=sha256), given.strip()):
-            return
-    raise WebhookAuthError("signature does not match the URL and parameters")
+            break
+    else:
+        raise WebhookAuthError("signature does not match the URL and parameters")
+    # An auth token or shared key may serve several accounts (subaccounts of one project):
+    # the event's AccountSid must be the clinic's.
+    account = (request.form_dict() or dict(request.query)).get("AccountSid")
+    if account is not None and account != credentials.account_sid:
+        raise ForeignEventError("AccountSid is not the clinic's account")
 
 
 def parse(request: WebhookRequest) -> list[WebhookEvent]:

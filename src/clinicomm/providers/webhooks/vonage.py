@@ -21,15 +21,18 @@ from clinicomm.providers.shared.credentials import VonageCredentials
 from clinicomm.providers.webhooks.base import (
     DeliveryEvent,
     EventType,
+    ForeignEventError,
     InboundMessage,
     WebhookAuthError,
     WebhookContext,
     WebhookEvent,
     WebhookPayloadError,
     WebhookRequest,
+    check_fresh,
     constant_time_equal,
     error_of,
     from_iso,
+    from_unix,
     phone_or_none,
     require_secret,
 )
@@ -52,8 +55,9 @@ async def verify(
     credentials: VonageCredentials,
     context: WebhookContext | None = None,
 ) -> None:
-    """Raise `WebhookAuthError` unless the bearer JWT is signed with the signature secret
-    and, when it has `payload_hash`, that hash is the body's."""
+    """Raise `WebhookAuthError` unless the bearer JWT is signed with the signature secret,
+    its `iat` is fresh (`check_fresh`) and its `payload_hash` (required) is the SHA-256 of
+    the body; `ForeignEventError` when its `api_key` or `application_id` is not the clinic's."""
     secret = require_secret(credentials.signature_secret, "signatureSecret")
     header = request.header("Authorization") or ""
     scheme, _, token = header.partition(" ")
@@ -61,15 +65,31 @@ async def verify(
         raise WebhookAuthError("missing bearer JWT")
     try:
         claims = jwt.decode(
-            token.strip(), secret, algorithms=["HS256"], options={"require": ["iat"]}
+            token.strip(),
+            secret,
+            algorithms=["HS256"],
+            options={"require": ["iat"], "verify_iat": False},  # check_fresh below
         )
     except jwt.PyJWTError as exc:
         raise WebhookAuthError(f"JWT rejected: {type(exc).__name__}") from exc
     expected = claims.get("payload_hash")
-    if expected is not None:
-        actual = hashlib.sha256(request.body).hexdigest()
-        if not constant_time_equal(actual, str(expected).lower()):
-            raise WebhookAuthError("payload_hash does not match the body")
+    if not isinstance(expected, str) or not expected:
+        raise WebhookAuthError("JWT has no payload_hash")
+    actual = hashlib.sha256(request.body).hexdigest()
+    if not constant_time_equal(actual, expected.lower()):
+        raise WebhookAuthError("payload_hash does not match the body")
+    ctx = context or WebhookContext()
+    check_fresh(from_unix(claims.get("iat")), ctx, "JWT iat")
+    api_key = claims.get("api_key")
+    if credentials.api_key and api_key is not None and str(api_key) != credentials.api_key:
+        raise ForeignEventError("JWT api_key is not the clinic's")
+    application = claims.get("application_id")
+    if (
+        credentials.application_id
+        and application is not None
+        and str(application) != credentials.application_id
+    ):
+        raise ForeignEventError("JWT application_id is not the clinic's")
 
 
 def parse(request: WebhookRequest) -> list[WebhookEvent]:

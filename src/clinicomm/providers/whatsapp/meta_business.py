@@ -13,7 +13,7 @@ https://developers.facebook.com/documentation/business-messaging/whatsapp/suppor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, SecretStr
 
@@ -53,6 +53,7 @@ class MetaBusinessCredentials(ProviderCredentials):
     """A WhatsApp Business phone number on the Cloud API, with the clinic's template names."""
 
     api_url: str = "https://graph.facebook.com/v23.0"
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("api_url",)
     api_key: SecretStr
     phone_number_id: str = Field(min_length=1)
     business_account_id: str | None = None
@@ -80,7 +81,7 @@ def classify_meta_error(answer: Answer, provider: str = "meta_business") -> Prov
     raw_code = error.get("code")
     code = int(raw_code) if isinstance(raw_code, int | str) and str(raw_code).isdigit() else None
     details = (error.get("error_data") or {}).get("details") if isinstance(error, dict) else None
-    text = " ".join(str(p) for p in (error.get("message"), details) if p) or answer.text
+    text = " ".join(str(p) for p in (error.get("message"), details) if p) or None
     kw = error_fields(
         answer, provider=provider, code=str(code) if code is not None else None, detail=text
     )
@@ -179,7 +180,6 @@ class MetaBusinessAdapter(HttpAdapter):
                 "answer without a message id",
                 provider=self.key,
                 status_code=answer.status,
-                detail=answer.text,
             ) from None
         status = body["messages"][0].get("message_status")
         return SendResult(provider_message_id=wamid, provider_status=status)

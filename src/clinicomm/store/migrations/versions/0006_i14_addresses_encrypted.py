@@ -20,8 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006_i14'
-down_revision = 'i17_0001'
+revision = "0006_i14"
+down_revision = "i17_0001"
 branch_labels = None
 depends_on = None
 
@@ -29,53 +29,71 @@ depends_on = None
 def _drop_disabled_credentials(settings: Any) -> bool:
     """Remove `credentials` from `"provider": "disabled"` slots (no model marks their secrets,
     so they were stored in clear; they are refused from now on). True when changed."""
-    comm = settings.get('communicationSettings') if isinstance(settings, dict) else None
+    comm = settings.get("communicationSettings") if isinstance(settings, dict) else None
     changed = False
     for channel in (comm or {}).values() if isinstance(comm, dict) else ():
         if not isinstance(channel, dict):
             continue
-        slots = [channel.get('primary'), *(channel.get('fallback') or [])]
+        slots = [channel.get("primary"), *(channel.get("fallback") or [])]
         for slot in slots:
-            if isinstance(slot, dict) and slot.get('provider') == 'disabled' and 'credentials' in slot:
-                del slot['credentials']
+            if (
+                isinstance(slot, dict)
+                and slot.get("provider") == "disabled"
+                and "credentials" in slot
+            ):
+                del slot["credentials"]
                 changed = True
     return changed
 
 
 def upgrade() -> None:
-    clinics = sa.table('clinics', sa.column('id', sa.String), sa.column('settings', sa.JSON))
+    clinics = sa.table("clinics", sa.column("id", sa.String), sa.column("settings", sa.JSON))
     bind = op.get_bind()
     for clinic_id, settings in bind.execute(sa.select(clinics.c.id, clinics.c.settings)).all():
         if _drop_disabled_credentials(settings):
-            bind.execute(clinics.update().where(clinics.c.id == clinic_id).values(settings=settings))
-    with op.batch_alter_table('deliveries', schema=None) as batch_op:
+            bind.execute(
+                clinics.update().where(clinics.c.id == clinic_id).values(settings=settings)
+            )
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.alter_column(
-            'recipient', existing_type=sa.String(length=320), type_=sa.Text(), existing_nullable=False
+            "recipient",
+            existing_type=sa.String(length=320),
+            type_=sa.Text(),
+            existing_nullable=False,
         )
-        batch_op.add_column(sa.Column('recipient_index', sa.String(length=80), nullable=True))
+        batch_op.add_column(sa.Column("recipient_index", sa.String(length=80), nullable=True))
         batch_op.alter_column(
-            'fallback_address', existing_type=sa.String(length=320), type_=sa.Text(), existing_nullable=True
+            "fallback_address",
+            existing_type=sa.String(length=320),
+            type_=sa.Text(),
+            existing_nullable=True,
         )
-    with op.batch_alter_table('suppressions', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('address_enc', sa.Text(), nullable=True))
-    with op.batch_alter_table('delivery_events', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('recipient_enc', sa.Text(), nullable=True))
-    with op.batch_alter_table('clinic_keys', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('index_key', sa.LargeBinary(), nullable=True))
+    with op.batch_alter_table("suppressions", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("address_enc", sa.Text(), nullable=True))
+    with op.batch_alter_table("delivery_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("recipient_enc", sa.Text(), nullable=True))
+    with op.batch_alter_table("clinic_keys", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("index_key", sa.LargeBinary(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('clinic_keys', schema=None) as batch_op:
-        batch_op.drop_column('index_key')
-    with op.batch_alter_table('delivery_events', schema=None) as batch_op:
-        batch_op.drop_column('recipient_enc')
-    with op.batch_alter_table('suppressions', schema=None) as batch_op:
-        batch_op.drop_column('address_enc')
-    with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.drop_column('recipient_index')
+    with op.batch_alter_table("clinic_keys", schema=None) as batch_op:
+        batch_op.drop_column("index_key")
+    with op.batch_alter_table("delivery_events", schema=None) as batch_op:
+        batch_op.drop_column("recipient_enc")
+    with op.batch_alter_table("suppressions", schema=None) as batch_op:
+        batch_op.drop_column("address_enc")
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_column("recipient_index")
         batch_op.alter_column(
-            'fallback_address', existing_type=sa.Text(), type_=sa.String(length=320), existing_nullable=True
+            "fallback_address",
+            existing_type=sa.Text(),
+            type_=sa.String(length=320),
+            existing_nullable=True,
         )
         batch_op.alter_column(
-            'recipient', existing_type=sa.Text(), type_=sa.String(length=320), existing_nullable=False
+            "recipient",
+            existing_type=sa.Text(),
+            type_=sa.String(length=320),
+            existing_nullable=False,
         )
