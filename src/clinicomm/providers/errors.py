@@ -28,6 +28,30 @@ _MAX_DETAIL = 300
 # a provider may echo the recipient back, and details end up in logs and API answers.
 _EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 _PHONE_RE = re.compile(r"\+?\d[\d\s().-]{6,}\d")
+#: An SMTP reply code and enhanced status code ("550 5.1.1", "5.7.1", "421-4.7.0"): never a
+#: phone number, and the most useful part of a bounce reason.
+_SMTP_RE = re.compile(r"\b[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}\b|\b[245]\.\d{1,3}\.\d{1,3}\b")
+#: A phone number has at least this many digits (E.164 national numbers are 7 to 15).
+_PHONE_MIN_DIGITS = 7
+
+
+def _mask_phone(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if sum(ch.isdigit() for ch in text) < _PHONE_MIN_DIGITS:
+        return text
+    return "<phone>"
+
+
+def _mask_phones(text: str) -> str:
+    """Mask phone-like runs, leaving SMTP codes ("550 5.1.1") as they are."""
+    out: list[str] = []
+    last = 0
+    for code in _SMTP_RE.finditer(text):
+        out.append(_PHONE_RE.sub(_mask_phone, text[last : code.start()]))
+        out.append(code.group(0))
+        last = code.end()
+    out.append(_PHONE_RE.sub(_mask_phone, text[last:]))
+    return "".join(out)
 
 
 class ErrorClass(StrEnum):
@@ -48,7 +72,7 @@ def redact(text: str | None, limit: int = _MAX_DETAIL) -> str | None:
     if text is None:
         return None
     text = _EMAIL_RE.sub("<email>", text)
-    text = _PHONE_RE.sub("<phone>", text)
+    text = _mask_phones(text)
     if len(text) > limit:
         text = text[:limit] + "…"
     return text
