@@ -63,6 +63,7 @@ class Runtime:
         env: dict[str, str] | None = None,
     ) -> Runtime:
         """Build and start a runtime. `migrate` runs migrations first (the embedded default)."""
+        settings.sns_prefixes  # noqa: B018 - refuses a plain-http prefix in production now
         keyring = MasterKeyring.from_environment(
             settings.master_keys, data_dir=settings.data_dir, production=settings.production
         )

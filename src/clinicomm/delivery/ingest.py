@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
@@ -66,6 +66,17 @@ from clinicomm.store.models import Delivery, DeliveryEventRecord, aware
 from clinicomm.telemetry.outcomes import log_delivery_end
 
 INBOUND = "inbound"  # event_type of a stored inbound message
+#: `delivery_events.clinic_id` of a global provider's status event whose delivery was not
+#: found when it arrived (no clinic id can start with `_`). Such a row keeps no address
+#: (there is no clinic key to index it with); the sweep applies it to the delivery a global
+#: hop sent with that provider message id, in that delivery's clinic.
+GLOBAL_SCOPE = "_global"
+
+
+def global_label_prefix(provider: str) -> str:
+    """The `deliveries.provider` prefix of a delivery sent by a global provider (`global:
+    sendgrid`, `global:sendgrid#2`)."""
+    return f"global:{provider}"
 
 _RANK = {
     DeliveryStatus.QUEUED: 0,
@@ -157,10 +168,12 @@ async def _store(
         values.update(
             event_type=event.event_type.value,
             provider_message_id=event.provider_message_id,
-            recipient=event.recipient,
             bounce_permanent=event.bounce_permanent,
             error=event.error,
-            payload=event.raw if cipher is None else {},
+            # Without a clinic cipher (older callers, tests) the raw item is kept; a global
+            # event not yet matched to its clinic keeps nothing (it may name the patient).
+            payload=event.raw if cipher is None and clinic_id != GLOBAL_SCOPE else {},
+            recipient=None if clinic_id == GLOBAL_SCOPE else event.recipient,
         )
         if event.opt_out is not None:
             values["payload"] = {**values["payload"], "optOut": event.opt_out.value}
@@ -206,7 +219,13 @@ async def apply_stored(
         query = query.where(DeliveryEventRecord.id.in_(wanted))
     else:
         has_delivery = exists().where(
-            Delivery.clinic_id == DeliveryEventRecord.clinic_id,
+            or_(
+                Delivery.clinic_id == DeliveryEventRecord.clinic_id,
+                and_(
+                    DeliveryEventRecord.clinic_id == GLOBAL_SCOPE,
+                    Delivery.provider.like("global:%"),
+                ),
+            ),
             Delivery.provider_message_id == DeliveryEventRecord.provider_message_id,
         )
         query = query.where(or_(DeliveryEventRecord.event_type == INBOUND, has_delivery))
@@ -235,14 +254,16 @@ async def _find_delivery(
 ) -> Delivery | None:
     if not event.provider_message_id:
         return None
+    scope = (
+        Delivery.provider.like(global_label_prefix(event.provider) + "%")
+        if clinic_id == GLOBAL_SCOPE
+        else Delivery.clinic_id == clinic_id
+    )
     rows = list(
         (
             await session.scalars(
                 select(Delivery)
-                .where(
-                    Delivery.clinic_id == clinic_id,
-                    Delivery.provider_message_id == event.provider_message_id,
-                )
+                .where(scope, Delivery.provider_message_id == event.provider_message_id)
                 .with_for_update()
             )
         ).all()
@@ -299,13 +320,16 @@ async def _apply_to_delivery(
     if delivery is None:
         result.unmatched += 1
         # Suppressions do not need the delivery when the event names the address.
-        await _suppress_for(session, clinic_id, event, None, when, result)
+        if clinic_id != GLOBAL_SCOPE:
+            await _suppress_for(session, clinic_id, event, None, when, result)
         return None
     if advance(delivery, event, when):
         result.status_changes += 1
         result.changed_deliveries.append(delivery.id)
         await _status_changed(session, delivery, when)
-    await _suppress_for(session, clinic_id, event, delivery, when, result)
+    # A global provider's event counts for the clinic whose delivery it is.
+    if delivery.clinic_id is not None:
+        await _suppress_for(session, delivery.clinic_id, event, delivery, when, result)
     return delivery.id
 
 

@@ -24,6 +24,7 @@ from clinicomm.providers.webhooks import (
     vonage,
 )
 from clinicomm.providers.webhooks.base import (
+    CertificateUnavailableError,
     DeliveryEvent,
     EventType,
     InboundMessage,
@@ -35,6 +36,7 @@ from clinicomm.providers.webhooks.base import (
     WebhookNotConfiguredError,
     WebhookPayloadError,
     WebhookRequest,
+    WebhookUnsupportedError,
 )
 from clinicomm.providers.webhooks.keywords import classify_keyword
 
@@ -93,11 +95,16 @@ HANDLERS: dict[str, WebhookHandler] = {
 }
 
 
-def webhook_context(http: Any, seen_tokens: SeenTokenStore) -> WebhookContext:
-    """The verification context: the shared one-time-token store, and the HTTP fetcher of
-    signing certificates the SNS-based handlers need."""
+def webhook_context(
+    http: Any, seen_tokens: SeenTokenStore, sns_cert_url_prefixes: tuple[str, ...] = ()
+) -> WebhookContext:
+    """The verification context: the shared one-time-token store, the HTTP fetcher of
+    signing certificates the SNS-based handlers need, and the extra trusted SNS
+    certificate URL prefixes."""
     return WebhookContext(
-        seen_tokens=seen_tokens, fetch_certificate=ses.http_certificate_fetcher(http)
+        seen_tokens=seen_tokens,
+        fetch_certificate=ses.http_certificate_fetcher(http),
+        sns_cert_url_prefixes=sns_cert_url_prefixes,
     )
 
 
@@ -113,6 +120,7 @@ def handler_key(name: str) -> str | None:
 
 __all__ = [
     "HANDLERS",
+    "CertificateUnavailableError",
     "DeliveryEvent",
     "EventType",
     "InboundMessage",
@@ -125,6 +133,7 @@ __all__ = [
     "WebhookNotConfiguredError",
     "WebhookPayloadError",
     "WebhookRequest",
+    "WebhookUnsupportedError",
     "classify_keyword",
     "handler_key",
     "webhook_context",
