@@ -39,7 +39,7 @@ class SuppressionReason(StrEnum):
 #: The suppression "channel" of a marketing-only opt-out on WhatsApp: admission checks it
 #: only for messages of a `MARKETING_CATEGORIES` category, so appointment reminders and
 #: other care messages still reach the patient.
-MARKETING_SCOPE = "whatsapp_marketing"
+MARKETING_SCOPE = "wa_marketing"  # fits suppressions.channel (16)
 MARKETING_CATEGORIES = frozenset({"MARKETING", "PROMOTIONAL", "PROMOTION"})
 #: Reasons a provider's resubscribe (Postmark `SuppressSending: false`) lifts.
 RESUBSCRIBE_LIFTS = frozenset({SuppressionReason.UNSUBSCRIBE})

@@ -106,7 +106,7 @@ def _event(item: dict[str, Any]) -> DeliveryEvent:
         bounce_type = str(item.get("Type") or "")
         inactive = bool(item.get("Inactive"))
         permanent = bounce_type in HARD_BOUNCES or inactive
-        error = error_of(item.get("TypeCode"), item.get("Description") or item.get("Details"))
+        error = error_of(item.get("TypeCode"), item.get("Details") or item.get("Description"))
         if bounce_type == "Unsubscribe":
             kind, permanent = EventType.UNSUBSCRIBED, None
         elif bounce_type in SOFT_BOUNCES and not inactive:
