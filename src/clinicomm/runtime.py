@@ -98,7 +98,10 @@ class Runtime:
         )
         notifier = Notifier()
         context = AdapterContext(
-            http=http, timeout=settings.provider_timeout_seconds, environment=settings.env
+            http=http,
+            timeout=settings.provider_timeout_seconds,
+            environment=settings.env,
+            public_url=settings.public_url,
         )
         return cls(
             settings,

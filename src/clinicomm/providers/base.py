@@ -138,6 +138,20 @@ class OutboundMessage:
     template: TemplateRef | None = None
     from_email: str | None = None  # clinic's defaultFrom, when the credentials have none
     from_name: str | None = None
+    #: Where the provider should post this message's status reports (the clinic's webhook
+    #: route, or the global one), when `CLINICOMM_PUBLIC_URL` is set; adapters whose API
+    #: takes a per-message callback send it (Twilio `StatusCallback`, MessageBird
+    #: `reportUrl`). Built by `webhook_callback_url`.
+    status_callback: str | None = None
+
+
+def webhook_callback_url(public_url: str | None, provider: str, owner: str | None) -> str | None:
+    """`{public_url}/api/v1/webhooks/{provider}/{owner}`: the webhook route of a clinic's own
+    provider (`owner` = the clinic id) or of a global one (`owner` = "global"); None without a
+    public URL or an owner."""
+    if not public_url or not owner:
+        return None
+    return f"{public_url.rstrip('/')}/api/v1/webhooks/{provider}/{owner}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +175,9 @@ class AdapterContext:
     environment: str = "development"
     #: Extra CA file for TLS (tests use a local CA); None means the system store.
     ca_file: str | None = None
+    #: The service's public base URL (`CLINICOMM_PUBLIC_URL`), for per-message status
+    #: callbacks; None: adapters request none (the provider console's URL applies).
+    public_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

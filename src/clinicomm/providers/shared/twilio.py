@@ -128,6 +128,9 @@ class TwilioAdapterBase(HttpAdapter):
                 form["ContentVariables"] = json.dumps(dict(template.variables))
         else:
             form["Body"] = require_text(message, self.key)
+        if message.status_callback:
+            # Per-message status reports, whatever the number's console says.
+            form["StatusCallback"] = message.status_callback
         return form
 
     async def send(self, message: OutboundMessage) -> SendResult:
