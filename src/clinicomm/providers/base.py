@@ -108,16 +108,44 @@ def _is_secret(annotation: Any) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateHeader:
+    """A template's header parameter: `text`, or a media `image`/`document`/`video` by
+    https `link` (or a provider media `media_id`); a document may carry a `filename`."""
+
+    format: str  # text | image | document | video
+    text: str | None = None
+    link: str | None = None
+    media_id: str | None = None
+    filename: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateButton:
+    """A template button's parameter, by the button's `index` (0-9) in the template:
+    `url` (the dynamic URL suffix in `text`), `copy_code` (an authentication template's
+    copy-code / one-tap button: the code in `text`) or `quick_reply` (`payload`)."""
+
+    kind: str  # url | copy_code | quick_reply
+    index: int
+    text: str | None = None
+    payload: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TemplateRef:
     """A provider-side template to send instead of free text.
 
     `name` is either the clinic's logical name (a key of the credentials' `templates` map) or
-    the provider's own template name; `variables` are positional ("1", "2", …) or named.
+    the provider's own template name; `variables` are positional ("1", "2", …) or named and
+    fill the body. `header` and `buttons` are the other components' parameters (Meta sends
+    them as `header`/`button` components; other providers take what their API has).
     """
 
     name: str
     language: str = "en"
     variables: dict[str, str] = field(default_factory=dict)
+    header: TemplateHeader | None = None
+    buttons: tuple[TemplateButton, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
