@@ -6,9 +6,25 @@ models live here and both channel modules import them.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic.alias_generators import to_camel
 
 from clinicomm.providers.base import ProviderCredentials
+
+
+class TwilioContentTemplate(BaseModel):
+    """A Twilio Content template: its `contentSid` (HX…) and, optionally, which of the
+    request's template variables fills each of its `contentVariables` ("1" → "code",
+    "2" → "time"); without that map the request's variables are sent as they are.
+    https://www.twilio.com/docs/content/send-templates-created-with-the-content-template-builder
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", str_strip_whitespace=True
+    )
+
+    content_sid: str = Field(pattern=r"^HX[0-9a-fA-F]{32}$")
+    content_variables: dict[str, str] = Field(default_factory=dict)
 
 
 class TwilioCredentials(ProviderCredentials):
@@ -19,8 +35,9 @@ class TwilioCredentials(ProviderCredentials):
     from_number: str | None = None
     messaging_service_sid: str | None = None
     base_url: str = "https://api.twilio.com"
-    #: Logical template name (otp, appointmentReminder, …) → Content API `ContentSid` (HX…).
-    templates: dict[str, str] = Field(default_factory=dict)
+    #: Logical template name (otp, appointmentReminder, …) → Content API `ContentSid` (HX…),
+    #: or `{"contentSid": "HX…", "contentVariables": {"1": "<request variable>"}}`.
+    templates: dict[str, str | TwilioContentTemplate] = Field(default_factory=dict)
     #: Template name (logical or ContentSid) → number of variables it takes; checked locally.
     template_params: dict[str, int] = Field(default_factory=dict)
     #: Shared key of a Twilio Webhook Rule: such callbacks are signed with HMAC-SHA256 and
