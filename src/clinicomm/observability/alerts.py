@@ -1,9 +1,11 @@
 """Alert rules from the seed ("Alerts"), evaluated periodically, fired once, resolved once.
 
 Critical: `provider_down` (a provider of a clinic's chain is `down`), `credential_expiry`
-(credentials carrying `expiresAt` within 7 days, or past), `rate_limit_exceeded` (the clinic's
-own limit is used up: it cannot send now), `bounce_rate` (> 10 % of the clinic's sent
-deliveries bounced over the window, with a minimum volume). Warning: `provider_degraded`,
+(credentials carrying `expiresAt` within 7 days, or past), `token_expiry` (the same, with
+the expiry the provider states: Meta's `debug_token`, read by the probes),
+`rate_limit_exceeded` (the clinic's own limit is used up: it cannot send now),
+`bounce_rate` (> 10 % of the clinic's sent deliveries bounced over the window, with a
+minimum volume). Warning: `provider_degraded`,
 `rate_limit_high` (≥ 80 % of a limit), `cache_hit_rate` (< 90 % of config reads from a cache
 over the sample window), `config_fetch_p95` (> 200 ms).
 
@@ -41,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 
 from clinicomm.delivery.bounces import bounce_counts, per_clinic
 from clinicomm.observability.inventory import Inventory, clinic_inventory
+from clinicomm.observability.probes import TokenExpiries
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
 from clinicomm.routing.health import HealthState, HealthTracker
@@ -185,6 +188,7 @@ class AlertEngine:
         webhook_url: str | None = None,
         settings: AlertConfig | None = None,
         now: Callable[[], datetime] = utcnow,
+        expiries: TokenExpiries | None = None,
     ) -> None:
         self.db = db
         self.config = config
@@ -195,6 +199,8 @@ class AlertEngine:
         self.webhook_url = webhook_url
         self.settings = settings or AlertConfig()
         self.now = now
+        #: Token expiries the probes read from the providers (`token_expiry` rule).
+        self.expiries = expiries
         self._deltas = _Deltas()
         self._buckets_before: dict[float, float] = {}
         #: This process in `alert_samples` (host, pid and a random part: pids are reused).
@@ -313,6 +319,29 @@ class AlertEngine:
                 found.append(Condition("bounce_rate", CRITICAL, clinic_id, details=details))
         return RuleResult(found)
 
+    def _token_expiry(self) -> RuleResult:
+        """token_expiry: a token whose expiry the provider states (Meta `debug_token`, read
+        by this process's probes) ends within `expiry_days`, or has ended. No data until a
+        probe round completed (every process probes the same providers, so they agree)."""
+        book = self.expiries
+        if book is None or book.rounds == 0:
+            return RuleResult([], complete=False)
+        horizon = self.now() + timedelta(days=self.settings.expiry_days)
+        found = []
+        for (clinic_id, channel, label), expires in sorted(
+            book.found.items(), key=lambda item: (item[0][0] or "", item[0][1], item[0][2])
+        ):
+            if expires is not None and aware(expires) <= horizon:
+                details = {
+                    "expiresAt": aware(expires).astimezone(UTC).isoformat(),
+                    "expired": aware(expires) <= self.now(),
+                    "source": "provider",
+                }
+                found.append(
+                    Condition("token_expiry", CRITICAL, clinic_id, channel, label, details)
+                )
+        return RuleResult(found)
+
     async def _shared(self, metric: str, mine: dict[str, float]) -> dict[str, float]:
         """Record this process's counts of `metric` since its previous evaluation (when there
         are any) and answer the sum of every process's counts in the sample window."""
@@ -394,6 +423,7 @@ class AlertEngine:
             "bounce_rate": await self._bounces(),
             "cache_hit_rate": await self._cache(),
             "config_fetch_p95": await self._fetch_latency(),
+            "token_expiry": self._token_expiry(),
         }
         return results
 
@@ -408,6 +438,7 @@ class AlertEngine:
             "bounce_rate": {"bounce_rate"},
             "cache_hit_rate": {"cache_hit_rate"},
             "config_fetch_p95": {"config_fetch_p95"},
+            "token_expiry": {"token_expiry"},
         }
         wanted: dict[str, Condition] = {}
         judged: set[str] = set()

@@ -262,6 +262,16 @@ class ProviderAdapter(abc.ABC):
         classified errors as `send` otherwise.
         """
 
+    #: True when the provider's API tells when the credentials expire (`token_expiry`).
+    reads_token_expiry: ClassVar[bool] = False
+
+    async def token_expiry(self) -> datetime | None:
+        """When the credentials stop working, as the provider says (Meta's `debug_token`);
+        None when they never expire or the provider exposes no expiry
+        (`reads_token_expiry` False: only a typed-in `expiresAt` is known). Raises the same
+        classified errors as `probe`."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections held by this adapter. Safe to call twice."""
 

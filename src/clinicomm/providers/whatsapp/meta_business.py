@@ -22,6 +22,7 @@ https://developers.facebook.com/documentation/business-messaging/whatsapp/suppor
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import Field, SecretStr
@@ -232,6 +233,36 @@ class MetaBusinessAdapter(HttpAdapter):
             ) from None
         status = body["messages"][0].get("message_status")
         return SendResult(provider_message_id=wamid, provider_status=status)
+
+    reads_token_expiry = True
+
+    async def token_expiry(self) -> datetime | None:
+        """`GET {apiUrl}/debug_token?input_token=<token>` (authorised by the token itself, as
+        a system user's token may inspect itself): `data.expires_at` (Unix seconds; 0 for a
+        token that never expires, such as most system-user tokens), or the earlier
+        `data_access_expires_at`. https://developers.facebook.com/docs/graph-api/reference/debug_token/
+        """
+        token = self.creds.api_key.get_secret_value()
+        answer = await self._request(
+            "GET",
+            f"{self.creds.api_url.rstrip('/')}/debug_token",
+            params={"input_token": token},
+            headers=self._headers(),
+        )
+        if answer.status >= 300:
+            raise classify_meta_error(answer, self.key)
+        body = answer.json()
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            raise TransientError("debug_token answer without data", provider=self.key)
+        if data.get("is_valid") is False:
+            raise ConfigurationError("the access token is not valid", provider=self.key)
+        moments = [
+            int(v)
+            for v in (data.get("expires_at"), data.get("data_access_expires_at"))
+            if isinstance(v, int | str) and str(v).isdigit() and int(v) > 0
+        ]
+        return datetime.fromtimestamp(min(moments), UTC) if moments else None
 
     async def probe(self) -> None:
         """GET the phone number's id: checks the token and the number, sends nothing."""
