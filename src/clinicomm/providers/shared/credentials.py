@@ -68,6 +68,23 @@ class MessageBirdCredentials(ProviderCredentials):
     template_params: dict[str, int] = Field(default_factory=dict)
 
 
+class BirdCredentials(ProviderCredentials):
+    """A Bird (formerly MessageBird) workspace channel on the Channels API: one channel is
+    one WhatsApp number or one SMS sender (`channelId`), in a workspace (`workspaceId`)."""
+
+    access_key: SecretStr
+    workspace_id: str = Field(min_length=1)
+    channel_id: str = Field(min_length=1)
+    base_url: str = "https://api.bird.com"
+    #: Logical template name (otp, appointmentReminder, …) → the Studio template's
+    #: `projectId`; request variables are sent as its named parameters.
+    templates: dict[str, str] = Field(default_factory=dict)
+    #: The template version sent (`latest`, or a version id).
+    template_version: str = "latest"
+    #: Signing key of the workspace's webhook subscription (`messagebird-signature`).
+    signing_key: SecretStr | None = None
+
+
 class VonageCredentials(ProviderCredentials):
     """Vonage API key and secret (basic auth) or application id and private key (JWT)."""
 

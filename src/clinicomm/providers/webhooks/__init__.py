@@ -14,6 +14,7 @@ from typing import Any
 
 from clinicomm.providers.base import ProviderCredentials
 from clinicomm.providers.webhooks import (
+    bird,
     mailgun,
     messagebird,
     meta,
@@ -91,6 +92,7 @@ HANDLERS: dict[str, WebhookHandler] = {
         _handler(ses),
         _handler(vonage),
         _handler(messagebird),
+        _handler(bird),
     )
 }
 
