@@ -407,3 +407,47 @@ def test_plain_http_prefix_refused_in_production() -> None:
     assert Settings(env="test").sns_prefixes == ()
 
 
+
+
+async def test_global_whatsapp_inbound_opens_the_window_of_the_clinic_that_wrote(
+    make_api: AppFactory,
+) -> None:
+    """An inbound message to the shared global WhatsApp number refreshes the 24-hour window
+    of the clinic whose global delivery last reached that patient, and of no other."""
+    from clinicomm.delivery.window import last_inbound_among
+    from clinicomm.store.models import Message
+
+    secret = canary("global-app-secret")
+    env = {"WHATSAPP_PROVIDER": "meta_business", "WHATSAPP_API_KEY": canary("global-meta"),
+           "WHATSAPP_PHONE_NUMBER_ID": "5550001", "WHATSAPP_APP_SECRET": secret}
+    api = await make_api(env)
+    for clinic in ("clinic-w1", "clinic-w2"):
+        await create_clinic(api, clinic, {"communicationSettings": {}})
+    cipher = await api.runtime.keys.cipher_for(api.runtime.db, "clinic-w1")
+    async with api.runtime.db.session() as session:
+        session.add(Message(id="m-w1", clinic_id="clinic-w1", category="X", content=b"x"))
+        await session.flush()
+        session.add(Delivery(id="d-w1", message_id="m-w1", clinic_id="clinic-w1",
+                             channel="whatsapp", recipient=cipher.encrypt_address(PATIENT),
+                             recipient_index=cipher.index(PATIENT), status="sent",
+                             provider="global:meta_business", provider_message_id="wamid.g1"))
+    value = {"messaging_product": "whatsapp",
+             "metadata": {"display_phone_number": "15550001", "phone_number_id": "5550001"},
+             "messages": [{"from": PATIENT.lstrip("+"), "id": "wamid.in1",
+                           "timestamp": str(int(time.time())), "type": "text",
+                           "text": {"body": "Can I move my appointment?"}}]}
+    body = json.dumps({"object": "whatsapp_business_account",
+                       "entry": [{"id": "1", "changes": [{"field": "messages",
+                                                          "value": value}]}]}).encode()
+    mac = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    answer = await api.client.post(
+        "/api/v1/webhooks/meta_business/global", content=body,
+        headers={"Content-Type": "application/json", "X-Hub-Signature-256": f"sha256={mac}"})
+    assert answer.status_code == 200, answer.text
+    await webhook_service(api.runtime).drain()
+    other = await api.runtime.keys.cipher_for(api.runtime.db, "clinic-w2")
+    async with api.runtime.db.read() as session:
+        seen = await last_inbound_among(session, [("clinic-w1", cipher.index(PATIENT)),
+                                                  ("clinic-w2", other.index(PATIENT))])
+    assert ("clinic-w1", cipher.index(PATIENT)) in seen
+    assert ("clinic-w2", other.index(PATIENT)) not in seen
