@@ -451,3 +451,18 @@ async def test_global_whatsapp_inbound_opens_the_window_of_the_clinic_that_wrote
                                                   ("clinic-w2", other.index(PATIENT))])
     assert ("clinic-w1", cipher.index(PATIENT)) in seen
     assert ("clinic-w2", other.index(PATIENT)) not in seen
+
+
+async def test_bad_template_components_are_422_with_paths(make_api: AppFactory) -> None:
+    api = await make_api()
+    await create_clinic(api, "clinic-422", {"communicationSettings": {}})
+    body = {"category": "APPOINTMENT", "recipients": [{"phone": PATIENT}],
+            "channels": ["whatsapp"], "metadata": {"clinicId": "clinic-422"},
+            "template": {"name": "otp", "variables": {"1": "123456"}, "components": {
+                "header": {"type": "image", "link": "http://insecure.example/a.jpg"},
+                "buttons": [{"type": "url", "index": 12, "text": "x"}]}}}
+    answer = await api.client.post("/api/v1/communications", json=body, headers=api.admin)
+    assert answer.status_code == 422, answer.text
+    paths = {d["path"] for d in answer.json()["error"]["details"]}
+    assert "template.components.header" in paths
+    assert "template.components.buttons.0.index" in paths
