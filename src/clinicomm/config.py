@@ -95,6 +95,15 @@ class Settings(BaseSettings):
     trust_forwarded_headers: bool = False
     #: Webhooks: GET a verified SNS `SubscribeURL` at once instead of leaving it to the operator.
     sns_auto_confirm: bool = False
+    #: Webhooks: comma-separated `SigningCertURL` prefixes trusted beside
+    #: `https://sns.<region>.amazonaws.com/` (LocalStack, an offline test server; end each
+    #: with `/`). In production only `https://` prefixes are accepted.
+    sns_cert_url_prefixes: str = ""
+    #: The service's public base URL (`https://comms.example.com`): adapters that support a
+    #: per-message status callback (Twilio `StatusCallback`, MessageBird/Bird `reportUrl`)
+    #: point it at the clinic's webhook route `/api/v1/webhooks/{provider}/{clinicId}`
+    #: (`/global` for a global provider). Unset: no per-message callback is requested.
+    public_url: str | None = None
     #: Base of the full-jitter retry backoff (attempt n waits up to base·2^n seconds).
     retry_base_seconds: float = Field(default=2.0, gt=0)
     #: Connection test (`probe()`) of every configured provider, every this many seconds.
@@ -159,6 +168,20 @@ class Settings(BaseSettings):
     @property
     def production(self) -> bool:
         return self.env == "production"
+
+    @property
+    def sns_prefixes(self) -> tuple[str, ...]:
+        """The trusted extra SNS certificate URL prefixes; `ValueError` in production for a
+        prefix that is not `https://` (a test server's `http://` URL must never be trusted
+        in production by accident)."""
+        prefixes = tuple(p.strip() for p in self.sns_cert_url_prefixes.split(",") if p.strip())
+        if self.production:
+            plain = [p for p in prefixes if not p.startswith("https://")]
+            if plain:
+                raise ValueError(
+                    "CLINICOMM_SNS_CERT_URL_PREFIXES: only https:// prefixes in production"
+                )
+        return prefixes
 
     @property
     def is_sqlite(self) -> bool:

@@ -64,6 +64,7 @@ class Runtime:
         env: dict[str, str] | None = None,
     ) -> Runtime:
         """Build and start a runtime. `migrate` runs migrations first (the embedded default)."""
+        settings.sns_prefixes  # noqa: B018 - refuses a plain-http prefix in production now
         keyring = MasterKeyring.from_environment(
             settings.master_keys, data_dir=settings.data_dir, production=settings.production
         )
@@ -109,6 +110,7 @@ class Runtime:
             timeout=settings.provider_timeout_seconds,
             environment=settings.env,
             egress=policy,
+            public_url=settings.public_url,
         )
         return cls(
             settings,

@@ -165,6 +165,38 @@ async def test_cache_hit_rate_and_fetch_p95(make_mon: Any) -> None:
         assert events(hook, "config_fetch_p95") == ["alert_fired", "alert_resolved"]
 
 
+class _Counts:
+    """Stands in for one process's counters: the deltas it reports at each evaluation."""
+
+    def __init__(self, hits: float, misses: float) -> None:
+        self.values = {"hits": hits, "misses": misses}
+
+    def delta(self, name: str, value: float) -> float:
+        return self.values[name]
+
+
+async def test_cache_hit_rate_is_judged_over_every_process(make_mon: Any) -> None:
+    """Two processes: a struggling one (all misses) fires; a healthy one (a few hits) does
+    not resolve it while the struggling one's counts are in the window; once they age out,
+    it does (`alert_samples`)."""
+    mon = await make_mon()
+    async with CaptureServer() as hook:
+        struggling = engine(mon, hook, cache_min_reads=20)
+        healthy = engine(mon, hook, cache_min_reads=20)
+        struggling._deltas = _Counts(hits=0, misses=100)  # type: ignore[assignment]
+        healthy._deltas = _Counts(hits=30, misses=0)  # type: ignore[assignment]
+        fired = [t for t in await struggling.evaluate() if t.alert["rule"] == "cache_hit_rate"]
+        assert [t.event for t in fired] == ["alert_fired"]
+        for _ in range(3):
+            assert [t for t in await healthy.evaluate()
+                    if t.alert["rule"] == "cache_hit_rate"] == []
+        later = utcnow() + timedelta(minutes=10)
+        healthy.now = lambda: later
+        done = [t for t in await healthy.evaluate() if t.alert["rule"] == "cache_hit_rate"]
+        assert [t.event for t in done] == ["alert_resolved"]
+        assert events(hook, "cache_hit_rate") == ["alert_fired", "alert_resolved"]
+
+
 async def test_webhook_failure_is_logged_not_raised(make_mon: Any, log_records: Any) -> None:
     mon = await make_mon()
     async with ProviderSink() as good, CaptureServer() as hook:

@@ -19,8 +19,8 @@ from clinicomm.providers.base import (
 
 EXPECTED = {
     Channel.EMAIL: {"smtp", "ses", "sendgrid", "mailgun", "postmark"},
-    Channel.WHATSAPP: {"meta_business", "twilio", "messagebird", "vonage"},
-    Channel.SMS: {"twilio", "aws_sns", "messagebird", "vonage"},
+    Channel.WHATSAPP: {"meta_business", "twilio", "messagebird", "vonage", "bird"},
+    Channel.SMS: {"twilio", "aws_sns", "messagebird", "vonage", "bird"},
 }
 
 

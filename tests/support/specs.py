@@ -36,14 +36,15 @@ def _stringify_keys(node: Any) -> Any:
     return node
 
 
-def load_document(relative: str, patch: str | None = None) -> dict[str, Any]:
-    """Read a spec file (JSON or YAML, dict keys as strings) and apply an RFC 6902 patch file."""
+def load_document(relative: str, patch: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Read a spec file (JSON or YAML, dict keys as strings) and apply RFC 6902 patch files
+    (one, or several in order)."""
     path = specs_dir() / relative
     text = path.read_text(encoding="utf-8")
     doc = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     doc = _stringify_keys(doc)
-    if patch:
-        operations = json.loads((specs_dir() / patch).read_text(encoding="utf-8"))
+    for name in (patch,) if isinstance(patch, str) else patch or ():
+        operations = json.loads((specs_dir() / name).read_text(encoding="utf-8"))
         doc = jsonpatch.apply_patch(doc, operations)
     return doc
 
@@ -58,7 +59,11 @@ def spec(name: str) -> OpenAPI:
         "twilio": ("twilio/twilio_api_v2010.json", None),
         "meta": (
             "meta-whatsapp/business-messaging-api_v23.0.yaml",
-            "meta-whatsapp/business-messaging-api_v23.0.allOf-fix.json-patch.json",
+            (
+                "meta-whatsapp/business-messaging-api_v23.0.allOf-fix.json-patch.json",
+                # README: button `index` "0" (an authentication template's copy-code button).
+                "meta-whatsapp/business-messaging-api_v23.0.button-index-fix.json-patch.json",
+            ),
         ),
         "vonage-messages": (
             "vonage/messages-olympus.v1.4.0.json",

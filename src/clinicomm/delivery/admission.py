@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from clinicomm.delivery.records import Claimed, Content
-from clinicomm.delivery.suppressions import suppressed_among
+from clinicomm.delivery.suppressions import (
+    MARKETING_CATEGORIES,
+    MARKETING_SCOPE,
+    suppressed_among,
+)
 from clinicomm.delivery.window import is_open, last_inbound_among
 from clinicomm.providers.base import Channel, TemplateRef
 from clinicomm.providers.phone import sms_segments
@@ -113,6 +117,9 @@ class Facts:
 
     #: Delivery ids whose (clinic, channel, address) is suppressed.
     suppressed: set[str] = field(default_factory=set)
+    #: WhatsApp delivery ids whose patient stopped marketing messages only (Meta's
+    #: "Stop promotions"): suppressed when the message's category is a marketing one.
+    marketing_stopped: set[str] = field(default_factory=set)
     #: Delivery id → the patient's last inbound WhatsApp message (absent: never wrote).
     last_inbound: dict[str, datetime] = field(default_factory=dict)
 
@@ -124,13 +131,18 @@ async def load(db: Database, batch: list[Claimed]) -> Facts:
     if not scoped:
         return facts
     async with db.read() as session:
+        wa = [c for c in scoped if c.channel == Channel.WHATSAPP.value]
         hit = await suppressed_among(
-            session, [(c.clinic_id or "", c.channel, c.lookup_key) for c in scoped]
+            session,
+            [(c.clinic_id or "", c.channel, c.lookup_key) for c in scoped]
+            + [(c.clinic_id or "", MARKETING_SCOPE, c.lookup_key) for c in wa],
         )
         facts.suppressed = {
             c.id for c in scoped if (c.clinic_id or "", c.channel, c.lookup_key) in hit
         }
-        wa = [c for c in scoped if c.channel == Channel.WHATSAPP.value]
+        facts.marketing_stopped = {
+            c.id for c in wa if (c.clinic_id or "", MARKETING_SCOPE, c.lookup_key) in hit
+        }
         if wa:
             keys = [(c.clinic_id or "", c.lookup_key) for c in wa]
             last = await last_inbound_among(session, keys)
@@ -230,6 +242,9 @@ async def admit(
     if capped is not None:
         return capped
     if claimed.id in facts.suppressed:
+        return Suppressed()
+    marketing = (content.category or "").upper() in MARKETING_CATEGORIES
+    if marketing and claimed.id in facts.marketing_stopped:
         return Suppressed()
     windowed = window(resolved, content, facts.last_inbound.get(claimed.id), now)
     if isinstance(windowed, Refused):

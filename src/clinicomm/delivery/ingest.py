@@ -14,9 +14,14 @@ answer); `apply_stored` applies them afterwards (by ids, or as a sweep). Applyin
    PROVIDER-FACTS §1.5); a `bounced` after `delivered` applies (mail servers bounce after
    accepting);
 3. suppressions are recorded (`delivery.suppressions`): a hard bounce, a complaint, an
-   unsubscribe, a provider's opt-out code (its webhook module's `OPT_OUT_CODES`), an inbound
-   STOP keyword; an inbound START/YES/UNSTOP lifts an opt-out (not a bounce or a complaint);
-4. an inbound WhatsApp message refreshes the 24-hour window (`delivery.window`).
+   unsubscribe, a provider's opt-out code (its webhook module's `OPT_OUT_CODES`), an opt-out
+   the provider states outright (`DeliveryEvent.opt_out`: SendGrid's `dropped` "Bounced
+   Address", Postmark's SubscriptionChange, Twilio 30005/30006), an inbound STOP keyword (or
+   Twilio's `OptOutType=STOP`); an inbound START/YES/UNSTOP lifts an opt-out (not a bounce
+   or a complaint), a provider's resubscribe lifts an unsubscribe; Meta's marketing
+   preference is recorded on `MARKETING_SCOPE` (marketing messages only);
+4. an inbound WhatsApp message refreshes the 24-hour window (`delivery.window`); a
+   preference change that is not a message (`opens_window=False`) does not.
 
 A status event whose delivery is not found yet (the webhook beat the worker's commit of the
 provider message id) stays with `processed_at` NULL; the sweep applies it once the delivery
@@ -30,17 +35,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
 from clinicomm.crypto import FieldCipher, is_index
 from clinicomm.delivery.records import DeliveryStatus
 from clinicomm.delivery.suppressions import (
+    MARKETING_SCOPE,
+    RESUBSCRIBE_LIFTS,
     SuppressionReason,
     apply_keyword,
     canonical_key,
     suppress,
+    unsuppress,
 )
 from clinicomm.delivery.window import record_inbound
 from clinicomm.providers.base import Channel
@@ -49,6 +57,7 @@ from clinicomm.providers.webhooks.base import (
     DeliveryEvent,
     EventType,
     InboundMessage,
+    OptOut,
     WebhookEvent,
 )
 from clinicomm.providers.webhooks.keywords import classify_keyword
@@ -57,6 +66,17 @@ from clinicomm.store.models import Delivery, DeliveryEventRecord, aware
 from clinicomm.telemetry.outcomes import log_delivery_end
 
 INBOUND = "inbound"  # event_type of a stored inbound message
+#: `delivery_events.clinic_id` of a global provider's status event whose delivery was not
+#: found when it arrived (no clinic id can start with `_`). Such a row keeps no address
+#: (there is no clinic key to index it with); the sweep applies it to the delivery a global
+#: hop sent with that provider message id, in that delivery's clinic.
+GLOBAL_SCOPE = "_global"
+
+
+def global_label_prefix(provider: str) -> str:
+    """The `deliveries.provider` prefix of a delivery sent by a global provider (`global:
+    sendgrid`, `global:sendgrid#2`)."""
+    return f"global:{provider}"
 
 _RANK = {
     DeliveryStatus.QUEUED: 0,
@@ -134,20 +154,29 @@ async def _store(
     }
     if isinstance(event, InboundMessage):
         # The patient's words are PHI: keep only what was decided from them.
-        values.update(
-            event_type=INBOUND,
-            recipient=event.sender,
-            payload={"keyword": classify_keyword(event.text), "to": event.to},
-        )
+        keyword = event.keyword or classify_keyword(event.text)
+        payload: dict[str, Any] = {
+            "keyword": None if keyword == "none" else keyword,
+            "to": event.to,
+        }
+        if not event.opens_window:
+            payload["window"] = False
+        if event.opt_out is not None:
+            payload["optOut"] = event.opt_out.value
+        values.update(event_type=INBOUND, recipient=event.sender, payload=payload)
     else:
         values.update(
             event_type=event.event_type.value,
             provider_message_id=event.provider_message_id,
-            recipient=event.recipient,
             bounce_permanent=event.bounce_permanent,
             error=event.error,
-            payload=event.raw if cipher is None else {},
+            # Without a clinic cipher (older callers, tests) the raw item is kept; a global
+            # event not yet matched to its clinic keeps nothing (it may name the patient).
+            payload=event.raw if cipher is None and clinic_id != GLOBAL_SCOPE else {},
+            recipient=None if clinic_id == GLOBAL_SCOPE else event.recipient,
         )
+        if event.opt_out is not None:
+            values["payload"] = {**values["payload"], "optOut": event.opt_out.value}
     if cipher is not None and values.get("recipient"):
         address = canonical_key(values["channel"] or "", values["recipient"])
         values.update(
@@ -190,7 +219,13 @@ async def apply_stored(
         query = query.where(DeliveryEventRecord.id.in_(wanted))
     else:
         has_delivery = exists().where(
-            Delivery.clinic_id == DeliveryEventRecord.clinic_id,
+            or_(
+                Delivery.clinic_id == DeliveryEventRecord.clinic_id,
+                and_(
+                    DeliveryEventRecord.clinic_id == GLOBAL_SCOPE,
+                    Delivery.provider.like("global:%"),
+                ),
+            ),
             Delivery.provider_message_id == DeliveryEventRecord.provider_message_id,
         )
         query = query.where(or_(DeliveryEventRecord.event_type == INBOUND, has_delivery))
@@ -219,14 +254,16 @@ async def _find_delivery(
 ) -> Delivery | None:
     if not event.provider_message_id:
         return None
+    scope = (
+        Delivery.provider.like(global_label_prefix(event.provider) + "%")
+        if clinic_id == GLOBAL_SCOPE
+        else Delivery.clinic_id == clinic_id
+    )
     rows = list(
         (
             await session.scalars(
                 select(Delivery)
-                .where(
-                    Delivery.clinic_id == clinic_id,
-                    Delivery.provider_message_id == event.provider_message_id,
-                )
+                .where(scope, Delivery.provider_message_id == event.provider_message_id)
                 .with_for_update()
             )
         ).all()
@@ -283,13 +320,16 @@ async def _apply_to_delivery(
     if delivery is None:
         result.unmatched += 1
         # Suppressions do not need the delivery when the event names the address.
-        await _suppress_for(session, clinic_id, event, None, when, result)
+        if clinic_id != GLOBAL_SCOPE:
+            await _suppress_for(session, clinic_id, event, None, when, result)
         return None
     if advance(delivery, event, when):
         result.status_changes += 1
         result.changed_deliveries.append(delivery.id)
         await _status_changed(session, delivery, when)
-    await _suppress_for(session, clinic_id, event, delivery, when, result)
+    # A global provider's event counts for the clinic whose delivery it is.
+    if delivery.clinic_id is not None:
+        await _suppress_for(session, delivery.clinic_id, event, delivery, when, result)
     return delivery.id
 
 
@@ -308,8 +348,17 @@ async def _status_changed(session: AsyncSession, delivery: Delivery, when: datet
     )
 
 
+_OPT_OUT_REASONS = {
+    OptOut.BOUNCE: SuppressionReason.BOUNCE,
+    OptOut.COMPLAINT: SuppressionReason.COMPLAINT,
+    OptOut.UNSUBSCRIBE: SuppressionReason.UNSUBSCRIBE,
+}
+
+
 def suppression_reason(event: DeliveryEvent) -> SuppressionReason | None:
     """The opt-out a status event proves, if any."""
+    if event.opt_out in _OPT_OUT_REASONS:
+        return _OPT_OUT_REASONS[event.opt_out]
     if event.event_type is EventType.BOUNCED and event.bounce_permanent:
         return SuppressionReason.BOUNCE
     if event.event_type is EventType.COMPLAINED:
@@ -332,7 +381,7 @@ async def _suppress_for(
     result: ApplyResult,
 ) -> None:
     reason = suppression_reason(event)
-    if reason is None:
+    if reason is None and event.opt_out is not OptOut.RESUBSCRIBE:
         return
     # The event's address (a blind index once stored), else the delivery's; the opt-out
     # keeps the delivery's ciphertext of the address (`FieldCipher.encrypt_address`).
@@ -342,6 +391,11 @@ async def _suppress_for(
     if not address or not channel:
         return
     sealed = delivery.recipient if delivery is not None and is_index(address) else None
+    if reason is None:  # a resubscribe: lift what the provider's unsubscribe recorded
+        result.suppressions_lifted += await unsuppress(
+            session, clinic_id, channel, address, reasons=RESUBSCRIBE_LIFTS
+        )
+        return
     if await suppress(
         session,
         clinic_id,
@@ -362,6 +416,24 @@ async def _apply_inbound(
     if not record.recipient or not record.channel:
         return
     result.inbound += 1
+    payload = record.payload or {}
+    opt_out = payload.get("optOut")
+    if opt_out == OptOut.MARKETING_STOP.value:
+        stopped = await suppress(
+            session,
+            record.clinic_id,
+            MARKETING_SCOPE,
+            record.recipient,
+            SuppressionReason.MARKETING,
+            f"inbound:{record.provider}",
+            now=when,
+            address_enc=record.recipient_enc,
+        )
+        result.suppressions_added += int(stopped)
+    elif opt_out == OptOut.MARKETING_RESUME.value:
+        result.suppressions_lifted += await unsuppress(
+            session, record.clinic_id, MARKETING_SCOPE, record.recipient
+        )
     added, lifted = await apply_keyword(
         session,
         record.clinic_id,
@@ -374,7 +446,7 @@ async def _apply_inbound(
     )
     result.suppressions_added += added
     result.suppressions_lifted += lifted
-    if record.channel == Channel.WHATSAPP.value:
+    if record.channel == Channel.WHATSAPP.value and payload.get("window", True):
         at = aware(record.occurred_at) if record.occurred_at else when
         await record_inbound(session, record.clinic_id, record.channel, record.recipient, at)
 
@@ -393,4 +465,10 @@ def _event_of(record: DeliveryEventRecord) -> DeliveryEvent:
         channel=Channel(record.channel) if record.channel else None,
         error=record.error,
         bounce_permanent=record.bounce_permanent,
+        opt_out=_opt_out_of(record.payload),
     )
+
+
+def _opt_out_of(payload: dict[str, Any] | None) -> OptOut | None:
+    value = (payload or {}).get("optOut")
+    return OptOut(value) if isinstance(value, str) and value in OptOut._value2member_map_ else None

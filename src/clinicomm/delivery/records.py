@@ -16,7 +16,7 @@ from typing import Any
 
 from clinicomm.delivery.suppressions import SuppressionReason
 from clinicomm.ids import new_id
-from clinicomm.providers.base import Channel, TemplateRef
+from clinicomm.providers.base import Channel, TemplateButton, TemplateHeader, TemplateRef
 from clinicomm.providers.errors import ProviderError
 
 
@@ -52,14 +52,34 @@ class Content:
             title=data.get("title"),
             body=data.get("body"),
             html=data.get("html"),
-            template=TemplateRef(
-                name=template["name"],
-                language=template.get("language", "en"),
-                variables=dict(template.get("variables") or {}),
-            )
-            if template
-            else None,
+            template=_template(template) if template else None,
         )
+
+
+def _template(data: dict[str, Any]) -> TemplateRef:
+    """A stored `template` (the send request's `TemplateSpec`, camelCase JSON)."""
+    components = data.get("components") or {}
+    header = components.get("header")
+    return TemplateRef(
+        name=data["name"],
+        language=data.get("language", "en"),
+        variables=dict(data.get("variables") or {}),
+        header=TemplateHeader(
+            format=header["type"],
+            text=header.get("text"),
+            link=header.get("link"),
+            media_id=header.get("mediaId"),
+            filename=header.get("filename"),
+        )
+        if header
+        else None,
+        buttons=tuple(
+            TemplateButton(
+                kind=b["type"], index=int(b["index"]), text=b.get("text"), payload=b.get("payload")
+            )
+            for b in components.get("buttons") or []
+        ),
+    )
 
 
 @dataclass(slots=True)

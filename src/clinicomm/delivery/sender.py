@@ -27,7 +27,7 @@ from clinicomm.delivery.records import (
     NewDelivery,
     Suppression,
 )
-from clinicomm.providers.base import Channel, OutboundMessage, SendResult
+from clinicomm.providers.base import Channel, OutboundMessage, SendResult, webhook_callback_url
 from clinicomm.providers.errors import ContentError, ProviderDownError, ProviderError
 from clinicomm.routing.backoff import BASE_SECONDS, retry_delay
 from clinicomm.routing.chain import Chain, Hop
@@ -255,6 +255,11 @@ async def _call(
         template=content.template,
         from_email=hop.from_email,
         from_name=hop.from_name,
+        status_callback=webhook_callback_url(
+            hop.adapter.context.public_url,
+            hop.key,
+            claimed.clinic_id if hop.scope == "clinic" else "global",
+        ),
     )
     clinic_label = claimed.clinic_id or "global"
     started = time.perf_counter()

@@ -32,6 +32,17 @@ class SuppressionReason(StrEnum):
     #: `OPT_OUT_CODES`, e.g. Twilio 21610). The stored value predates the generic name.
     PROVIDER_OPT_OUT = "provider_21610"
     MANUAL = "manual"  # recorded by the clinic (the patient phoned, wrote, asked in person)
+    #: Marketing messages only (Meta "Stop promotions"); stored on `MARKETING_SCOPE`.
+    MARKETING = "marketing"
+
+
+#: The suppression "channel" of a marketing-only opt-out on WhatsApp: admission checks it
+#: only for messages of a `MARKETING_CATEGORIES` category, so appointment reminders and
+#: other care messages still reach the patient.
+MARKETING_SCOPE = "wa_marketing"  # fits suppressions.channel (16)
+MARKETING_CATEGORIES = frozenset({"MARKETING", "PROMOTIONAL", "PROMOTION"})
+#: Reasons a provider's resubscribe (Postmark `SuppressSending: false`) lifts.
+RESUBSCRIBE_LIFTS = frozenset({SuppressionReason.UNSUBSCRIBE})
 
 
 #: Reasons a START/YES/UNSTOP from the patient lifts; bounces and complaints stay.

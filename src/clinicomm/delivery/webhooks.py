@@ -8,12 +8,22 @@ for status updates (PROVIDER-FACTS §8 item 16). If the process stops before tha
 the rows stay unprocessed in `delivery_events` and the sweep (every `sweep_seconds`, and at
 start) applies them; the sweep also applies status events that arrived before the worker
 recorded the delivery's provider message id.
+
+Global providers (`POST /api/v1/webhooks/{provider}/global`) verify with the global slots'
+credentials (`global_credentials`); `route_global` then gives each event its clinic:
+a status event the clinic of the delivery a global hop sent with that provider message id
+(not found yet: `ingest.GLOBAL_SCOPE`, without the address, for the sweep); an inbound
+message (STOP, the WhatsApp window) the clinic that last messaged that patient through
+that global provider on that channel, found by each candidate clinic's blind index of the
+sender (no address is ever stored or compared in clear). An inbound message no clinic
+sent to is dropped (counted): there is no clinic whose opt-out it could be.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
@@ -21,12 +31,19 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import and_, distinct, or_, select
 
-from clinicomm.delivery.ingest import apply_stored
+from clinicomm.delivery.ingest import GLOBAL_SCOPE, apply_stored, global_label_prefix
+from clinicomm.delivery.suppressions import canonical_key
 from clinicomm.providers import registry
 from clinicomm.providers.webhooks import handler_key, webhook_context
-from clinicomm.providers.webhooks.base import MemorySeenTokenStore
-from clinicomm.store.models import utcnow
+from clinicomm.providers.webhooks.base import (
+    DeliveryEvent,
+    InboundMessage,
+    MemorySeenTokenStore,
+    WebhookEvent,
+)
+from clinicomm.store.models import Delivery, utcnow
 
 if TYPE_CHECKING:
     from clinicomm.runtime import Runtime
@@ -57,12 +74,15 @@ class WebhookService:
     def __init__(self, runtime: Runtime, *, sweep_seconds: float = 5.0) -> None:
         self.runtime = runtime
         self.sweep_seconds = sweep_seconds
+        #: How far back `route_global` looks for the clinic that messaged an inbound sender.
+        self.owner_days = 365
         self.context = webhook_context(
             runtime.http,
             RedisSeenTokenStore(runtime.redis)
             if runtime.redis is not None
             else MemorySeenTokenStore(),
             max_age=runtime.settings.webhook_max_age_seconds,
+            sns_cert_url_prefixes=runtime.settings.sns_prefixes,
         )
         #: Awaited before each application of stored events (tests slow processing with it).
         self.delay: Callable[[], Awaitable[None]] | None = None
@@ -96,6 +116,89 @@ class WebhookService:
                 if slot.provider == key and slot.credentials is not None and fresh:
                     found.append(slot.credentials)
         return found
+
+    # ---- global providers -----------------------------------------------------------------
+    def global_credentials(self, key: str) -> list[Any]:
+        """Every credentials object of the global settings' slots of provider `key`, on any
+        channel (the platform's own accounts: `EMAIL_*`/`SMS_*`/`WHATSAPP_*` variables or
+        `CLINICOMM_GLOBAL_SETTINGS_FILE`)."""
+        found: list[Any] = []
+        for spec in registry.specs():
+            if spec.key != key:
+                continue
+            settings = self.runtime.config.global_settings.channel(spec.channel)
+            if settings is None:
+                continue
+            for _, slot in settings.slots():
+                fresh = all(slot.credentials is not c for c in found)
+                if slot.provider == key and slot.credentials is not None and fresh:
+                    found.append(slot.credentials)
+        return found
+
+    async def route_global(
+        self, key: str, events: Iterable[WebhookEvent]
+    ) -> tuple[dict[str, list[WebhookEvent]], int]:
+        """Each event of a global provider's webhook under the clinic it belongs to (see the
+        module docstring); also the number of inbound messages no clinic sent to."""
+        routed: dict[str, list[WebhookEvent]] = {}
+        dropped = 0
+        prefix = global_label_prefix(key) + "%"
+        async with self.runtime.db.read() as session:
+            for event in events:
+                owner: str | None
+                if isinstance(event, DeliveryEvent):
+                    owner = None
+                    if event.provider_message_id:
+                        owner = await session.scalar(
+                            select(Delivery.clinic_id)
+                            .where(
+                                Delivery.provider_message_id == event.provider_message_id,
+                                Delivery.provider.like(prefix),
+                            )
+                            .limit(1)
+                        )
+                    if owner is None:
+                        owner, event = GLOBAL_SCOPE, dataclasses.replace(event, recipient=None)
+                else:
+                    owner = await self._inbound_owner(session, prefix, event)
+                    if owner is None:
+                        dropped += 1
+                        continue
+                routed.setdefault(owner, []).append(event)
+        return routed, dropped
+
+    async def _inbound_owner(self, session: Any, prefix: str, event: InboundMessage) -> str | None:
+        """The clinic that last messaged `event.sender` through this global provider on the
+        event's channel: each candidate clinic's index of the sender, one query."""
+        channel = event.channel.value
+        since = utcnow() - timedelta(days=self.owner_days)
+        clinics = (
+            await session.scalars(
+                select(distinct(Delivery.clinic_id)).where(
+                    Delivery.provider.like(prefix),
+                    Delivery.channel == channel,
+                    Delivery.clinic_id.is_not(None),
+                    Delivery.created_at >= since,
+                )
+            )
+        ).all()
+        address = canonical_key(channel, event.sender)
+        pairs = []
+        for clinic_id in clinics:
+            cipher = await self.runtime.keys.cipher_for(self.runtime.db, clinic_id)
+            pairs.append(
+                and_(Delivery.clinic_id == clinic_id,
+                     Delivery.recipient_index == cipher.index(address))
+            )
+        if not pairs:
+            return None
+        owner: str | None = await session.scalar(
+            select(Delivery.clinic_id)
+            .where(Delivery.provider.like(prefix), Delivery.channel == channel, or_(*pairs))
+            .order_by(Delivery.created_at.desc(), Delivery.id.desc())
+            .limit(1)
+        )
+        return owner
 
     # ---- applying stored events -----------------------------------------------------------
     def submit(self, ids: Iterable[int]) -> None:

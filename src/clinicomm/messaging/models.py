@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,13 +42,76 @@ class Recipient(_Camel):
     whatsapp: SingleLine | None = Field(default=None, max_length=32)
 
 
+class TemplateHeaderSpec(_Camel):
+    """The header's parameter: `text`, or an `image`/`document`/`video` by https `link` (or
+    the provider's `mediaId`); a document may name its `filename`."""
+
+    type: Literal["text", "image", "document", "video"]
+    text: str | None = Field(default=None, min_length=1, max_length=60)
+    link: SingleLine | None = Field(default=None, max_length=2000)
+    media_id: SingleLine | None = Field(default=None, max_length=200)
+    filename: SingleLine | None = Field(default=None, max_length=240)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TemplateHeaderSpec:
+        if self.type == "text":
+            if self.text is None or self.link or self.media_id:
+                raise ValueError("a text header takes `text` only")
+            return self
+        if self.text is not None:
+            raise ValueError(f"an {self.type} header takes `link` or `mediaId`, not `text`")
+        if (self.link is None) == (self.media_id is None):
+            raise ValueError(f"an {self.type} header takes exactly one of `link` and `mediaId`")
+        if self.link is not None and not self.link.startswith("https://"):
+            raise ValueError("the header's `link` must be an https:// URL")
+        if self.filename is not None and self.type != "document":
+            raise ValueError("only a document header takes `filename`")
+        return self
+
+
+class TemplateButtonSpec(_Camel):
+    """A button's parameter, by its `index` (0-9) in the approved template: `url` (`text`:
+    the dynamic suffix of the button's URL), `copy_code` (an authentication template's
+    copy-code or one-tap button; `text`: the code) or `quick_reply` (`payload`)."""
+
+    type: Literal["url", "copy_code", "quick_reply"]
+    index: int = Field(ge=0, le=9)
+    text: SingleLine | None = Field(default=None, min_length=1, max_length=2000)
+    payload: SingleLine | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _parameter(self) -> TemplateButtonSpec:
+        if self.type == "quick_reply":
+            if self.payload is None or self.text is not None:
+                raise ValueError("a quick_reply button takes `payload` only")
+        elif self.text is None or self.payload is not None:
+            raise ValueError(f"a {self.type} button takes `text` only")
+        return self
+
+
+class TemplateComponentsSpec(_Camel):
+    """Template components beyond the body (whose parameters are `variables`)."""
+
+    header: TemplateHeaderSpec | None = None
+    buttons: list[TemplateButtonSpec] = Field(default_factory=list, max_length=10)
+
+    @field_validator("buttons")
+    @classmethod
+    def _distinct(cls, value: list[TemplateButtonSpec]) -> list[TemplateButtonSpec]:
+        if len({b.index for b in value}) != len(value):
+            raise ValueError("two buttons with the same index")
+        return value
+
+
 class TemplateSpec(_Camel):
     """A provider template: the clinic's logical name (`appointmentConfirmation`) or the
-    provider's own name, with language and positional or named variables."""
+    provider's own name, with language and positional or named variables (the body's
+    parameters), and optionally the header and button parameters (`components`)."""
 
     name: SingleLine = Field(min_length=1, max_length=200)
     language: SingleLine = Field(default="en", min_length=2, max_length=15)
     variables: dict[str, str] = Field(default_factory=dict)
+    components: TemplateComponentsSpec | None = None
 
 
 class SendMetadata(BaseModel):

@@ -1,11 +1,13 @@
 """Alert rules from the seed ("Alerts"), evaluated periodically, fired once, resolved once.
 
 Critical: `provider_down` (a provider of a clinic's chain is `down`), `credential_expiry`
-(credentials carrying `expiresAt` within 7 days, or past), `rate_limit_exceeded` (the clinic's
-own limit is used up: it cannot send now), `bounce_rate` (> 10 % of the clinic's sent
-deliveries bounced over the window, with a minimum volume). Warning: `provider_degraded`,
+(credentials carrying `expiresAt` within 7 days, or past), `token_expiry` (the same, with
+the expiry the provider states: Meta's `debug_token`, read by the probes),
+`rate_limit_exceeded` (the clinic's own limit is used up: it cannot send now),
+`bounce_rate` (> 10 % of the clinic's sent deliveries bounced over the window, with a
+minimum volume). Warning: `provider_degraded`,
 `rate_limit_high` (≥ 80 % of a limit), `cache_hit_rate` (< 90 % of config reads from a cache
-since the last evaluation), `config_fetch_p95` (> 200 ms).
+over the sample window), `config_fetch_p95` (> 200 ms).
 
 Lifecycle: the `alerts` table holds one row per occurrence. An alert is identified by its key
 (`rule:clinic:channel:provider`); while active, `active_key` holds the key under a unique
@@ -15,8 +17,11 @@ index, so however many processes evaluate, exactly one inserts it and only that 
 UPDATE flips the row to `resolved` emits `alert_resolved`. A rule with too little data to
 judge (`complete=False`) resolves nothing that round.
 
-The cache-hit and fetch-latency rules read this process's Prometheus counters (the deltas
-since its previous evaluation); health and limits are shared through Redis when configured.
+The cache-hit and fetch-latency rules count in each process (its Prometheus counters), so
+each evaluation adds this process's deltas since its previous one to `alert_samples` and
+judges the sum of every process's samples of the last `sample_window_seconds` (300 s): a
+healthy process cannot resolve what a struggling one fired, and a process that stopped
+ages out of the window. Health and limits are shared through Redis when configured.
 """
 
 from __future__ import annotations
@@ -24,24 +29,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from clinicomm.delivery.bounces import bounce_counts, per_clinic
 from clinicomm.observability.inventory import Inventory, clinic_inventory
+from clinicomm.observability.probes import TokenExpiries
 from clinicomm.providers.base import Channel
 from clinicomm.routing.chain import ChainBuilder
 from clinicomm.routing.health import HealthState, HealthTracker
 from clinicomm.routing.limits import RateLimiter, clinic_channel_key, clinic_channel_limits
 from clinicomm.settings.service import ConfigService
 from clinicomm.store.db import Database
-from clinicomm.store.models import AlertRecord, aware, utcnow
+from clinicomm.store.models import AlertRecord, AlertSample, aware, utcnow
 from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,8 @@ class AlertConfig:
     cache_min_reads: int = 100
     fetch_p95_seconds: float = 0.200
     fetch_min_samples: int = 100
+    #: The cache-hit and fetch-p95 rules judge every process's counts of this many seconds.
+    sample_window_seconds: float = 300.0
     webhook_timeout: float = 5.0
 
 
@@ -177,6 +188,7 @@ class AlertEngine:
         webhook_url: str | None = None,
         settings: AlertConfig | None = None,
         now: Callable[[], datetime] = utcnow,
+        expiries: TokenExpiries | None = None,
     ) -> None:
         self.db = db
         self.config = config
@@ -187,8 +199,12 @@ class AlertEngine:
         self.webhook_url = webhook_url
         self.settings = settings or AlertConfig()
         self.now = now
+        #: Token expiries the probes read from the providers (`token_expiry` rule).
+        self.expiries = expiries
         self._deltas = _Deltas()
         self._buckets_before: dict[float, float] = {}
+        #: This process in `alert_samples` (host, pid and a random part: pids are reused).
+        self.process = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(4)}"
 
     # ---- rules ----------------------------------------------------------------------------
     async def _providers(self, inventory: Inventory) -> RuleResult:
@@ -303,10 +319,67 @@ class AlertEngine:
                 found.append(Condition("bounce_rate", CRITICAL, clinic_id, details=details))
         return RuleResult(found)
 
-    def _cache(self) -> RuleResult:
-        """cache_hit_rate over this process's config reads since the previous evaluation."""
+    def _token_expiry(self) -> RuleResult:
+        """token_expiry: a token whose expiry the provider states (Meta `debug_token`, read
+        by this process's probes) ends within `expiry_days`, or has ended. No data until a
+        probe round completed (every process probes the same providers, so they agree)."""
+        book = self.expiries
+        if book is None or book.rounds == 0:
+            return RuleResult([], complete=False)
+        horizon = self.now() + timedelta(days=self.settings.expiry_days)
+        found = []
+        for (clinic_id, channel, label), expires in sorted(
+            book.found.items(), key=lambda item: (item[0][0] or "", item[0][1], item[0][2])
+        ):
+            if expires is not None and aware(expires) <= horizon:
+                details = {
+                    "expiresAt": aware(expires).astimezone(UTC).isoformat(),
+                    "expired": aware(expires) <= self.now(),
+                    "source": "provider",
+                }
+                found.append(
+                    Condition("token_expiry", CRITICAL, clinic_id, channel, label, details)
+                )
+        return RuleResult(found)
+
+    async def _shared(self, metric: str, mine: dict[str, float]) -> dict[str, float]:
+        """Record this process's counts of `metric` since its previous evaluation (when there
+        are any) and answer the sum of every process's counts in the sample window."""
+        now = self.now()
+        window = self.settings.sample_window_seconds
+        since = now - timedelta(seconds=window)
+        async with self.db.session() as session:
+            if any(mine.values()):
+                session.add(
+                    AlertSample(process=self.process, metric=metric, sampled_at=now, data=mine)
+                )
+                await session.flush()
+            await session.execute(
+                delete(AlertSample).where(
+                    AlertSample.metric == metric,
+                    AlertSample.sampled_at < now - timedelta(seconds=2 * window),
+                )
+            )
+            rows = (
+                await session.scalars(
+                    select(AlertSample.data).where(
+                        AlertSample.metric == metric, AlertSample.sampled_at >= since
+                    )
+                )
+            ).all()
+        total: dict[str, float] = {}
+        for data in rows:
+            for key, value in (data or {}).items():
+                total[key] = total.get(key, 0.0) + float(value)
+        return total
+
+    async def _cache(self) -> RuleResult:
+        """cache_hit_rate over every process's config reads in the sample window (each
+        process adds its own counts since its previous evaluation: `alert_samples`)."""
         hits = self._deltas.delta("hits", _sample_sum(metrics.CONFIG_CACHE_HIT, "_total"))
         misses = self._deltas.delta("misses", _sample_sum(metrics.CONFIG_CACHE_MISS, "_total"))
+        shared = await self._shared("config_cache", {"hits": hits, "misses": misses})
+        hits, misses = shared.get("hits", 0.0), shared.get("misses", 0.0)
         reads = hits + misses
         if reads < self.settings.cache_min_reads:
             return RuleResult([], complete=False)
@@ -316,12 +389,16 @@ class AlertEngine:
             return RuleResult([Condition("cache_hit_rate", WARNING, details=details)])
         return RuleResult([])
 
-    def _fetch_latency(self) -> RuleResult:
-        """config_fetch_p95: the bucket holding the 95th percentile of this process's config
-        fetches since the previous evaluation (an upper bound of the true p95)."""
+    async def _fetch_latency(self) -> RuleResult:
+        """config_fetch_p95: the bucket holding the 95th percentile of every process's config
+        fetches in the sample window (an upper bound of the true p95)."""
         now = _histogram_buckets(metrics.CONFIG_FETCH_LATENCY)
-        window = {b: now[b] - self._buckets_before.get(b, 0.0) for b in now}
+        mine = {str(b): max(0.0, now[b] - self._buckets_before.get(b, 0.0)) for b in now}
+        if not self._buckets_before:
+            mine = {}  # the first read is the baseline, as for the counters
         self._buckets_before = now
+        shared = await self._shared("config_fetch", mine)
+        window = {float(b): c for b, c in shared.items()}
         count = window.get(float("inf"), 0.0)
         if count < self.settings.fetch_min_samples:
             return RuleResult([], complete=False)
@@ -344,8 +421,9 @@ class AlertEngine:
             "provider": providers,
             "own": own,
             "bounce_rate": await self._bounces(),
-            "cache_hit_rate": self._cache(),
-            "config_fetch_p95": self._fetch_latency(),
+            "cache_hit_rate": await self._cache(),
+            "config_fetch_p95": await self._fetch_latency(),
+            "token_expiry": self._token_expiry(),
         }
         return results
 
@@ -360,6 +438,7 @@ class AlertEngine:
             "bounce_rate": {"bounce_rate"},
             "cache_hit_rate": {"cache_hit_rate"},
             "config_fetch_p95": {"config_fetch_p95"},
+            "token_expiry": {"token_expiry"},
         }
         wanted: dict[str, Condition] = {}
         judged: set[str] = set()

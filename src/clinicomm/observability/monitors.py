@@ -13,10 +13,20 @@ from typing import TYPE_CHECKING
 
 from clinicomm.callbacks.sender import CallbackSender
 from clinicomm.observability.alerts import AlertEngine
-from clinicomm.observability.probes import ProbeRunner
+from clinicomm.observability.probes import ProbeRunner, TokenExpiries
 
 if TYPE_CHECKING:
     from clinicomm.runtime import Runtime
+
+
+def token_expiries(runtime: Runtime) -> TokenExpiries:
+    """The runtime's one book of token expiries (probes write it, alerts read it)."""
+    book = runtime.extras.get("token_expiries")
+    if book is None:
+        book = TokenExpiries()
+        runtime.extras["token_expiries"] = book
+    assert isinstance(book, TokenExpiries)
+    return book
 
 
 def alert_engine(runtime: Runtime) -> AlertEngine:
@@ -29,6 +39,7 @@ def alert_engine(runtime: Runtime) -> AlertEngine:
         runtime.limiter,
         http=runtime.http,
         webhook_url=runtime.settings.alert_webhook_url,
+        expiries=token_expiries(runtime),
     )
 
 
@@ -40,6 +51,7 @@ def probe_runner(runtime: Runtime) -> ProbeRunner:
         runtime.health,
         interval=runtime.settings.probe_interval_seconds,
         timeout=runtime.settings.probe_timeout_seconds,
+        expiries=token_expiries(runtime),
     )
 
 

@@ -7,6 +7,12 @@ own chain and on each global provider (once, not once per clinic), at most `conc
 time, each within `timeout` seconds, and stores the result with `HealthTracker.record_probe`
 (the health endpoint's "last check"). A probe changes no band or circuit: only real sends do.
 Nothing a probe does (an adapter bug, a timeout, an undecryptable config) stops the loop.
+
+After a successful probe of an adapter that `reads_token_expiry` (Meta: Graph API
+`debug_token`), the token's expiry as the provider states it goes into `expiries`
+(`TokenExpiries`), which the alert engine's `token_expiry` rule reads. Providers whose APIs
+expose no expiry (Twilio, SendGrid, Mailgun, Postmark, SES, Vonage, MessageBird, SMTP) keep
+only the typed-in `expiresAt` of `credential_expiry`.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from clinicomm.observability.inventory import clinic_inventory
 from clinicomm.providers.base import Channel, ProviderAdapter
@@ -34,6 +41,7 @@ class ProbeTarget:
     clinic_id: str | None
     label: str
     adapter: ProviderAdapter
+    channel: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +50,16 @@ class ProbeResult:
     label: str
     ok: bool
     detail: str | None
+
+
+@dataclass(slots=True)
+class TokenExpiries:
+    """Token expiries read from the providers by this process's probes: (owner clinic id or
+    None, channel, chain label) → when it expires (None: never). `rounds` counts completed
+    probe rounds: before the first, the rule that reads this has no data."""
+
+    found: dict[tuple[str | None, str, str], datetime | None] = field(default_factory=dict)
+    rounds: int = 0
 
 
 class ProbeRunner:
@@ -57,6 +75,7 @@ class ProbeRunner:
         interval: float = 300.0,
         timeout: float = 10.0,
         concurrency: int = 16,
+        expiries: TokenExpiries | None = None,
     ) -> None:
         self.db = db
         self.config = config
@@ -66,6 +85,7 @@ class ProbeRunner:
         self.timeout = timeout
         self.concurrency = concurrency
         self.rounds = 0
+        self.expiries = expiries if expiries is not None else TokenExpiries()
 
     async def targets(self) -> list[ProbeTarget]:
         """Each clinic's own providers and the global ones (each global provider once)."""
@@ -97,7 +117,7 @@ class ProbeRunner:
                         if hop.label + channel.value in seen_global:
                             continue
                         seen_global.add(hop.label + channel.value)
-                    found.append(ProbeTarget(owner, hop.label, hop.adapter))
+                    found.append(ProbeTarget(owner, hop.label, hop.adapter, channel.value))
         return found
 
     async def probe_one(self, target: ProbeTarget) -> ProbeResult:
@@ -113,6 +133,8 @@ class ProbeRunner:
             ok, detail = False, f"unexpected probe error: {type(exc).__name__}"
         with contextlib.suppress(Exception):
             await self.health.record_probe(target.clinic_id, target.label, ok, detail)
+        if ok and type(target.adapter).reads_token_expiry:
+            await self._read_expiry(target)
         if not ok:
             log.info(
                 "provider probe failed",
@@ -124,6 +146,24 @@ class ProbeRunner:
             )
         return ProbeResult(target.clinic_id, target.label, ok, detail)
 
+    async def _read_expiry(self, target: ProbeTarget) -> None:
+        """The token's expiry from the provider into `expiries`; a failure keeps the last."""
+        key = (target.clinic_id, target.channel, target.label)
+        try:
+            expires = await asyncio.wait_for(target.adapter.token_expiry(), self.timeout)
+        except Exception as exc:
+            log.info(
+                "token expiry unreadable",
+                extra={
+                    "event": "token_expiry_failed",
+                    "clinicId": target.clinic_id or "global",
+                    "provider": target.label,
+                    "error": type(exc).__name__,
+                },
+            )
+            return
+        self.expiries.found[key] = expires
+
     async def run_once(self) -> list[ProbeResult]:
         """One round over every target, `concurrency` probes at a time."""
         targets = await self.targets()
@@ -134,7 +174,12 @@ class ProbeRunner:
                 return await self.probe_one(target)
 
         results = list(await asyncio.gather(*(bounded(t) for t in targets)))
+        wanted = {(t.clinic_id, t.channel, t.label) for t in targets}
+        for key in list(self.expiries.found):
+            if key not in wanted:  # a provider removed from the settings
+                del self.expiries.found[key]
         self.rounds += 1
+        self.expiries.rounds += 1
         return results
 
     async def run(self, stop: asyncio.Event) -> None:

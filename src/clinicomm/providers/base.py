@@ -117,16 +117,44 @@ def _is_secret(annotation: Any) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateHeader:
+    """A template's header parameter: `text`, or a media `image`/`document`/`video` by
+    https `link` (or a provider media `media_id`); a document may carry a `filename`."""
+
+    format: str  # text | image | document | video
+    text: str | None = None
+    link: str | None = None
+    media_id: str | None = None
+    filename: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateButton:
+    """A template button's parameter, by the button's `index` (0-9) in the template:
+    `url` (the dynamic URL suffix in `text`), `copy_code` (an authentication template's
+    copy-code / one-tap button: the code in `text`) or `quick_reply` (`payload`)."""
+
+    kind: str  # url | copy_code | quick_reply
+    index: int
+    text: str | None = None
+    payload: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TemplateRef:
     """A provider-side template to send instead of free text.
 
     `name` is either the clinic's logical name (a key of the credentials' `templates` map) or
-    the provider's own template name; `variables` are positional ("1", "2", …) or named.
+    the provider's own template name; `variables` are positional ("1", "2", …) or named and
+    fill the body. `header` and `buttons` are the other components' parameters (Meta sends
+    them as `header`/`button` components; other providers take what their API has).
     """
 
     name: str
     language: str = "en"
     variables: dict[str, str] = field(default_factory=dict)
+    header: TemplateHeader | None = None
+    buttons: tuple[TemplateButton, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +175,20 @@ class OutboundMessage:
     template: TemplateRef | None = None
     from_email: str | None = None  # clinic's defaultFrom, when the credentials have none
     from_name: str | None = None
+    #: Where the provider should post this message's status reports (the clinic's webhook
+    #: route, or the global one), when `CLINICOMM_PUBLIC_URL` is set; adapters whose API
+    #: takes a per-message callback send it (Twilio `StatusCallback`, MessageBird
+    #: `reportUrl`). Built by `webhook_callback_url`.
+    status_callback: str | None = None
+
+
+def webhook_callback_url(public_url: str | None, provider: str, owner: str | None) -> str | None:
+    """`{public_url}/api/v1/webhooks/{provider}/{owner}`: the webhook route of a clinic's own
+    provider (`owner` = the clinic id) or of a global one (`owner` = "global"); None without a
+    public URL or an owner."""
+    if not public_url or not owner:
+        return None
+    return f"{public_url.rstrip('/')}/api/v1/webhooks/{provider}/{owner}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +215,9 @@ class AdapterContext:
     #: Where adapters may connect (`providers.egress`); the permissive default is for tests
     #: and tools that build a context by hand.
     egress: EgressPolicy = PERMISSIVE
+    #: The service's public base URL (`CLINICOMM_PUBLIC_URL`), for per-message status
+    #: callbacks; None: adapters request none (the provider console's URL applies).
+    public_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -228,6 +273,16 @@ class ProviderAdapter(abc.ABC):
         Returns None when the provider answers and accepts the credentials; raises the same
         classified errors as `send` otherwise.
         """
+
+    #: True when the provider's API tells when the credentials expire (`token_expiry`).
+    reads_token_expiry: ClassVar[bool] = False
+
+    async def token_expiry(self) -> datetime | None:
+        """When the credentials stop working, as the provider says (Meta's `debug_token`);
+        None when they never expire or the provider exposes no expiry
+        (`reads_token_expiry` False: only a typed-in `expiresAt` is known). Raises the same
+        classified errors as `probe`."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections held by this adapter. Safe to call twice."""

@@ -43,6 +43,32 @@ def _mask_ipv6(match: re.Match[str]) -> str:
     return "<address>"
 
 
+#: An SMTP reply code and enhanced status code ("550 5.1.1", "5.7.1", "421-4.7.0"): never a
+#: phone number, and the most useful part of a bounce reason.
+_SMTP_RE = re.compile(r"\b[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}\b|\b[245]\.\d{1,3}\.\d{1,3}\b")
+#: A phone number has at least this many digits (E.164 national numbers are 7 to 15).
+_PHONE_MIN_DIGITS = 7
+
+
+def _mask_phone(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if sum(ch.isdigit() for ch in text) < _PHONE_MIN_DIGITS:
+        return text
+    return "<phone>"
+
+
+def _mask_phones(text: str) -> str:
+    """Mask phone-like runs, leaving SMTP codes ("550 5.1.1") as they are."""
+    out: list[str] = []
+    last = 0
+    for code in _SMTP_RE.finditer(text):
+        out.append(_PHONE_RE.sub(_mask_phone, text[last : code.start()]))
+        out.append(code.group(0))
+        last = code.end()
+    out.append(_PHONE_RE.sub(_mask_phone, text[last:]))
+    return "".join(out)
+
+
 class ErrorClass(StrEnum):
     """What the worker does about a failure; stored on every delivery attempt."""
 
@@ -66,7 +92,7 @@ def redact(text: str | None, limit: int = _MAX_DETAIL) -> str | None:
     text = _EMAIL_RE.sub("<email>", text)
     text = _IPV4_RE.sub("<address>", text)
     text = _IPV6_RE.sub(_mask_ipv6, text)
-    text = _PHONE_RE.sub("<phone>", text)
+    text = _mask_phones(text)
     text = "".join(" " if (ord(c) < 32 or 127 <= ord(c) < 160) else c for c in text)
     if len(text) > limit:
         text = text[: limit - 1] + "…"

@@ -316,6 +316,25 @@ class AlertRecord(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class AlertSample(Base):
+    """One process's counts of a process-local metric (config cache hits and misses, config
+    fetch latency buckets) since its previous alert evaluation. The cache-hit and fetch-p95
+    rules sum every process's samples of the last window, so one healthy process cannot
+    resolve what a struggling one fired (migration i19_0001). Counts only."""
+
+    __tablename__ = "alert_samples"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    #: `host:pid:random` of the process that counted (for operators; not used to aggregate).
+    process: Mapped[str] = mapped_column(String(120))
+    #: `config_cache` ({"hits", "misses"}) or `config_fetch` ({upper bound: count}).
+    metric: Mapped[str] = mapped_column(String(40))
+    sampled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (Index("ix_alert_samples_metric_time", "metric", "sampled_at"),)
+
+
 class CallbackEvent(Base):
     """One status change of a delivery, to be POSTed to the caller (at least once, in order).
 

@@ -154,3 +154,38 @@ def test_spec_rejects_a_malformed_request() -> None:
                           b"From=whatsapp%3A%2B1&Body=x", ct)
     with pytest.raises(OpenAPIError):
         assert_valid("twilio", bad, host_url=HOST)
+
+
+async def test_template_map_with_content_variables_and_status_callback(
+    http: aiohttp.ClientSession,
+) -> None:
+    """`templates.otp = {contentSid, contentVariables}`: the request's named variables fill
+    the Content template's numbered ones; a per-message StatusCallback rides along."""
+    from dataclasses import replace
+
+    entry = {"contentSid": CONTENT_SID, "contentVariables": {"1": "code", "2": "minutes"}}
+    async with CaptureServer() as server:
+        server.respond(201, created())
+        a = adapter(server, http, templates={"otp": entry})
+        message = replace(template_message(WA, name="otp",
+                                           variables={"code": "482913", "minutes": "10"}),
+                          status_callback="https://comms.example/api/v1/webhooks/twilio/c1")
+        await a.send(message)
+        with pytest.raises(ConfigurationError, match="needs variables"):
+            await a.send(template_message(WA, name="otp", variables={"code": "1"}))
+    (request,) = server.requests
+    form = dict(request.form())
+    assert form["ContentSid"] == CONTENT_SID
+    assert json.loads(form["ContentVariables"]) == {"1": "482913", "2": "10"}
+    assert form["StatusCallback"] == "https://comms.example/api/v1/webhooks/twilio/c1"
+    assert "Body" not in form
+    assert_valid("twilio", request, host_url=HOST)
+
+
+def test_content_sid_must_look_like_one() -> None:
+    from pydantic import ValidationError
+
+    model = TwilioWhatsAppAdapter.credentials_model
+    with pytest.raises(ValidationError):
+        model.model_validate(creds("http://x", "whatsapp:+15005550006",
+                                   templates={"otp": {"contentSid": "not-a-sid"}}))

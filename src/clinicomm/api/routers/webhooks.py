@@ -18,6 +18,12 @@ credentials (its slots of that provider, on any channel). The order of checks:
    provider's event id) and the answer is sent; status changes, opt-outs and the WhatsApp
    window are applied afterwards by `delivery.webhooks.WebhookService`.
 
+`POST /api/v1/webhooks/{provider}/global` is the same receive path for the platform's global
+providers: verified with the global slots' credentials (404 when no global slot uses the
+provider), then each event is stored under its clinic (`WebhookService.route_global`: the
+delivery's clinic by provider message id; for an inbound message, the clinic that last
+messaged the patient through that provider).
+
 The URL verified (Twilio and MessageBird sign it) is the one this server received, unless
 `CLINICOMM_TRUST_FORWARDED_HEADERS=true`: then `X-Forwarded-Proto` and `X-Forwarded-Host`
 (first values) replace scheme and host. Only set it behind a proxy that overwrites them.
@@ -43,13 +49,15 @@ from clinicomm.api.deps import get_runtime
 from clinicomm.api.errors import ApiError
 from clinicomm.api.limits import WEBHOOK_MAX_BYTES
 from clinicomm.api.schemas import CLINIC_ID_PATTERN
-from clinicomm.delivery.ingest import store_events
+from clinicomm.delivery.ingest import GLOBAL_SCOPE, store_events
 from clinicomm.delivery.webhooks import webhook_service
 from clinicomm.providers.webhooks import (
     HANDLERS,
+    CertificateUnavailableError,
     ForeignEventError,
     WebhookAuthError,
     WebhookPayloadError,
+    WebhookUnsupportedError,
 )
 from clinicomm.providers.webhooks.base import WebhookRequest
 from clinicomm.runtime import Runtime
@@ -104,15 +112,16 @@ async def _credentials(runtime: Runtime, provider: str, clinic_id: str) -> tuple
     return key, found
 
 
-def _failure_key(clinic_id: str, key: str) -> tuple[str, ...]:
-    return (clinic_id, "webhook-signature-failures", key)
+def _failure_key(scope: str, key: str) -> tuple[str, ...]:
+    return (scope, "webhook-signature-failures", key)
 
 
-async def _check_failures(runtime: Runtime, clinic_id: str, key: str) -> None:
-    """429 while this clinic and provider had `webhook_signature_failures_per_minute` failed
-    signatures in the last minute (a brute force or a misconfigured sender)."""
+async def _check_failures(runtime: Runtime, scope: str, key: str) -> None:
+    """429 while this clinic (or the global scope) and provider had
+    `webhook_signature_failures_per_minute` failed signatures in the last minute (a brute
+    force or a misconfigured sender)."""
     limit = [(runtime.settings.webhook_signature_failures_per_minute, 60.0)]
-    if await runtime.limiter.usage(_failure_key(clinic_id, key), limit) >= 1.0:
+    if await runtime.limiter.usage(_failure_key(scope, key), limit) >= 1.0:
         raise ApiError(
             429,
             "rate_limited",
@@ -121,36 +130,71 @@ async def _check_failures(runtime: Runtime, clinic_id: str, key: str) -> None:
         )
 
 
-async def _count_failure(runtime: Runtime, clinic_id: str, key: str) -> None:
+async def _count_failure(runtime: Runtime, scope: str, key: str) -> None:
     limit = [(runtime.settings.webhook_signature_failures_per_minute, 60.0)]
-    await runtime.limiter.acquire(_failure_key(clinic_id, key), limit)
+    await runtime.limiter.acquire(_failure_key(scope, key), limit)
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Stored (Twilio: empty TwiML)",
+        "content": {
+            "text/plain": {"schema": {"type": "string"}},
+            "text/xml": {"schema": {"type": "string"}},
+        },
+    },
+    400: {"description": "Not the provider's webhook format, or a format we do not support"},
+    401: {"description": "Signature missing, invalid or stale"},
+    404: {"description": "Unknown provider or clinic, or the provider is not used"},
+    413: {"description": "Body too large"},
+    429: {"description": "Too many failed signatures for this clinic and provider"},
+    503: {"description": "A signing certificate (SNS) or the database is unavailable"},
+}
+
+
+@router.post(
+    "/{provider}/global",
+    summary="A global provider's status reports and inbound messages (signed)",
+    response_class=PlainTextResponse,
+    responses=_RESPONSES,
+)
+async def receive_global(provider: Provider, request: Request, runtime: RuntimeDep) -> Response:
+    """The platform's own (global) providers: verified with the global credentials; each
+    event is then stored under the clinic it belongs to (`WebhookService.route_global`)."""
+    service = webhook_service(runtime)
+    key = service.provider_key(provider)
+    candidates = service.global_credentials(key) if key is not None else []
+    if key is None or not candidates:
+        raise ApiError(404, "not_found", _NOT_SERVED)
+    return await _receive(runtime, key, candidates, request, None)
 
 
 @router.post(
     "/{provider}/{clinicId}",
     summary="A provider's status reports and inbound messages for one clinic (signed)",
     response_class=PlainTextResponse,
-    responses={
-        200: {
-            "description": "Stored (Twilio: empty TwiML)",
-            "content": {
-                "text/plain": {"schema": {"type": "string"}},
-                "text/xml": {"schema": {"type": "string"}},
-            },
-        },
-        400: {"description": "Not the provider's webhook format"},
-        401: {"description": "Signature missing, invalid or stale for this clinic"},
-        404: {"description": "Unknown provider or clinic, or the clinic does not use it"},
-        413: {"description": "Body too large"},
-        429: {"description": "Too many failed signatures for this clinic and provider"},
-    },
+    responses=_RESPONSES,
 )
 async def receive(
     provider: Provider, clinicId: ClinicId, request: Request, runtime: RuntimeDep
 ) -> Response:
     bind_context(clinicId=clinicId)
     key, candidates = await _credentials(runtime, provider, clinicId)
-    await _check_failures(runtime, clinicId, key)
+    return await _receive(runtime, key, candidates, request, clinicId)
+
+
+async def _receive(
+    runtime: Runtime,
+    key: str,
+    candidates: list[Any],
+    request: Request,
+    clinic_id: str | None,
+) -> Response:
+    """The one receive path of both routes: verify with each candidate's credentials,
+    parse, store (under `clinic_id`, or each event's clinic for a global provider), answer,
+    apply afterwards. Every verification rule applies to both routes."""
+    scope = clinic_id if clinic_id is not None else GLOBAL_SCOPE
+    await _check_failures(runtime, scope, key)
     body = await request.body()
     if len(body) > MAX_BODY:
         raise ApiError(413, "payload_too_large", "webhook body too large")
@@ -170,18 +214,32 @@ async def receive(
             foreign, reason = True, str(exc)
         except WebhookAuthError as exc:
             reason = str(exc)
+        except WebhookUnsupportedError as exc:  # signed, but a format we do not take
+            raise ApiError(400, "unsupported_format", str(exc)) from None
+        except CertificateUnavailableError as exc:
+            log.warning(
+                "SNS signing certificate unavailable",
+                extra={"event": "webhook_cert_unavailable", "provider": key,
+                       "reason": str(exc)[:200]},
+            )
+            raise ApiError(
+                503,
+                "unavailable",
+                "SNS signing certificate unavailable; retry later",
+                headers={"Retry-After": "60"},
+            ) from None
     else:
         if foreign:
             # Signed with the clinic's secret but for another account: acknowledged (the
             # provider must not retry it forever), never applied, counted.
-            metrics.WEBHOOK_FOREIGN.labels(clinicId, key).inc()
+            metrics.WEBHOOK_FOREIGN.labels(scope, key).inc()
             log.warning(
                 "webhook for another account ignored",
                 extra={"event": "webhook_foreign", "provider": key, "reason": reason[:200]},
             )
             answer, media_type = handler.answer
             return Response(answer, media_type=media_type)
-        await _count_failure(runtime, clinicId, key)
+        await _count_failure(runtime, scope, key)
         log.warning(
             "webhook refused",
             extra={"event": "webhook_refused", "provider": key, "reason": reason[:200]},
@@ -192,12 +250,25 @@ async def receive(
         confirm = handler.subscription_url(webhook) if handler.subscription_url else None
     except (WebhookPayloadError, WebhookAuthError) as exc:
         raise ApiError(400, "bad_request", f"not a {key} webhook: {exc}") from None
-    # Addresses are stored as the clinic's blind index beside their ciphertext.
-    cipher = await runtime.keys.cipher_for(runtime.db, clinicId)
+    dropped = 0
+    if clinic_id is None:
+        routed, dropped = await service.route_global(key, events)
+    else:
+        routed = {clinic_id: list(events)}
+    ids: list[int] = []
+    duplicates = 0
     async with runtime.db.session() as session:
-        ids, duplicates = await store_events(session, clinicId, events, cipher=cipher)
+        for owner, owned in routed.items():
+            # Addresses are stored as the clinic's blind index beside their ciphertext.
+            cipher = (
+                None if owner == GLOBAL_SCOPE
+                else await runtime.keys.cipher_for(runtime.db, owner)
+            )
+            new, dup = await store_events(session, owner, owned, cipher=cipher)
+            ids += new
+            duplicates += dup
         if confirm is not None:
-            _record_subscription(session, key, clinicId, webhook, confirm)
+            _record_subscription(session, key, clinic_id, webhook, confirm)
     service.submit(ids)
     log.info(
         "webhook stored",
@@ -206,6 +277,8 @@ async def receive(
             "provider": key,
             "stored": len(ids),
             "duplicates": duplicates,
+            "global": clinic_id is None,
+            "unowned": dropped,
         },
     )
     if confirm is not None and runtime.settings.sns_auto_confirm:
@@ -244,7 +317,7 @@ async def handshake(
 
 
 def _record_subscription(
-    session: Any, key: str, clinic_id: str, webhook: WebhookRequest, url: str
+    session: Any, key: str, clinic_id: str | None, webhook: WebhookRequest, url: str
 ) -> None:
     message = webhook.json()
     topic = str(message.get("TopicArn") or "")

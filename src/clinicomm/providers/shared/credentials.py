@@ -8,9 +8,25 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic.alias_generators import to_camel
 
 from clinicomm.providers.base import ProviderCredentials
+
+
+class TwilioContentTemplate(BaseModel):
+    """A Twilio Content template: its `contentSid` (HX…) and, optionally, which of the
+    request's template variables fills each of its `contentVariables` ("1" → "code",
+    "2" → "time"); without that map the request's variables are sent as they are.
+    https://www.twilio.com/docs/content/send-templates-created-with-the-content-template-builder
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", str_strip_whitespace=True
+    )
+
+    content_sid: str = Field(pattern=r"^HX[0-9a-fA-F]{32}$")
+    content_variables: dict[str, str] = Field(default_factory=dict)
 
 
 class TwilioCredentials(ProviderCredentials):
@@ -22,8 +38,9 @@ class TwilioCredentials(ProviderCredentials):
     messaging_service_sid: str | None = None
     base_url: str = "https://api.twilio.com"
     endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
-    #: Logical template name (otp, appointmentReminder, …) → Content API `ContentSid` (HX…).
-    templates: dict[str, str] = Field(default_factory=dict)
+    #: Logical template name (otp, appointmentReminder, …) → Content API `ContentSid` (HX…),
+    #: or `{"contentSid": "HX…", "contentVariables": {"1": "<request variable>"}}`.
+    templates: dict[str, str | TwilioContentTemplate] = Field(default_factory=dict)
     #: Template name (logical or ContentSid) → number of variables it takes; checked locally.
     template_params: dict[str, int] = Field(default_factory=dict)
     #: Shared key of a Twilio Webhook Rule: such callbacks are signed with HMAC-SHA256 and
@@ -53,6 +70,23 @@ class MessageBirdCredentials(ProviderCredentials):
     templates: dict[str, str] = Field(default_factory=dict)
     #: Template name (logical or provider's) → number of parameters; checked locally.
     template_params: dict[str, int] = Field(default_factory=dict)
+
+
+class BirdCredentials(ProviderCredentials):
+    """A Bird (formerly MessageBird) workspace channel on the Channels API: one channel is
+    one WhatsApp number or one SMS sender (`channelId`), in a workspace (`workspaceId`)."""
+
+    access_key: SecretStr
+    workspace_id: str = Field(min_length=1)
+    channel_id: str = Field(min_length=1)
+    base_url: str = "https://api.bird.com"
+    #: Logical template name (otp, appointmentReminder, …) → the Studio template's
+    #: `projectId`; request variables are sent as its named parameters.
+    templates: dict[str, str] = Field(default_factory=dict)
+    #: The template version sent (`latest`, or a version id).
+    template_version: str = "latest"
+    #: Signing key of the workspace's webhook subscription (`messagebird-signature`).
+    signing_key: SecretStr | None = None
 
 
 class VonageCredentials(ProviderCredentials):

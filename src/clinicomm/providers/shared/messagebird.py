@@ -133,6 +133,8 @@ class MessageBirdWhatsAppBase(MessageBirdAdapterBase):
         else:
             payload["type"] = "text"
             payload["content"] = {"text": require_text(message, self.key)}
+        if message.status_callback:
+            payload["reportUrl"] = message.status_callback
         return payload
 
     async def send(self, message: OutboundMessage) -> SendResult:
@@ -153,13 +155,16 @@ class MessageBirdSmsBase(MessageBirdAdapterBase):
         if not self.creds.originator:
             raise ConfigurationError("originator is required for SMS", provider=self.key)
         to = digits(recipient_e164(message, self.key))
-        return {
+        payload: dict[str, Any] = {
             "originator": self.creds.originator,
             "recipients": [to],
             "body": require_text(message, self.key),
             # Our opaque delivery id; MessageBird echoes it in status reports.
             "reference": message.reference,
         }
+        if message.status_callback:
+            payload["reportUrl"] = message.status_callback
+        return payload
 
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST /messages; returns the message object's id."""

@@ -23,7 +23,7 @@ from clinicomm.providers.errors import (
     RecipientError,
     TransientError,
 )
-from clinicomm.providers.shared.credentials import TwilioCredentials
+from clinicomm.providers.shared.credentials import TwilioContentTemplate, TwilioCredentials
 from clinicomm.providers.shared.http import (
     Answer,
     HttpAdapter,
@@ -36,7 +36,6 @@ from clinicomm.providers.shared.messaging import (
     ordered_variables,
     recipient_e164,
     require_text,
-    template_name,
 )
 
 API_VERSION = "2010-04-01"
@@ -112,22 +111,36 @@ class TwilioAdapterBase(HttpAdapter):
             form["From"] = self._address(self.creds.from_number)
         if message.template is not None:
             template = message.template
-            sid = template_name(template, self.creds.templates)
+            entry = self.creds.templates.get(template.name, template.name)
+            sid = entry.content_sid if isinstance(entry, TwilioContentTemplate) else entry
+            variables = dict(template.variables)
+            if isinstance(entry, TwilioContentTemplate) and entry.content_variables:
+                missing = [v for v in entry.content_variables.values() if v not in variables]
+                if missing:
+                    raise ConfigurationError(
+                        f"template {template.name!r} needs variables {sorted(missing)}",
+                        provider=self.key,
+                        code="template_params",
+                    )
+                variables = {k: variables[v] for k, v in entry.content_variables.items()}
             if not sid.startswith("HX"):
                 raise ConfigurationError(
                     f"template {template.name!r} has no ContentSid in credentials.templates",
                     provider=self.key,
                     code="template_unmapped",
                 )
-            params = ordered_variables(template.variables)
+            params = ordered_variables(variables)
             check_param_count(
                 self.creds.template_params, template, sid, len(params), provider=self.key
             )
             form["ContentSid"] = sid
-            if template.variables:
-                form["ContentVariables"] = json.dumps(dict(template.variables))
+            if variables:
+                form["ContentVariables"] = json.dumps(variables)
         else:
             form["Body"] = require_text(message, self.key)
+        if message.status_callback:
+            # Per-message status reports, whatever the number's console says.
+            form["StatusCallback"] = message.status_callback
         return form
 
     async def send(self, message: OutboundMessage) -> SendResult:

@@ -14,6 +14,7 @@ from typing import Any
 
 from clinicomm.providers.base import ProviderCredentials
 from clinicomm.providers.webhooks import (
+    bird,
     mailgun,
     messagebird,
     meta,
@@ -24,6 +25,7 @@ from clinicomm.providers.webhooks import (
     vonage,
 )
 from clinicomm.providers.webhooks.base import (
+    CertificateUnavailableError,
     DeliveryEvent,
     EventType,
     ForeignEventError,
@@ -36,6 +38,7 @@ from clinicomm.providers.webhooks.base import (
     WebhookNotConfiguredError,
     WebhookPayloadError,
     WebhookRequest,
+    WebhookUnsupportedError,
 )
 from clinicomm.providers.webhooks.keywords import classify_keyword
 
@@ -90,20 +93,26 @@ HANDLERS: dict[str, WebhookHandler] = {
         _handler(ses),
         _handler(vonage),
         _handler(messagebird),
+        _handler(bird),
     )
 }
 
 
 def webhook_context(
-    http: Any, seen_tokens: SeenTokenStore, *, max_age: float = 300.0
+    http: Any,
+    seen_tokens: SeenTokenStore,
+    *,
+    max_age: float = 300.0,
+    sns_cert_url_prefixes: tuple[str, ...] = (),
 ) -> WebhookContext:
     """The verification context: the shared one-time-token store, the freshness window
-    (`CLINICOMM_WEBHOOK_MAX_AGE_SECONDS`) and the HTTP fetcher of signing certificates the
-    SNS-based handlers need."""
+    (`CLINICOMM_WEBHOOK_MAX_AGE_SECONDS`), the HTTP fetcher of signing certificates the
+    SNS-based handlers need, and the extra trusted SNS certificate URL prefixes."""
     return WebhookContext(
         seen_tokens=seen_tokens,
         fetch_certificate=ses.http_certificate_fetcher(http),
         max_age=max_age,
+        sns_cert_url_prefixes=sns_cert_url_prefixes,
     )
 
 
@@ -119,6 +128,7 @@ def handler_key(name: str) -> str | None:
 
 __all__ = [
     "HANDLERS",
+    "CertificateUnavailableError",
     "DeliveryEvent",
     "EventType",
     "ForeignEventError",
@@ -132,6 +142,7 @@ __all__ = [
     "WebhookNotConfiguredError",
     "WebhookPayloadError",
     "WebhookRequest",
+    "WebhookUnsupportedError",
     "classify_keyword",
     "handler_key",
     "webhook_context",

@@ -63,6 +63,30 @@ class WebhookPayloadError(ValueError):
     """The body is not in the provider's webhook format (answer 400)."""
 
 
+class WebhookUnsupportedError(WebhookPayloadError):
+    """The request is the provider's, correctly signed, in a format we do not support
+    (Mailgun's legacy form-encoded webhooks): answer 400 saying so, never 401."""
+
+
+class CertificateUnavailableError(Exception):
+    """A signing certificate (SNS `SigningCertURL`) could not be fetched: the answer is 503
+    "SNS signing certificate unavailable" (the provider retries), never a 401 or a claim
+    that the database is down. The message names no URL query or secret."""
+
+
+class OptOut(StrEnum):
+    """An opt-out (or its end) that a provider states outright in a status report, beyond
+    what the event type implies (SendGrid `dropped` "Bounced Address", Postmark
+    SubscriptionChange, Twilio 30005/30006...). `delivery.ingest` maps it to a suppression."""
+
+    BOUNCE = "bounce"  # the address is known to bounce: never try it again
+    COMPLAINT = "complaint"  # the recipient reported spam
+    UNSUBSCRIBE = "unsubscribe"  # the recipient unsubscribed
+    RESUBSCRIBE = "resubscribe"  # the recipient (or the provider) lifted an unsubscribe
+    MARKETING_STOP = "marketing_stop"  # stop marketing only (Meta "Stop promotions")
+    MARKETING_RESUME = "marketing_resume"  # marketing allowed again (Meta resume/signup)
+
+
 class EventType(StrEnum):
     """What a provider says happened to a message we sent (one vocabulary for all)."""
 
@@ -153,6 +177,8 @@ class DeliveryEvent:
     error: dict[str, str] | None = None
     #: For bounces: True hard (never retry this address), False soft, None not said.
     bounce_permanent: bool | None = None
+    #: An opt-out the provider states beyond the event type (see `OptOut`).
+    opt_out: OptOut | None = None
     #: The provider's item, as received.
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -172,6 +198,16 @@ class InboundMessage:
     text: str | None
     occurred_at: datetime | None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: The provider's own keyword decision (Twilio Advanced Opt-Out `OptOutType`), which
+    #: wins over reading `text`: "stop", "start", or "none" for a keyword that changes
+    #: nothing (HELP). None: decide from `text` (`keywords.classify_keyword`).
+    keyword: str | None = None
+    #: False for a preference change that is not a message (Meta `user_preferences`):
+    #: it does not open the 24-hour window.
+    opens_window: bool = True
+    #: A marketing-only preference change (Meta `user_preferences`), applied instead of a
+    #: keyword.
+    opt_out: OptOut | None = None
 
 
 WebhookEvent = DeliveryEvent | InboundMessage
@@ -231,6 +267,9 @@ class WebhookContext:
     sendgrid_max_age: float | None = None
     #: Fetches SNS signing certificates; required for SES (see `ses.http_certificate_fetcher`).
     fetch_certificate: CertificateFetcher | None = None
+    #: Trusted `SigningCertURL` prefixes beside `https://sns.<region>.amazonaws.com/`
+    #: (`CLINICOMM_SNS_CERT_URL_PREFIXES`: LocalStack, an offline test server).
+    sns_cert_url_prefixes: tuple[str, ...] = ()
 
 
 def check_fresh(signed: datetime | None, ctx: WebhookContext, what: str) -> None:

@@ -8,7 +8,13 @@
 * Statuses: `entry[].changes[].value.statuses[]` with `id` (wamid), `status`
   (sent|delivered|read|failed|…), `timestamp`, `recipient_id` (a wa_id), `errors[]`.
   https://developers.facebook.com/documentation/business-messaging/whatsapp/webhooks/reference/messages/status/
-  A `read` can arrive with no `delivered` before it: `read` implies delivered.
+  A `read` can arrive with no `delivered` before it: `read` implies delivered. `played`
+  (a voice message was played) implies read.
+* Marketing preferences: the `user_preferences` field (`value.user_preferences[]` with
+  `wa_id`, `category: marketing_messages`, `value` stop|resume|signup) is the patient's
+  "Stop promotions" / "Resume" choice. It is not a message: it opens no window. `stop`
+  suppresses marketing messages only; `resume` and `signup` lift that.
+  https://developers.facebook.com/docs/whatsapp/cloud-api/webhooks/reference/user_preferences/
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from clinicomm.providers.webhooks.base import (
     EventType,
     ForeignEventError,
     InboundMessage,
+    OptOut,
     WebhookAuthError,
     WebhookContext,
     WebhookEvent,
@@ -46,7 +53,14 @@ STATUS_MAP = {
     "sent": EventType.SENT,
     "delivered": EventType.DELIVERED,
     "read": EventType.READ,
+    "played": EventType.READ,
     "failed": EventType.FAILED,
+}
+#: `user_preferences[].value` for marketing messages → the opt-out it records.
+MARKETING_PREFERENCES = {
+    "stop": OptOut.MARKETING_STOP,
+    "resume": OptOut.MARKETING_RESUME,
+    "signup": OptOut.MARKETING_RESUME,
 }
 
 
@@ -123,7 +137,34 @@ def parse(request: WebhookRequest) -> list[WebhookEvent]:
                     inbound = _inbound(message, to)
                     if inbound is not None:
                         events.append(inbound)
+            for preference in value.get("user_preferences") or []:
+                if isinstance(preference, dict):
+                    choice = _preference(preference, to)
+                    if choice is not None:
+                        events.append(choice)
     return events
+
+
+def _preference(item: dict[str, Any], to: str | None) -> InboundMessage | None:
+    """A marketing preference change, as an inbound event that opens no window."""
+    sender = _wa(item.get("wa_id"))
+    opt_out = MARKETING_PREFERENCES.get(str(item.get("value") or "").lower())
+    if sender is None or opt_out is None or item.get("category") != "marketing_messages":
+        return None
+    when = item.get("timestamp")
+    return InboundMessage(
+        provider=PROVIDER,
+        event_id=f"pref:{item.get('wa_id')}:{item.get('value')}:{when}",
+        channel=Channel.WHATSAPP,
+        sender=sender,
+        to=to,
+        text=None,
+        occurred_at=from_unix(when),
+        raw=item,
+        keyword="none",
+        opens_window=False,
+        opt_out=opt_out,
+    )
 
 
 def _wa(raw: Any) -> str | None:

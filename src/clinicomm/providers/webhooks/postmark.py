@@ -6,6 +6,17 @@
 * RecordType: Delivery, Bounce (`Type` HardBounce/SoftBounce/…, `Inactive` when Postmark
   deactivated the address), SpamComplaint, Open, Click, SubscriptionChange.
   https://postmarkapp.com/developer/webhooks/bounce-webhook
+* Bounce types (https://postmarkapp.com/developer/api/bounce-api#bounce-types): a
+  `Transient` (2, "delayed"), `SoftBounce` (4096, "unable to temporarily deliver") or
+  `DnsError` (256) is not final: the event is `deferred` and a later `Delivery` still
+  applies, unless Postmark deactivated the address (`Inactive: true`). `Unsubscribe` (16,
+  "Unsubscribe or Remove request") is the recipient unsubscribing, not a bounce.
+  Auto-responders, address-change notices, challenge/verification mails and the other
+  informational types change nothing.
+* SubscriptionChange (https://postmarkapp.com/developer/webhooks/subscription-change-webhook):
+  `SuppressSending: true` with `SuppressionReason` HardBounce → bounce, SpamComplaint →
+  complaint, ManualSuppression (the recipient unsubscribed, or the sender suppressed) →
+  unsubscribe; `SuppressSending: false` is a reactivation → resubscribe.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from clinicomm.providers.email.postmark import PostmarkCredentials
 from clinicomm.providers.webhooks.base import (
     DeliveryEvent,
     EventType,
+    OptOut,
     WebhookAuthError,
     WebhookContext,
     WebhookEvent,
@@ -43,6 +55,19 @@ RECORD_MAP = {
 #: Bounce types after which the address must never be tried again.
 #: https://postmarkapp.com/developer/api/bounce-api#bounce-types
 HARD_BOUNCES = frozenset({"HardBounce", "BadEmailAddress", "ManuallyDeactivated", "SpamComplaint"})
+#: Bounce types that are a delay, not a refusal: the message may still be delivered.
+SOFT_BOUNCES = frozenset({"Transient", "SoftBounce", "DnsError"})
+#: Bounce types that are notices about the recipient, not about delivery.
+INFORMATIONAL = frozenset(
+    {"AutoResponder", "AddressChange", "Subscribe", "ChallengeVerification", "OpenRelayTest",
+     "SpamNotification", "VirusNotification"}
+)
+#: SubscriptionChange `SuppressionReason` → the opt-out it records.
+SUPPRESSION_REASONS = {
+    "HardBounce": OptOut.BOUNCE,
+    "SpamComplaint": OptOut.COMPLAINT,
+    "ManualSuppression": OptOut.UNSUBSCRIBE,
+}
 _TIME_FIELDS = ("DeliveredAt", "BouncedAt", "ReceivedAt", "ChangedAt")
 
 
@@ -76,17 +101,32 @@ def _event(item: dict[str, Any]) -> DeliveryEvent:
     kind = RECORD_MAP.get(record, EventType.UNKNOWN)
     permanent: bool | None = None
     error = None
+    opt_out: OptOut | None = None
     if record == "Bounce":
         bounce_type = str(item.get("Type") or "")
-        permanent = bounce_type in HARD_BOUNCES or bool(item.get("Inactive"))
-        error = error_of(item.get("TypeCode"), item.get("Description") or item.get("Details"))
-    if record == "SubscriptionChange" and item.get("SuppressSending"):
-        kind = EventType.UNSUBSCRIBED
+        inactive = bool(item.get("Inactive"))
+        permanent = bounce_type in HARD_BOUNCES or inactive
+        error = error_of(item.get("TypeCode"), item.get("Details") or item.get("Description"))
+        if bounce_type == "Unsubscribe":
+            kind, permanent = EventType.UNSUBSCRIBED, None
+        elif bounce_type in SOFT_BOUNCES and not inactive:
+            kind = EventType.DEFERRED
+        elif bounce_type in INFORMATIONAL and not inactive:
+            kind, permanent = EventType.UNKNOWN, None
+    if record == "SubscriptionChange":
+        if item.get("SuppressSending"):
+            reason = str(item.get("SuppressionReason") or "")
+            opt_out = SUPPRESSION_REASONS.get(reason, OptOut.UNSUBSCRIBE)
+            kind = EventType.UNSUBSCRIBED if opt_out is OptOut.UNSUBSCRIBE else EventType.UNKNOWN
+        else:
+            opt_out = OptOut.RESUBSCRIBE
     when = next((item[f] for f in _TIME_FIELDS if item.get(f)), "")
     message_id = str(item.get("MessageID") or "") or None
     return DeliveryEvent(
         provider=PROVIDER,
-        event_id=f"{message_id}:{record}:{when}",
+        # A suppression and the reactivation after it can share message id and time.
+        event_id=f"{message_id}:{record}:{when}"
+        + (f":{bool(item.get('SuppressSending'))}" if record == "SubscriptionChange" else ""),
         provider_message_id=message_id,
         event_type=kind,
         occurred_at=from_iso(when),
@@ -94,5 +134,6 @@ def _event(item: dict[str, Any]) -> DeliveryEvent:
         channel=Channel.EMAIL,
         error=error,
         bounce_permanent=permanent,
+        opt_out=opt_out,
         raw=item,
     )

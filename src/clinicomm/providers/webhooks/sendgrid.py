@@ -10,13 +10,21 @@
   `sg_event_id`, `sg_message_id`, `email`, `timestamp`.
   https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/event
 * `sg_message_id` is the send answer's `X-Message-Id` followed by `.filter…`/`.recvd…`: the
-  part before the first dot is the id the adapter stored.
+  part before that suffix is the id the adapter stored. A `dropped` event (SendGrid refused
+  the message before sending it) carries an `sg_message_id` that is only the suffix
+  (`filter0093p1las1…`); its id is then the local part of `smtp-id`
+  (`<X-Message-Id@ismtpd…>`), as captured in django-anymail's tests.
+* `dropped` reasons "Bounced Address", "Unsubscribed Address" and "Spam Reporting Address"
+  mean the address is on SendGrid's bounce, unsubscribe or spam-report suppression list
+  (https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/event#dropped):
+  the delivery fails and our own suppression list learns the same (`OptOut`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +37,7 @@ from clinicomm.providers.email.sendgrid import SendGridCredentials
 from clinicomm.providers.webhooks.base import (
     DeliveryEvent,
     EventType,
+    OptOut,
     WebhookAuthError,
     WebhookContext,
     WebhookEvent,
@@ -59,6 +68,29 @@ EVENT_MAP = {
     "unsubscribe": EventType.UNSUBSCRIBED,
     "group_unsubscribe": EventType.UNSUBSCRIBED,
 }
+
+#: `dropped` reasons that name a SendGrid suppression list → the opt-out it proves.
+DROPPED_OPT_OUTS = {
+    "bounced address": OptOut.BOUNCE,
+    "unsubscribed address": OptOut.UNSUBSCRIBE,
+    "spam reporting address": OptOut.COMPLAINT,
+}
+#: Where SendGrid's routing suffix starts in an `sg_message_id`.
+_SUFFIX = re.compile(r"\.(?:filter|recvd|geopod|ismtpd)[^.]*\.", re.IGNORECASE)
+_SUFFIX_ONLY = re.compile(r"^(?:filter|recvd|geopod|ismtpd)", re.IGNORECASE)
+
+
+def message_id(item: dict[str, Any]) -> str | None:
+    """The send answer's `X-Message-Id` an event refers to (see the module docstring)."""
+    sg_id = str(item.get("sg_message_id") or "")
+    if sg_id and not _SUFFIX_ONLY.match(sg_id):
+        found = _SUFFIX.search(sg_id + ".")
+        return sg_id[: found.start()] if found else sg_id
+    smtp_id = str(item.get("smtp-id") or "").strip().strip("<>")
+    local, _, host = smtp_id.partition("@")
+    if local and ("sendgrid" in host.lower() or host.lower().startswith("ismtpd")):
+        return local
+    return None
 
 
 def load_public_key(text: str) -> ec.EllipticCurvePublicKey:
@@ -113,19 +145,23 @@ def _event(item: dict[str, Any]) -> DeliveryEvent:
         # `type: blocked` is a block by the receiving server (often temporary); `bounce` is
         # a hard bounce that SendGrid adds to its own suppression list.
         permanent = item.get("type", "bounce") == "bounce"
-    message_id = str(item.get("sg_message_id") or "").split(".", 1)[0] or None
+    provider_id = message_id(item)
     error = None
     if kind in (EventType.BOUNCED, EventType.FAILED, EventType.DEFERRED):
         error = error_of(item.get("status"), item.get("reason") or item.get("response"))
+    opt_out = None
+    if name == "dropped":
+        opt_out = DROPPED_OPT_OUTS.get(str(item.get("reason") or "").strip().lower())
     return DeliveryEvent(
         provider=PROVIDER,
-        event_id=str(item.get("sg_event_id") or f"{message_id}:{name}:{item.get('timestamp')}"),
-        provider_message_id=message_id,
+        event_id=str(item.get("sg_event_id") or f"{provider_id}:{name}:{item.get('timestamp')}"),
+        provider_message_id=provider_id,
         event_type=kind,
         occurred_at=from_unix(item.get("timestamp")),
         recipient=email_or_none(item.get("email")),
         channel=Channel.EMAIL,
         error=error,
         bounce_permanent=permanent,
+        opt_out=opt_out,
         raw=item,
     )

@@ -9,8 +9,16 @@
   https://docs.aws.amazon.com/sns/latest/dg/sns-verify-signature-of-message.html
 * The SES notification is the JSON string in `Message`: `notificationType` (or `eventType`
   with event publishing) Bounce/Complaint/Delivery/…, `mail.messageId`, and per-recipient
-  lists. One notification can name several recipients: one event each.
+  lists. One notification can name several recipients: one event each. `Reject` keeps
+  `reject.reason` and `Rendering Failure` `failure.errorMessage` as the error reason.
   https://docs.aws.amazon.com/ses/latest/dg/notification-contents.html
+* When a configuration set's SNS destination is added, SES publishes a Notification whose
+  `Message` is the plain text "Successfully validated SNS topic for Amazon SES event
+  publishing.": it is acknowledged (200) and changes nothing.
+* Certificates: besides `https://sns.<region>.amazonaws.com/…pem`, the prefixes of
+  `WebhookContext.sns_cert_url_prefixes` (`CLINICOMM_SNS_CERT_URL_PREFIXES`: LocalStack,
+  tests) are trusted. A certificate that cannot be fetched raises
+  `CertificateUnavailableError` (answer 503, SNS retries).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from clinicomm.providers.base import Channel
 from clinicomm.providers.email.ses import SesCredentials
 from clinicomm.providers.webhooks.base import (
     CertificateFetcher,
+    CertificateUnavailableError,
     DeliveryEvent,
     EventType,
     WebhookAuthError,
@@ -61,6 +70,8 @@ _CONFIRMATION_KEYS = (
     "Type",
 )
 _TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
+#: The detail object of an event type whose key is not its name in camel case.
+_DETAIL_KEYS = {"Rendering Failure": "failure", "DeliveryDelay": "deliveryDelay"}
 
 EVENT_MAP = {
     "Send": EventType.ACCEPTED,
@@ -84,26 +95,41 @@ def string_to_sign(message: dict[str, Any]) -> bytes:
     ).encode()
 
 
-def check_cert_url(url: str) -> None:
-    """`WebhookAuthError` unless `url` is HTTPS on an SNS host and names a `.pem` file."""
+def check_cert_url(url: str, prefixes: tuple[str, ...] = ()) -> None:
+    """`WebhookAuthError` unless `url` is HTTPS on an SNS host (or starts with one of the
+    trusted `prefixes`) and names a `.pem` file."""
     parts = urlsplit(url)
-    if parts.scheme != "https" or not _CERT_HOST.match(parts.hostname or "") or parts.port:
+    trusted = any(p and url.startswith(p) and ".." not in url for p in prefixes)
+    sns = parts.scheme == "https" and _CERT_HOST.match(parts.hostname or "") and not parts.port
+    if not (sns or trusted):
         raise WebhookAuthError("SigningCertURL is not https on sns.<region>.amazonaws.com")
     if not parts.path.endswith(".pem"):
         raise WebhookAuthError("SigningCertURL does not name a .pem certificate")
 
 
-def http_certificate_fetcher(session: aiohttp.ClientSession) -> CertificateFetcher:
-    """A `CertificateFetcher` over the process's aiohttp session, caching each URL's PEM."""
+def http_certificate_fetcher(
+    session: aiohttp.ClientSession, timeout_seconds: float = 10.0
+) -> CertificateFetcher:
+    """A `CertificateFetcher` over the process's aiohttp session, caching each URL's PEM.
+
+    Any failure to get the certificate (unreachable host, timeout, non-200 answer) raises
+    `CertificateUnavailableError`: the message cannot be verified now, SNS retries."""
     cache: dict[str, bytes] = {}
 
     async def fetch(url: str) -> bytes:
         if url not in cache:
-            timeout = aiohttp.ClientTimeout(total=10)
-            async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
-                if resp.status != 200:
-                    raise WebhookAuthError(f"certificate fetch answered {resp.status}")
-                cache[url] = await resp.read()
+            timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+            try:
+                async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
+                    if resp.status != 200:
+                        raise CertificateUnavailableError(
+                            f"certificate fetch answered {resp.status}"
+                        )
+                    cache[url] = await resp.read()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise CertificateUnavailableError(
+                    f"certificate fetch failed: {type(exc).__name__}"
+                ) from exc
         return cache[url]
 
     return fetch
@@ -129,7 +155,7 @@ async def verify(
     if message.get("TopicArn") not in credentials.sns_topic_arns:
         raise WebhookAuthError("TopicArn is not one of this clinic's topics")
     cert_url = str(message.get("SigningCertURL") or message.get("SigningCertUrl") or "")
-    check_cert_url(cert_url)
+    check_cert_url(cert_url, ctx.sns_cert_url_prefixes)
     version = str(message.get("SignatureVersion") or "")
     algorithm: hashes.HashAlgorithm
     if version == "1":
@@ -172,8 +198,13 @@ def parse(request: WebhookRequest) -> list[WebhookEvent]:
         raise WebhookPayloadError("not an SNS message")
     if envelope["Type"] != "Notification":
         return []
+    text = envelope.get("Message")
+    if isinstance(text, str) and not text.lstrip().startswith(("{", "[")):
+        # SES's topic validation ("Successfully validated SNS topic for Amazon SES event
+        # publishing.") and other plain-text notices: nothing to apply.
+        return []
     try:
-        note = json.loads(envelope.get("Message") or "")
+        note = json.loads(text or "")
     except ValueError as exc:
         raise WebhookPayloadError("SNS Message is not an SES notification") from exc
     if not isinstance(note, dict):
@@ -186,7 +217,7 @@ def _events(sns_id: str, note: dict[str, Any]) -> list[WebhookEvent]:
     kind = EVENT_MAP.get(name, EventType.UNKNOWN)
     mail = note.get("mail") or {}
     message_id = mail.get("messageId")
-    detail = note.get(name[:1].lower() + name[1:].replace(" ", "")) or {}
+    detail = note.get(_DETAIL_KEYS.get(name, name[:1].lower() + name[1:].replace(" ", ""))) or {}
     permanent: bool | None = None
     rows: list[tuple[str | None, dict[str, str] | None]] = []
     when = detail.get("timestamp") or mail.get("timestamp")
@@ -200,8 +231,13 @@ def _events(sns_id: str, note: dict[str, Any]) -> list[WebhookEvent]:
         rows = [(r.get("emailAddress"), None) for r in detail.get("complainedRecipients") or []]
     elif name == "Delivery":
         rows = [(r, None) for r in detail.get("recipients") or []]
+    failure: dict[str, str] | None = None
+    if name == "Reject":
+        failure = error_of(None, detail.get("reason"))
+    elif name == "Rendering Failure":
+        failure = error_of(None, detail.get("errorMessage"))
     if not rows:
-        rows = [(r, None) for r in mail.get("destination") or []] or [(None, None)]
+        rows = [(r, failure) for r in mail.get("destination") or []] or [(None, failure)]
     events: list[WebhookEvent] = []
     for address, error in rows:
         recipient = email_or_none(address)

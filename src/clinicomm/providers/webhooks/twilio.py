@@ -12,6 +12,13 @@
 * Status callback fields: `MessageSid`, `MessageStatus`, `ErrorCode`, `From`, `To`
   (`whatsapp:+1…` on WhatsApp). No timestamp: `occurred_at` is None (arrival time is used).
   An inbound message has `SmsStatus=received` (or no `MessageStatus`) and `Body`.
+* Advanced Opt-Out: when the Messaging Service matched one of its opt-out, opt-in or help
+  keywords (custom ones too, e.g. "BAJA"), the inbound request carries `OptOutType` =
+  `STOP`, `START` or `HELP`; that decision wins over reading the body. HELP changes
+  nothing. https://www.twilio.com/docs/messaging/tutorials/advanced-opt-out
+* `ErrorCode` 30005 (unknown destination handset) and 30006 (landline or unreachable
+  carrier) on an SMS mean the number cannot receive texts: a permanent bounce, the number
+  is suppressed for SMS. https://www.twilio.com/docs/api/errors/30005 and /30006
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from clinicomm.providers.webhooks.base import (
     EventType,
     ForeignEventError,
     InboundMessage,
+    OptOut,
     WebhookAuthError,
     WebhookContext,
     WebhookEvent,
@@ -43,6 +51,10 @@ from clinicomm.providers.webhooks.base import (
 PROVIDER = "twilio"
 #: 21610: the number replied STOP to this sender (PROVIDER-FACTS §8 item 18).
 OPT_OUT_CODES = frozenset({"21610"})
+#: The number cannot receive SMS at all (unknown handset, landline): a hard bounce.
+SMS_BOUNCE_CODES = frozenset({"30005", "30006"})
+#: Advanced Opt-Out's `OptOutType` → our keyword decision ("none": changes nothing).
+OPT_OUT_TYPES = {"STOP": "stop", "START": "start", "HELP": "none"}
 #: Twilio expects TwiML in the answer to an inbound message: an empty response sends nothing.
 ANSWER = ('<?xml version="1.0" encoding="UTF-8"?><Response></Response>', "text/xml")
 CREDENTIALS = TwilioCredentials
@@ -143,18 +155,24 @@ def parse(request: WebhookRequest) -> list[WebhookEvent]:
                 text=form.get("Body"),
                 occurred_at=None,
                 raw=dict(form),
+                keyword=OPT_OUT_TYPES.get(form.get("OptOutType", "").strip().upper()),
             )
         ]
+    code = form.get("ErrorCode")
+    kind = STATUS_MAP.get(status, EventType.UNKNOWN)
+    unreachable = channel is Channel.SMS and code in SMS_BOUNCE_CODES and kind is EventType.FAILED
     return [
         DeliveryEvent(
             provider=PROVIDER,
             event_id=f"{sid}:{status}",
             provider_message_id=sid,
-            event_type=STATUS_MAP.get(status, EventType.UNKNOWN),
+            event_type=kind,
             occurred_at=None,
             recipient=phone_or_none(form.get("To")),
             channel=channel,
-            error=error_of(form.get("ErrorCode"), form.get("ErrorMessage")),
+            error=error_of(code, form.get("ErrorMessage")),
+            bounce_permanent=True if unreachable else None,
+            opt_out=OptOut.BOUNCE if unreachable else None,
             raw=dict(form),
         )
     ]

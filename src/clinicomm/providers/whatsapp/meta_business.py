@@ -1,8 +1,17 @@
 """Meta WhatsApp Cloud API: `POST {apiUrl}/{phoneNumberId}/messages` with a bearer token.
 
 Text messages go out as `type: text`; templates as `type: template` with the body parameters
-in variable order ("1", "2", …). `to` is sent in canonical E.164 *with* `+`: Meta accepts the
-number with or without it and recommends the `+` and country code
+in variable order ("1", "2", …), a `header` component (text, or image/document/video by link
+or media id) and `button` components: `url` (the URL suffix), `quick_reply` (payload) and an
+authentication template's copy-code / one-tap button, which Meta takes as a `url` button at
+index 0 whose text is the code
+(https://developers.facebook.com/docs/whatsapp/business-management-api/authentication-templates/copy-code-button-authentication-templates).
+A template named in `copyCodeTemplates` (the seed's `otp` by default) gets that button from
+its first variable when the request names no button, so `{"name": "otp", "variables":
+{"1": "123456"}}` is a complete authentication message.
+
+`to` is sent in canonical E.164 *with* `+`: Meta accepts the number with or without it and
+recommends the `+` and country code
 (https://developers.facebook.com/docs/whatsapp/cloud-api/reference/messages); its answer echoes
 `wa_id` without `+`, which `providers.phone.from_wa_id` maps back to the same number.
 
@@ -13,6 +22,7 @@ https://developers.facebook.com/documentation/business-messaging/whatsapp/suppor
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from pydantic import Field, SecretStr
@@ -23,6 +33,8 @@ from clinicomm.providers.base import (
     OutboundMessage,
     ProviderCredentials,
     SendResult,
+    TemplateButton,
+    TemplateRef,
 )
 from clinicomm.providers.errors import (
     ComplianceError,
@@ -61,6 +73,9 @@ class MetaBusinessCredentials(ProviderCredentials):
     templates: dict[str, str] = Field(default_factory=dict)
     #: Template name (logical or Meta's) → number of body parameters it takes; checked locally.
     template_params: dict[str, int] = Field(default_factory=dict)
+    #: Authentication templates (logical or Meta's names) with a copy-code / one-tap button:
+    #: the code (variable "1") is also sent as that button's parameter.
+    copy_code_templates: list[str] = Field(default_factory=lambda: ["otp"])
     #: App Secret: webhooks carry `X-Hub-Signature-256: sha256=HMAC-SHA256(appSecret, body)`.
     app_secret: SecretStr | None = None
     #: The token we gave Meta for the `GET ?hub.verify_token=` subscription handshake.
@@ -154,15 +169,50 @@ class MetaBusinessAdapter(HttpAdapter):
                 # The spec requires `policy`; "deterministic" is the only value.
                 "language": {"policy": "deterministic", "code": template.language},
             }
-            if params:
-                body["components"] = [
-                    {"type": "body", "parameters": [{"type": "text", "text": p} for p in params]}
-                ]
+            components = self._components(template, name, params)
+            if components:
+                body["components"] = components
             payload.update(type="template", template=body)
         else:
             text = require_text(message, self.key)
             payload.update(type="text", text={"preview_url": False, "body": text})
         return payload
+
+    def _components(
+        self, template: TemplateRef, name: str, params: list[str]
+    ) -> list[dict[str, Any]]:
+        """Header, body and button components in Meta's shape (the module docstring)."""
+        out: list[dict[str, Any]] = []
+        header = template.header
+        if header is not None:
+            if header.format == "text":
+                parameter: dict[str, Any] = {"type": "text", "text": header.text or ""}
+            else:
+                media: dict[str, Any] = (
+                    {"id": header.media_id} if header.media_id else {"link": header.link}
+                )
+                if header.format == "document" and header.filename:
+                    media["filename"] = header.filename
+                parameter = {"type": header.format, header.format: media}
+            out.append({"type": "header", "parameters": [parameter]})
+        if params:
+            out.append(
+                {"type": "body", "parameters": [{"type": "text", "text": p} for p in params]}
+            )
+        buttons = list(template.buttons)
+        copy_code = {template.name, name} & set(self.creds.copy_code_templates)
+        if not buttons and copy_code and params:
+            buttons = [TemplateButton(kind="copy_code", index=0, text=params[0])]
+        for button in sorted(buttons, key=lambda b: b.index):
+            if button.kind == "quick_reply":
+                sub_type, value = "quick_reply", {"type": "payload", "payload": button.payload}
+            else:  # url, and copy_code which Meta takes as a url button with the code
+                sub_type, value = "url", {"type": "text", "text": button.text}
+            out.append(
+                {"type": "button", "sub_type": sub_type, "index": str(button.index),
+                 "parameters": [value]}
+            )
+        return out
 
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST the message; returns the `wamid` from `messages[0].id`."""
@@ -183,6 +233,36 @@ class MetaBusinessAdapter(HttpAdapter):
             ) from None
         status = body["messages"][0].get("message_status")
         return SendResult(provider_message_id=wamid, provider_status=status)
+
+    reads_token_expiry = True
+
+    async def token_expiry(self) -> datetime | None:
+        """`GET {apiUrl}/debug_token?input_token=<token>` (authorised by the token itself, as
+        a system user's token may inspect itself): `data.expires_at` (Unix seconds; 0 for a
+        token that never expires, such as most system-user tokens), or the earlier
+        `data_access_expires_at`. https://developers.facebook.com/docs/graph-api/reference/debug_token/
+        """
+        token = self.creds.api_key.get_secret_value()
+        answer = await self._request(
+            "GET",
+            f"{self.creds.api_url.rstrip('/')}/debug_token",
+            params={"input_token": token},
+            headers=self._headers(),
+        )
+        if answer.status >= 300:
+            raise classify_meta_error(answer, self.key)
+        body = answer.json()
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            raise TransientError("debug_token answer without data", provider=self.key)
+        if data.get("is_valid") is False:
+            raise ConfigurationError("the access token is not valid", provider=self.key)
+        moments = [
+            int(v)
+            for v in (data.get("expires_at"), data.get("data_access_expires_at"))
+            if isinstance(v, int | str) and str(v).isdigit() and int(v) > 0
+        ]
+        return datetime.fromtimestamp(min(moments), UTC) if moments else None
 
     async def probe(self) -> None:
         """GET the phone number's id: checks the token and the number, sends nothing."""
