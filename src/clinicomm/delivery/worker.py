@@ -50,6 +50,7 @@ from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database
 from clinicomm.store.models import utcnow
+from clinicomm.telemetry import metrics
 from clinicomm.telemetry.outcomes import log_delivery_end
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class WorkerOptions:
     audit_retention_seconds: float = 2192 * 86400.0
     #: Base of the full-jitter backoff between retries on one provider.
     retry_base_seconds: float = 2.0
+    #: Bulk's minimum share of the claimed slots while bulk is due (see `outbox.claim`).
+    bulk_share: float = 0.1
 
 
 class Worker:
@@ -110,6 +113,7 @@ class Worker:
         self._facts: dict[str, admission.Facts] = {}
         self.sent = 0
         self.failed = 0
+        self._bulk_credit = 0.0
 
     @classmethod
     def for_runtime(cls, runtime: Runtime, options: WorkerOptions | None = None) -> Worker:
@@ -184,14 +188,22 @@ class Worker:
             )
 
     async def _claim(self, limit: int) -> list[Claimed]:
+        # Bulk's minimum share: `bulk_share` of every claimed slot accrues as credit, and
+        # each whole slot of it is reserved for bulk in the next claim (used by other classes
+        # when no bulk is due), so a claim of 1 slot at a time still gives bulk its share.
+        self._bulk_credit = min(self._bulk_credit + limit * self.options.bulk_share, limit)
+        reserve = int(self._bulk_credit)
         async with self.db.session() as session:
-            return await claim(
+            batch = await claim(
                 session,
                 owner=self.worker_id,
                 limit=limit,
                 now=utcnow(),
                 lease=timedelta(seconds=self.options.lease_seconds),
+                bulk_reserve=reserve,
             )
+        self._bulk_credit -= reserve
+        return batch
 
     async def _start(self, batch: list[Claimed]) -> None:
         try:
@@ -238,6 +250,8 @@ class Worker:
             self.sent += 1
         elif outcome.status is DeliveryStatus.FAILED:
             self.failed += 1
+        elif outcome.status is DeliveryStatus.EXPIRED:
+            metrics.TOTAL_EXPIRED.labels(claimed.channel).inc()
         log_delivery_end(
             delivery_id=claimed.id,
             message_id=claimed.message_id,
@@ -254,6 +268,8 @@ class Worker:
 
     async def _handle(self, claimed: Claimed) -> Handled:
         """Admission (every check before a provider call), then the chain."""
+        if claimed.is_expired(utcnow()):
+            return Handled(claimed.expired())
         content = self._contents.lookup(claimed.message_id)
         if isinstance(content, Erased):
             return Handled(claimed.refuse("message content erased after the retention period"))
@@ -273,12 +289,14 @@ class Worker:
             raise LookupError("suppressions could not be read")
         resolved = await self.config.get_clinic_config(claimed.clinic_id, Channel(claimed.channel))
         verdict = await admission.admit(claimed, resolved, content, facts, self.guards, utcnow())
+        if isinstance(verdict, admission.Expired):
+            return Handled(claimed.expired())
         if isinstance(verdict, admission.Suppressed):
             return Handled(claimed.suppressed())
         if isinstance(verdict, admission.Refused):
             return self._refused(claimed, resolved, verdict)
         if isinstance(verdict, admission.Wait):
-            return Handled(claimed.requeue(verdict.at, verdict.reason))
+            return Handled(claimed.requeue(claimed.clamp(verdict.at), verdict.reason))
         return await send_through_chain(
             claimed,
             self.chains.chain(resolved),
@@ -339,7 +357,7 @@ class Worker:
             return Handled(
                 claimed.fail("could not be prepared before its maximum age", errors=errors)
             )
-        return Handled(claimed.requeue(retry_at, "retrying", errors=errors))
+        return Handled(claimed.requeue(claimed.clamp(retry_at), "retrying", errors=errors))
 
     # ---- results --------------------------------------------------------------------------
     async def _flusher(self, stop: asyncio.Event) -> None:
