@@ -144,11 +144,7 @@ async def claim(
             bulk_n.label("n"),
         ),
     ).subquery("ranked")
-    chosen = (
-        select(ranked.c.id)
-        .order_by(ranked.c.tier, ranked.c.klass, ranked.c.n)
-        .limit(limit)
-    )
+    chosen = select(ranked.c.id).order_by(ranked.c.tier, ranked.c.klass, ranked.c.n).limit(limit)
     statement = (
         _T.update()
         .where(_T.c.id.in_(chosen.scalar_subquery()))

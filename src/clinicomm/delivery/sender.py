@@ -180,7 +180,9 @@ def outcome_of(
         )
         return Handled(outcome, walk.rows)
     if isinstance(step, decision.Expire):
-        expired = claimed.expired(errors=walk.errors, attempts=walk.attempts, position=walk.position)
+        expired = claimed.expired(
+            errors=walk.errors, attempts=walk.attempts, position=walk.position
+        )
         return Handled(expired, walk.rows)
     metrics.TOTAL_FAILED.labels(channel.value).inc()
     if isinstance(step, decision.Suppress):

@@ -15,10 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
 from clinicomm.crypto import CryptoError
+from clinicomm.delivery.records import Priority
 from clinicomm.settings.keys import PLATFORM, KeyStore
 from clinicomm.settings.sealed import open_json
 from clinicomm.store.db import Database
-from clinicomm.delivery.records import Priority
 from clinicomm.store.models import Delivery, DeliveryAttempt, Message, aware, utcnow
 
 #: A scope: None (every clinic) or the clinic ids visible to the caller.
@@ -184,6 +184,7 @@ async def reveal(answer: dict[str, Any], keys: KeyStore, db: Database) -> dict[s
     """Decrypt, in an answer of `get_message` or `list_messages` the caller may read, the
     addresses and the metadata (stored encrypted with the clinic's data key). An erased
     address (retention), or one under a key this process cannot unwrap, is answered null."""
+
     async def address(clinic_id: str | None, stored: str) -> str | None:
         if not stored:
             return None

@@ -118,9 +118,7 @@ def resolve(
         if send_at < now - PAST_TOLERANCE:
             problems.append(Problem("sendAt", "must not be in the past", "value_error"))
         elif send_at > now + MAX_SCHEDULE:
-            problems.append(
-                Problem("sendAt", "must be at most 90 days ahead", "value_error")
-            )
+            problems.append(Problem("sendAt", "must be at most 90 days ahead", "value_error"))
         if send_at <= now:
             send_at = None  # due now (within the tolerance)
     if expires_at is not None and ttl_seconds is not None:
@@ -133,10 +131,8 @@ def resolve(
         ttl = ttl_seconds if ttl_seconds is not None else default_ttl(category, policy)
         expiry = due + timedelta(seconds=ttl) if ttl is not None else None
     elif expiry <= due:
-        path = "expiresAt"
-        problems.append(
-            Problem(path, "must be after sendAt" if send_at else "must be in the future", "value_error")
-        )
+        why = "must be after sendAt" if send_at else "must be in the future"
+        problems.append(Problem("expiresAt", why, "value_error"))
     if problems:
         raise TimingError(problems)
     return Timing(

@@ -23,9 +23,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("priority", sa.Integer(), nullable=False, server_default="1")
-        )
+        batch_op.add_column(sa.Column("priority", sa.Integer(), nullable=False, server_default="1"))
         batch_op.add_column(sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.drop_index("ix_deliveries_due")
         batch_op.create_index(
