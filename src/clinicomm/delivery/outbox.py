@@ -97,6 +97,7 @@ async def claim(
     now: datetime,
     lease: timedelta,
     bulk_reserve: int = 0,
+    bulk_limit: int | None = None,
 ) -> list[Claimed]:
     """Lease up to `limit` due deliveries to `owner`: urgent first, then normal, then bulk,
     each class in fair order (see `FairClock`). One statement.
@@ -106,9 +107,11 @@ async def claim(
     bulk forever (the worker reserves its minimum share, `WorkerOptions.bulk_share`); with
     `bulk_reserve=0` bulk only gets what the other classes leave. When a class has fewer due
     rows than its slots, the other takes them: the claim is never short while rows are due.
+    `bulk_limit` caps the bulk rows of this claim (the worker's free bulk slots).
     """
     limit = max(limit, 0)
-    reserve = min(max(bulk_reserve, 0), limit)
+    bulk_cap = limit if bulk_limit is None else min(max(bulk_limit, 0), limit)
+    reserve = min(max(bulk_reserve, 0), bulk_cap)
     due = (_T.c.status == DeliveryStatus.QUEUED.value, _T.c.next_attempt_at <= now)
     first = (
         select(_T.c.id, _T.c.priority, _T.c.fair_at)
@@ -122,7 +125,7 @@ async def claim(
         select(_T.c.id, _T.c.fair_at)
         .where(*due, _T.c.priority == _BULK)
         .order_by(_T.c.fair_at)
-        .limit(limit)
+        .limit(bulk_cap)
         .with_for_update(skip_locked=True)
         .cte("claim_bulk")
     )
