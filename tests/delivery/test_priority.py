@@ -16,11 +16,6 @@ from clinicomm.config import Settings
 from clinicomm.delivery.worker import Worker
 from tests.delivery.test_workers import CountingSink
 from tests.support.pipeline import create_clinic, fast
-import os as _os
-if _os.environ.get("DBG18"):
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("dbg18", "/tmp/dbg18.patch.py")
-    mod = importlib.util.module_from_spec(spec); sys.modules["dbg18"] = mod; spec.loader.exec_module(mod)
 
 CLINIC = "clinic-big"
 
@@ -94,11 +89,6 @@ async def test_an_urgent_message_passes_10000_of_its_own_clinics_bulk(settings: 
             await client.close()
     backend = "PostgreSQL" if settings.database_url.startswith("postgresql") else "SQLite"
     latency = reached - accepted_at
-    import os
-    if os.environ.get("DBG18"):
-        import sys
-        T = sys.modules["dbg18"].T
-        print({k: (round((v - accepted_at) * 1000) if k in ("claimed", "started", "call", "called") else v) for k, v in T.items()})
     print(
         f"\npriority ({backend}): the OTP reached its provider {latency * 1000:.0f} ms after "
         f"acceptance ({(reached - t0) * 1000:.0f} ms after the send call) with {backlog} of "
