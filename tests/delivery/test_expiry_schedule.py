@@ -14,15 +14,42 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import SecretStr
+from sqlalchemy import select
+
 from clinicomm import SendRequest
 from clinicomm.delivery.cancel import cancel_message
-from clinicomm.store.models import utcnow
+from clinicomm.delivery.stats import clinic_stats
+from clinicomm.store.models import CallbackEvent, utcnow
+from clinicomm.telemetry import metrics
 from tests.delivery.test_channel_fallback import meta_slot, twilio_sms
 from tests.delivery.test_workers import CountingSink
 from tests.support.http_capture import CaptureServer, Scripted
 from tests.support.pipeline import create_clinic, open_window, wait_terminal
 
 PHONE = "+14155552671"
+#: A platform callback target: every status change of these tests' deliveries is queued.
+CALLBACKS = {
+    "status_callback_url": "http://127.0.0.1:9/hook",
+    "status_callback_secret": SecretStr("s" * 32),
+}
+
+
+def counter(family: Any, channel: str) -> float:
+    return sum(
+        s.value
+        for f in family.collect()
+        for s in f.samples
+        if s.name.endswith("_total") and s.labels.get("channel") == channel
+    )
+
+
+async def callback_statuses(client: Any, delivery_ids: list[str]) -> list[str]:
+    async with client._rt().db.read() as session:
+        rows = await session.execute(
+            select(CallbackEvent.status).where(CallbackEvent.delivery_id.in_(delivery_ids))
+        )
+        return sorted(r[0] for r in rows)
 
 
 def sendgrid(sink: CaptureServer) -> dict[str, Any]:
@@ -42,7 +69,8 @@ async def test_an_otp_behind_a_down_provider_expires_without_sms_fallback(make_c
             503, {"error": {"code": 2, "message": "Service unavailable"}}, {"Retry-After": "1"}
         )
         twilio.default = Scripted(201, {"sid": "SM" + "1" * 32, "status": "queued"})
-        client = await make_client()
+        client = await make_client(**CALLBACKS)
+        expired_before = counter(metrics.TOTAL_EXPIRED, "whatsapp")
         await create_clinic(
             client,
             "clinic-otp",
@@ -84,6 +112,14 @@ async def test_an_otp_behind_a_down_provider_expires_without_sms_fallback(make_c
         calls = len(meta.requests)
         await asyncio.sleep(1.5)
         assert len(meta.requests) == calls  # nothing more is tried once expired
+        # The normal outcome path: metrics, stats, the status callback.
+        assert counter(metrics.TOTAL_EXPIRED, "whatsapp") == expired_before + 1
+        async with client._rt().db.read() as session:
+            stats = await clinic_stats(
+                session, "clinic-otp", utcnow() - timedelta(minutes=5), utcnow()
+            )
+        assert stats["byChannel"]["whatsapp"] == {"expired": 1}
+        assert await callback_statuses(client, [delivery["id"]]) == ["expired"]
 
 
 async def test_a_message_scheduled_3s_ahead_goes_out_then_and_not_before(make_client) -> None:
@@ -120,7 +156,7 @@ async def test_a_message_scheduled_3s_ahead_goes_out_then_and_not_before(make_cl
 
 async def test_a_cancelled_scheduled_message_is_never_sent(make_client) -> None:
     async with CountingSink(delay=0.0) as sink:
-        client = await make_client()
+        client = await make_client(**CALLBACKS)
         await create_clinic(client, "clinic-c", sendgrid(sink))
         send_at = datetime.now(UTC) + timedelta(seconds=1)
         accepted = await client.send(
@@ -138,6 +174,8 @@ async def test_a_cancelled_scheduled_message_is_never_sent(make_client) -> None:
         async with rt.db.session() as session:
             cancelled = await cancel_message(session, accepted.id, now=utcnow())
         assert len(cancelled) == 2
+        ids = [i for i, _ in cancelled]
+        assert await callback_statuses(client, ids) == ["cancelled", "cancelled"]
         await asyncio.sleep(2.0)  # well past sendAt
         status = await client.get(accepted.id)
         assert status is not None
