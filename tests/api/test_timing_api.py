@@ -135,3 +135,53 @@ async def test_cancel_needs_send_permission_and_reports_what_was_sent(
     assert len(sink.requests) == 1
     listed = await api.client.get(URL, params={"status": "cancelled"}, headers=service)
     assert len(listed.json()["items"]) == 2
+
+
+async def test_quiet_hours_hold_non_urgent_sms_at_acceptance_and_urgent_passes(
+    api: Api, sink: CaptureServer
+) -> None:
+    now = datetime.now(UTC)
+    start, end = now - timedelta(hours=1), now + timedelta(hours=1)
+    sms = {
+        "primary": {
+            "provider": "twilio",
+            "credentials": {
+                "accountSid": "AC" + "0" * 32,
+                "authToken": "tok",
+                "fromNumber": "+14155550000",
+                "baseUrl": sink.url,
+            },
+        },
+        "quietHours": {
+            "start": start.strftime("%H:%M"),
+            "end": end.strftime("%H:%M"),
+            "timeZone": "UTC",
+            "spreadMinutes": 10,
+        },
+    }
+    await create_clinic(api, "clinic-q", {"communicationSettings": {"sms": sms}})
+    service = api.auth(Role.SERVICE)
+    reminder = await api.client.post(
+        URL, json=body("clinic-q", category="MARKETING", channels=["sms"]), headers=service
+    )
+    assert reminder.status_code == 202, reminder.text
+    (held,) = reminder.json()["deliveries"]
+    until = datetime.fromisoformat(held["notBefore"])
+    window_end = end.replace(second=0, microsecond=0)
+    assert window_end <= until < window_end + timedelta(minutes=10)
+    shown = (await api.client.get(f"{URL}/{reminder.json()['id']}", headers=service)).json()
+    assert shown["deliveries"][0]["status"] == "queued"
+    assert datetime.fromisoformat(shown["deliveries"][0]["notBefore"]) == until
+    otp = await api.client.post(
+        URL, json=body("clinic-q", category="OTP", channels=["sms"]), headers=service
+    )
+    assert otp.json()["deliveries"][0]["notBefore"] is None
+    bad = dict(sms, quietHours={"start": "21:00", "end": "08:00", "timeZone": "Nowhere/City"})
+    answer = await api.client.put(
+        "/api/v1/clinics/clinic-q",
+        json={"name": "clinic-q", "settings": {"communicationSettings": {"sms": bad}}},
+        headers={**api.admin, "If-Match": '"1"'},
+    )
+    assert answer.status_code == 422, answer.text
+    paths = [d["path"] for d in answer.json()["error"]["details"]]
+    assert "settings.communicationSettings.sms.quietHours.timeZone" in paths, paths
