@@ -16,10 +16,12 @@ import contextlib
 from typing import Any
 
 from clinicomm.config import Settings
+from clinicomm.delivery.cancel import cancel_message, counted
 from clinicomm.delivery.status import get_message, reveal
 from clinicomm.delivery.worker import Worker, WorkerOptions
 from clinicomm.messaging.models import SendAccepted, SendRequest
 from clinicomm.runtime import Runtime
+from clinicomm.store.models import utcnow
 
 
 def worker_options(settings: Settings) -> WorkerOptions:
@@ -95,6 +97,15 @@ class Client:
         async with rt.db.read() as session:
             found = await get_message(session, message_id, None)
         return None if found is None else await reveal(found, rt.keys, rt.db)
+
+    async def cancel(self, message_id: str) -> dict[str, Any] | None:
+        """Cancel the message's deliveries still queued (they end `cancelled`); the message
+        as `get` answers it afterwards, or None when there is no such message."""
+        rt = self._rt()
+        async with rt.db.session() as session:
+            cancelled = await cancel_message(session, message_id, now=utcnow())
+        counted(message_id, cancelled)
+        return await self.get(message_id)
 
     async def close(self) -> None:
         self._stop.set()

@@ -160,6 +160,13 @@ class HttpClient:
         """`GET /api/v1/communications/{id}`: the message, its deliveries and callbacks."""
         return await self._call("GET", f"/api/v1/communications/{message_id}", MessageStatus)
 
+    async def cancel(self, message_id: str) -> MessageStatus:
+        """`POST /api/v1/communications/{id}/cancel`: its queued deliveries end `cancelled`;
+        the answer is the message (deliveries already sent keep their status)."""
+        return await self._call(
+            "POST", f"/api/v1/communications/{message_id}/cancel", MessageStatus
+        )
+
     async def list(
         self,
         *,

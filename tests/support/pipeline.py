@@ -9,7 +9,7 @@ from typing import Any
 from clinicomm import Client
 from clinicomm.config import Settings
 
-TERMINAL = {"sent", "delivered", "read", "failed", "bounced", "suppressed"}
+TERMINAL = {"sent", "delivered", "read", "failed", "bounced", "suppressed", "expired", "cancelled"}
 
 
 def fast(settings: Settings, **extra: Any) -> Settings:

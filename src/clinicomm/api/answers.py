@@ -73,6 +73,14 @@ class _DeliveryFields(_Answer):
     updatedAt: DateTime | None
     sentAt: DateTime | None
     nextAttemptAt: DateTime | None
+    notBefore: DateTime | None = Field(
+        default=None,
+        description="Queued but held until then (sendAt, quiet hours, a retry); null when due",
+    )
+    priority: Literal["urgent", "normal", "bulk"] = "normal"
+    expiresAt: DateTime | None = Field(
+        default=None, description="Not handed to a provider after this: it ends `expired`"
+    )
 
 
 class DeliveryState(_DeliveryFields):
@@ -88,8 +96,9 @@ class MessageStatus(_Answer):
     clinicId: str | None
     category: str
     metadata: dict[str, Any]
-    status: Literal["pending", "sent", "partial", "failed"] = Field(
-        description="pending while a delivery is queued or sending; failed when all failed"
+    status: Literal["pending", "sent", "partial", "failed", "expired", "cancelled"] = Field(
+        description="pending while a delivery is queued or sending; failed when none reached "
+        "a provider (cancelled or expired when all were)"
     )
     createdAt: DateTime
     deliveries: list[DeliveryState]

@@ -38,6 +38,8 @@ RANK: dict[str, int] = {
     "failed": 4,
     "bounced": 4,
     "suppressed": 4,
+    "expired": 4,
+    "cancelled": 4,
 }
 EVENT_TYPE = "delivery.status"
 

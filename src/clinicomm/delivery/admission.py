@@ -2,6 +2,7 @@
 
 Per delivery, in this order (`admit`):
 
+0. **expiry**: past the message's `expiresAt` → `Expired` (no provider call, no fallback);
 1. **policy** (`segment_cap`): the clinic caps SMS segments (`sms.maxSegments`) and the body
    needs more → `Refused`;
 2. **suppression** (`Facts.suppressed`): the clinic must not send to this address on this
@@ -11,7 +12,10 @@ Per delivery, in this order (`admit`):
 3. **WhatsApp window** (`window`): free text outside the 24-hour window (or to a patient who
    never wrote) is sent as the clinic's `whatsapp.windowTemplates[category]` with the text as
    body parameter `{{1}}`, or → `Refused("template required", fallback=…)`;
-4. **clinic rate limit** (`clinic_rate`): the clinic's own `rateLimit` for the channel, shared
+4. **quiet hours** (`quiet_hours`): a non-urgent SMS or WhatsApp delivery inside the
+   channel's `quietHours` → `Wait` until they end (plus its spread offset, `delivery.quiet`);
+   urgent messages pass;
+5. **clinic rate limit** (`clinic_rate`): the clinic's own `rateLimit` for the channel, shared
    by every process: over the minute or hour limit → `Wait`; over the day limit → `Wait` or
    `Refused`, as the clinic set `onDayLimit`.
 
@@ -31,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from clinicomm.delivery.quiet import release_at
 from clinicomm.delivery.records import Claimed, Content
 from clinicomm.delivery.suppressions import (
     MARKETING_CATEGORIES,
@@ -87,7 +92,12 @@ class Wait:
     reason: str
 
 
-Verdict = Admitted | Refused | Suppressed | Wait
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The message's expiry has passed: the delivery ends `expired`, no provider call."""
+
+
+Verdict = Admitted | Refused | Suppressed | Wait | Expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +217,17 @@ def window(
     )
 
 
+def quiet_hours(resolved: ResolvedChannel, claimed: Claimed, now: datetime) -> Wait | None:
+    """Hold a non-urgent SMS or WhatsApp delivery inside the channel's quiet hours."""
+    if claimed.urgent or resolved.channel not in (Channel.SMS, Channel.WHATSAPP):
+        return None
+    quiet = getattr(resolved.effective, "quiet_hours", None)
+    until = release_at(quiet, now, claimed.id)
+    if until is None or quiet is None:
+        return None
+    return Wait(until, f"held for quiet hours ({quiet.start}-{quiet.end} {quiet.time_zone})")
+
+
 async def clinic_rate(
     guards: Guards | None, claimed: Claimed, resolved: ResolvedChannel, now: datetime
 ) -> Wait | Refused | None:
@@ -238,6 +259,8 @@ async def admit(
     now: datetime,
 ) -> Verdict:
     """Every per-delivery check, in order; the first that says no decides."""
+    if claimed.is_expired(now):
+        return Expired()
     capped = segment_cap(resolved, content)
     if capped is not None:
         return capped
@@ -249,6 +272,9 @@ async def admit(
     windowed = window(resolved, content, facts.last_inbound.get(claimed.id), now)
     if isinstance(windowed, Refused):
         return windowed
+    held = quiet_hours(resolved, claimed, now)
+    if held is not None:
+        return held
     limited = await clinic_rate(guards, claimed, resolved, now)
     if limited is not None:
         return limited

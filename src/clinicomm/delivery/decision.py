@@ -24,6 +24,12 @@ The rules (CONVENTIONS item 3; PROVIDER-FACTS §7-8):
 | `TransientError` with budget left   | `Retry` after `backoff`, within the maximum age       |
 | anything else, or budget/age spent  | `NextHop`; after the last hop `FallbackChannel` (when |
 |                                     | configured) or `Fail("every provider failed")`        |
+
+Expiry (`Position.expires_at`, the message's `expiresAt`/`ttlSeconds`): once `now` is at or
+past it, any failed call ends in `Expire` (no next hop, no channel fallback); a `Retry` is
+never scheduled after it (it is clamped to the expiry, when the claim finds the delivery
+expired). A channel-fallback delivery carries the same expiry. A success is always `Sent`,
+and an error that ends the delivery anyway (content, compliance, recipient) keeps its `Fail`.
 """
 
 from __future__ import annotations
@@ -100,7 +106,12 @@ class Suppress:
     suppression: SuppressionReason
 
 
-Step = Sent | Retry | NextHop | FallbackChannel | Fail | Suppress
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """The delivery ends `expired`: its expiry passed before a provider took it."""
+
+
+Step = Sent | Retry | NextHop | FallbackChannel | Fail | Suppress | Expire
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +138,12 @@ class Position:
     #: The patient's address on the fallback channel is known although of another kind
     #: (the phone number of an email delivery).
     fallback_address: bool = False
+    #: The message's expiry (None: none).
+    expires_at: datetime | None = None
+
+    def clamp(self, when: datetime) -> datetime:
+        """A retry time no later than the expiry."""
+        return min(when, self.expires_at) if self.expires_at is not None else when
 
 
 def after_call(
@@ -137,6 +154,27 @@ def after_call(
     backoff: Backoff,
 ) -> Step:
     """The step after one provider call that answered `error` (None: success)."""
+    step = _after_call(at, facts, error, now, backoff)
+    if at.expires_at is not None and now >= at.expires_at and _goes_on(step):
+        return Expire()
+    return step
+
+
+def _goes_on(step: Step) -> bool:
+    """The step would try again (later, elsewhere, on another channel) or end for want of a
+    provider: past the expiry, the delivery expires instead."""
+    if isinstance(step, Fail):
+        return step.exhausted
+    return isinstance(step, (Retry, NextHop, FallbackChannel))
+
+
+def _after_call(
+    at: Position,
+    facts: ProviderFacts,
+    error: ProviderError | None,
+    now: datetime,
+    backoff: Backoff,
+) -> Step:
     if error is None:
         return Sent()
     if isinstance(error, ContentError):  # the message itself: no provider would take it
@@ -158,11 +196,11 @@ def after_call(
         # Pair rate limit (WhatsApp 131056): only this recipient waits, on the same number;
         # the provider is fine, so no retry is used and nothing fails over (PROVIDER-FACTS
         # §7.2 and §8 item 9). Bounded by the delivery's maximum age.
-        when = now + timedelta(seconds=max(error.retry_after or 0.0, 0.0))
+        when = at.clamp(now + timedelta(seconds=max(error.retry_after or 0.0, 0.0)))
         if when < at.deadline:
             return Retry(when, "recipient rate limited", uses_budget=False)
     if isinstance(error, TransientError) and at.provider_attempts < at.retry_attempts:
-        when = now + timedelta(seconds=backoff(at.provider_attempts, error.retry_after))
+        when = at.clamp(now + timedelta(seconds=backoff(at.provider_attempts, error.retry_after)))
         if when < at.deadline:
             return Retry(when, "retrying")
     return skip(at)

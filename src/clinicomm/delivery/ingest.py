@@ -85,7 +85,15 @@ _RANK = {
     DeliveryStatus.DELIVERED: 3,
     DeliveryStatus.READ: 4,
 }
-_FINAL = frozenset({DeliveryStatus.BOUNCED, DeliveryStatus.FAILED, DeliveryStatus.SUPPRESSED})
+_FINAL = frozenset(
+    {
+        DeliveryStatus.BOUNCED,
+        DeliveryStatus.FAILED,
+        DeliveryStatus.SUPPRESSED,
+        DeliveryStatus.EXPIRED,
+        DeliveryStatus.CANCELLED,
+    }
+)
 _READ_LIKE = frozenset({EventType.READ, EventType.OPENED, EventType.CLICKED})
 
 

@@ -2,9 +2,13 @@
 
 - `enqueue` inserts `NewDelivery` rows (accept's deliveries and channel fallbacks) and, with
   `Notifier`, wakes workers (PostgreSQL NOTIFY at commit, an in-process event after it).
-- `claim` is one `UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING …`; on PostgreSQL the inner
-  select takes `FOR UPDATE SKIP LOCKED`, so any number of worker processes claim disjoint
-  batches. SQLite serialises writers, so the same statement is atomic there too.
+- `claim` is one `WITH … UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING …`; on PostgreSQL
+  the inner selects take `FOR UPDATE SKIP LOCKED`, so any number of worker processes claim
+  disjoint batches. SQLite serialises writers, so the same statement is atomic there too.
+  Order: urgent, then normal, then bulk (`deliveries.priority`), each class in fair order
+  (`fair_at`, the per-clinic virtual clock); `bulk_reserve` of the `limit` slots go to bulk
+  first when bulk is due (its minimum share, see `claim`). Only due rows: `next_attempt_at`
+  (a retry, `sendAt`, quiet hours) at or before `now`.
 - `reap_expired` puts back in the queue a lease that expired (its worker died).
 - `write_results` records outcomes, attempt rows, new deliveries and suppressions in the
   caller's transaction. Only outcomes whose lease this worker still holds are written (the
@@ -21,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Table, bindparam, select, text
+from sqlalchemy import Table, bindparam, case, func, literal, select, text, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
@@ -31,6 +35,7 @@ from clinicomm.delivery.records import (
     DeliveryStatus,
     NewDelivery,
     Outcome,
+    Priority,
     Suppression,
 )
 from clinicomm.delivery.suppressions import suppress
@@ -55,7 +60,10 @@ _RETURNING = (
     _T.c.error,
     _T.c.parent_id,
     _T.c.fallback_address,
+    _T.c.priority,
+    _T.c.expires_at,
 )
+_BULK = Priority.BULK.rank
 
 
 class Notifier:
@@ -82,19 +90,67 @@ async def enqueue(conn: AsyncConnection | AsyncSession, deliveries: Sequence[New
 
 
 async def claim(
-    session: AsyncSession, *, owner: str, limit: int, now: datetime, lease: timedelta
+    session: AsyncSession,
+    *,
+    owner: str,
+    limit: int,
+    now: datetime,
+    lease: timedelta,
+    bulk_reserve: int = 0,
+    bulk_limit: int | None = None,
 ) -> list[Claimed]:
-    """Lease up to `limit` due deliveries to `owner`, in fair order (see `FairClock`)."""
-    due = (
-        select(_T.c.id)
-        .where(_T.c.status == DeliveryStatus.QUEUED.value, _T.c.next_attempt_at <= now)
-        .order_by(_T.c.fair_at)
+    """Lease up to `limit` due deliveries to `owner`: urgent first, then normal, then bulk,
+    each class in fair order (see `FairClock`). One statement.
+
+    `bulk_reserve` (≤ `limit`) slots go to the oldest due bulk deliveries before the other
+    classes fill the rest, so a steady stream of urgent and normal messages cannot starve
+    bulk forever (the worker reserves its minimum share, `WorkerOptions.bulk_share`); with
+    `bulk_reserve=0` bulk only gets what the other classes leave. When a class has fewer due
+    rows than its slots, the other takes them: the claim is never short while rows are due.
+    `bulk_limit` caps the bulk rows of this claim (the worker's free bulk slots).
+    """
+    limit = max(limit, 0)
+    bulk_cap = limit if bulk_limit is None else min(max(bulk_limit, 0), limit)
+    reserve = min(max(bulk_reserve, 0), bulk_cap)
+    due = (_T.c.status == DeliveryStatus.QUEUED.value, _T.c.next_attempt_at <= now)
+    first = (
+        select(_T.c.id, _T.c.priority, _T.c.fair_at)
+        .where(*due, _T.c.priority < _BULK)
+        .order_by(_T.c.priority, _T.c.fair_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .cte("claim_first")
     )
+    bulk = (
+        select(_T.c.id, _T.c.fair_at)
+        .where(*due, _T.c.priority == _BULK)
+        .order_by(_T.c.fair_at)
+        .limit(bulk_cap)
+        .with_for_update(skip_locked=True)
+        .cte("claim_bulk")
+    )
+    first_n = func.row_number().over(order_by=(first.c.priority, first.c.fair_at))
+    bulk_n = func.row_number().over(order_by=bulk.c.fair_at)
+    # Tier 0: the first `limit - reserve` urgent/normal rows and the first `reserve` bulk
+    # rows (at most `limit` together); tier 1: whatever is left, urgent/normal before bulk.
+    ranked = union_all(
+        select(
+            first.c.id,
+            case((first_n <= limit - reserve, 0), else_=1).label("tier"),
+            first.c.priority.label("klass"),
+            first_n.label("n"),
+        ),
+        select(
+            bulk.c.id,
+            case((bulk_n <= reserve, 0), else_=1).label("tier"),
+            literal(_BULK).label("klass"),
+            bulk_n.label("n"),
+        ),
+    ).subquery("ranked")
+    chosen = select(ranked.c.id).order_by(ranked.c.tier, ranked.c.klass, ranked.c.n).limit(limit)
     statement = (
         _T.update()
-        .where(_T.c.id.in_(due.scalar_subquery()))
+        .where(_T.c.id.in_(chosen.scalar_subquery()))
         .values(
             status=DeliveryStatus.SENDING.value,
             lease_until=now + lease,
@@ -104,7 +160,7 @@ async def claim(
         .returning(*_RETURNING)
     )
     rows = (await session.execute(statement)).all()
-    return [
+    claimed = [
         Claimed(
             id=row.id,
             message_id=row.message_id,
@@ -121,9 +177,14 @@ async def claim(
             errors=list((row.error or {}).get("errors", [])),
             parent_id=row.parent_id,
             fallback_address=row.fallback_address,
+            priority=row.priority,
+            expires_at=aware(row.expires_at) if row.expires_at is not None else None,
         )
         for row in rows
     ]
+    # RETURNING gives no order: urgent first, so the worker starts those first.
+    claimed.sort(key=lambda c: c.priority)
+    return claimed
 
 
 async def reap_expired(session: AsyncSession, now: datetime) -> int:

@@ -21,7 +21,7 @@ from clinicomm.providers.errors import ProviderError
 
 
 class DeliveryStatus(StrEnum):
-    """Where one delivery is. Every delivery ends in one of the last six."""
+    """Where one delivery is. Every delivery ends in one of the last eight."""
 
     QUEUED = "queued"  # stored, waiting for a worker (first try or a scheduled retry)
     SENDING = "sending"  # claimed by a worker (leased)
@@ -31,6 +31,29 @@ class DeliveryStatus(StrEnum):
     FAILED = "failed"  # no provider could take it; `error` says why, per provider
     BOUNCED = "bounced"  # the provider reported a bounce after `sent`
     SUPPRESSED = "suppressed"  # not sent: the recipient opted out of this channel
+    EXPIRED = "expired"  # not handed to a provider before its `expiresAt`
+    CANCELLED = "cancelled"  # cancelled by the caller before it was handed to a provider
+
+
+class Priority(StrEnum):
+    """A message's claim class: urgent first, then normal, then bulk (see `priorities`)."""
+
+    URGENT = "urgent"
+    NORMAL = "normal"
+    BULK = "bulk"
+
+    @property
+    def rank(self) -> int:
+        """The stored value (`deliveries.priority`): claims order by it, lowest first."""
+        return _PRIORITY_RANK[self]
+
+    @classmethod
+    def of_rank(cls, rank: int) -> Priority:
+        return _RANK_PRIORITY.get(rank, cls.NORMAL)
+
+
+_PRIORITY_RANK = {Priority.URGENT: 0, Priority.NORMAL: 1, Priority.BULK: 2}
+_RANK_PRIORITY = {v: k for k, v in _PRIORITY_RANK.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +146,21 @@ class Claimed:
     fallback_sealed: str | None = None
     #: Blind index of `fallback_address` (set by the worker with the clear address).
     fallback_index: str | None = None
+    #: `Priority.rank` of the message (0 urgent, 1 normal, 2 bulk).
+    priority: int = 1
+    #: After this instant the delivery is never handed to a provider: it ends `expired`.
+    expires_at: datetime | None = None
+
+    @property
+    def urgent(self) -> bool:
+        return self.priority == Priority.URGENT.rank
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def clamp(self, at: datetime) -> datetime:
+        """A requeue time no later than the expiry (claimed then, the delivery expires)."""
+        return min(at, self.expires_at) if self.expires_at is not None else at
 
     @property
     def lookup_key(self) -> str:
@@ -182,6 +220,28 @@ class Claimed:
     def refuse(self, reason: str) -> Outcome:
         """`failed` before any provider was called (admission said no)."""
         return self.fail(reason)
+
+    def expired(
+        self,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        attempts: int | None = None,
+        position: int | None = None,
+    ) -> Outcome:
+        """`expired`: not handed to a provider before `expires_at`; no provider call and no
+        channel fallback from here. The reason names the expiry."""
+        when = self.expires_at.isoformat() if self.expires_at is not None else "?"
+        return Outcome(
+            self.id,
+            DeliveryStatus.EXPIRED,
+            self.attempts if attempts is None else attempts,
+            chain_position=self.chain_position if position is None else position,
+            error={
+                "reason": f"expired: not handed to a provider before {when}",
+                "errors": self.errors if errors is None else errors,
+                "expiresAt": when,
+            },
+        )
 
     def suppressed(self) -> Outcome:
         """`suppressed`: the recipient opted out of this channel; no provider call."""
@@ -296,6 +356,12 @@ class NewDelivery:
     fallback_address: str | None = None
     #: Blind index of `recipient` (both addresses are ciphertexts, `FieldCipher`).
     recipient_index: str | None = None
+    #: `Priority.rank` (0 urgent, 1 normal, 2 bulk).
+    priority: int = 1
+    #: When it may first be claimed (`sendAt`, quiet hours); None: at `created_at`.
+    not_before: datetime | None = None
+    #: Never handed to a provider after this: it ends `expired`.
+    expires_at: datetime | None = None
 
     @classmethod
     def fallback_of(cls, claimed: Claimed, channel: Channel, now: datetime) -> NewDelivery:
@@ -318,6 +384,9 @@ class NewDelivery:
             fair_at=now,
             created_at=now,
             parent_id=claimed.id,
+            # The same message: the same class and the same expiry on the other channel.
+            priority=claimed.priority,
+            expires_at=claimed.expires_at,
         )
 
     def row(self) -> dict[str, Any]:
@@ -329,11 +398,13 @@ class NewDelivery:
             "recipient": self.recipient,
             "recipient_index": self.recipient_index,
             "status": self.status.value,
-            "next_attempt_at": self.created_at,
+            "next_attempt_at": self.not_before or self.created_at,
             "fair_at": self.fair_at,
             "error": self.error,
             "parent_id": self.parent_id,
             "fallback_address": self.fallback_address,
+            "priority": self.priority,
+            "expires_at": self.expires_at,
             "created_at": self.created_at,
             "updated_at": self.created_at,
         }

@@ -78,6 +78,7 @@ def position_of(
         deadline=deadline,
         fallback=chain.channel_fallback if claimed.parent_id is None else None,
         fallback_address=claimed.fallback_address is not None,
+        expires_at=claimed.expires_at,
     )
 
 
@@ -114,6 +115,8 @@ async def send_through_chain(
         return retry_delay(attempt, retry_after, base=retry_base)
 
     while True:
+        if claimed.is_expired(now_fn()):  # e.g. after a hop that timed out: no further call
+            return outcome_of(claimed, decision.Expire(), walk, None, now_fn())
         if walk.position >= len(chain.hops):  # a stored position past a shortened chain
             step: decision.Step = decision.exhausted(position_of(claimed, chain, walk, deadline))
             return outcome_of(claimed, step, walk, None, now_fn())
@@ -127,7 +130,7 @@ async def send_through_chain(
             )
             step = decision.skip(position_of(claimed, chain, walk, deadline))
         elif isinstance(verdict, admission.Busy):
-            at = now_fn() + timedelta(seconds=verdict.seconds)
+            at = claimed.clamp(now_fn() + timedelta(seconds=verdict.seconds))
             outcome = claimed.requeue(
                 at,
                 "sender throughput",
@@ -176,6 +179,11 @@ def outcome_of(
             provider_attempts=walk.provider_attempts + (1 if step.uses_budget else 0),
         )
         return Handled(outcome, walk.rows)
+    if isinstance(step, decision.Expire):
+        expired = claimed.expired(
+            errors=walk.errors, attempts=walk.attempts, position=walk.position
+        )
+        return Handled(expired, walk.rows)
     metrics.TOTAL_FAILED.labels(channel.value).inc()
     if isinstance(step, decision.Suppress):
         assert hop is not None

@@ -15,10 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
 from clinicomm.crypto import CryptoError
+from clinicomm.delivery.records import Priority
 from clinicomm.settings.keys import PLATFORM, KeyStore
 from clinicomm.settings.sealed import open_json
 from clinicomm.store.db import Database
-from clinicomm.store.models import Delivery, DeliveryAttempt, Message, aware
+from clinicomm.store.models import Delivery, DeliveryAttempt, Message, aware, utcnow
 
 #: A scope: None (every clinic) or the clinic ids visible to the caller.
 Scope = Collection[str] | None
@@ -40,8 +41,16 @@ def _iso(value: datetime | None) -> str | None:
     return aware(value).isoformat() if value is not None else None
 
 
-def delivery_json(d: Delivery, attempts: list[DeliveryAttempt]) -> dict[str, Any]:
+#: Statuses that end a delivery without it reaching the patient.
+_UNSENT = ("failed", "bounced", "suppressed", "expired", "cancelled")
+
+
+def delivery_json(
+    d: Delivery, attempts: list[DeliveryAttempt], now: datetime | None = None
+) -> dict[str, Any]:
     error = d.error or None
+    now = now or utcnow()
+    due = aware(d.next_attempt_at) if d.next_attempt_at is not None else None
     return {
         "id": d.id,
         "channel": d.channel,
@@ -63,20 +72,27 @@ def delivery_json(d: Delivery, attempts: list[DeliveryAttempt]) -> dict[str, Any
             }
             for a in attempts
         ],
-        "error": error if d.status in ("failed", "bounced", "suppressed") or error else None,
+        "error": error if d.status in _UNSENT or error else None,
         "createdAt": _iso(d.created_at),
         "updatedAt": _iso(d.updated_at),
         "sentAt": _iso(d.sent_at),
         "nextAttemptAt": _iso(d.next_attempt_at) if d.status == "queued" else None,
+        # Held (sendAt, quiet hours, a retry or a limit): not claimed before then.
+        "notBefore": _iso(due) if d.status == "queued" and due is not None and due > now else None,
+        "priority": Priority.of_rank(d.priority if d.priority is not None else 1).value,
+        "expiresAt": _iso(d.expires_at),
     }
 
 
 def _overall(statuses: list[str]) -> str:
     if any(s in ("queued", "sending") for s in statuses):
         return "pending"
-    if all(s == "failed" for s in statuses):
+    for only in ("cancelled", "expired"):
+        if statuses and all(s == only for s in statuses):
+            return only
+    if all(s in ("failed", "expired", "cancelled") for s in statuses):
         return "failed"
-    if any(s in ("failed", "bounced", "suppressed") for s in statuses):
+    if any(s in _UNSENT for s in statuses):
         return "partial"
     return "sent"
 

@@ -36,7 +36,7 @@ from clinicomm.delivery import admission, decision
 from clinicomm.delivery.admission import Guards
 from clinicomm.delivery.contents import Contents, Erased, Unreadable
 from clinicomm.delivery.outbox import Notifier, claim, reap_expired, write_results
-from clinicomm.delivery.records import Claimed, DeliveryStatus, Handled
+from clinicomm.delivery.records import Claimed, DeliveryStatus, Handled, Priority
 from clinicomm.delivery.retention import (
     purge_audit,
     purge_contents,
@@ -50,6 +50,7 @@ from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database
 from clinicomm.store.models import utcnow
+from clinicomm.telemetry import metrics
 from clinicomm.telemetry.outcomes import log_delivery_end
 
 if TYPE_CHECKING:
@@ -78,6 +79,11 @@ class WorkerOptions:
     audit_retention_seconds: float = 2192 * 86400.0
     #: Base of the full-jitter backoff between retries on one provider.
     retry_base_seconds: float = 2.0
+    #: Bulk's minimum share of the claimed slots while bulk is due (see `outbox.claim`).
+    bulk_share: float = 0.1
+    #: At most this share of `concurrency` is bulk in flight: the rest stays free for urgent
+    #: and normal deliveries, and a bulk run does not crowd this process's event loop.
+    bulk_concurrency_share: float = 0.25
 
 
 class Worker:
@@ -110,6 +116,9 @@ class Worker:
         self._facts: dict[str, admission.Facts] = {}
         self.sent = 0
         self.failed = 0
+        self._bulk_credit = 0.0
+        self._bulk_inflight: set[str] = set()
+        self._bulk_room = asyncio.Event()
 
     @classmethod
     def for_runtime(cls, runtime: Runtime, options: WorkerOptions | None = None) -> Worker:
@@ -165,7 +174,17 @@ class Worker:
                 if batch:
                     await self._start(batch)
                 if len(batch) < want:
-                    await _wait_any(stop, self.notifier.event, self.options.poll_seconds)
+                    # Bulk slots full: wake up when half of them are free again (a claim of
+                    # many rows, not one per freed slot), not only at the next poll.
+                    full = len(self._bulk_inflight) >= self._bulk_slots()
+                    if full:
+                        self._bulk_room.clear()
+                    await _wait_any(
+                        stop,
+                        self.notifier.event,
+                        self.options.poll_seconds,
+                        also=self._bulk_room if full else None,
+                    )
         finally:
             await self._shutdown()
             if listener is not None:
@@ -184,14 +203,24 @@ class Worker:
             )
 
     async def _claim(self, limit: int) -> list[Claimed]:
+        # Bulk's minimum share: `bulk_share` of every claimed slot accrues as credit, and
+        # each whole slot of it is reserved for bulk in the next claim (used by other classes
+        # when no bulk is due), so a claim of 1 slot at a time still gives bulk its share.
+        self._bulk_credit = min(self._bulk_credit + limit * self.options.bulk_share, limit)
+        reserve = int(self._bulk_credit)
+        bulk_free = max(self._bulk_slots() - len(self._bulk_inflight), 0)
         async with self.db.session() as session:
-            return await claim(
+            batch = await claim(
                 session,
                 owner=self.worker_id,
                 limit=limit,
                 now=utcnow(),
                 lease=timedelta(seconds=self.options.lease_seconds),
+                bulk_reserve=reserve,
+                bulk_limit=bulk_free,
             )
+        self._bulk_credit -= reserve
+        return batch
 
     async def _start(self, batch: list[Claimed]) -> None:
         try:
@@ -213,9 +242,14 @@ class Worker:
                 self._facts[claimed.id] = facts
         for claimed in batch:
             self._claimed[claimed.id] = claimed
+            if claimed.priority == Priority.BULK.rank:
+                self._bulk_inflight.add(claimed.id)
             task = asyncio.create_task(self._process(claimed), name=claimed.id)
             self._inflight[claimed.id] = task
             task.add_done_callback(self._done)
+
+    def _bulk_slots(self) -> int:
+        return max(1, int(self.options.concurrency * self.options.bulk_concurrency_share))
 
     def _unrecorded(self) -> int:
         return len(self._results) + self._flushing
@@ -223,6 +257,9 @@ class Worker:
     def _done(self, task: asyncio.Task[None]) -> None:
         delivery_id = task.get_name()
         self._inflight.pop(delivery_id, None)
+        self._bulk_inflight.discard(delivery_id)
+        if len(self._bulk_inflight) <= self._bulk_slots() // 2:
+            self._bulk_room.set()
         self._claimed.pop(delivery_id, None)
         self._facts.pop(delivery_id, None)
 
@@ -238,6 +275,8 @@ class Worker:
             self.sent += 1
         elif outcome.status is DeliveryStatus.FAILED:
             self.failed += 1
+        elif outcome.status is DeliveryStatus.EXPIRED:
+            metrics.TOTAL_EXPIRED.labels(claimed.channel).inc()
         log_delivery_end(
             delivery_id=claimed.id,
             message_id=claimed.message_id,
@@ -254,6 +293,8 @@ class Worker:
 
     async def _handle(self, claimed: Claimed) -> Handled:
         """Admission (every check before a provider call), then the chain."""
+        if claimed.is_expired(utcnow()):
+            return Handled(claimed.expired())
         content = self._contents.lookup(claimed.message_id)
         if isinstance(content, Erased):
             return Handled(claimed.refuse("message content erased after the retention period"))
@@ -273,12 +314,14 @@ class Worker:
             raise LookupError("suppressions could not be read")
         resolved = await self.config.get_clinic_config(claimed.clinic_id, Channel(claimed.channel))
         verdict = await admission.admit(claimed, resolved, content, facts, self.guards, utcnow())
+        if isinstance(verdict, admission.Expired):
+            return Handled(claimed.expired())
         if isinstance(verdict, admission.Suppressed):
             return Handled(claimed.suppressed())
         if isinstance(verdict, admission.Refused):
             return self._refused(claimed, resolved, verdict)
         if isinstance(verdict, admission.Wait):
-            return Handled(claimed.requeue(verdict.at, verdict.reason))
+            return Handled(claimed.requeue(claimed.clamp(verdict.at), verdict.reason))
         return await send_through_chain(
             claimed,
             self.chains.chain(resolved),
@@ -339,7 +382,7 @@ class Worker:
             return Handled(
                 claimed.fail("could not be prepared before its maximum age", errors=errors)
             )
-        return Handled(claimed.requeue(retry_at, "retrying", errors=errors))
+        return Handled(claimed.requeue(claimed.clamp(retry_at), "retrying", errors=errors))
 
     # ---- results --------------------------------------------------------------------------
     async def _flusher(self, stop: asyncio.Event) -> None:
@@ -451,10 +494,18 @@ class Worker:
             return None
 
 
-async def _wait_any(stop: asyncio.Event, event: asyncio.Event | None, seconds: float) -> None:
+async def _wait_any(
+    stop: asyncio.Event,
+    event: asyncio.Event | None,
+    seconds: float,
+    *,
+    also: asyncio.Event | None = None,
+) -> None:
+    """Until `stop`, `event` or `also` is set, or `seconds` pass."""
     waiters = [asyncio.create_task(stop.wait())]
-    if event is not None:
-        waiters.append(asyncio.create_task(event.wait()))
+    for extra in (event, also):
+        if extra is not None:
+            waiters.append(asyncio.create_task(extra.wait()))
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:

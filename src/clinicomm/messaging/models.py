@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from clinicomm.delivery.records import DeliveryStatus as DeliveryStatus
+from clinicomm.delivery.records import Priority as Priority
 from clinicomm.providers.base import Channel, SingleLine
 
 #: `metadata` holds routing and correlation ids: at most this many keys and this many bytes
@@ -24,8 +32,13 @@ TERMINAL = frozenset(
         DeliveryStatus.FAILED,
         DeliveryStatus.BOUNCED,
         DeliveryStatus.SUPPRESSED,
+        DeliveryStatus.EXPIRED,
+        DeliveryStatus.CANCELLED,
     }
 )
+#: The fields about time (`messaging.timing`); left out of the idempotency hash when unset,
+#: so a key stored before they existed still matches its request.
+TIMING_FIELDS = frozenset({"priority", "send_at", "expires_at", "ttl_seconds"})
 
 
 class _Camel(BaseModel):
@@ -148,6 +161,15 @@ class SendRequest(_Camel):
     #: Where this message's status callbacks go instead of the clinic's `callbacks.url`; must
     #: be on the clinic's `callbacks.allowedUrls`.
     callback_url: str | None = Field(default=None, max_length=2000)
+    #: Claim class; default from `category` (`messaging.timing`): OTP/AUTH urgent,
+    #: MARKETING/NEWSLETTER/REMINDER bulk, the rest normal.
+    priority: Priority | None = None
+    #: When the deliveries become due (ISO 8601 with an offset; at most 90 days ahead).
+    send_at: AwareDatetime | None = None
+    #: After this instant a delivery not yet handed to a provider ends `expired`.
+    expires_at: AwareDatetime | None = None
+    #: Or: the time-to-live in seconds, from `sendAt` (or acceptance). OTP defaults to 600.
+    ttl_seconds: int | None = Field(default=None, ge=1, le=90 * 86400)
 
     @field_validator("channels")
     @classmethod
@@ -167,6 +189,8 @@ class DeliverySummary(_Camel):
     recipient: str
     status: DeliveryStatus
     error: dict[str, Any] | None = None
+    #: Held until then (`sendAt`, quiet hours); absent when due now.
+    not_before: str | None = None
 
 
 class SendAccepted(_Camel):
@@ -175,3 +199,6 @@ class SendAccepted(_Camel):
     id: str
     status: str = "queued"
     deliveries: list[DeliverySummary]
+    priority: Priority | None = None
+    send_at: str | None = None
+    expires_at: str | None = None

@@ -17,9 +17,12 @@ from sqlalchemy import delete, select
 from clinicomm.callbacks.queue import event_row
 from clinicomm.callbacks.targets import CallbackTarget, CallbackTargets, CallbackUrlRefusedError
 from clinicomm.delivery.outbox import Notifier
-from clinicomm.delivery.records import NewDelivery
+from clinicomm.delivery.quiet import release_at
+from clinicomm.delivery.records import NewDelivery, Priority
 from clinicomm.ids import new_id
+from clinicomm.messaging import timing
 from clinicomm.messaging.models import (
+    TIMING_FIELDS,
     DeliveryStatus,
     DeliverySummary,
     SendAccepted,
@@ -29,7 +32,7 @@ from clinicomm.messaging.writer import BatchWriter, PendingWrite
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.settings.keys import PLATFORM
-from clinicomm.settings.models import ChannelSettings
+from clinicomm.settings.models import ChannelSettings, QuietHours
 from clinicomm.settings.sealed import open_json, seal_json
 from clinicomm.settings.service import ConfigService
 from clinicomm.settings.validation import Problem
@@ -79,17 +82,33 @@ class FairClock:
     time, so another clinic's message enqueued a moment later is claimed after only the first
     few of them, not after all. Alone, a clinic is not slowed: claims take every due delivery.
     Per process; approximate across several API processes, which is all fairness needs.
+
+    One clock per (clinic, priority class): claims order by class first, so a clinic's bulk
+    run advances only its bulk clock and its urgent messages compete fairly with other
+    clinics' urgent ones. A scheduled message (`at` later than `now`) is stamped from `at`
+    without moving the clock, so scheduling for tomorrow does not push back today's sends.
     """
 
     def __init__(self, cost_seconds: float = 0.05, max_clinics: int = 100_000) -> None:
         self.cost = timedelta(seconds=cost_seconds)
         self.max_clinics = max_clinics
-        self._clock: dict[str | None, datetime] = {}
+        self._clock: dict[tuple[str | None, int], datetime] = {}
 
-    def stamps(self, clinic_id: str | None, count: int, now: datetime) -> list[datetime]:
-        start = max(now, self._clock.get(clinic_id, now))
+    def stamps(
+        self,
+        clinic_id: str | None,
+        count: int,
+        now: datetime,
+        *,
+        priority: int = Priority.NORMAL.rank,
+        at: datetime | None = None,
+    ) -> list[datetime]:
+        if at is not None and at > now:
+            return [at + self.cost * i for i in range(count)]
+        key = (clinic_id, priority)
+        start = max(now, self._clock.get(key, now))
         stamps = [start + self.cost * i for i in range(count)]
-        self._clock[clinic_id] = start + self.cost * count
+        self._clock[key] = start + self.cost * count
         if len(self._clock) > self.max_clinics:
             self._clock = {k: v for k, v in self._clock.items() if v > now}
         return stamps
@@ -128,14 +147,41 @@ class MessagingService:
         With the same `idempotency_key` and payload within 24 h, answers the first answer again.
         """
         clinic_id = request.metadata.clinic_id
-        regions, fallbacks = await self._regions(clinic_id, request.channels)
-        target = await self._callback_target(clinic_id, request.callback_url)
-        planned = plan(request, regions, fallbacks)
         scope = clinic_id or PLATFORM_KEY_OWNER
         digest = request_hash(request) if idempotency_key else ""
+        regions, fallbacks, quiet = await self._regions(clinic_id, request.channels)
+        target = await self._callback_target(clinic_id, request.callback_url)
+        planned = plan(request, regions, fallbacks)
+        policy = await self.config.get_message_policy(clinic_id) if clinic_id else None
+        try:
+            when = timing.resolve(
+                category=request.category,
+                priority=request.priority,
+                send_at=request.send_at,
+                expires_at=request.expires_at,
+                ttl_seconds=request.ttl_seconds,
+                policy=policy,
+                now=utcnow(),
+            )
+        except timing.TimingError as exc:
+            # A retry of an accepted request whose `sendAt` has passed since: its first answer.
+            if idempotency_key is not None:
+                previous = await self._previous(scope, idempotency_key, digest)
+                if previous is not None:
+                    return previous
+            raise SendValidationError(exc.problems) from None
         for _ in range(3):
             answer = await self._write(
-                request, planned, clinic_id, scope, idempotency_key, digest, requested_by, target
+                request,
+                planned,
+                clinic_id,
+                scope,
+                idempotency_key,
+                digest,
+                requested_by,
+                target,
+                when,
+                quiet,
             )
             if answer is not None:
                 return answer
@@ -157,18 +203,30 @@ class MessagingService:
         digest: str,
         requested_by: str | None,
         target: CallbackTarget | None = None,
+        when: timing.Timing | None = None,
+        quiet: dict[Channel, QuietHours] | None = None,
     ) -> SendAccepted | None:
         """Write the message; None when its idempotency key is already stored."""
         message_id = new_id()
         now = utcnow()
+        when = when or timing.Timing(Priority.NORMAL, None, None)
+        rank = when.priority.rank
         rows: list[NewDelivery] = []
         summaries: list[DeliverySummary] = []
-        stamps = self.fair.stamps(clinic_id, len(planned), now)
+        stamps = self.fair.stamps(clinic_id, len(planned), now, priority=rank, at=when.send_at)
         cipher = await self.config.keys.cipher_for(self.db, scope)
         for item, fair_at in zip(planned, stamps, strict=True):
             delivery_id = new_id()
             status = DeliveryStatus.FAILED if item.failure else DeliveryStatus.QUEUED
             error = {"reason": item.failure, "errors": []} if item.failure else None
+            not_before = when.send_at
+            held = None
+            if when.priority is not Priority.URGENT and not item.failure:
+                held = release_at((quiet or {}).get(item.channel), not_before or now, delivery_id)
+            if held is not None:
+                not_before = held
+            if not_before is not None:
+                fair_at = max(fair_at, not_before)
             rows.append(
                 NewDelivery(
                     id=delivery_id,
@@ -186,6 +244,9 @@ class MessagingService:
                     fallback_address=cipher.encrypt_address(item.fallback_address)
                     if item.fallback_address
                     else None,
+                    priority=rank,
+                    not_before=not_before,
+                    expires_at=when.expires_at,
                 )
             )
             summaries.append(
@@ -195,9 +256,16 @@ class MessagingService:
                     recipient=item.recipient,
                     status=status,
                     error=error,
+                    not_before=not_before.isoformat() if not_before and not item.failure else None,
                 )
             )
-        answer = SendAccepted(id=message_id, deliveries=summaries)
+        answer = SendAccepted(
+            id=message_id,
+            deliveries=summaries,
+            priority=when.priority,
+            send_at=when.send_at.isoformat() if when.send_at else None,
+            expires_at=when.expires_at.isoformat() if when.expires_at else None,
+        )
         content = cipher.encrypt_bytes(orjson.dumps(request.content()), f"message:{message_id}")
         meta = request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
         pending = PendingWrite(
@@ -261,11 +329,13 @@ class MessagingService:
 
     async def _regions(
         self, clinic_id: str | None, channels: list[Channel]
-    ) -> tuple[dict[Channel, str], dict[Channel, Channel]]:
-        """Default phone regions of the clinic's channels, and the channel fallbacks that
-        need another kind of address (email → SMS); checks that the clinic exists."""
+    ) -> tuple[dict[Channel, str], dict[Channel, Channel], dict[Channel, QuietHours]]:
+        """Default phone regions of the clinic's channels, the channel fallbacks that need
+        another kind of address (email → SMS) and the channels' quiet hours; checks that the
+        clinic exists."""
         regions: dict[Channel, str] = {}
         fallbacks: dict[Channel, Channel] = {}
+        quiet: dict[Channel, QuietHours] = {}
         wanted = list(channels)
         for channel in wanted:
             resolved = await self.config.get_clinic_config(clinic_id, channel)
@@ -274,12 +344,15 @@ class MessagingService:
             region = getattr(resolved.effective, "default_region", None)
             if isinstance(region, str):
                 regions[channel] = region
+            hours = getattr(resolved.effective, "quiet_hours", None)
+            if isinstance(hours, QuietHours):
+                quiet[channel] = hours
             target = _other_kind_fallback(resolved.own, channel)
             if channel in channels and target is not None:
                 fallbacks[channel] = target
                 if target not in wanted:
                     wanted.append(target)  # its default region reads the fallback number
-        return regions, fallbacks
+        return regions, fallbacks, quiet
 
     async def _previous(self, scope: str, key: str, digest: str) -> SendAccepted | None:
         async with self.db.read() as session:
@@ -340,8 +413,9 @@ def _failed_at_accept(
 
 
 def request_hash(request: SendRequest) -> str:
+    unset = {name for name in TIMING_FIELDS if getattr(request, name) is None}
     payload = orjson.dumps(
-        request.model_dump(mode="json", by_alias=True), option=orjson.OPT_SORT_KEYS
+        request.model_dump(mode="json", by_alias=True, exclude=unset), option=orjson.OPT_SORT_KEYS
     )
     return hashlib.sha256(payload).hexdigest()
 

@@ -8,8 +8,10 @@ provider's own credentials model and every problem is reported with its JSON pat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -157,6 +159,45 @@ class EmailSettings(ChannelSettings):
     default_from_name: SingleLine | None = Field(default=None, max_length=200)
 
 
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+class QuietHours(CamelModel):
+    """Hours of the day (wall clock in `timeZone`, an IANA name) when the clinic's non-urgent
+    SMS or WhatsApp messages are held (`delivery.quiet`): `{"start": "21:00", "end": "08:00",
+    "timeZone": "America/New_York"}`. A window whose start is after its end spans midnight.
+    Held deliveries are released when it ends, each at a stable offset within
+    `spreadMinutes` so the morning is not one spike. Urgent messages are never held.
+    """
+
+    start: str = Field(description="HH:MM, 24-hour clock")
+    end: str = Field(description="HH:MM, 24-hour clock")
+    time_zone: str = Field(min_length=1, max_length=64, description="IANA time zone name")
+    spread_minutes: int = Field(default=30, ge=0, le=240)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError("must be HH:MM (00:00 to 23:59)")
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start == self.end:
+            raise ValueError("start and end must differ")
+        return self
+
+
 class WindowTemplate(CamelModel):
     """The template a free-form WhatsApp text is sent as outside the 24-hour window.
 
@@ -185,6 +226,7 @@ class WhatsAppSettings(ChannelSettings):
     fallback: list[WhatsAppProviderConfig] = Field(default_factory=list)
     default_region: str | None = Field(default=None, min_length=2, max_length=2)
     window_templates: dict[str, WindowTemplate] = Field(default_factory=dict)
+    quiet_hours: QuietHours | None = None
 
 
 class SmsSettings(ChannelSettings):
@@ -194,10 +236,38 @@ class SmsSettings(ChannelSettings):
     fallback: list[SmsProviderConfig] = Field(default_factory=list)
     default_region: str | None = Field(default=None, min_length=2, max_length=2)
     max_segments: int | None = Field(default=None, ge=1, le=20)
+    quiet_hours: QuietHours | None = None
 
 
 #: Delivery statuses a status callback can report.
-CallbackStatus = Literal["sent", "delivered", "read", "failed", "bounced", "suppressed"]
+CallbackStatus = Literal[
+    "sent", "delivered", "read", "failed", "bounced", "suppressed", "expired", "cancelled"
+]
+
+#: A message's claim class (`delivery.records.Priority`).
+PriorityName = Literal["urgent", "normal", "bulk"]
+#: The longest time-to-live a clinic may set as a category's default.
+MAX_TTL_SECONDS = 90 * 86400
+
+
+class MessagePolicy(CamelModel):
+    """`communicationSettings.messages`: the clinic's defaults per message category.
+
+    `priorities` overrides the built-in category → priority mapping (`messaging.timing`),
+    e.g. `{"APPOINTMENT_REMINDER": "bulk"}`; `ttlSeconds` sets the default time-to-live of a
+    category's messages (`{"OTP": 300}`; the built-in default is 600 s for OTP and AUTH).
+    A send request's own `priority`, `expiresAt` or `ttlSeconds` wins over both.
+    """
+
+    priorities: dict[str, PriorityName] = Field(default_factory=dict, max_length=200)
+    ttl_seconds: dict[str, Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS)]] = Field(
+        default_factory=dict, max_length=200
+    )
+
+    @field_validator("priorities", "ttl_seconds")
+    @classmethod
+    def _upper(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {k.upper(): v for k, v in value.items()}
 
 
 class CallbackSettings(CamelModel):
@@ -245,6 +315,7 @@ class CommunicationSettings(CamelModel):
     whatsapp: WhatsAppSettings | None = None
     sms: SmsSettings | None = None
     callbacks: CallbackSettings | None = None
+    messages: MessagePolicy | None = None
 
     def channel(self, channel: Channel) -> ChannelSettings | None:
         value: ChannelSettings | None = getattr(self, channel.value)

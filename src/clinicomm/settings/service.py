@@ -35,6 +35,7 @@ from clinicomm.settings.models import (
     ChannelSettings,
     CommunicationSettings,
     EmailSettings,
+    MessagePolicy,
     SmsSettings,
     WhatsAppSettings,
 )
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 COMM = "communicationSettings"
 #: The `communicationSettings` key of the status callbacks (and their L1 cache slot).
 CALLBACKS = "callbacks"
+#: The `communicationSettings` key of the clinic's per-category message defaults.
+MESSAGES = "messages"
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +285,30 @@ class ConfigService:
                 settings = validate_model(CallbackSettings, plain, (COMM, CALLBACKS))
         self.cache.l1_put(CALLBACKS, clinic_id, version, _Boxed(settings))  # type: ignore[arg-type]
         return settings
+
+    async def get_message_policy(self, clinic_id: str) -> MessagePolicy | None:
+        """The clinic's `communicationSettings.messages` (category → priority and default
+        time-to-live), or None. Cached in L1 like the callbacks (no secrets in it)."""
+        cached: Any = self.cache.l1_get(MESSAGES, clinic_id)
+        if cached is not None:
+            value: MessagePolicy | None = cached.value
+            return value
+        async with self.db.sessions() as session:
+            row = await session.get(Clinic, clinic_id)
+            version = row.version if row is not None else 0
+            comm = (
+                row.settings.get(COMM)
+                if row is not None and isinstance(row.settings, dict)
+                else None
+            )
+            stored = comm.get(MESSAGES) if isinstance(comm, dict) else None
+            policy = (
+                validate_model(MessagePolicy, stored, (COMM, MESSAGES))
+                if isinstance(stored, dict)
+                else None
+            )
+        self.cache.l1_put(MESSAGES, clinic_id, version, _Boxed(policy))  # type: ignore[arg-type]
+        return policy
 
     def _count(self, label: str, channel: Channel, level: str, start: float) -> None:
         key = (label, channel.value)

@@ -176,9 +176,14 @@ class Delivery(Base):
     #: How many times an operator re-queued it (`clinicomm requeue`): the generation its
     #: status callbacks are ordered in.
     requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Claim class: 0 urgent, 1 normal, 2 bulk (`records.Priority`); claims take lower first.
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    #: Never handed to a provider after this instant: the delivery ends `expired`.
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (
-        Index("ix_deliveries_due", "status", "fair_at"),
+        # The claim (`outbox.claim`): queued rows of one class in fair order.
+        Index("ix_deliveries_claim", "status", "priority", "fair_at"),
         Index("ix_deliveries_clinic_provider_message", "clinic_id", "provider_message_id"),
         # The status API lists a clinic's deliveries newest first (ids are time-ordered).
         Index("ix_deliveries_clinic_list", "clinic_id", "id"),

@@ -70,6 +70,16 @@ SMS_LATENCY = Histogram(
 )
 TOTAL_SENT = Counter("communication_total_sent", "Deliveries sent, all clinics", ["channel"])
 TOTAL_FAILED = Counter("communication_total_failed", "Deliveries failed, all clinics", ["channel"])
+TOTAL_EXPIRED = Counter(
+    "communication_total_expired",
+    "Deliveries expired before a provider took them, all clinics",
+    ["channel"],
+)
+TOTAL_CANCELLED = Counter(
+    "communication_total_cancelled",
+    "Deliveries cancelled before a provider took them, all clinics",
+    ["channel"],
+)
 ACTIVE_CLINICS = Gauge(
     "communication_active_clinics", "Clinics with their own communication settings"
 )

@@ -1,4 +1,4 @@
-"""The one log line of a delivery that ends `failed`, `bounced` or `suppressed`.
+"""The one log line of a delivery that ends `failed`, `bounced`, `suppressed` or `expired`.
 
 Called where that end is decided: the worker (`delivery.worker`, once per handled delivery)
 and the webhook status path (`delivery.ingest`). The line carries ids, the channel, the last
@@ -13,7 +13,7 @@ from typing import Any
 
 log = logging.getLogger("clinicomm.delivery.outcome")
 
-ENDS = frozenset({"failed", "bounced", "suppressed"})
+ENDS = frozenset({"failed", "bounced", "suppressed", "expired"})
 
 
 def _last_error(error: dict[str, Any] | None) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def log_delivery_end(
     last = _last_error(error)
     errors = error.get("errors") if error else None
     log.log(
-        logging.INFO if status == "suppressed" else logging.WARNING,
+        logging.INFO if status == "suppressed" else logging.WARNING,  # expired: late, warn
         "delivery %s",
         status,
         extra={

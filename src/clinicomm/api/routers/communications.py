@@ -1,9 +1,10 @@
-"""Sending and delivery status: `POST /api/v1/communications`, `GET …/{id}`, `GET …`.
+"""Sending and delivery status: `POST /api/v1/communications`, `GET …/{id}`, `GET …`,
+`POST …/{id}/cancel`.
 
 A send answers 202 only after the message and its deliveries are committed. The clinic comes
 from the body (`metadata.clinicId`), so the route authenticates first and then authorizes
 `:send` for that clinic (no clinic: the global providers, a platform-wide permission).
-Reading a message needs `:send` or `:view` for its clinic.
+Reading a message needs `:send` or `:view` for its clinic; cancelling it needs `:send`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import authenticated, authorize, get_runtime
 from clinicomm.api.errors import ApiError, forbidden
 from clinicomm.api.schemas import ERRORS, ErrorAnswer
+from clinicomm.delivery.cancel import cancel_message, counted
 from clinicomm.delivery.status import GLOBAL, get_message, list_messages, reveal
 from clinicomm.messaging.models import DeliveryStatus, SendAccepted, SendRequest
 from clinicomm.messaging.service import (
@@ -26,6 +28,7 @@ from clinicomm.messaging.service import (
     UnknownClinicError,
 )
 from clinicomm.runtime import Runtime
+from clinicomm.store.models import utcnow
 from clinicomm.telemetry.logging import bind_context
 
 router = APIRouter(prefix="/api/v1/communications", tags=["communications"])
@@ -103,6 +106,36 @@ async def get_communication(
     if not _readable(principal, found["clinicId"]):
         raise forbidden(f"role {principal.role.value} cannot read this message")
     return await reveal(found, runtime.keys, runtime.db)
+
+
+@router.post(
+    "/{messageId}/cancel",
+    response_model=MessageStatus,
+    responses={**ERRORS, 404: {"model": ErrorAnswer, "description": "Unknown message"}},
+    summary="Cancel the deliveries not yet handed to a provider; answers the message",
+    description="Queued deliveries (due, scheduled by `sendAt`, held for quiet hours or "
+    "waiting for a retry) end `cancelled`; the answer is the message as GET shows it, so "
+    "deliveries already sent (or being sent) keep their status. Needs the send permission "
+    "for the message's clinic. Cancelling again changes nothing.",
+)
+async def cancel_communication(
+    message_id: Annotated[str, Path(alias="messageId", max_length=64)],
+    principal: Caller,
+    runtime: RuntimeDep,
+) -> dict[str, Any]:
+    async with runtime.db.read() as session:
+        found = await get_message(session, message_id, None)
+    if found is None:
+        raise ApiError(404, "not_found", f"message {message_id!r} not found")
+    bind_context(clinicId=found["clinicId"])
+    authorize(principal, Permission.SEND, found["clinicId"])
+    async with runtime.db.session() as session:
+        cancelled = await cancel_message(session, message_id, now=utcnow(), actor=principal.sub)
+    counted(message_id, cancelled)
+    async with runtime.db.read() as session:
+        answer = await get_message(session, message_id, None)
+    assert answer is not None
+    return await reveal(answer, runtime.keys, runtime.db)
 
 
 @router.get(
