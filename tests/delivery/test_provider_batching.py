@@ -14,7 +14,7 @@ import pytest
 
 from clinicomm import SendRequest
 from clinicomm.delivery.batching import COALESCER
-from tests.support.http_capture import CaptureServer, CapturedRequest, Scripted
+from tests.support.http_capture import CapturedRequest, CaptureServer, Scripted
 from tests.support.pipeline import create_clinic, wait_terminal
 from tests.support.specs import assert_valid
 

@@ -112,3 +112,51 @@ class SendAccepted(_Camel):
     id: str
     status: str = "queued"
     deliveries: list[DeliverySummary]
+
+
+#: Messages one batch send may carry.
+BATCH_MAX_ITEMS = 500
+
+
+class BatchSendItem(SendRequest):
+    """One message of a batch: a send request with its own `idempotencyKey`."""
+
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="As the `Idempotency-Key` header of a single send, for this item alone",
+    )
+
+
+class BatchSendRequest(_Camel):
+    """`POST /api/v1/communications/batch`: up to 500 messages, each checked on its own."""
+
+    items: list[BatchSendItem] = Field(min_length=1, max_length=BATCH_MAX_ITEMS)
+
+
+class BatchItemError(BaseModel):
+    """Why one item was refused (the error shape of a single send, paths from the batch)."""
+
+    code: str
+    message: str
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class BatchItemAnswer(_Camel):
+    """One item's answer: its status (202 accepted, else the single send's error status),
+    the message id and deliveries when accepted, or the error."""
+
+    index: int
+    status: int
+    id: str | None = None
+    deliveries: list[DeliverySummary] | None = None
+    error: BatchItemError | None = None
+
+
+class BatchAccepted(_Camel):
+    """The batch answer: one entry per item, in order."""
+
+    accepted: int
+    refused: int
+    items: list[BatchItemAnswer]

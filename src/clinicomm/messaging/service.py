@@ -159,6 +159,26 @@ class MessagingService:
         target: CallbackTarget | None = None,
     ) -> SendAccepted | None:
         """Write the message; None when its idempotency key is already stored."""
+        pending, answer = await self._pending(
+            request, planned, clinic_id, scope, idempotency_key, digest, requested_by, target
+        )
+        if not await self.writer.write(pending):
+            return None
+        _log_accepted(pending)
+        return answer
+
+    async def _pending(
+        self,
+        request: SendRequest,
+        planned: list[PlannedDelivery],
+        clinic_id: str | None,
+        scope: str,
+        idempotency_key: str | None,
+        digest: str,
+        requested_by: str | None,
+        target: CallbackTarget | None = None,
+    ) -> tuple[PendingWrite, SendAccepted]:
+        """The rows of one message (encrypted) and the answer its commit will give."""
         message_id = new_id()
         now = utcnow()
         rows: list[NewDelivery] = []
@@ -232,18 +252,62 @@ class MessagingService:
         )
         if target is not None:
             pending.callbacks = _failed_at_accept(rows, target, pending.message, now)
-        if not await self.writer.write(pending):
-            return None
-        log.info(
-            "message accepted",
-            extra={
-                "event": "message_accepted",
-                "messageId": message_id,
-                "clinicId": clinic_id,
-                "deliveries": len(rows),
-            },
-        )
-        return answer
+        return pending, answer
+
+    async def accept_many(
+        self, items: list[BatchItem], *, requested_by: str | None = None
+    ) -> list[SendAccepted | Exception]:
+        """Accept several messages in one transaction; one answer per item, in order.
+
+        Each item is checked as `accept` checks one message; an item that fails its checks
+        answers its own exception (SendValidationError, UnknownClinicError,
+        IdempotencyConflictError) and is not written, the others are. Every written item is
+        committed in the same transaction (all or none: a database error fails the whole
+        batch, raised). An item whose idempotency key is stored answers the first answer.
+        """
+        answers: list[SendAccepted | Exception | None] = [None] * len(items)
+        prepared: list[tuple[int, BatchItem, str, str, PendingWrite, SendAccepted]] = []
+        for index, item in enumerate(items):
+            request = item.request
+            clinic_id = request.metadata.clinic_id
+            try:
+                regions, fallbacks = await self._regions(clinic_id, request.channels)
+                target = await self._callback_target(clinic_id, request.callback_url)
+                planned = plan(request, regions, fallbacks)
+            except (SendValidationError, UnknownClinicError) as exc:
+                answers[index] = exc
+                continue
+            scope = clinic_id or PLATFORM_KEY_OWNER
+            digest = request_hash(request) if item.idempotency_key else ""
+            pending, answer = await self._pending(
+                request,
+                planned,
+                clinic_id,
+                scope,
+                item.idempotency_key,
+                digest,
+                requested_by,
+                target,
+            )
+            prepared.append((index, item, scope, digest, pending, answer))
+        written = await self.writer.write_group([p[4] for p in prepared])
+        for (index, item, scope, digest, pending, answer), done in zip(
+            prepared, written, strict=True
+        ):
+            if done:
+                _log_accepted(pending)
+                answers[index] = answer
+                continue
+            assert item.idempotency_key is not None
+            try:
+                previous = await self._previous(scope, item.idempotency_key, digest)
+                # An expired key was just deleted: this item alone, in its own transaction.
+                answers[index] = previous or await self.accept(
+                    item.request, idempotency_key=item.idempotency_key, requested_by=requested_by
+                )
+            except IdempotencyConflictError as exc:
+                answers[index] = exc
+        return [a for a in answers if a is not None]
 
     async def _callback_target(
         self, clinic_id: str | None, requested: str | None
@@ -312,6 +376,26 @@ class MessagingService:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One message of a batch send and its own idempotency key."""
+
+    request: SendRequest
+    idempotency_key: str | None = None
+
+
+def _log_accepted(pending: PendingWrite) -> None:
+    log.info(
+        "message accepted",
+        extra={
+            "event": "message_accepted",
+            "messageId": pending.message["id"],
+            "clinicId": pending.message["clinic_id"],
+            "deliveries": len(pending.deliveries),
+        },
+    )
+
+
 def _failed_at_accept(
     rows: list[NewDelivery], target: CallbackTarget, message: dict[str, Any], now: datetime
 ) -> list[dict[str, Any]]:
@@ -340,8 +424,11 @@ def _failed_at_accept(
 
 
 def request_hash(request: SendRequest) -> str:
+    """The payload's digest; a batch item's own `idempotencyKey` is not part of it, so a
+    batch item and a single send of the same message under the same key are the same."""
     payload = orjson.dumps(
-        request.model_dump(mode="json", by_alias=True), option=orjson.OPT_SORT_KEYS
+        request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"}),
+        option=orjson.OPT_SORT_KEYS,
     )
     return hashlib.sha256(payload).hexdigest()
 
