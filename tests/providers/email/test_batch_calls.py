@@ -3,15 +3,18 @@ official specs, and split by the provider's per-recipient answer."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from clinicomm.providers.base import AdapterContext, OutboundMessage, SendResult, TemplateRef
+from clinicomm.providers.email.mailgun import MailgunAdapter, MailgunCredentials
 from clinicomm.providers.email.postmark import PostmarkAdapter, PostmarkCredentials
 from clinicomm.providers.email.sendgrid import SendGridAdapter, SendGridCredentials
+from clinicomm.providers.email.ses import SesAdapter, SesCredentials
 from clinicomm.providers.errors import ConfigurationError, RecipientError
 from tests.providers.email.conftest import CANARY, template_message, text_message
 from tests.support.http_capture import CaptureServer
-from tests.support.specs import assert_valid
+from tests.support.specs import assert_valid, assert_valid_aws
 
 
 def sendgrid(server: CaptureServer, context: AdapterContext) -> SendGridAdapter:
@@ -153,3 +156,89 @@ async def test_postmark_template_batch_valid_against_the_spec(
     assert_valid("postmark", request, host_url="https://api.postmarkapp.com")
     assert [m["TemplateAlias"] for m in request.json()["Messages"]] == ["appointment-confirmed"] * 2
     assert all(isinstance(r, SendResult) for r in results)
+
+
+def mailgun(server: CaptureServer, context: AdapterContext) -> MailgunAdapter:
+    creds = MailgunCredentials.model_validate(
+        {"apiKey": CANARY, "domain": "mg.clinic-a.example", "baseUrl": server.url}
+    )
+    return MailgunAdapter(creds, context)
+
+
+async def test_mailgun_batch_is_one_request_with_recipient_variables(
+    server: CaptureServer, context: AdapterContext
+) -> None:
+    server.respond(200, {"id": "<batch@mg.clinic-a.example>", "message": "Queued."}, times=2)
+    messages = [text_message(to=f"p{i}@example.com", reference=f"dlv_{i}") for i in range(4)]
+    messages.append(text_message(to="P1@example.com", reference="dlv_again"))  # same address
+    mg = mailgun(server, context)
+    assert len({mg.batch_key(m) for m in messages}) == 1
+    assert mg.batch_key(template_message()) != mg.batch_key(
+        text_message(text=None, template=TemplateRef("appointment-confirmed", variables={}))
+    )
+    results = await mg.send_batch(messages)
+    assert len(server.requests) == 2  # the repeated address went alone
+    batch = server.requests[0]
+    assert_valid("mailgun", batch, host_url="https://api.mailgun.net")
+    form = batch.form()
+    assert form.getall("to") == [f"p{i}@example.com" for i in range(4)]
+    assert json.loads(form["recipient-variables"]) == {
+        f"p{i}@example.com": {"ref": f"dlv_{i}"} for i in range(4)
+    }
+    assert form["v:ref"] == "%recipient.ref%"
+    assert server.requests[1].form()["v:ref"] == "dlv_again"
+    assert all(isinstance(r, SendResult) for r in results)
+    assert {r.provider_message_id for r in results if isinstance(r, SendResult)} == {
+        "<batch@mg.clinic-a.example>"
+    }
+
+
+def ses(server: CaptureServer, context: AdapterContext) -> SesAdapter:
+    creds = SesCredentials.model_validate(
+        {
+            "region": "eu-west-1",
+            "accessKeyId": "AKIDCLINICA",
+            "secretAccessKey": CANARY,
+            "endpointUrl": server.url,
+            "fromEmail": "appointments@clinic-a.example",
+            "configurationSet": "clinic-a-events",
+        }
+    )
+    return SesAdapter(creds, context)
+
+
+async def test_ses_send_bulk_email_valid_and_split_per_entry(
+    server: CaptureServer, context: AdapterContext
+) -> None:
+    entries = [{"Status": "SUCCESS", "MessageId": f"ses-{i}"} for i in range(5)]
+    entries[1] = {"Status": "MESSAGE_REJECTED", "Error": "Email address is not verified."}
+    entries[3] = {"Status": "ACCOUNT_THROTTLED", "Error": "Maximum sending rate exceeded."}
+    server.respond(200, {"BulkEmailEntryResults": entries})
+    messages = [
+        template_message(to=f"p{i}@example.com", reference=f"dlv_{i}") for i in range(5)
+    ]
+    adapter = ses(server, context)
+    assert adapter.batch_key(text_message()) is None  # SendBulkEmail takes templates only
+    results = await adapter.send_batch(messages)
+    request = server.requests[0]
+    assert_valid_aws(
+        "aws-ses-sns/botocore-sesv2-2019-09-27.service-2.json", "SendBulkEmail", request
+    )
+    body = request.json()
+    assert body["DefaultContent"]["Template"]["TemplateName"] == "appointment-confirmed"
+    assert body["ConfigurationSetName"] == "clinic-a-events"
+    assert [e["ReplacementTags"] for e in body["BulkEmailEntries"]] == [
+        [{"Name": "ref", "Value": f"dlv_{i}"}] for i in range(5)
+    ]
+    data = json.loads(
+        body["BulkEmailEntries"][0]["ReplacementEmailContent"]["ReplacementTemplate"][
+            "ReplacementTemplateData"
+        ]
+    )
+    assert data == {"time": "10:30", "clinic": "Clinic A"}
+    assert [type(r).__name__ for r in results] == [
+        "SendResult", "RecipientError", "SendResult", "RateLimitedError", "SendResult"
+    ]
+    assert [r.provider_message_id for r in results if isinstance(r, SendResult)] == [
+        "ses-0", "ses-2", "ses-4"
+    ]
