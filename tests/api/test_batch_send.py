@@ -200,7 +200,7 @@ async def test_body_limit(api: Api, clinics: None) -> None:
 @pytest.fixture
 def wide_window() -> Iterator[None]:
     window = COALESCER.window
-    COALESCER.window = 0.3
+    COALESCER.window = 2.0
     yield
     COALESCER.window = window
 

@@ -24,7 +24,7 @@ BIG = {"worker_batch_size": 500, "worker_concurrency": 1000}
 @pytest.fixture(autouse=True)
 def wide_window() -> Iterator[None]:
     window = COALESCER.window
-    COALESCER.window = 0.3
+    COALESCER.window = 2.0
     yield
     COALESCER.window = window
 

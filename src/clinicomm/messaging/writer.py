@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,17 @@ from clinicomm.delivery.records import NewDelivery
 from clinicomm.store.db import Database
 from clinicomm.store.models import IdempotencyKey, Message
 
+log = logging.getLogger(__name__)
+
 MESSAGES: Table = Message.__table__  # type: ignore[assignment]
 IDEMPOTENCY: Table = IdempotencyKey.__table__  # type: ignore[assignment]
+#: Insert idempotency keys where free, answering those inserted; by "is PostgreSQL".
+_CLAIM_KEYS = {
+    dialect: insert(IDEMPOTENCY)
+    .on_conflict_do_nothing()
+    .returning(IDEMPOTENCY.c.scope, IDEMPOTENCY.c.key)
+    for dialect, insert in ((True, pg_insert), (False, sqlite_insert))
+}
 
 
 @dataclass
@@ -124,6 +134,15 @@ class BatchWriter:
         self.batches += 1
         if self.after_commit is not None and writes:
             self.after_commit()
+        if writes:
+            log.info(
+                "messages accepted",
+                extra={
+                    "event": "messages_accepted",
+                    "messages": len(writes),
+                    "deliveries": sum(len(i.deliveries) for i in writes),
+                },
+            )
         for item in batch:
             if not item.done.done():
                 item.done.set_result(id(item) not in taken)
@@ -143,14 +162,12 @@ class BatchWriter:
                 first[key] = item
         if not first:
             return taken
-        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        statement = (
-            insert(IDEMPOTENCY)
-            .values([i.idempotency for i in first.values()])
-            .on_conflict_do_nothing()
-            .returning(IDEMPOTENCY.c.scope, IDEMPOTENCY.c.key)
-        )
-        stored = {(row.scope, row.key) for row in await conn.execute(statement)}
+        # An executemany of one cached statement (SQLAlchemy's insertmanyvalues batches it),
+        # not a multi-row VALUES: that one is compiled anew for every batch size.
+        statement = _CLAIM_KEYS[conn.dialect.name == "postgresql"]
+        keys = [i.idempotency for i in first.values() if i.idempotency is not None]
+        rows = await conn.execute(statement, keys)
+        stored = {(row.scope, row.key) for row in rows}
         taken.update(id(item) for key, item in first.items() if key not in stored)
         return taken
 
