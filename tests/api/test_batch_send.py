@@ -255,3 +255,14 @@ async def test_a_batch_of_500_reminders_is_one_sendgrid_call_with_each_ones_vari
     (delivery,) = status.json()["deliveries"]
     assert delivery["status"] == "sent" and delivery["providerMessageId"] == "sg-b"
     assert [a["outcome"] for a in delivery["attempts"]] == ["sent"]
+
+
+async def test_a_number_beyond_64_bits_is_a_422_not_a_500(api: Api, clinics: None) -> None:
+    huge = body(metadata={"clinicId": "clinic-a", "n": 2**70})
+    answer = await api.client.post(URL, json={"items": [huge, body()]}, headers=api.admin)
+    assert answer.status_code == 207
+    first, second = answer.json()["items"]
+    assert first["status"] == 422 and first["error"]["details"][0]["path"] == "items.0.metadata"
+    assert second["status"] == 202
+    single = await api.client.post("/api/v1/communications", json=huge, headers=api.admin)
+    assert single.status_code == 422

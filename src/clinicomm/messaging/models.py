@@ -64,7 +64,12 @@ class SendMetadata(BaseModel):
         extra = self.model_extra or {}
         if len(extra) + (self.clinic_id is not None) > METADATA_MAX_KEYS:
             raise ValueError(f"metadata has more than {METADATA_MAX_KEYS} keys")
-        size = len(orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True)))
+        try:
+            size = len(
+                orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+            )
+        except TypeError:  # an integer beyond 64 bits: refused (422), never a 500
+            raise ValueError("metadata numbers must fit in 64 bits") from None
         if size > METADATA_MAX_BYTES:
             raise ValueError(f"metadata is larger than {METADATA_MAX_BYTES} bytes serialized")
         return self
