@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--wrk-threads", type=int, default=1)
     g.add_argument("--no-wrk", action="store_true",
                    help="full speed from the Python generator (--messages) instead of wrk")
-    g.add_argument("--batches", type=int, default=40,
+    g.add_argument("--batches", type=int, default=100,
                    help="requests of 500 messages in the batch scenario")
     g.add_argument("--latency-rate", type=float, default=1000.0,
                    help="offered msg/s for acceptance→sent latency")

@@ -116,7 +116,7 @@ class ServiceConfig:
     wrk_seconds: float = 10.0
     wrk_threads: int = 1
     #: Batch scenario: this many requests of ``Scenario.batch`` messages, 4 in flight.
-    batches: int = 40
+    batches: int = 100
 
 
 @dataclass

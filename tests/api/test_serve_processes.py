@@ -26,8 +26,6 @@ from tests.api.serve_proc import ServeProcess
 from tests.api.test_communications import body, sendgrid_settings
 from tests.support.http_capture import CaptureServer, Scripted
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis]
-
 MESSAGES = 600
 
 
@@ -54,6 +52,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 async def test_two_api_processes_and_a_worker_deliver_each_message_once(
     api: Api, settings: Settings, tmp_path: Path
 ) -> None:
