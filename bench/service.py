@@ -1,23 +1,25 @@
 """End-to-end service bench: ``clinicomm serve`` against the local sinks.
 
 What is measured (PERFORMANCE.md, "end to end": HTTP request in, message stored, worker claims
-it, provider called, status recorded):
+it, provider called, status recorded). Load (bench/load.py): `wrk` with bench/wrk_post.lua for
+the full-speed single sends (each request its own body and Idempotency-Key), a few aiohttp
+loops for the batch sends (500 messages a request), the Python constant-rate generator below
+for the fixed-rate runs. Counts and times come from the `deliveries` table the service wrote
+(no GET per message competes with the service):
 
-- **messages/s**: accepted messages / (first POST sent → last delivery reached a terminal
-  status). The end is the latest terminal timestamp the API reports for a delivery when it
-  exposes one, else the moment the poller saw the last one terminal (coarser, reported).
-- **POST p50/p99**: client-side latency of ``POST /api/v1/communications`` (request start →
-  202 read), measured by the load generator in this process.
-- **acceptance → sent p50/p99**: the sinks cannot timestamp, so "provider call" is
-  approximated by the time the API records the delivery as ``sent`` (just after the provider
-  answered; the sink round trip is well under a millisecond). "Acceptance" is the message's
-  ``createdAt`` from the API when present (same clock as the sent time), else the moment the
-  load generator read the 202. Which pair was used is printed in the scenario's note.
+- **messages/s**: sent deliveries / (first delivery's ``created_at`` → last ``sent_at``).
+- **POST p50/p99**: client-side latency, from wrk's histogram or the Python generator.
+- **acceptance → sent p50/p99**: ``sent_at - created_at`` of each delivery: from the accept
+  (before its group commit) to the provider's answer being recorded.
+- **CPU per delivered message**: user+system CPU seconds of serve, its API processes and its
+  workers (from /proc) between the first request and the last delivery terminal, divided by
+  the sent deliveries; PostgreSQL's and Redis's processes apart. Far steadier than a rate on
+  a shared machine.
 - **peak RSS**: ``VmHWM`` of the serve process plus its children, from /proc, read before it
   is stopped; the current RSS (``VmRSS``) is reported beside it.
 
-The load generator shares the machine with the service (as the sinks do); on 2 cores it costs
-CPU, so figures are a lower bound of what the service does alone.
+The load generator shares the machine with the service (as the sinks do), so rates are a lower
+bound of what the service does alone; the CPU figures are not affected by that.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
+from bench.load import CpuMeter, DeliveryReader, Load, offer_batches, offer_wrk
 from bench.sinks import HttpSink, SmtpSink, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +74,7 @@ class Scenario:
     provider: str  # "sendgrid" | "smtp" | "meta_business"
     rate: float | None  # offered messages/s; None = as fast as ``concurrency`` allows
     raw_key: str | None  # which raw figure the throughput is compared with
+    batch: int = 0  # messages per POST /communications/batch; 0: single sends
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -80,6 +83,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("email-sendgrid", "email", "sendgrid", None, "http"),
         Scenario("email-smtp", "email", "smtp", None, "smtp5"),
         Scenario("whatsapp-meta", "whatsapp", "meta_business", None, "http"),
+        Scenario("batch-accept", "email", "sendgrid", None, "http", batch=500),
         Scenario("latency-at-rate", "email", "sendgrid", 1000.0, None),
         Scenario("post-at-rate", "email", "sendgrid", 300.0, None),
     )
@@ -105,6 +109,14 @@ class ServiceConfig:
     #: 0: serve runs its in-process worker; N: serve is API only and N `clinicomm worker`
     #: processes send (PostgreSQL).
     workers: int = 0
+    #: CLINICOMM_PROCESSES of serve (PostgreSQL): API processes on one port.
+    processes: int = 1
+    #: `wrk` for full-speed single sends (None: the Python generator, ``messages`` of them).
+    wrk: str | None = None
+    wrk_seconds: float = 10.0
+    wrk_threads: int = 1
+    #: Batch scenario: this many requests of ``Scenario.batch`` messages, 4 in flight.
+    batches: int = 100
 
 
 @dataclass
@@ -124,6 +136,11 @@ class ScenarioResult:
     sent_p50_ms: float | None
     sent_p99_ms: float | None
     note: str
+    generator: str = ""
+    #: CPU milliseconds per sent delivery: the service's processes, PostgreSQL, Redis.
+    cpu_ms: float | None = None
+    pg_cpu_ms: float | None = None
+    redis_cpu_ms: float | None = None
 
 
 @dataclass
@@ -394,175 +411,66 @@ def _json(data: bytes) -> Any:
     return orjson.loads(data)
 
 
-def _ts(value: object) -> float | None:
-    """An ISO-8601 timestamp (or epoch number) from the API as epoch seconds."""
-    if isinstance(value, int | float):
-        return float(value) / (1000 if value > 1e11 else 1)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return datetime.fromisoformat(value).timestamp()
-    return None
-
-
-def _first_ts(obj: dict[str, Any], *keys: str) -> float | None:
-    for k in keys:
-        if (t := _ts(obj.get(k))) is not None:
-            return t
-    return None
-
-
-def sent_time(delivery: dict[str, Any]) -> float | None:
-    """When the API says this delivery was handed to the provider (``sentAt``, or the time of
-    its last successful attempt); None if the API exposes neither."""
-    t = _first_ts(delivery, "sentAt", "sent_at")
-    if t is not None:
-        return t
-    for attempt in reversed(delivery.get("attempts") or []):
-        if isinstance(attempt, dict) and str(attempt.get("outcome", "")).lower() in {
-            "sent", "success", "succeeded", "ok", "accepted",
-        }:
-            return _first_ts(attempt, "time", "at", "timestamp", "finishedAt", "completedAt")
-    return None
-
-
-async def fetch_all(session: aiohttp.ClientSession, base: str, ids: list[str],
-                    concurrency: int = 32) -> dict[str, dict[str, Any]]:
-    """``GET /api/v1/communications/{id}`` for every id (``concurrency`` in flight)."""
-    out: dict[str, dict[str, Any]] = {}
-    it = iter(ids)
-
-    async def loop() -> None:
-        for mid in it:
-            async with session.get(f"{base}{API}/communications/{mid}") as resp:
-                if resp.status == 200:
-                    out[mid] = _json(await resp.read())
-
-    await asyncio.gather(*(loop() for _ in range(concurrency)))
-    return out
-
-
-def _deliveries(message: dict[str, Any]) -> list[dict[str, Any]]:
-    return [d for d in message.get("deliveries") or [] if isinstance(d, dict)]
-
-
-async def _any_pending(session: aiohttp.ClientSession, base: str,
-                       clinics: list[str]) -> bool | None:
-    """Cheap progress check through the list endpoint: True if some message of ``clinics`` is
-    still queued/sending, False if none, None if the list endpoint is unusable."""
-    for clinic in clinics:
-        for status in ("queued", "sending"):
-            url = f"{base}{API}/communications?clinicId={clinic}&status={status}&limit=1"
-            async with session.get(url) as resp:
-                if resp.status != 200:
-                    return None
-                body = _json(await resp.read())
-            items = body if isinstance(body, list) else next(
-                (body[k] for k in ("items", "data", "results", "communications")
-                 if isinstance(body, dict) and isinstance(body.get(k), list)), None)
-            if items is None:
-                return None
-            if items:
-                return True
-    return False
-
-
-async def wait_terminal(session: aiohttp.ClientSession, base: str, clinics: list[str],
-                        ids: list[str], timeout: float
-                        ) -> tuple[dict[str, dict[str, Any]], float, bool]:
-    """Wait until every delivery of ``ids`` is terminal or ``timeout`` passes.
-
-    While work is in flight only the list endpoint is polled (two cheap requests per clinic
-    every 100 ms) so polling does not compete with the service; then every message is fetched
-    once, and the stragglers again until terminal. Returns (messages, wall time the poller saw
-    the last one terminal, whether the list endpoint was usable).
-    """
-    deadline = time.monotonic() + timeout
-    usable = True
-    while time.monotonic() < deadline:
-        pending = await _any_pending(session, base, clinics)
-        if pending is None:
-            usable = False
-            break
-        if not pending:
-            break
-        await asyncio.sleep(0.1)
-    messages: dict[str, dict[str, Any]] = {}
-    todo = list(ids)
-    while todo and time.monotonic() < deadline:
-        messages.update(await fetch_all(session, base, todo))
-        todo = [m for m in ids if m not in messages or any(
-            d.get("status") not in TERMINAL for d in _deliveries(messages[m]))]
-        if todo:
-            await asyncio.sleep(0.2)
-    return messages, time.time(), usable
-
-
 # --------------------------------------------------------------------------- scenarios
 
 
 async def run_scenario(session: aiohttp.ClientSession, base: str, scenario: Scenario,
-                       clinics: list[str], cfg: ServiceConfig) -> ScenarioResult:
+                       clinics: list[str], cfg: ServiceConfig, *, token: str,
+                       reader: DeliveryReader, meter: CpuMeter) -> ScenarioResult:
     """Offer the scenario's load, wait for every delivery, and compute its figures."""
-    count = cfg.messages if scenario.rate is None else int(scenario.rate * cfg.rate_seconds)
-
-    def payload(i: int) -> dict[str, Any]:
-        return message_payload(scenario, clinics[i % len(clinics)], i)
-
-    offered = await offer_load(session, base, count, payload, rate=scenario.rate,
-                               concurrency=cfg.concurrency)
-    ids = [a.id for a in offered.accepted]
-    messages, seen_done, list_usable = await wait_terminal(session, base, clinics, ids,
-                                                           cfg.timeout)
-
-    succeeded = failed = not_terminal = 0
-    ends: list[float] = []
-    latencies: list[float] = []
-    created_used = 0
-    for a in offered.accepted:
-        msg = messages.get(a.id, {})
-        accepted_at = _first_ts(msg, "createdAt", "created_at")
-        if accepted_at is not None:
-            created_used += 1
-        for d in _deliveries(msg) or [{}]:
-            status = d.get("status")
-            if status in SUCCESS:
-                succeeded += 1
-            elif status in TERMINAL:
-                failed += 1
-            else:
-                not_terminal += 1
-            t = sent_time(d)
-            if t is not None:
-                ends.append(t)
-                if status in SUCCESS:
-                    latencies.append((t - (accepted_at or a.accepted_at)) * 1000)
-
-    notes: list[str] = []
-    if ends and not not_terminal:
-        end = max(ends)
-        notes.append("end = last sent time from the API")
+    run = secrets.token_hex(4)
+    before = meter.sample()
+    load: Load
+    if scenario.batch:
+        load = await offer_batches(session, base, clinics, batches=cfg.batches,
+                                   size=scenario.batch, concurrency=4, run=run)
+    elif scenario.rate is None and cfg.wrk:
+        load = await offer_wrk(base, token, scenario.channel, clinics, seconds=cfg.wrk_seconds,
+                               connections=cfg.concurrency, threads=cfg.wrk_threads, run=run)
     else:
-        end = seen_done
-        notes.append("end = poller saw all terminal" + ("" if list_usable else
-                                                         " (list endpoint unusable)"))
-    if latencies:
-        notes.append("acceptance = " + ("API createdAt" if created_used else "202 read") +
-                     ", provider call = API sent time")
-    else:
-        notes.append("no sent time exposed by the API: acceptance→sent not computed")
-    if offered.rejected:
+        count = cfg.messages if scenario.rate is None else int(scenario.rate * cfg.rate_seconds)
+
+        def payload(i: int) -> dict[str, Any]:
+            return message_payload(scenario, clinics[i % len(clinics)], i)
+
+        offered = await offer_load(session, base, count, payload, rate=scenario.rate,
+                                   concurrency=cfg.concurrency)
+        posts = [a.post_ms for a in offered.accepted]
+        load = Load("aiohttp" + (" (constant rate)" if scenario.rate else ""),
+                    len(offered.accepted), offered.rejected, offered.started_at, count,
+                    percentile(posts, 50), percentile(posts, 99), posts)
+    await reader.wait(clinics, load.accepted, cfg.timeout)
+    after = meter.sample()
+    figures = await reader.figures(clinics)
+    if load.generator == "wrk":  # wrk stops at its deadline and leaves the last answers unread
+        load.accepted = max(load.accepted, figures.total)
+    notes = [f"load: {load.generator}, {load.requests:,} requests"]
+    if load.rejected:
         notes.append("rejected: " + ", ".join(f"{k}×{v}" for k, v in
-                                               sorted(offered.rejected.items())))
-    posts = [a.post_ms for a in offered.accepted]
-    duration = end - offered.started_at
+                                               sorted(load.rejected.items())))
+    start = figures.first_created or load.started_at
+    duration = (figures.last_sent or time.time()) - start
+    sent = figures.sent
+
+    def per(seconds: float) -> float | None:
+        return seconds * 1000 / sent if sent else None
+
+    if load.post_ms:
+        post_p50, post_p99 = percentile(load.post_ms, 50), percentile(load.post_ms, 99)
+    else:
+        post_p50, post_p99 = load.post_p50_ms, load.post_p99_ms
     return ScenarioResult(
-        scenario=scenario, offered=count, accepted=len(ids),
-        rejected=sum(offered.rejected.values()), succeeded=succeeded, failed=failed,
-        not_terminal=not_terminal,
-        msgs_per_s=succeeded / duration if duration > 0 and succeeded else None,
-        post_p50_ms=percentile(posts, 50), post_p99_ms=percentile(posts, 99),
-        sent_p50_ms=percentile(latencies, 50), sent_p99_ms=percentile(latencies, 99),
-        note="; ".join(notes),
+        scenario=scenario, offered=load.requests, accepted=load.accepted,
+        rejected=sum(load.rejected.values()), succeeded=sent, failed=figures.failed,
+        not_terminal=figures.pending,
+        msgs_per_s=sent / duration if duration > 0 and sent else None,
+        post_p50_ms=post_p50, post_p99_ms=post_p99,
+        sent_p50_ms=percentile(figures.latencies_ms, 50),
+        sent_p99_ms=percentile(figures.latencies_ms, 99),
+        note="; ".join(notes), generator=load.generator,
+        cpu_ms=per(after.service - before.service),
+        pg_cpu_ms=per(after.postgres - before.postgres) if cfg.database_url else None,
+        redis_cpu_ms=per(after.redis - before.redis) if cfg.redis_url else None,
     )
 
 
@@ -601,10 +509,13 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
         database_url = cfg.database_url or f"sqlite+aiosqlite:///{workdir}/bench.db"
         db_label = database_url.split(":", 1)[0].split("+", 1)[0]
         db_label += " + redis" if cfg.redis_url else ""
+        if cfg.processes > 1:
+            db_label += f", {cfg.processes} API processes"
         if cfg.workers:
             db_label += f", {cfg.workers} worker{'s' if cfg.workers > 1 else ''}"
         result = ServiceResult(database=db_label)
         env = _base_env(free_port(), database_url, cfg.redis_url)
+        env["CLINICOMM_PROCESSES"] = str(cfg.processes)
         if cfg.workers:
             env["CLINICOMM_WORKER"] = "false"
         workers: list[subprocess.Popen[bytes]] = []
@@ -614,6 +525,7 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
             result.skipped = str(exc)
             return result
         serve = ServeProcess(command, env, workdir)
+        reader = DeliveryReader(database_url)
         try:
             await asyncio.to_thread(_cli, command, env, "migrate")
             token = (await asyncio.to_thread(_cli, command, env, "token", "--role",
@@ -628,6 +540,7 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
             run = secrets.token_hex(3)
             async with aiohttp.ClientSession(connector=connector, headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=60)) as s:
+                meter = CpuMeter([serve.pid, *(w.pid for w in workers)])
                 for name in cfg.scenarios:
                     sc = SCENARIOS[name]
                     if sc.rate is not None:
@@ -635,7 +548,8 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
                         sc = Scenario(sc.name, sc.channel, sc.provider, rate, sc.raw_key)
                     clinics = await _create_clinics(s, serve.url, sc, cfg.clinics, run,
                                                     http, smtp)
-                    res = await run_scenario(s, serve.url, sc, clinics, cfg)
+                    res = await run_scenario(s, serve.url, sc, clinics, cfg, token=token,
+                                             reader=reader, meter=meter)
                     result.scenarios.append(res)
                     result.total_messages += res.accepted
                     if on_scenario is not None:
@@ -648,6 +562,7 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
             if tail:
                 result.error += f"\n--- serve.log tail ---\n{tail}"
         finally:
+            await reader.close()
             for proc in workers:
                 proc.terminate()
             for proc in workers:

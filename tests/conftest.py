@@ -51,6 +51,7 @@ def canary(label: str) -> str:
 SERIAL_MODULES = frozenset(
     {
         "tests/api/test_cross_process.py",
+        "tests/api/test_serve_processes.py",
         "tests/delivery/test_fairness.py",
         "tests/delivery/test_priority.py",
         "tests/delivery/test_whatsapp_throughput.py",

@@ -5,6 +5,8 @@ an operational error (wrong master key, database down) exits 1 with one clear li
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -249,9 +251,24 @@ def keys_rotate(
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    processes: int | None = typer.Option(
+        None,
+        "--processes",
+        min=1,
+        max=64,
+        help="API processes on one port (PostgreSQL only); default CLINICOMM_PROCESSES (1).",
+    ),
+    reuse_port: bool = typer.Option(False, "--reuse-port", hidden=True),
+) -> None:
     """Run the HTTP API (uvicorn, uvloop, httptools) on CLINICOMM_HOST:CLINICOMM_PORT, with a
     delivery worker in the same process unless CLINICOMM_WORKER=false.
+
+    With `--processes N` (N > 1, PostgreSQL): N API processes share the port (SO_REUSEPORT, the
+    kernel spreads connections) and one `clinicomm worker` process sends (unless
+    CLINICOMM_WORKER=false); this process supervises them: SIGTERM/SIGINT is passed on, and
+    when one of them exits the others are stopped. SQLite stays one process (its writers are
+    serialised in process).
 
     An empty SQLite database is migrated on first start. A wrong master key, a refused dev
     key or secret, or an unreachable database stops it with one line and exit code 1.
@@ -267,6 +284,11 @@ def serve() -> None:
 
     settings = load_settings()
     configure_logging(settings.log_level, fmt=settings.log_format)
+    count = processes if processes is not None else settings.processes
+    if count > 1 and not reuse_port:
+        if settings.is_sqlite:
+            fail("SQLite runs one process: --processes needs PostgreSQL", 2)
+        raise typer.Exit(_supervise(settings, count))
     try:
         verifier = TokenVerifier.from_settings(settings)
     except JwtConfigError as exc:
@@ -281,6 +303,7 @@ def serve() -> None:
                 await conn.execute(text("SELECT 1"))
             api = create_app(settings, runtime)
             api.state.verifier = verifier
+            sockets = [_reuse_port_socket(settings.host, settings.port)] if reuse_port else None
             config = uvicorn.Config(
                 api,
                 host=settings.host,
@@ -296,16 +319,17 @@ def serve() -> None:
             stop = asyncio.Event()
             from clinicomm.observability.monitors import start_monitors, stop_monitors
 
-            monitors = start_monitors(runtime, stop)
+            # An API process of `--processes N` leaves probes and alerts to the worker process.
+            monitors = start_monitors(runtime, stop) if not reuse_port else []
             worker_task = None
-            if settings.worker:
+            if settings.worker and not reuse_port:
                 from clinicomm.client import worker_options
                 from clinicomm.delivery.worker import Worker
 
                 worker = Worker.for_runtime(runtime, worker_options(settings))
                 worker_task = asyncio.create_task(worker.run(stop), name="serve-worker")
             try:
-                await server.serve()
+                await server.serve(sockets=sockets)
             finally:
                 stop.set()
                 if worker_task is not None:
@@ -318,6 +342,70 @@ def serve() -> None:
 
     uvloop.install()
     run(go)
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that other processes may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _supervise(settings: Settings, count: int) -> int:
+    """Run `count` API processes on one port and one worker process; stop all when one exits
+    or on SIGTERM/SIGINT (passed on). Returns the exit code: 0 after a requested stop."""
+    import signal
+    import subprocess
+    import time
+
+    def spawn(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        code = "from clinicomm.cli import app; app()"
+        return subprocess.Popen([sys.executable, "-c", code, *args], env=env)  # noqa: S603 - our own command
+
+    base = dict(os.environ)
+    api_env = {**base, "CLINICOMM_WORKER": "false", "CLINICOMM_PROCESSES": "1"}
+    children = [spawn("serve", "--reuse-port", env=api_env) for _ in range(count)]
+    if settings.worker:
+        children.append(spawn("worker", env={**base, "CLINICOMM_PROCESSES": "1"}))
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.2)
+        if not stopping:  # one exited on its own: stop the others, report its code
+            code = next(c.returncode for c in children if c.poll() is not None) or 1
+            stop(signal.SIGTERM, None)
+        deadline = time.monotonic() + 30
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    return code
 
 
 def _role(role: str, clinic: str | None) -> Role:

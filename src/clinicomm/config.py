@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     port: int = 8000
     #: Run a delivery worker inside `clinicomm serve` (false: API only, separate workers).
     worker: bool = True
+    #: API processes of `clinicomm serve`, all on one port (SO_REUSEPORT), beside one worker
+    #: process (when `worker` is true). More than 1 needs PostgreSQL: SQLite runs one process.
+    processes: int = Field(default=1, ge=1, le=64)
     #: `production` refuses dev keys, dev JWT secrets and unsafe SMTP.
     env: Literal["development", "test", "production"] = "development"
     #: A JSON `communicationSettings` document for the global providers (wins over `EMAIL_*`…).

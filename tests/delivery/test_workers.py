@@ -1,7 +1,8 @@
 """Worker processes: a SIGKILL mid-run loses nothing; two workers never send a message twice.
 
 The sink is a local SendGrid-shaped server that counts sends per delivery (the delivery id
-travels as SendGrid `custom_args.ref`), so duplicates are counted exactly.
+travels as SendGrid `custom_args.ref`, one per personalization: a request may carry several),
+so duplicates are counted exactly.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class CountingSink(CaptureServer):
 
     async def _answer(self, request: CapturedRequest) -> Scripted:
         body = request.json()
-        ref = body["personalizations"][0]["custom_args"]["ref"]
-        self.per_delivery[ref] += 1
-        return Scripted(202, None, {"X-Message-Id": f"sg-{ref}"}, self.delay)
+        # One request may carry many deliveries (SendGrid personalizations: issue 20).
+        refs = [p["custom_args"]["ref"] for p in body["personalizations"]]
+        self.per_delivery.update(refs)
+        return Scripted(202, None, {"X-Message-Id": f"sg-{refs[0]}"}, self.delay)
 
     @property
     def total(self) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 from clinicomm.delivery import admission, decision
 from clinicomm.delivery.admission import Guards
+from clinicomm.delivery.batching import COALESCER
 from clinicomm.delivery.records import (
     Attempt,
     Claimed,
@@ -274,7 +275,8 @@ async def _call(
     error: ProviderError | None = None
     result = None
     try:
-        result = await hop.adapter.send(message)
+        # One provider call may carry this and other deliveries (delivery.batching).
+        result = await COALESCER.send(hop.adapter, message)
     except ProviderError as exc:
         error = exc
     except Exception as exc:  # an adapter bug must not lose the delivery

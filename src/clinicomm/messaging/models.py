@@ -140,7 +140,12 @@ class SendMetadata(BaseModel):
         extra = self.model_extra or {}
         if len(extra) + (self.clinic_id is not None) > METADATA_MAX_KEYS:
             raise ValueError(f"metadata has more than {METADATA_MAX_KEYS} keys")
-        size = len(orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True)))
+        try:
+            size = len(
+                orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+            )
+        except TypeError:  # an integer beyond 64 bits: refused (422), never a 500
+            raise ValueError("metadata numbers must fit in 64 bits") from None
         if size > METADATA_MAX_BYTES:
             raise ValueError(f"metadata is larger than {METADATA_MAX_BYTES} bytes serialized")
         return self
@@ -202,3 +207,51 @@ class SendAccepted(_Camel):
     priority: Priority | None = None
     send_at: str | None = None
     expires_at: str | None = None
+
+
+#: Messages one batch send may carry.
+BATCH_MAX_ITEMS = 500
+
+
+class BatchSendItem(SendRequest):
+    """One message of a batch: a send request with its own `idempotencyKey`."""
+
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="As the `Idempotency-Key` header of a single send, for this item alone",
+    )
+
+
+class BatchSendRequest(_Camel):
+    """`POST /api/v1/communications/batch`: up to 500 messages, each checked on its own."""
+
+    items: list[BatchSendItem] = Field(min_length=1, max_length=BATCH_MAX_ITEMS)
+
+
+class BatchItemError(BaseModel):
+    """Why one item was refused (the error shape of a single send, paths from the batch)."""
+
+    code: str
+    message: str
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class BatchItemAnswer(_Camel):
+    """One item's answer: its status (202 accepted, else the single send's error status),
+    the message id and deliveries when accepted, or the error."""
+
+    index: int
+    status: int
+    id: str | None = None
+    deliveries: list[DeliverySummary] | None = None
+    error: BatchItemError | None = None
+
+
+class BatchAccepted(_Camel):
+    """The batch answer: one entry per item, in order."""
+
+    accepted: int
+    refused: int
+    items: list[BatchItemAnswer]

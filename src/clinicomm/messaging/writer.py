@@ -2,17 +2,20 @@
 
 `accept()` callers hand their rows to the writer and wait; a single writer task takes whatever
 is waiting (up to `max_batch` messages), writes it in one transaction, and only then wakes each
-caller. Durability is unchanged (an answer still means "committed"), but the database does one
-commit for a burst instead of one per request. Idempotency keys are inserted first with
-`ON CONFLICT DO NOTHING`: a message whose key is already stored is not written, and its caller
-is told so (it then answers the stored first answer, or 409). If a batch still fails on a
-constraint, each message of the batch is retried alone so only the offending one sees it.
+caller. A batch send hands a group of messages (`write_group`): a group is committed whole in
+one transaction or not at all, never split across transactions. Durability is unchanged (an
+answer still means "committed"), but the database does one commit for a burst instead of one
+per request. Idempotency keys are inserted first with `ON CONFLICT DO NOTHING`: a message whose
+key is already stored is not written, and its caller is told so (it then answers the stored
+first answer, or 409). If a batch still fails on a constraint, each group of the batch is
+retried alone so only the offending one sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +32,17 @@ from clinicomm.delivery.records import NewDelivery
 from clinicomm.store.db import Database
 from clinicomm.store.models import IdempotencyKey, Message
 
+log = logging.getLogger(__name__)
+
 MESSAGES: Table = Message.__table__  # type: ignore[assignment]
 IDEMPOTENCY: Table = IdempotencyKey.__table__  # type: ignore[assignment]
+#: Insert idempotency keys where free, answering those inserted; by "is PostgreSQL".
+_CLAIM_KEYS = {
+    dialect: insert(IDEMPOTENCY)
+    .on_conflict_do_nothing()
+    .returning(IDEMPOTENCY.c.scope, IDEMPOTENCY.c.key)
+    for dialect, insert in ((True, pg_insert), (False, sqlite_insert))
+}
 
 
 @dataclass
@@ -64,35 +76,46 @@ class BatchWriter:
         self.before_commit = before_commit
         self.after_commit = after_commit
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[PendingWrite] = asyncio.Queue()
+        self._queue: asyncio.Queue[list[PendingWrite]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
 
     async def write(self, item: PendingWrite) -> bool:
         """Queue the rows and wait for their commit (re-raising its error). False: the
         idempotency key is already stored, and nothing was written."""
+        (written,) = await self.write_group([item])
+        return written
+
+    async def write_group(self, items: list[PendingWrite]) -> list[bool]:
+        """Queue several messages to be committed in one transaction, all or none; wait for
+        the commit (re-raising its error). One flag per item, False where its idempotency key
+        was already stored (that item alone was not written)."""
+        if not items:
+            return []
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="accept-writer")
-        self._queue.put_nowait(item)
-        return await asyncio.shield(item.done)
+        self._queue.put_nowait(items)
+        return list(await asyncio.shield(asyncio.gather(*(item.done for item in items))))
 
     async def _run(self) -> None:
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            groups = [await self._queue.get()]
+            size = len(groups[0])
+            while size < self.max_batch and not self._queue.empty():
+                groups.append(self._queue.get_nowait())
+                size += len(groups[-1])
+            batch = [item for group in groups for item in group]
             try:
                 await self._commit(batch)
             except IntegrityError as exc:
-                if len(batch) == 1:
+                if len(groups) == 1:
                     _fail(batch, exc)
                 else:
-                    for item in batch:
+                    for group in groups:
                         try:
-                            await self._commit([item])
+                            await self._commit(group)
                         except Exception as exc:
-                            _fail([item], exc)
+                            _fail(group, exc)
             except Exception as exc:
                 _fail(batch, exc)
 
@@ -111,6 +134,15 @@ class BatchWriter:
         self.batches += 1
         if self.after_commit is not None and writes:
             self.after_commit()
+        if writes:
+            log.info(
+                "messages accepted",
+                extra={
+                    "event": "messages_accepted",
+                    "messages": len(writes),
+                    "deliveries": sum(len(i.deliveries) for i in writes),
+                },
+            )
         for item in batch:
             if not item.done.done():
                 item.done.set_result(id(item) not in taken)
@@ -130,14 +162,12 @@ class BatchWriter:
                 first[key] = item
         if not first:
             return taken
-        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        statement = (
-            insert(IDEMPOTENCY)
-            .values([i.idempotency for i in first.values()])
-            .on_conflict_do_nothing()
-            .returning(IDEMPOTENCY.c.scope, IDEMPOTENCY.c.key)
-        )
-        stored = {(row.scope, row.key) for row in await conn.execute(statement)}
+        # An executemany of one cached statement (SQLAlchemy's insertmanyvalues batches it),
+        # not a multi-row VALUES: that one is compiled anew for every batch size.
+        statement = _CLAIM_KEYS[conn.dialect.name == "postgresql"]
+        keys = [i.idempotency for i in first.values() if i.idempotency is not None]
+        rows = await conn.execute(statement, keys)
+        stored = {(row.scope, row.key) for row in rows}
         taken.update(id(item) for key, item in first.items() if key not in stored)
         return taken
 

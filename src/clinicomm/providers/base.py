@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, field_val
 from pydantic.alias_generators import to_camel
 
 from clinicomm.providers.egress import PERMISSIVE, EgressPolicy
+from clinicomm.providers.errors import ProviderError
 
 MASK = "********"
 
@@ -249,6 +250,9 @@ class ProviderAdapter(abc.ABC):
     #: The provider the seed's global variables assume for this channel when
     #: `<CHANNEL>_PROVIDER` is unset (one per channel: smtp, meta_business, twilio).
     global_default: ClassVar[bool] = False
+    #: Messages one `send_batch` call may carry (SendGrid 1,000 personalizations, Postmark
+    #: 500); 1: the provider has no batch call and every message goes through `send`.
+    max_batch: ClassVar[int] = 1
 
     def __init__(self, credentials: ProviderCredentials, context: AdapterContext) -> None:
         self.credentials = credentials
@@ -283,6 +287,30 @@ class ProviderAdapter(abc.ABC):
         (`reads_token_expiry` False: only a typed-in `expiresAt` is known). Raises the same
         classified errors as `probe`."""
         return None
+
+    def batch_key(self, message: OutboundMessage) -> Hashable | None:
+        """Messages with equal keys may go out together in one `send_batch` call (same
+        content, template or endpoint); None: this message is sent alone. Only consulted when
+        `max_batch` > 1."""
+        return None
+
+    async def send_batch(
+        self, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult | ProviderError]:
+        """Hand several messages of one `batch_key` to the provider in one call.
+
+        Answers one entry per message, in order: its `SendResult`, or the classified
+        `ProviderError` the provider gave for that recipient (a batch that fails partly is split
+        by the provider's per-recipient answer). Raises a `ProviderError` when the call as a
+        whole failed (it then applies to every message). The default sends them one by one.
+        """
+        results: list[SendResult | ProviderError] = []
+        for message in messages:
+            try:
+                results.append(await self.send(message))
+            except ProviderError as exc:
+                results.append(exc)
+        return results
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections held by this adapter. Safe to call twice."""

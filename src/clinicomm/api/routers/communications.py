@@ -5,24 +5,42 @@ A send answers 202 only after the message and its deliveries are committed. The 
 from the body (`metadata.clinicId`), so the route authenticates first and then authorizes
 `:send` for that clinic (no clinic: the global providers, a platform-wide permission).
 Reading a message needs `:send` or `:view` for its clinic; cancelling it needs `:send`.
+
+`POST …/batch` takes up to 500 messages, each with its own recipients, content, metadata and
+`idempotencyKey`. Each item is validated with the single send's schema and authorized for its
+own clinic with the same rule; the valid ones are accepted in one transaction (all or none) and
+every item gets its own answer: 202 with the message id and deliveries, or its error (422 with
+paths from `items.N`, 403, 404, 409). One invalid item refuses only that item. The batch answers
+202 when every item was accepted and 207 when some were refused.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi import APIRouter, Body, Depends, Header, Path, Query
+from fastapi.responses import Response
+from pydantic import SkipValidation, ValidationError
 
 from clinicomm.api.answers import DeliveryPage, MessageStatus
 from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import authenticated, authorize, get_runtime
-from clinicomm.api.errors import ApiError, forbidden
+from clinicomm.api.errors import ApiError, forbidden, validation_details
 from clinicomm.api.schemas import ERRORS, ErrorAnswer
 from clinicomm.delivery.cancel import cancel_message, counted
 from clinicomm.delivery.status import GLOBAL, get_message, list_messages, reveal
-from clinicomm.messaging.models import DeliveryStatus, SendAccepted, SendRequest
+from clinicomm.messaging.models import (
+    BATCH_MAX_ITEMS,
+    BatchAccepted,
+    BatchSendItem,
+    BatchSendRequest,
+    DeliveryStatus,
+    SendAccepted,
+    SendRequest,
+)
 from clinicomm.messaging.service import (
+    BatchItem,
     IdempotencyConflictError,
     SendValidationError,
     UnknownClinicError,
@@ -66,7 +84,7 @@ async def send(
             description="Same key and payload within 24 h: the first answer, nothing sent twice",
         ),
     ] = None,
-) -> JSONResponse:
+) -> Response:
     clinic_id = request.metadata.clinic_id
     bind_context(clinicId=clinic_id)
     authorize(principal, Permission.SEND, clinic_id)
@@ -85,7 +103,105 @@ async def send(
         raise ApiError(404, "not_found", str(exc)) from None
     except IdempotencyConflictError as exc:
         raise ApiError(409, "idempotency_conflict", str(exc)) from None
-    return JSONResponse(accepted.model_dump(mode="json", by_alias=True), status_code=202)
+    return _json(accepted.model_dump(mode="json", by_alias=True), 202)
+
+
+def _json(data: Any, status: int) -> Response:
+    """An answer encoded with orjson (the route's answer is built as plain JSON data)."""
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _item_error(index: int, status: int, code: str, message: str, details: Any = ()) -> Any:
+    return {
+        "index": index,
+        "status": status,
+        "error": {"code": code, "message": message, "details": list(details)},
+    }
+
+
+def _prefixed(index: int, details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for detail in details:
+        path = detail.get("path") or ""
+        detail["path"] = f"items.{index}.{path}" if path else f"items.{index}"
+    return details
+
+
+def _exception_answer(index: int, exc: Exception) -> Any:
+    if isinstance(exc, SendValidationError):
+        details = _prefixed(index, [p.to_dict() for p in exc.problems])
+        return _item_error(index, 422, "validation_error", "the item is not valid", details)
+    if isinstance(exc, UnknownClinicError):
+        return _item_error(index, 404, "not_found", str(exc))
+    if isinstance(exc, IdempotencyConflictError):
+        return _item_error(index, 409, "idempotency_conflict", str(exc))
+    raise exc
+
+
+@router.post(
+    "/batch",
+    status_code=202,
+    response_model=BatchAccepted,
+    responses={
+        **_SEND_ERRORS,
+        207: {"model": BatchAccepted, "description": "Some items refused (each says why)"},
+        413: {"model": ErrorAnswer, "description": "Body larger than CLINICOMM_MAX_BODY_BYTES"},
+    },
+    summary="Send up to 500 messages, accepted in one transaction, answered per item",
+)
+async def send_batch(
+    body: Annotated[BatchSendRequest, SkipValidation, Body()],
+    principal: Caller,
+    runtime: RuntimeDep,
+) -> Response:
+    raw: Any = body
+    items = raw.get("items") if isinstance(raw, dict) else None
+    if not isinstance(items, list) or not 1 <= len(items) <= BATCH_MAX_ITEMS:
+        detail = {
+            "path": "items",
+            "message": f"items must be a list of 1 to {BATCH_MAX_ITEMS} messages",
+            "type": "too_long" if isinstance(items, list) and items else "missing",
+        }
+        raise ApiError(422, "validation_error", "the request is not valid", [detail])
+    extra = sorted(k for k in raw if k != "items")
+    if extra:
+        details = [{"path": k, "message": "extra field", "type": "extra_forbidden"} for k in extra]
+        raise ApiError(422, "validation_error", "the request is not valid", details)
+    answers: list[Any] = [None] * len(items)
+    valid: list[tuple[int, BatchItem]] = []
+    for index, item in enumerate(items):
+        try:
+            parsed = BatchSendItem.model_validate(item)
+        except ValidationError as exc:
+            details = _prefixed(index, validation_details(exc.errors()))
+            answers[index] = _item_error(
+                index, 422, "validation_error", "the item is not valid", details
+            )
+            continue
+        clinic_id = parsed.metadata.clinic_id
+        if not principal.allows(Permission.SEND, clinic_id):
+            scope = f"clinic {clinic_id!r}" if clinic_id is not None else "every clinic"
+            message = f"role {principal.role.value} lacks {Permission.SEND.value} for {scope}"
+            answers[index] = _item_error(index, 403, "forbidden", message)
+            continue
+        valid.append((index, BatchItem(parsed, parsed.idempotency_key)))
+    try:
+        results = await runtime.messaging.accept_many(
+            [item for _, item in valid], requested_by=principal.sub
+        )
+    except IdempotencyConflictError as exc:  # pragma: no cover - answered per item
+        raise ApiError(409, "idempotency_conflict", str(exc)) from None
+    for (index, _), result in zip(valid, results, strict=True):
+        if isinstance(result, SendAccepted):
+            answers[index] = {
+                "index": index,
+                "status": 202,
+                **result.model_dump(mode="json", by_alias=True, include={"id", "deliveries"}),
+            }
+        else:
+            answers[index] = _exception_answer(index, result)
+    accepted = sum(1 for a in answers if a["status"] == 202)
+    answer = {"accepted": accepted, "refused": len(answers) - accepted, "items": answers}
+    return _json(answer, 202 if accepted == len(answers) else 207)
 
 
 @router.get(

@@ -13,12 +13,21 @@ declares; Mailgun also takes url-encoded forms). Failures, by what Mailgun answe
 | 400 about the `to` address | RecipientError |
 | other 400, 413 | ConfigurationError |
 | 5xx | TransientError |
+
+Batches (`send_batch`, up to 1,000 deliveries of one content, Mailgun's batch sending): one
+request with one `to` field per recipient and `recipient-variables` mapping each address to
+its delivery's `ref`, which `v:ref=%recipient.ref%` puts in that recipient's custom variables.
+Mailgun answers one `id` for the batch: every delivery gets it (the webhook events tell
+recipients apart by address). A failure applies to the whole batch. An address that appears
+twice in one batch goes out in its own call (recipient variables are keyed by address).
+https://documentation.mailgun.com/docs/mailgun/user-manual/sending-messages/batch-sending
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Hashable, Sequence
 from typing import ClassVar, Literal
 from urllib.parse import quote
 
@@ -28,7 +37,7 @@ from pydantic import Field, SecretStr
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
 from clinicomm.providers.email.sender import require_body, resolve_sender
-from clinicomm.providers.errors import ConfigurationError, RecipientError
+from clinicomm.providers.errors import ConfigurationError, ProviderError, RecipientError
 from clinicomm.providers.shared.http import (
     Answer,
     HttpAdapter,
@@ -66,6 +75,8 @@ class MailgunAdapter(HttpAdapter):
     # Read as an epoch second when `Retry-After` is absent, as the first version's shared email
     # base did for every email provider (SendGrid documents it; kept so behaviour is unchanged).
     rate_limit_reset_header = "X-RateLimit-Reset"
+    #: Recipients of one batch-sending request.
+    max_batch = 1000
 
     @property
     def base_url(self) -> str:
@@ -102,10 +113,66 @@ class MailgunAdapter(HttpAdapter):
         fields.append(("v:ref", message.reference))
         return fields
 
+    def batch_key(self, message: OutboundMessage) -> Hashable | None:
+        """Same sender, subject, body, template and variables: Mailgun's variables are per
+        message, so only identical content shares a request."""
+        template = message.template
+        return (
+            message.from_email,
+            message.from_name,
+            message.subject,
+            message.text,
+            message.html,
+            (template.name, tuple(sorted(template.variables.items())))
+            if template is not None
+            else None,
+        )
+
+    def build_batch_fields(self, messages: Sequence[OutboundMessage]) -> list[tuple[str, str]]:
+        """The form fields for messages of one `batch_key` with distinct addresses."""
+        fields = [f for f in self.build_fields(messages[0]) if f[0] not in ("to", "v:ref")]
+        fields[1:1] = [("to", m.to) for m in messages]
+        variables = {m.to: {"ref": m.reference} for m in messages}
+        fields.append(("recipient-variables", json.dumps(variables)))
+        fields.append(("v:ref", "%recipient.ref%"))
+        return fields
+
+    async def send_batch(
+        self, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult | ProviderError]:
+        """One POST /v3/{domain}/messages for the distinct addresses; repeats go alone."""
+        seen: set[str] = set()
+        first: list[int] = []
+        again: list[int] = []
+        for index, message in enumerate(messages):
+            (again if message.to.lower() in seen else first).append(index)
+            seen.add(message.to.lower())
+        results: list[SendResult | ProviderError | None] = [None] * len(messages)
+        outcome: SendResult | ProviderError
+        try:
+            if len(first) == 1:
+                outcome = await self.send(messages[first[0]])
+            else:
+                outcome = await self._post(self.build_batch_fields([messages[i] for i in first]))
+        except ProviderError as exc:
+            outcome = exc
+        shared = [outcome] * len(first)
+        for index, each in zip(first, shared, strict=True):
+            results[index] = each
+        for index in again:
+            try:
+                results[index] = await self.send(messages[index])
+            except ProviderError as exc:
+                results[index] = exc
+        return [r for r in results if r is not None]
+
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST /v3/{domain}/messages; see the module docstring for how failures are classified."""
+        return await self._post(self.build_fields(message))
+
+    async def _post(self, fields: list[tuple[str, str]]) -> SendResult:
         form = aiohttp.FormData(default_to_multipart=True)
-        for name, value in self.build_fields(message):
+        for name, value in fields:
             form.add_field(name, value)
         url = f"{self.base_url}/v3/{quote(self.credentials.domain, safe='')}/messages"
         answer = await self._request("POST", url, data=form, headers=self._headers())

@@ -14,10 +14,19 @@ Failures, by what Postmark answers (HTTP status, then the body's `ErrorCode`):
 | ErrorCode 300 otherwise, 400 (sender signature), 412, 413, other 422s | ConfigurationError |
 | 429 | RateLimitedError |
 | 5xx | TransientError |
+
+Batches (`send_batch`, up to 500 messages): `/email/batch` (a JSON array of the single
+requests) or `/email/batchWithTemplates` (`{"Messages": [...]}`). Postmark answers 200 with one
+entry per message, in order; each entry is classified like a single answer, so a batch that
+fails partly fails only the messages whose `ErrorCode` is not 0. A non-200 answer applies to the
+whole batch.
+https://postmarkapp.com/developer/api/email-api#send-batch-emails and
+https://postmarkapp.com/developer/api/templates-api#send-batch-with-templates
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
 from pydantic import SecretStr
@@ -25,7 +34,7 @@ from pydantic import SecretStr
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
 from clinicomm.providers.email.sender import require_body, resolve_sender
-from clinicomm.providers.errors import ConfigurationError, RecipientError
+from clinicomm.providers.errors import ConfigurationError, ProviderError, RecipientError
 from clinicomm.providers.shared.http import (
     Answer,
     HttpAdapter,
@@ -67,6 +76,8 @@ class PostmarkAdapter(HttpAdapter):
     # Read as an epoch second when `Retry-After` is absent, as the first version's shared email
     # base did for every email provider (SendGrid documents it; kept so behaviour is unchanged).
     rate_limit_reset_header = "X-RateLimit-Reset"
+    #: https://postmarkapp.com/developer/api/email-api#send-batch-emails
+    max_batch = 500
 
     def _url(self, path: str) -> str:
         return self.credentials.base_url.rstrip("/") + path
@@ -121,20 +132,57 @@ class PostmarkAdapter(HttpAdapter):
             return SendResult(data.get("MessageID"), str(data.get("Message") or "OK"))
         raise self._classify(answer, data)
 
+    def batch_key(self, message: OutboundMessage) -> Hashable | None:
+        """Every message is complete in a Postmark batch: only the endpoint must match."""
+        return "template" if message.template is not None else "email"
+
+    def build_batch_request(self, messages: Sequence[OutboundMessage]) -> tuple[str, Any]:
+        """The path and JSON body for messages of one `batch_key`."""
+        built = [self.build_request(m) for m in messages]
+        bodies = [body for _, body in built]
+        if built[0][0] == "/email/withTemplate":
+            return "/email/batchWithTemplates", {"Messages": bodies}
+        return "/email/batch", bodies
+
+    async def send_batch(
+        self, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult | ProviderError]:
+        """One POST for all `messages`; each gets its own entry of Postmark's answer."""
+        path, body = self.build_batch_request(messages)
+        answer = await self._request(
+            "POST", self._url(path), headers=self._headers(), json_body=body
+        )
+        data = answer.json()
+        if answer.status != 200 or not isinstance(data, list) or len(data) != len(messages):
+            raise self._classify(answer, data if answer.status != 200 else None)
+        results: list[SendResult | ProviderError] = []
+        for item in data:
+            code = item.get("ErrorCode") if isinstance(item, dict) else -1
+            if code in (0, None) and isinstance(item, dict):
+                results.append(SendResult(item.get("MessageID"), str(item.get("Message") or "OK")))
+            else:
+                results.append(self._classify(answer, item, status=422))
+        return results
+
     async def probe(self) -> None:
         """GET /server: the server token is valid. Sends nothing."""
         answer = await self._request("GET", self._url("/server"), headers=self._headers())
         if answer.status != 200:
             raise self._classify(answer, answer.json())
 
-    def _classify(self, answer: Answer, data: Any) -> Exception:
-        status = answer.status
+    def _classify(self, answer: Answer, data: Any, *, status: int | None = None) -> ProviderError:
+        """The error for an answer (or, with `status`, for one entry of a batch answer)."""
         error_code = data.get("ErrorCode") if isinstance(data, dict) else None
         text = str(data.get("Message", "")) if isinstance(data, dict) else answer.text
         code = None if error_code is None else str(error_code)
-        kw = error_fields(answer, provider=self.key, code=code)
-        if (transient := rate_limit_or_server_error(answer, kw)) is not None:
-            return transient
+        if status is None:
+            status = answer.status
+            kw = error_fields(answer, provider=self.key, code=code)
+            if (transient := rate_limit_or_server_error(answer, kw)) is not None:
+                return transient
+        else:  # one entry: its own message, not the whole answer's body
+            kw = error_fields(answer, provider=self.key, code=code, detail=text)
+            kw["status_code"] = status
         if status == 401 or error_code == BAD_SERVER_TOKEN:
             return ConfigurationError("server token rejected", **kw)
         if error_code == INACTIVE_RECIPIENT:

@@ -12,10 +12,19 @@ Failures, by what SendGrid answers:
 | 400 naming a recipient address | RecipientError |
 | other 400, 404, 413 | ConfigurationError |
 | 5xx | TransientError |
+
+Batches (`send_batch`, up to 1,000 deliveries of one content): one Mail Send request with one
+personalization per delivery (its `to`, its `custom_args.ref`, its template variables as
+`dynamic_template_data`); every delivery gets the request's `X-Message-Id` (the event webhook
+tells recipients apart by address and `ref`). A 400 whose `errors` name
+`personalizations.N.to…` fails those deliveries with RecipientError and sends the others again
+in one request; any other failure applies to the whole batch.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
 from pydantic import SecretStr
@@ -23,7 +32,7 @@ from pydantic import SecretStr
 from clinicomm.providers import registry
 from clinicomm.providers.base import Channel, OutboundMessage, ProviderCredentials, SendResult
 from clinicomm.providers.email.sender import require_body, resolve_sender
-from clinicomm.providers.errors import ConfigurationError, RecipientError
+from clinicomm.providers.errors import ConfigurationError, ProviderError, RecipientError
 from clinicomm.providers.shared.http import (
     Answer,
     HttpAdapter,
@@ -46,6 +55,10 @@ class SendGridCredentials(ProviderCredentials):
     endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
 
 
+#: `personalizations.12.to.0.email`: the index of the personalization an error is about.
+_PERSONALIZATION = re.compile(r"^personalizations\.(\d+)\.")
+
+
 def _is_recipient_error(error: dict[str, Any]) -> bool:
     """Whether one entry of SendGrid's `errors` list is about the recipient's address."""
     field = str(error.get("field") or "")
@@ -64,6 +77,8 @@ class SendGridAdapter(HttpAdapter):
     credentials: SendGridCredentials
     # https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-api/rate-limits
     rate_limit_reset_header = "X-RateLimit-Reset"
+    #: https://www.twilio.com/docs/sendgrid/api-reference/mail-send/limitations
+    max_batch = 1000
 
     def _url(self, path: str) -> str:
         return self.credentials.base_url.rstrip("/") + path
@@ -124,6 +139,85 @@ class SendGridAdapter(HttpAdapter):
         if answer.status in (200, 202):
             return SendResult(answer.headers.get("X-Message-Id"), str(answer.status))
         raise self._classify(answer)
+
+    def batch_key(self, message: OutboundMessage) -> Hashable | None:
+        """Same sender, subject and body (or template): one request, one personalization each;
+        template variables may differ (they are per personalization)."""
+        template = message.template
+        return (
+            message.from_email,
+            message.from_name,
+            message.subject,
+            message.text,
+            message.html,
+            (template.name, template.language) if template is not None else None,
+        )
+
+    def build_batch_payload(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        """The Mail Send JSON for messages of one `batch_key`: the first message's content and
+        one personalization per message, in order."""
+        payload = self.build_payload(messages[0])
+        personalizations = []
+        for message in messages:
+            personalization: dict[str, Any] = {
+                "to": [{"email": message.to}],
+                "custom_args": {"ref": message.reference},
+            }
+            if "template_id" in payload and message.template is not None:
+                personalization["dynamic_template_data"] = dict(message.template.variables)
+            personalizations.append(personalization)
+        payload["personalizations"] = personalizations
+        return payload
+
+    async def send_batch(
+        self, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult | ProviderError]:
+        """One POST /v3/mail/send for all `messages`; see the module docstring."""
+        return await self._send_batch(list(messages), split=True)
+
+    async def _send_batch(
+        self, messages: list[OutboundMessage], *, split: bool
+    ) -> list[SendResult | ProviderError]:
+        payload = self.build_batch_payload(messages)
+        answer = await self._request(
+            "POST", self._url("/v3/mail/send"), headers=self._headers(), json_body=payload
+        )
+        if answer.status in (200, 202):
+            result = SendResult(answer.headers.get("X-Message-Id"), str(answer.status))
+            return [result] * len(messages)
+        error = self._classify(answer)
+        rejected = self._rejected_indexes(answer) if answer.status == 400 else set()
+        rejected = {i for i in rejected if i < len(messages)}
+        if not split or not rejected:
+            raise error
+        results: list[SendResult | ProviderError | None] = [None] * len(messages)
+        for index in rejected:
+            results[index] = RecipientError(
+                "recipient address rejected", **error_fields(answer, provider=self.key)
+            )
+        rest = [i for i in range(len(messages)) if i not in rejected]
+        if rest:
+            try:
+                again = await self._send_batch([messages[i] for i in rest], split=False)
+            except ProviderError as exc:
+                again = [exc] * len(rest)
+            for index, outcome in zip(rest, again, strict=True):
+                results[index] = outcome
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _rejected_indexes(answer: Answer) -> set[int]:
+        """Personalizations SendGrid's 400 names as bad recipient addresses."""
+        body = answer.json()
+        errors = body.get("errors", []) if isinstance(body, dict) else []
+        indexes = set()
+        for entry in errors:
+            if not isinstance(entry, dict) or not _is_recipient_error(entry):
+                continue
+            match = _PERSONALIZATION.match(str(entry.get("field") or ""))
+            if match:
+                indexes.add(int(match.group(1)))
+        return indexes
 
     async def probe(self) -> None:
         """GET /v3/scopes: the key works and holds `mail.send`. Sends nothing."""

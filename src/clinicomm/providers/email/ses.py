@@ -20,11 +20,21 @@ body) and its message:
 | BadRequest / InvalidParameterValue about the recipient's address | RecipientError |
 | other 4xx | ConfigurationError |
 | 5xx | TransientError |
+
+Batches (`send_batch`, template messages only, up to 50 destinations: SES's limit per call):
+one `SendBulkEmail` (POST /v2/email/outbound-bulk-emails) with the template as
+`DefaultContent`, one `BulkEmailEntry` per delivery (its address, its variables as
+`ReplacementTemplateData`, its `ref` tag). SES answers one `BulkEmailEntryResult` per entry, in
+order: `SUCCESS` with its own `MessageId`, or a status classified per entry (throttled and
+transient failures retry, quota and paused accounts fail over, rejections and bad parameters
+are the recipient's, the rest configuration). Free-text messages go through `SendEmail`.
+https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_SendBulkEmail.html
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from pydantic import Field
@@ -35,6 +45,7 @@ from clinicomm.providers.email.sender import require_body, resolve_sender
 from clinicomm.providers.errors import (
     ConfigurationError,
     ProviderDownError,
+    ProviderError,
     RateLimitedError,
     RecipientError,
     TransientError,
@@ -62,6 +73,19 @@ _CONFIG_CODES = {
     "MailFromDomainNotVerifiedException",
     "NotFoundException",
     "ConfigurationSetDoesNotExist",
+}
+
+
+#: `BulkEmailStatus` of an entry that failed → the error class it is.
+_BULK_STATUS: dict[str, type[ProviderError]] = {
+    "ACCOUNT_THROTTLED": RateLimitedError,
+    "TRANSIENT_FAILURE": TransientError,
+    "ACCOUNT_DAILY_QUOTA_EXCEEDED": ProviderDownError,
+    "ACCOUNT_SUSPENDED": ProviderDownError,
+    "ACCOUNT_SENDING_PAUSED": ProviderDownError,
+    "CONFIGURATION_SET_SENDING_PAUSED": ProviderDownError,
+    "MESSAGE_REJECTED": RecipientError,
+    "INVALID_PARAMETER": RecipientError,
 }
 
 
@@ -104,6 +128,8 @@ class SesAdapter(HttpAdapter):
     # Read as an epoch second when `Retry-After` is absent, as the first version's shared email
     # base did for every email provider (kept so behaviour is unchanged).
     rate_limit_reset_header = "X-RateLimit-Reset"
+    #: Destinations of one SendBulkEmail call.
+    max_batch = 50
 
     def __init__(self, credentials: SesCredentials, context: AdapterContext) -> None:
         super().__init__(credentials, context)
@@ -173,6 +199,68 @@ class SesAdapter(HttpAdapter):
             message_id = data.get("MessageId") if isinstance(data, dict) else None
             return SendResult(message_id, "accepted")
         raise self._classify(answer)
+
+    def batch_key(self, message: OutboundMessage) -> Hashable | None:
+        """Template messages of one template and sender; SendBulkEmail takes no free text."""
+        if message.template is None:
+            return None
+        return (message.from_email, message.from_name, message.template.name)
+
+    def build_bulk_payload(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        """The SendBulkEmail JSON for template messages of one `batch_key`."""
+        first = self.build_payload(messages[0])
+        payload: dict[str, Any] = {
+            "FromEmailAddress": first["FromEmailAddress"],
+            "DefaultContent": {
+                "Template": {
+                    "TemplateName": first["Content"]["Template"]["TemplateName"],
+                    "TemplateData": "{}",
+                }
+            },
+            "BulkEmailEntries": [
+                {
+                    "Destination": {"ToAddresses": [m.to]},
+                    "ReplacementEmailContent": {
+                        "ReplacementTemplate": {
+                            "ReplacementTemplateData": json.dumps(
+                                m.template.variables if m.template is not None else {}
+                            )
+                        }
+                    },
+                    "ReplacementTags": [{"Name": "ref", "Value": m.reference}],
+                }
+                for m in messages
+            ],
+        }
+        if "ConfigurationSetName" in first:
+            payload["ConfigurationSetName"] = first["ConfigurationSetName"]
+        return payload
+
+    async def send_batch(
+        self, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult | ProviderError]:
+        """One SendBulkEmail; each delivery gets its own entry's status and MessageId."""
+        body = json.dumps(self.build_bulk_payload(messages)).encode()
+        answer = await self._signed_call("POST", "/v2/email/outbound-bulk-emails", body)
+        data = answer.json()
+        entries = data.get("BulkEmailEntryResults") if isinstance(data, dict) else None
+        if answer.status != 200 or not isinstance(entries, list):
+            raise self._classify(answer)
+        if len(entries) != len(messages):
+            raise TransientError("bulk answer does not match the request", provider=self.key)
+        results: list[SendResult | ProviderError] = []
+        for entry in entries:
+            status = str(entry.get("Status") or "") if isinstance(entry, dict) else ""
+            if status == "SUCCESS":
+                results.append(SendResult(entry.get("MessageId"), "accepted"))
+                continue
+            detail = str(entry.get("Error") or "") if isinstance(entry, dict) else ""
+            kind = _BULK_STATUS.get(status, ConfigurationError)
+            results.append(
+                kind(f"bulk entry {status.lower() or 'failed'}", provider=self.key,
+                     status_code=200, code=status or None, detail=detail or None)
+            )
+        return results
 
     async def probe(self) -> None:
         """GET /v2/email/account: the key is valid and may read the SES account. Sends nothing."""

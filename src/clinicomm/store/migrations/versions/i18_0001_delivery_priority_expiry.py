@@ -1,7 +1,7 @@
 """deliveries.priority and deliveries.expires_at; the claim index by class
 
 Revision ID: i18_0001
-Revises: 0006_i14
+Revises: i19_0001
 Create Date: 2026-12-02 07:10:00
 
 `priority` is the claim class (0 urgent, 1 normal, 2 bulk; existing rows are normal),
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "i18_0001"
-down_revision = "0006_i14"
+down_revision = "i19_0001"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,134 @@
+"""`clinicomm serve --processes 2` on PostgreSQL: two API processes on one port and a worker
+process deliver every message exactly once (issue 20).
+
+A real `serve` supervisor is started; the test sends through its port with many connections
+(the kernel spreads them over both API processes: SO_REUSEPORT), checks from /proc that both
+API processes did work, and that the provider stand-in received each delivery once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from clinicomm.api.auth import Role
+from clinicomm.config import Settings
+from clinicomm.store.models import Delivery, DeliveryAttempt
+from tests.api.conftest import Api, create_clinic
+from tests.api.serve_proc import ServeProcess
+from tests.api.test_communications import body, sendgrid_settings
+from tests.support.http_capture import CaptureServer, Scripted
+
+MESSAGES = 600
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_two_api_processes_and_a_worker_deliver_each_message_once(
+    api: Api, settings: Settings, tmp_path: Path
+) -> None:
+    async with CaptureServer(Scripted(202, None, {"X-Message-Id": "sg-p"})) as sink:
+        await create_clinic(api, "clinic-a", sendgrid_settings(sink.url))
+        server = ServeProcess(
+            settings,
+            tmp_path / "serve.log",
+            {"CLINICOMM_PROCESSES": "2", "CLINICOMM_WORKER": "true",
+             "CLINICOMM_WORKER_POLL_SECONDS": "0.2"},
+        )
+        try:
+            server.wait_ready()
+            deadline = time.monotonic() + 20
+            while len(kids := children(server.proc.pid)) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            apis = [p for p in kids if "serve --reuse-port" in cmdline(p)]
+            workers = [p for p in kids if cmdline(p).rstrip().endswith(" worker")]
+            assert len(apis) == 2 and len(workers) == 1, [cmdline(p) for p in kids]
+            before = {p: cpu_seconds(p) for p in apis}
+            headers = api.auth(Role.SERVICE)
+            limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+            async with httpx.AsyncClient(base_url=server.url, timeout=20, limits=limits) as peer:
+                gate = asyncio.Semaphore(32)
+
+                async def send(i: int) -> str:
+                    async with gate:
+                        answer = await peer.post(
+                            "/api/v1/communications",
+                            json=body(recipients=[{"email": f"p{i}@example.com"}]),
+                            headers={**headers, "Idempotency-Key": f"proc-{i}"},
+                        )
+                    assert answer.status_code == 202, answer.text
+                    delivery_id: str = answer.json()["deliveries"][0]["id"]
+                    return delivery_id
+
+                ids = await asyncio.gather(*(send(i) for i in range(MESSAGES)))
+            used = {p: cpu_seconds(p) - before[p] for p in apis}
+            assert all(seconds > 0.05 for seconds in used.values()), used
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                async with api.runtime.db.read() as session:
+                    sent = await session.scalar(
+                        select(func.count()).select_from(Delivery).where(Delivery.status == "sent")
+                    )
+                if sent == MESSAGES:
+                    break
+                await asyncio.sleep(0.2)
+            assert sent == MESSAGES, server.output()[-3000:]
+        finally:
+            server.stop()
+    refs = Counter(
+        p["custom_args"]["ref"] for r in sink.requests for p in r.json()["personalizations"]
+    )
+    assert set(refs) == set(ids) and len(ids) == MESSAGES
+    assert max(refs.values()) == 1  # nothing sent twice
+    async with api.runtime.db.read() as session:
+        attempts = await session.scalar(select(func.count()).select_from(DeliveryAttempt))
+    assert attempts == MESSAGES
+    assert server.proc.returncode == 0, server.output()[-3000:]
+
+
+def test_sqlite_refuses_more_than_one_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "CLINICOMM_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+        "CLINICOMM_DATA_DIR": str(tmp_path),
+        "CLINICOMM_ENV": "test",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "clinicomm.cli", "serve", "--processes", "2"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2
+    assert "SQLite runs one process" in done.stderr
