@@ -36,6 +36,23 @@ def test_spec_declares_everything(spec: registry.ProviderSpec) -> None:
     assert spec.credentials_model.secret_fields(), "every provider has at least one secret"
 
 
+_ENDPOINT_NAMES = ("url", "host", "port", "endpoint")
+
+
+@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: f"{s.channel}:{s.key}")
+def test_every_destination_field_is_an_endpoint_field(spec: registry.ProviderSpec) -> None:
+    """A field naming where the adapter connects is declared in `endpoint_fields`, so the
+    save-time egress check and "a masked secret cannot follow a changed endpoint" (#13) cover
+    it; a provider added later cannot forget it."""
+    model = spec.credentials_model
+    destinations = {
+        name
+        for name in model.model_fields
+        if any(name == part or name.endswith(f"_{part}") for part in _ENDPOINT_NAMES)
+    }
+    assert destinations <= set(model.endpoint_fields), (model.__name__, destinations)
+
+
 # --- secrets never leak through repr/str/model_dump ------------------------------------------
 
 CANARY = "canary-SECRET-7d41b0"

@@ -80,6 +80,7 @@ class BirdCredentials(ProviderCredentials):
     workspace_id: str = Field(min_length=1)
     channel_id: str = Field(min_length=1)
     base_url: str = "https://api.bird.com"
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("base_url",)
     #: Logical template name (otp, appointmentReminder, …) → the Studio template's
     #: `projectId`; request variables are sent as its named parameters.
     templates: dict[str, str] = Field(default_factory=dict)
