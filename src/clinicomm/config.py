@@ -7,13 +7,16 @@ The global provider variables of the seed (`EMAIL_*`, `WHATSAPP_*`, `SMS_*`) are
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./clinicomm.db"
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.?$")
 
 
 class Settings(BaseSettings):
@@ -155,6 +158,23 @@ class Settings(BaseSettings):
     config_test_per_minute: int = Field(default=10, ge=1)
     #: When set, `/metrics` (serve and worker) requires `Authorization: Bearer <token>`.
     metrics_token: SecretStr | None = None
+
+    @field_validator("egress_allow")
+    @classmethod
+    def _egress_entries(cls, value: str) -> str:
+        """Each entry is a CIDR, an address or a host name (refused at startup otherwise)."""
+        for raw in value.split(","):
+            entry = raw.strip()
+            if not entry:
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not _HOST.match(entry):
+                    raise ValueError(
+                        f"CLINICOMM_EGRESS_ALLOW entry {entry!r} is neither a host nor a CIDR"
+                    ) from None
+        return value
 
     @property
     def egress_private_allowed(self) -> bool:

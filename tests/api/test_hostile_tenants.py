@@ -305,3 +305,40 @@ async def test_provider_error_body_is_never_echoed(api: Api) -> None:
             assert len(detail) <= 200
             assert "10.0.0.7" not in detail and "a@b.example" not in detail
     assert not [line for line in RECORDED if secret in line]
+
+
+async def test_delivery_to_a_refused_destination(api: Api, settings: Settings, evil_dns: None) -> None:
+    """The worker's path: the delivery fails `configuration` "destination not allowed" (no
+    fallback configured), its attempt says so, and the internal server sees no connection."""
+    from clinicomm.delivery.worker import Worker, WorkerOptions
+
+    async with Counting(status=202) as internal:
+        await create_clinic(api, "clinic-d", sendgrid_settings(f"http://mail.evil.test:{internal.port}/"))
+        async with strict_api(settings) as strict:
+            send = {
+                "category": "APPOINTMENT",
+                "title": "t",
+                "body": "b",
+                "recipients": [{"email": "patient@example.com"}],
+                "channels": ["email"],
+                "metadata": {"clinicId": "clinic-d"},
+            }
+            accepted = await strict.client.post("/api/v1/communications", json=send, headers=strict.admin)
+            assert accepted.status_code == 202, accepted.text
+            message_id = accepted.json()["id"]
+            stop = asyncio.Event()
+            worker = Worker.for_runtime(strict.runtime, WorkerOptions(poll_seconds=0.05))
+            task = asyncio.create_task(worker.run(stop))
+            try:
+                for _ in range(200):
+                    status = await strict.client.get(f"/api/v1/communications/{message_id}", headers=strict.admin)
+                    if status.json()["deliveries"][0]["status"] in ("failed", "sent"):
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                await task
+            (delivery,) = status.json()["deliveries"]
+            assert delivery["status"] == "failed", delivery
+            assert "destination not allowed" in str(delivery["attempts"]), delivery
+        assert internal.connections == 0

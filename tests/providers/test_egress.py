@@ -171,3 +171,19 @@ async def test_callbacks_use_the_same_policy() -> None:
         assert isinstance(session.connector, EgressConnector) and session.connector.egress is STRICT
     finally:
         await session.close()
+
+
+def test_settings_defaults_and_bad_allow_entries() -> None:
+    from pydantic import ValidationError
+
+    from clinicomm.config import Settings
+    from clinicomm.runtime import egress_policy
+
+    assert Settings(env="development").egress_private_allowed
+    assert not Settings(env="production").egress_private_allowed
+    assert Settings(env="production", egress_allow_private=True).egress_private_allowed
+    policy = egress_policy(Settings(env="production", egress_allow="relay.internal, 10.2.0.0/16"))
+    assert not policy.allow_private and policy.production
+    assert policy.host_allowed("relay.internal") and policy.address_allowed("10.2.3.4")
+    with pytest.raises(ValidationError, match="neither a host nor a CIDR"):
+        Settings(egress_allow="relay.internal,not a host")
