@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Table, bindparam, case, func, literal, select, text, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -113,22 +114,28 @@ async def claim(
     bulk_cap = limit if bulk_limit is None else min(max(bulk_limit, 0), limit)
     reserve = min(max(bulk_reserve, 0), bulk_cap)
     due = (_T.c.status == DeliveryStatus.QUEUED.value, _T.c.next_attempt_at <= now)
-    first = (
-        select(_T.c.id, _T.c.priority, _T.c.fair_at)
-        .where(*due, _T.c.priority < _BULK)
-        .order_by(_T.c.priority, _T.c.fair_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("claim_first")
+
+    def head(priority: Priority, n: int) -> Any:
+        # One class: equality on (status, priority), so the index gives fair order and the
+        # scan stops after `n` rows (a range over classes made PostgreSQL sort them all).
+        return (
+            select(_T.c.id, _T.c.priority, _T.c.fair_at)
+            .where(*due, _T.c.priority == priority.rank)
+            .order_by(_T.c.fair_at)
+            .limit(n)
+            .with_for_update(skip_locked=True)
+            .cte(f"claim_{priority.value}")
+        )
+
+    urgent, normal, bulk = (
+        head(Priority.URGENT, limit),
+        head(Priority.NORMAL, limit),
+        head(Priority.BULK, bulk_cap),
     )
-    bulk = (
-        select(_T.c.id, _T.c.fair_at)
-        .where(*due, _T.c.priority == _BULK)
-        .order_by(_T.c.fair_at)
-        .limit(bulk_cap)
-        .with_for_update(skip_locked=True)
-        .cte("claim_bulk")
-    )
+    first = union_all(
+        select(urgent.c.id, urgent.c.priority, urgent.c.fair_at),
+        select(normal.c.id, normal.c.priority, normal.c.fair_at),
+    ).subquery("claim_first")
     first_n = func.row_number().over(order_by=(first.c.priority, first.c.fair_at))
     bulk_n = func.row_number().over(order_by=bulk.c.fair_at)
     # Tier 0: the first `limit - reserve` urgent/normal rows and the first `reserve` bulk
