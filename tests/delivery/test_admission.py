@@ -175,3 +175,16 @@ async def test_hop_sender_throughput_busy() -> None:
 
 async def test_no_guards_no_hop_checks() -> None:
     assert await admission.hop(None, claimed(), hop(throughput=("1", 1)), last=False) == Go()
+
+
+async def test_marketing_only_opt_out_stops_marketing_not_care_messages() -> None:
+    """Meta's "Stop promotions" (`wa_marketing`): a MARKETING message is suppressed, an
+    appointment reminder to the same patient still goes."""
+    import dataclasses
+
+    facts = Facts(marketing_stopped={"d1"}, last_inbound={"d1": NOW})
+    promo = dataclasses.replace(TEXT, category="MARKETING")
+    care = dataclasses.replace(TEXT, category="APPOINTMENT")
+    assert isinstance(await admission.admit(claimed(), whatsapp(), promo, facts, None, NOW),
+                      Suppressed)
+    assert await admission.admit(claimed(), whatsapp(), care, facts, None, NOW) == Admitted(care)

@@ -480,3 +480,18 @@ async def test_twilio_other_undelivered_codes_do_not_suppress(db: Database) -> N
     await _apply(db, "twilio", _twilio(MessageSid=sid, MessageStatus="undelivered",
                                        ErrorCode="30003", To="+14155552671"))
     assert await _suppressions(db) == set()
+
+
+async def test_meta_131050_is_a_marketing_only_opt_out(db: Database) -> None:
+    """Meta error 131050: "this recipient has chosen to stop receiving marketing messages on
+    WhatsApp from your business" (Cloud API error codes): marketing only, not WhatsApp."""
+    case = Case("m", "meta_business", as_json({}), [(WAMID, WA, PATIENT_WA)])
+    ids = await _setup(db, case)
+    data = pywa("message_status", "failed")
+    data["entry"][0]["changes"][0]["value"]["statuses"][0]["errors"][0].update(
+        code=131050, title="Unable to deliver the message")
+    await _apply(db, "meta_business", as_json(data)())
+    async with db.read() as s:
+        d = await s.get(Delivery, ids[PATIENT_WA])
+        assert d is not None and d.status == "failed"
+    assert await _suppressions(db) == {(MARKETING_SCOPE, PATIENT_WA, "marketing")}

@@ -389,6 +389,8 @@ async def _suppress_for(
     result: ApplyResult,
 ) -> None:
     reason = suppression_reason(event)
+    if event.opt_out is OptOut.MARKETING_STOP:
+        reason = SuppressionReason.MARKETING
     if reason is None and event.opt_out is not OptOut.RESUBSCRIBE:
         return
     # The event's address (a blind index once stored), else the delivery's; the opt-out
@@ -404,6 +406,8 @@ async def _suppress_for(
             session, clinic_id, channel, address, reasons=RESUBSCRIBE_LIFTS
         )
         return
+    if reason is SuppressionReason.MARKETING:
+        channel = MARKETING_SCOPE  # marketing messages only (admission)
     if await suppress(
         session,
         clinic_id,

@@ -13,7 +13,9 @@
 * Marketing preferences: the `user_preferences` field (`value.user_preferences[]` with
   `wa_id`, `category: marketing_messages`, `value` stop|resume|signup) is the patient's
   "Stop promotions" / "Resume" choice. It is not a message: it opens no window. `stop`
-  suppresses marketing messages only; `resume` and `signup` lift that.
+  suppresses marketing messages only; `resume` and `signup` lift that. A `failed` status with
+  error 131050 ("this recipient has chosen to stop receiving marketing messages on WhatsApp
+  from your business") records the same marketing-only opt-out.
   https://developers.facebook.com/docs/whatsapp/cloud-api/webhooks/reference/user_preferences/
 """
 
@@ -56,6 +58,8 @@ STATUS_MAP = {
     "played": EventType.READ,
     "failed": EventType.FAILED,
 }
+#: A marketing message failed because the recipient stopped marketing messages.
+MARKETING_OPT_OUT_CODE = "131050"
 #: `user_preferences[].value` for marketing messages → the opt-out it records.
 MARKETING_PREFERENCES = {
     "stop": OptOut.MARKETING_STOP,
@@ -180,6 +184,7 @@ def _status(item: dict[str, Any]) -> DeliveryEvent:
     errors = item.get("errors") or []
     first = errors[0] if errors and isinstance(errors[0], dict) else {}
     detail = (first.get("error_data") or {}).get("details") if first else None
+    marketing_stop = str(first.get("code")) == MARKETING_OPT_OUT_CODE if first else False
     return DeliveryEvent(
         provider=PROVIDER,
         event_id=f"{wamid}:{status}",
@@ -189,6 +194,7 @@ def _status(item: dict[str, Any]) -> DeliveryEvent:
         recipient=_wa(item.get("recipient_id")),
         channel=Channel.WHATSAPP,
         error=error_of(first.get("code"), detail or first.get("title")) if first else None,
+        opt_out=OptOut.MARKETING_STOP if marketing_stop else None,
         raw=item,
     )
 
