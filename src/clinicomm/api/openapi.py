@@ -29,6 +29,7 @@ ASSETS = "/docs-assets"
 #: Route function name → operationId, where the camelCase of the name is not the right word.
 OPERATION_IDS = {
     "send": "sendCommunication",
+    "send_batch": "sendCommunicationBatch",
     "replace_clinic": "replaceClinic",
     "patch_clinic": "patchClinic",
     "delete_all_settings": "deleteCommunicationSettings",
