@@ -37,6 +37,9 @@ def many_recipients(clinic_id: str, count: int) -> SendRequest:
     return SendRequest.model_validate(
         {
             "category": "REMINDER",
+            # Normal, not bulk: bulk in flight is capped at 25 % of the worker's concurrency
+            # (#18), which would split the group; batching itself does not depend on priority.
+            "priority": "normal",
             "title": "Your appointment tomorrow",
             "body": "See you tomorrow at 10:30.",
             "recipients": [{"email": f"patient{i}@example.com"} for i in range(count)],
