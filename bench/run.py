@@ -9,7 +9,7 @@ Run from the repository root::
     BENCH_QUICK=1 make bench            # the same through make
 
 `make bench` runs the SQLite column and the PostgreSQL + Redis column (2 API processes and a
-worker; the database `benchpg` is created when missing).
+worker; the scratch database `benchpg` is dropped and created anew: each run has new keys).
 
 It prints ONE table: each figure, the raw-client figure from the same run where there is one,
 the ratio, and the PERFORMANCE.md target. If ``clinicomm serve`` is not available it prints
@@ -326,7 +326,8 @@ async def _progress(r: ScenarioResult) -> None:
 
 
 def ensure_database(url: str) -> None:
-    """CREATE DATABASE for a PostgreSQL URL's database when it does not exist (asyncpg)."""
+    """Drop and create the PostgreSQL URL's database (asyncpg): each run has fresh master keys,
+    so a database of an earlier run cannot be read. Give the bench a scratch database only."""
     import asyncpg
     from sqlalchemy.engine import make_url
 
@@ -336,10 +337,8 @@ def ensure_database(url: str) -> None:
     async def go() -> None:
         conn = await asyncpg.connect(admin.render_as_string(hide_password=False), timeout=10)
         try:
-            found = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1",
-                                        target.database)
-            if found is None:
-                await conn.execute(f'CREATE DATABASE "{target.database}"')
+            await conn.execute(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{target.database}"')
         finally:
             await conn.close()
 

@@ -42,8 +42,12 @@ class ProviderSink(CaptureServer):
             if self.fail:
                 return Scripted(500, {"errors": [{"message": "down"}]})
             return Scripted(200, {"scopes": ["mail.send"]})
-        self.sends += 1
-        self.send_times.append(time.monotonic())
+        # A SendGrid request may carry several deliveries (personalizations, issue 20):
+        # each counts as a send.
+        body = request.json() if request.path.endswith("/mail/send") else None
+        count = len(body.get("personalizations") or [1]) if isinstance(body, dict) else 1
+        self.sends += count
+        self.send_times.extend([time.monotonic()] * count)
         if self.fail or (self.fail_every and self.sends % self.fail_every == 0):
             return Scripted(500, {"errors": [{"message": "internal error"}]})
         if request.path.endswith("/messages"):
