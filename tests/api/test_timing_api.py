@@ -185,3 +185,21 @@ async def test_quiet_hours_hold_non_urgent_sms_at_acceptance_and_urgent_passes(
     assert answer.status_code == 422, answer.text
     paths = [d["path"] for d in answer.json()["error"]["details"]]
     assert "settings.communicationSettings.sms.quietHours.timeZone" in paths, paths
+
+
+async def test_a_replay_after_send_at_passed_answers_the_first_answer(
+    api: Api, clinics: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clinicomm.messaging.service as service_module
+
+    headers = {**api.auth(Role.SERVICE), "Idempotency-Key": "sched-1"}
+    payload = body(sendAt=ahead(seconds=30))
+    first = await api.client.post(URL, json=payload, headers=headers)
+    assert first.status_code == 202
+    later = datetime.now(UTC) + timedelta(minutes=5)  # sendAt is now in the past
+    monkeypatch.setattr(service_module, "utcnow", lambda: later)
+    replay = await api.client.post(URL, json=payload, headers=headers)
+    assert replay.status_code == 202, replay.text
+    assert replay.json()["id"] == first.json()["id"]
+    fresh = await api.client.post(URL, json=payload, headers=api.auth(Role.SERVICE))
+    assert fresh.status_code == 422  # without the key it is a new request, in the past
