@@ -32,7 +32,7 @@ from clinicomm.messaging.writer import BatchWriter, PendingWrite
 from clinicomm.providers.base import Channel
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.settings.keys import PLATFORM
-from clinicomm.settings.models import ChannelSettings, QuietHours
+from clinicomm.settings.models import ChannelSettings, MessagePolicy, QuietHours
 from clinicomm.settings.sealed import open_json, seal_json
 from clinicomm.settings.service import ConfigService
 from clinicomm.settings.validation import Problem
@@ -154,15 +154,7 @@ class MessagingService:
         planned = plan(request, regions, fallbacks)
         policy = await self.config.get_message_policy(clinic_id) if clinic_id else None
         try:
-            when = timing.resolve(
-                category=request.category,
-                priority=request.priority,
-                send_at=request.send_at,
-                expires_at=request.expires_at,
-                ttl_seconds=request.ttl_seconds,
-                policy=policy,
-                now=utcnow(),
-            )
+            when = _timing(request, policy, utcnow())
         except timing.TimingError as exc:
             # A retry of an accepted request whose `sendAt` has passed since: its first answer.
             if idempotency_key is not None:
@@ -368,15 +360,7 @@ class MessagingService:
                 planned = plan(request, regions, fallbacks)
                 if clinic_id and clinic_id not in policies:
                     policies[clinic_id] = await self.config.get_message_policy(clinic_id)
-                when = timing.resolve(
-                    category=request.category,
-                    priority=request.priority,
-                    send_at=request.send_at,
-                    expires_at=request.expires_at,
-                    ttl_seconds=request.ttl_seconds,
-                    policy=policies.get(clinic_id) if clinic_id else None,
-                    now=now,
-                )
+                when = _timing(request, policies.get(clinic_id) if clinic_id else None, now)
             except timing.TimingError as exc:
                 # As `accept`: a retry of an accepted item whose `sendAt` has passed since
                 # answers its first answer.
@@ -550,6 +534,20 @@ def _failed_at_accept(
         if event is not None:
             events.append(event)
     return events
+
+
+def _timing(request: SendRequest, policy: MessagePolicy | None, now: datetime) -> timing.Timing:
+    """The request's priority, due time and expiry under the clinic's policy (TimingError:
+    a 422 with paths)."""
+    return timing.resolve(
+        category=request.category,
+        priority=request.priority,
+        send_at=request.send_at,
+        expires_at=request.expires_at,
+        ttl_seconds=request.ttl_seconds,
+        policy=policy,
+        now=now,
+    )
 
 
 def request_hash(request: SendRequest) -> str:

@@ -170,6 +170,16 @@ class Change:
     channels: list[str] = field(default_factory=list)
 
 
+
+async def _stored_section(session: Any, clinic_id: str, section: str) -> tuple[int, Any]:
+    """The clinic's version and its stored `communicationSettings.<section>` (None when the
+    clinic or the section is absent; version 0 for an unknown clinic)."""
+    row = await session.get(Clinic, clinic_id)
+    if row is None:
+        return 0, None
+    comm = row.settings.get(COMM) if isinstance(row.settings, dict) else None
+    return row.version, comm.get(section) if isinstance(comm, dict) else None
+
 class ConfigService:
     """Clinic settings: validate, encrypt, store, cache, invalidate across processes."""
 
@@ -270,14 +280,7 @@ class ConfigService:
             value: CallbackSettings | None = cached.value
             return value
         async with self.db.sessions() as session:
-            row = await session.get(Clinic, clinic_id)
-            version = row.version if row is not None else 0
-            comm = (
-                row.settings.get(COMM)
-                if row is not None and isinstance(row.settings, dict)
-                else None
-            )
-            stored = comm.get(CALLBACKS) if isinstance(comm, dict) else None
+            version, stored = await _stored_section(session, clinic_id, CALLBACKS)
             settings: CallbackSettings | None = None
             if isinstance(stored, dict):
                 cipher = await self.keys.cipher(session, clinic_id)
@@ -294,14 +297,7 @@ class ConfigService:
             value: MessagePolicy | None = cached.value
             return value
         async with self.db.sessions() as session:
-            row = await session.get(Clinic, clinic_id)
-            version = row.version if row is not None else 0
-            comm = (
-                row.settings.get(COMM)
-                if row is not None and isinstance(row.settings, dict)
-                else None
-            )
-            stored = comm.get(MESSAGES) if isinstance(comm, dict) else None
+            version, stored = await _stored_section(session, clinic_id, MESSAGES)
             policy = (
                 validate_model(MessagePolicy, stored, (COMM, MESSAGES))
                 if isinstance(stored, dict)
