@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from clinicomm.api.auth import AuthError, Permission, Principal, TokenVerifier
 from clinicomm.api.errors import ApiError, forbidden, unauthorized
@@ -29,11 +30,6 @@ async def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def get_verifier(request: Request) -> TokenVerifier:
-    verifier: TokenVerifier = request.app.state.verifier
-    return verifier
-
-
 async def authenticated(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
@@ -42,9 +38,28 @@ async def authenticated(
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise unauthorized("a bearer token is required")
     try:
-        principal = (await get_verifier(request)).verify(credentials.credentials)
+        return _authenticate(request, credentials.credentials)
     except AuthError as exc:
         raise unauthorized(str(exc)) from None
+
+
+def bearer_principal(request: Request) -> Principal | None:
+    """The caller of a valid bearer token, as `authenticated` answers it, or None (no token,
+    or one that is not valid: let `authenticated` answer the 401). For lean routes
+    (`api.lean`)."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    if scheme.lower() != "bearer" or not token:
+        return None
+    try:
+        return _authenticate(request, token)
+    except AuthError:
+        return None
+
+
+def _authenticate(request: Request, token: str) -> Principal:
+    """Verify `token` (AuthError if not valid) and bind its caller to the request."""
+    verifier: TokenVerifier = request.app.state.verifier
+    principal = verifier.verify(token)
     bind_context(sub=principal.sub, role=principal.role.value)
     request.state.principal = principal
     return principal

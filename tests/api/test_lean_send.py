@@ -1,0 +1,100 @@
+"""`POST /api/v1/communications` is a lean route (api/lean.py): a valid request is answered
+without FastAPI's dependency solving, and anything else falls back to the full handler, so the
+error answers are FastAPI's own. The rest of tests/api checks the answers themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import fastapi.routing
+import pytest
+
+from clinicomm.api.auth import Role
+from tests.api.conftest import Api, create_clinic
+from tests.api.test_communications import body, sendgrid_settings
+
+URL = "/api/v1/communications"
+
+
+@pytest.fixture
+def solved(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts FastAPI's dependency solving (its full handler calls it once per request)."""
+    calls: list[int] = []
+    original = fastapi.routing.solve_dependencies
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    yield calls
+
+
+async def test_a_valid_send_skips_the_dependency_machinery(api: Api, solved: list[int]) -> None:
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+    solved.clear()
+    headers = {**api.auth(Role.SERVICE), "Idempotency-Key": "lean-1"}
+    first = await api.client.post(URL, json=body(), headers=headers)
+    assert first.status_code == 202, first.text
+    again = await api.client.post(URL, json=body(), headers=headers)
+    assert again.json() == first.json()  # idempotency, through the lean path too
+    other = await api.client.post(URL, json=body(title="Other"), headers=headers)
+    assert other.status_code == 409
+    assert solved == []
+    assert first.headers["cache-control"] == "no-store" and first.headers["x-request-id"]
+
+
+# `solved`: the full handler solved dependencies (it answers a body that is not JSON before
+# solving them); `recipients.0.email` is `accept`'s own check, the same on both paths.
+@pytest.mark.parametrize(
+    ("change", "status", "path", "full"),
+    [
+        ({"headers": {}}, 401, None, True),
+        ({"headers": {"Authorization": "Bearer not-a-token"}}, 401, None, True),
+        ({"json": {**body(), "channels": []}}, 422, "channels", True),
+        ({"json": {**body(), "priority": "asap"}}, 422, "priority", True),
+        ({"json": {**body(), "recipients": [{"email": "nope"}]}}, 422, "recipients.0.email", False),
+        ({"content": b"{not json", "content_type": "application/json"}, 422, None, False),
+        ({"content": b"{}", "content_type": "text/plain"}, 422, None, True),
+        ({"idempotency_key": "k" * 256}, 422, None, True),
+    ],
+)
+async def test_anything_else_is_answered_by_the_full_handler(
+    api: Api,
+    solved: list[int],
+    change: dict[str, Any],
+    status: int,
+    path: str | None,
+    full: bool,
+) -> None:
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+    solved.clear()
+    headers: dict[str, str] = change.get("headers", api.auth(Role.SERVICE))
+    if "idempotency_key" in change:
+        headers = {**headers, "Idempotency-Key": change["idempotency_key"]}
+    kwargs: dict[str, Any] = {"headers": headers}
+    if "content" in change:
+        kwargs["content"] = change["content"]
+        kwargs["headers"] = {**headers, "Content-Type": change["content_type"]}
+    else:
+        kwargs["json"] = change.get("json", body())
+    answer = await api.client.post(URL, **kwargs)
+    assert answer.status_code == status, answer.text
+    assert bool(solved) is full
+    error = answer.json()["error"]
+    if path is not None:
+        assert path in [d["path"] for d in error["details"]]
+
+
+async def test_a_token_without_the_permission_is_refused_on_the_lean_path(
+    api: Api, solved: list[int]
+) -> None:
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+    await create_clinic(api, "clinic-b", sendgrid_settings("http://127.0.0.1:9"))
+    answer = await api.client.post(
+        URL, json=body("clinic-b"), headers=api.auth(Role.SERVICE, "clinic-a")
+    )
+    assert answer.status_code == 403
+    doctor = await api.client.post(URL, json=body(), headers=api.auth(Role.DOCTOR))
+    assert doctor.status_code == 403
