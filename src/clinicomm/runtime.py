@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from clinicomm.callbacks.targets import CallbackTargets
 from clinicomm.config import Settings
@@ -35,6 +35,9 @@ from clinicomm.settings.service import ConfigService, ResolvedChannel
 from clinicomm.store.db import Database, upgrade_async
 
 log = logging.getLogger(__name__)
+
+#: Connections to Redis per process (a blocking pool: past it, a caller waits up to 2 s).
+REDIS_MAX_CONNECTIONS = 64
 
 
 @dataclass
@@ -75,11 +78,18 @@ class Runtime:
             await upgrade_async(settings.database_url)
         db = Database(settings.database_url)
         redis = (
-            Redis.from_url(
-                settings.redis_url,
-                socket_connect_timeout=1.0,
-                socket_timeout=2.0,
-                health_check_interval=10,
+            Redis(
+                connection_pool=BlockingConnectionPool.from_url(
+                    settings.redis_url,
+                    # A full pool makes a caller wait (up to `timeout`) for a connection:
+                    # the default pool raised at 100, and every health and limit call of a
+                    # busy worker then fell back to in-process answers, unshared.
+                    max_connections=REDIS_MAX_CONNECTIONS,
+                    timeout=2.0,
+                    socket_connect_timeout=1.0,
+                    socket_timeout=2.0,
+                    health_check_interval=10,
+                )
             )
             if settings.redis_url
             else None
@@ -142,6 +152,7 @@ class Runtime:
         await self.messaging.writer.close()
         await self.chains.close()
         await self.limiter.close()
+        await self.health.aclose()
         await self.http.close()
         await self.config.stop()
         if self.redis is not None:

@@ -183,6 +183,9 @@ class HealthTracker(ABC):
     ) -> None:
         """Store the periodic connection test's time and result (`detail` is redacted)."""
 
+    async def aclose(self) -> None:  # noqa: B027 - a hook; nothing to do by default
+        """Send what this process holds (the runtime's shutdown); nothing by default."""
+
     def _transition(self, clinic: str, provider: str, before: str, after: str) -> None:
         if before == after:
             return

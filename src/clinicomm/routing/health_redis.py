@@ -7,10 +7,26 @@ One hash per (clinic, provider) at `health_key(clinic, provider)`: bucket counte
 is one Lua script using the Redis server's TIME, so two processes never see two circuits and
 never both take the last half-open probe slot. Same transitions as `InProcessHealth`, line by
 line; the shared behaviour tests run against both.
+
+**The healthy fast path.** Two script calls per provider call (`allow`, then `record`) were
+most of the worker's Redis time. So a process that has just seen a circuit *closed* and the
+provider *healthy* (from any answer of the script) holds a lease on that view for
+`local_seconds` (0.25 s): while it holds it, `allow` answers True without Redis, and successes
+are counted locally and sent as one `record` with a count when the lease ends (or before any
+other operation on that provider: a failure, a probe, `state`, `snapshot`). A failure and
+an ignored outcome always go to Redis at once, and the lease lasts only while the script
+answers closed and healthy: the failure that opens the circuit (or makes it degraded) ends it.
+So another process sees this one's successes at most `local_seconds` late, and this one sees a
+circuit another opened at most `local_seconds` late (the calls it makes meanwhile fail over
+as usual); the transitions themselves stay in the script. `local_seconds=0` turns it off.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -31,7 +47,8 @@ from clinicomm.routing.redis_fallback import RedisFallback, text
 
 # KEYS: the (clinic, provider) hash, the clinic's provider set.
 # ARGV: op (record|allow|probe|state), arg (outcome | probe ok 1/0), detail, provider label,
-#       window, bucket, min_samples, healthy_above, degraded_from, cool_down, probes, ttl.
+#       window, bucket, min_samples, healthy_above, degraded_from, cool_down, probes, ttl,
+#       count (successes recorded at once; 1 by default).
 # Returns {before, circuit, band, successes, failures, allowed, last_failure_at,
 #          last_check_at, last_check_ok, last_check_detail, opened_at} (times as strings).
 _SCRIPT = """
@@ -91,9 +108,12 @@ local function evaluate()
 end
 if op == 'record' then
   if arg == 'success' then
-    redis.call('HINCRBY', key, 's:' .. current, 1)
-    ok = ok + 1
-    if circuit == 'half_open' then
+    local n = tonumber(ARGV[13]) or 1
+    redis.call('HINCRBY', key, 's:' .. current, n)
+    ok = ok + n
+    -- Successes held by a process (`count` > 1) were calls made while it saw the circuit
+    -- closed: counted in the window, never as half-open probes.
+    if circuit == 'half_open' and n == 1 then
       probe_ok = probe_ok + 1
       if probe_ok >= probes then
         closing, ok, bad = true, 0, 0
@@ -162,6 +182,21 @@ def _float(value: Any) -> float | None:
     return float(raw) if raw else None
 
 
+#: How long a process answers from its own view of a closed, healthy circuit (module docstring).
+LOCAL_SECONDS = 0.25
+
+_Key = tuple[str | None, str]
+
+
+@dataclass(slots=True)
+class _Lease:
+    """This process's view of a closed, healthy circuit, and the successes not yet sent."""
+
+    until: float  # time.monotonic()
+    health: ProviderHealth
+    pending: int = 0
+
+
 class RedisHealth(HealthTracker):
     """Health shared by every process through Redis; falls back to `local` on Redis errors."""
 
@@ -171,15 +206,93 @@ class RedisHealth(HealthTracker):
         config: HealthConfig | None = None,
         *,
         local: InProcessHealth | None = None,
+        local_seconds: float = LOCAL_SECONDS,
     ) -> None:
         self.redis = redis
         self.config = config or HealthConfig()
         self.local = local or InProcessHealth(self.config)
         self.fallback = RedisFallback("health")
+        self.local_seconds = local_seconds
         self._script = redis.register_script(_SCRIPT)
+        self._leases: dict[_Key, _Lease] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
+    # ---- the healthy fast path ---------------------------------------------------------------
+    def _held(self, key: _Key) -> _Lease | None:
+        lease = self._leases.get(key)
+        return lease if lease is not None and time.monotonic() < lease.until else None
+
+    def _seen(self, key: _Key, health: ProviderHealth) -> None:
+        """Take (or renew) the lease after a script answer that shows closed and healthy."""
+        if (
+            self.local_seconds <= 0
+            or health.circuit is not CircuitState.CLOSED
+            or health.state is not HealthState.HEALTHY
+        ):
+            return
+        lease = self._leases.get(key)
+        until = time.monotonic() + self.local_seconds
+        if lease is None:
+            self._leases[key] = _Lease(until, health)
+        else:
+            lease.until, lease.health = until, health
+
+    async def _release(self, key: _Key) -> None:
+        """End the lease of `key`, sending the successes it held."""
+        lease = self._leases.pop(key, None)
+        if lease is not None and lease.pending:
+            await self._record_remote(key, Outcome.SUCCESS, lease.pending)
+
+    async def flush(self) -> None:
+        """Send every held success now (leases end)."""
+        for key in list(self._leases):
+            await self._release(key)
+
+    def _flush_later(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_expired())
+
+    async def _flush_expired(self) -> None:
+        while self._leases:
+            await asyncio.sleep(self.local_seconds)
+            now = time.monotonic()
+            for key, lease in list(self._leases.items()):
+                if lease.until <= now:
+                    await self._release(key)
+
+    async def aclose(self) -> None:
+        """Send held successes and stop the flusher (the runtime's shutdown)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush()
+
+    async def _record_remote(self, key: _Key, outcome: Outcome, count: int = 1) -> ProviderHealth:
+        clinic_id, provider = key
+
+        async def remote() -> ProviderHealth:
+            health = (await self._run("record", clinic_id, provider, outcome.value, "", count))[0]
+            self._seen(key, health)
+            return health
+
+        async def local() -> ProviderHealth:
+            health = self.local.record_now(clinic_id, provider, outcome)
+            for _ in range(count - 1):
+                health = self.local.record_now(clinic_id, provider, outcome)
+            return health
+
+        return await self.fallback.run("record", remote, local)
+
+    # ---- the script --------------------------------------------------------------------------
     async def _run(
-        self, op: str, clinic_id: str | None, provider: str, arg: str = "", detail: str = ""
+        self,
+        op: str,
+        clinic_id: str | None,
+        provider: str,
+        arg: str = "",
+        detail: str = "",
+        count: int = 1,
     ) -> tuple[ProviderHealth, bool]:
         cfg = self.config
         reply = await self._script(
@@ -197,6 +310,7 @@ class RedisHealth(HealthTracker):
                 repr(cfg.cool_down_seconds),
                 cfg.half_open_probes,
                 cfg.ttl_seconds,
+                count,
             ],
         )
         before, circuit = text(reply[0]) or "closed", text(reply[1]) or "closed"
@@ -223,17 +337,24 @@ class RedisHealth(HealthTracker):
     async def record(
         self, clinic_id: str | None, provider: str, outcome: Outcome
     ) -> ProviderHealth:
-        async def remote() -> ProviderHealth:
-            return (await self._run("record", clinic_id, provider, outcome.value))[0]
-
-        async def local() -> ProviderHealth:
-            return self.local.record_now(clinic_id, provider, outcome)
-
-        return await self.fallback.run("record", remote, local)
+        key = (clinic_id, provider)
+        lease = self._held(key) if outcome is Outcome.SUCCESS else None
+        if lease is not None:
+            lease.pending += 1
+            self._flush_later()
+            return lease.health
+        await self._release(key)
+        return await self._record_remote(key, outcome)
 
     async def allow(self, clinic_id: str | None, provider: str) -> bool:
+        key = (clinic_id, provider)
+        if self._held(key) is not None:
+            return True
+
         async def remote() -> bool:
-            return (await self._run("allow", clinic_id, provider))[1]
+            health, allowed = await self._run("allow", clinic_id, provider)
+            self._seen(key, health)
+            return allowed
 
         async def local() -> bool:
             return self.local.allow_now(clinic_id, provider)
@@ -241,6 +362,8 @@ class RedisHealth(HealthTracker):
         return await self.fallback.run("allow", remote, local)
 
     async def state(self, clinic_id: str | None, provider: str) -> ProviderHealth:
+        await self._release((clinic_id, provider))
+
         async def remote() -> ProviderHealth:
             return (await self._run("state", clinic_id, provider))[0]
 
@@ -250,6 +373,9 @@ class RedisHealth(HealthTracker):
         return await self.fallback.run("state", remote, local)
 
     async def snapshot(self, clinic_id: str | None) -> dict[str, ProviderHealth]:
+        for key in [k for k in self._leases if k[0] == clinic_id]:
+            await self._release(key)
+
         async def remote() -> dict[str, ProviderHealth]:
             members = await self.redis.smembers(health_key(clinic_id))
             names = sorted(text(m) or "" for m in members)
@@ -264,6 +390,7 @@ class RedisHealth(HealthTracker):
         self, clinic_id: str | None, provider: str, ok: bool, detail: str | None = None
     ) -> None:
         clean = redact(detail) or ""
+        await self._release((clinic_id, provider))
 
         async def remote() -> None:
             await self._run("probe", clinic_id, provider, "1" if ok else "0", clean)
