@@ -182,10 +182,18 @@ class SendRequest(_Camel):
         return list(dict.fromkeys(value))
 
     def content(self) -> dict[str, Any]:
-        """The part stored encrypted: title, body, html, template."""
-        return self.model_dump(
-            mode="json", by_alias=True, include={"title", "body", "html", "template"}
-        )
+        """The part stored encrypted: title, body, html, template (as
+        `model_dump(mode="json", by_alias=True, include=…)` answers it, built directly: it is
+        on every send's path)."""
+        template = self.template
+        return {
+            "title": self.title,
+            "body": self.body,
+            "html": self.html,
+            "template": None if template is None else template.model_dump(
+                mode="json", by_alias=True
+            ),
+        }
 
 
 class DeliverySummary(_Camel):
