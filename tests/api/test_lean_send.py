@@ -4,7 +4,6 @@ error answers are FastAPI's own. The rest of tests/api checks the answers themse
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import fastapi.routing
@@ -18,7 +17,7 @@ URL = "/api/v1/communications"
 
 
 @pytest.fixture
-def solved(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+def solved(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts FastAPI's dependency solving (its full handler calls it once per request)."""
     calls: list[int] = []
     original = fastapi.routing.solve_dependencies
@@ -28,7 +27,7 @@ def solved(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return await original(*args, **kwargs)
 
     monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
-    yield calls
+    return calls
 
 
 async def test_a_valid_send_skips_the_dependency_machinery(api: Api, solved: list[int]) -> None:
