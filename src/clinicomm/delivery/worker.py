@@ -191,11 +191,17 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await listener.close()
             stop.set()
-            for task in helpers:
+            # The flusher is not cancelled: a flush cancelled after its COMMIT reached the
+            # database would be written again below (attempt rows and channel-fallback
+            # deliveries twice). It sees `stop` within `flush_interval`, after its flush.
+            flusher, *others = helpers
+            for task in others:
                 task.cancel()
-            for task in helpers:
+            for task in others:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            with contextlib.suppress(Exception):
+                await flusher
             await self._flush()
             log.info(
                 "worker stopped",

@@ -1,0 +1,85 @@
+"""A worker stopped while its flusher is committing writes every result exactly once.
+
+The flusher used to be cancelled at shutdown; a flush cancelled after its COMMIT had reached
+the database kept its results and the final flush wrote them again: a second attempt row per
+delivery and `outcome_lease_lost` warnings (and channel-fallback deliveries twice)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import func, select
+
+from clinicomm.delivery.worker import Worker, WorkerOptions
+from clinicomm.messaging.models import SendRequest
+from clinicomm.runtime import Runtime
+from clinicomm.store.models import Delivery, DeliveryAttempt
+from tests.support.http_capture import CaptureServer, Scripted
+
+
+async def test_stopping_during_a_commit_writes_each_result_once(
+    runtime: Runtime, log_records: Any
+) -> None:
+    async with CaptureServer(Scripted(202, None, {"X-Message-Id": "sg-1"})) as server:
+        async with runtime.db.session() as session:
+            change = await runtime.config.create_clinic(
+                session,
+                "clinic-stop",
+                "Stop",
+                {
+                    "communicationSettings": {
+                        "email": {
+                            "primary": {
+                                "provider": "sendgrid",
+                                "credentials": {
+                                    "apiKey": "SG.k",
+                                    "fromEmail": "a@x.example",
+                                    "baseUrl": server.url,
+                                },
+                            }
+                        }
+                    }
+                },
+            )
+        await runtime.config.committed(change)
+        for i in range(5):
+            await runtime.messaging.accept(
+                SendRequest.model_validate(
+                    {
+                        "title": "Hi",
+                        "body": "See you.",
+                        "recipients": [{"email": f"p{i}@example.com"}],
+                        "channels": ["email"],
+                        "metadata": {"clinicId": "clinic-stop"},
+                    }
+                )
+            )
+        worker = Worker.for_runtime(runtime, WorkerOptions(poll_seconds=0.05))
+        committing = asyncio.Event()
+        session_of = runtime.db.session
+
+        @asynccontextmanager
+        async def slow_after_commit() -> AsyncIterator[Any]:
+            async with session_of() as session:
+                yield session
+            if worker.sent == 5:  # the flush of the results: committed, not yet returned
+                committing.set()
+                await asyncio.sleep(0.3)
+
+        runtime.db.session = slow_after_commit  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.wait_for(committing.wait(), 30)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        runtime.db.session = session_of  # type: ignore[method-assign]
+
+    async with runtime.db.read() as session:
+        attempts = await session.scalar(select(func.count()).select_from(DeliveryAttempt))
+        statuses = (await session.scalars(select(Delivery.status))).all()
+    assert statuses == ["sent"] * 5
+    assert attempts == 5
+    assert not [r for r in log_records.records if getattr(r, "event", "") == "outcome_lease_lost"]
