@@ -2,7 +2,11 @@
 
     .venv/bin/python -m bench.pipeline_inproc [--messages 5000] [--database-url URL]
 
-Useful to see where time goes; the end-to-end figures come from `python -m bench.run`.
+Prints each stage's rate and its CPU time per message (this process, every thread: user+sys).
+Nothing else of the service runs beside it, so the CPU figure is the service's own cost
+without the load generator, sinks and databases competing for the same cores (on the 2-vCPU
+bench machine a busy second vCPU makes the same work cost ~1.5x the CPU time). Useful to see
+where time goes; the end-to-end figures come from `python -m bench.run`.
 """
 
 from __future__ import annotations
@@ -69,23 +73,27 @@ async def main(messages: int, database_url: str | None, redis_url: str | None) -
             for _ in range(n):
                 await rt.messaging.accept(request)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(producer(messages // 32) for _ in range(32)))
         accept_s = time.perf_counter() - start
         total = (messages // 32) * 32
-        print(f"accept: {total} messages in {accept_s:.2f}s = {total / accept_s:,.0f}/s")
+        per = (time.process_time() - cpu) / total * 1000
+        print(f"accept: {total} messages in {accept_s:.2f}s = {total / accept_s:,.0f}/s, "
+              f"CPU {per:.3f} ms/message")
 
         stop = asyncio.Event()
         worker = Worker.for_runtime(rt, worker_options(settings))
         task = asyncio.create_task(worker.run(stop))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while worker.sent + worker.failed < total:
             await asyncio.sleep(0.01)
         send_s = time.perf_counter() - start
+        per = (time.process_time() - cpu) / total * 1000
         stop.set()
         await task
         rate = total / send_s
-        print(f"worker: {worker.sent} sent, {worker.failed} failed, {send_s:.2f}s = {rate:,.0f}/s")
+        print(f"worker: {worker.sent} sent, {worker.failed} failed, {send_s:.2f}s = {rate:,.0f}/s, "
+              f"CPU {per:.3f} ms/message")
         await rt.close()
 
 
