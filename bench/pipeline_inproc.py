@@ -78,8 +78,9 @@ async def main(messages: int, database_url: str | None, redis_url: str | None) -
         accept_s = time.perf_counter() - start
         total = (messages // 32) * 32
         per = (time.process_time() - cpu) / total * 1000
+        commits = rt.messaging.writer.batches
         print(f"accept: {total} messages in {accept_s:.2f}s = {total / accept_s:,.0f}/s, "
-              f"CPU {per:.3f} ms/message")
+              f"CPU {per:.3f} ms/message, {total / max(commits, 1):.1f} messages per commit")
 
         stop = asyncio.Event()
         worker = Worker.for_runtime(rt, worker_options(settings))

@@ -69,6 +69,26 @@ async def test_healthy_calls_cost_a_few_round_trips_and_every_success_is_counted
     await health.aclose()
 
 
+async def test_a_burst_of_allows_asks_redis_once(redis: Redis) -> None:
+    health, script = tracker(redis, local_seconds=5.0)
+    c = clinic()
+    answers = await asyncio.gather(*(health.allow(c, P) for _ in range(64)))
+    assert all(answers) and script.calls == 1
+
+
+async def test_a_burst_on_a_half_open_circuit_takes_the_probe_slots_one_by_one(
+    redis: Redis,
+) -> None:
+    config = HealthConfig(window_seconds=10.0, bucket_seconds=1.0, cool_down_seconds=0.2)
+    health = RedisHealth(redis, config, local_seconds=5.0)
+    c = clinic()
+    for _ in range(20):
+        await health.record(c, P, Outcome.FAILURE)
+    await asyncio.sleep(0.25)  # cool-down over: half-open, `half_open_probes` (3) slots
+    answers = await asyncio.gather(*(health.allow(c, P) for _ in range(10)))
+    assert sum(answers) == config.half_open_probes
+
+
 async def test_without_the_lease_every_call_goes_to_redis(redis: Redis) -> None:
     health, script = tracker(redis, local_seconds=0)
     c = clinic()

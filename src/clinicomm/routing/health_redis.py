@@ -11,7 +11,8 @@ line; the shared behaviour tests run against both.
 **The healthy fast path.** Two script calls per provider call (`allow`, then `record`) were
 most of the worker's Redis time. So a process that has just seen a circuit *closed* and the
 provider *healthy* (from any answer of the script) holds a lease on that view for
-`local_seconds` (0.25 s): while it holds it, `allow` answers True without Redis, and successes
+`local_seconds` (0.25 s): while it holds it, `allow` answers True without Redis (and calls
+that come while one is asking wait for its answer), and successes
 are counted locally and sent as one `record` with a count when the lease ends (or before any
 other operation on that provider: a failure, a probe, `state`, `snapshot`). A failure and
 an ignored outcome always go to Redis at once, and the lease lasts only while the script
@@ -216,6 +217,8 @@ class RedisHealth(HealthTracker):
         self._script = redis.register_script(_SCRIPT)
         self._leases: dict[_Key, _Lease] = {}
         self._flusher: asyncio.Task[None] | None = None
+        #: Per provider: the `allow` now asking Redis (done when it answered).
+        self._asking: dict[_Key, asyncio.Future[None]] = {}
 
     # ---- the healthy fast path ---------------------------------------------------------------
     def _held(self, key: _Key) -> _Lease | None:
@@ -350,6 +353,15 @@ class RedisHealth(HealthTracker):
         key = (clinic_id, provider)
         if self._held(key) is not None:
             return True
+        asking = self._asking.get(key)
+        if asking is not None:
+            # Another call is asking Redis about this provider: its answer may take the
+            # lease (so a burst of deliveries makes one round trip, not one each). Without a
+            # lease (half-open, degraded), each caller asks for itself: probe slots are taken
+            # one by one.
+            await asyncio.shield(asking)
+            if self._held(key) is not None:
+                return True
 
         async def remote() -> bool:
             health, allowed = await self._run("allow", clinic_id, provider)
@@ -359,7 +371,14 @@ class RedisHealth(HealthTracker):
         async def local() -> bool:
             return self.local.allow_now(clinic_id, provider)
 
-        return await self.fallback.run("allow", remote, local)
+        done = asyncio.get_running_loop().create_future()
+        self._asking[key] = done
+        try:
+            return await self.fallback.run("allow", remote, local)
+        finally:
+            done.set_result(None)
+            if self._asking.get(key) is done:
+                del self._asking[key]
 
     async def state(self, clinic_id: str | None, provider: str) -> ProviderHealth:
         await self._release((clinic_id, provider))
