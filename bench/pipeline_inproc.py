@@ -1,6 +1,7 @@
 """In-process pipeline profile: accept rate and worker send rate, separately, no HTTP layer.
 
     .venv/bin/python -m bench.pipeline_inproc [--messages 5000] [--database-url URL]
+        [--redis-url URL] [--scenario email-sendgrid|whatsapp-meta]
 
 Prints each stage's rate and its CPU time per message (this process, every thread: user+sys).
 Nothing else of the service runs beside it, so the CPU figure is the service's own cost
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.service import SCENARIOS, clinic_settings, message_payload
 from bench.sinks import HttpSink
 from clinicomm.client import worker_options
 from clinicomm.config import Settings
@@ -26,8 +28,16 @@ from clinicomm.delivery.worker import Worker
 from clinicomm.messaging.models import SendRequest
 from clinicomm.runtime import Runtime
 
+#: The scenarios of `bench.service` this runs (HTTP providers: the sink is nginx).
+INPROC_SCENARIOS = ("email-sendgrid", "whatsapp-meta")
 
-async def main(messages: int, database_url: str | None, redis_url: str | None) -> None:
+
+async def main(
+    messages: int,
+    database_url: str | None,
+    redis_url: str | None,
+    scenario_name: str = "email-sendgrid",
+) -> None:
     with tempfile.TemporaryDirectory() as tmp, HttpSink() as sink:
         settings = Settings(
             database_url=database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'b.db'}",
@@ -38,36 +48,13 @@ async def main(messages: int, database_url: str | None, redis_url: str | None) -
         )
         rt = await Runtime.create(settings, migrate=True, env={})
         clinic = f"bench-{os.getpid()}"
+        scenario = SCENARIOS[scenario_name]
         async with rt.db.session() as session:
             change = await rt.config.create_clinic(
-                session,
-                clinic,
-                "Bench",
-                {
-                    "communicationSettings": {
-                        "email": {
-                            "primary": {
-                                "provider": "sendgrid",
-                                "credentials": {
-                                    "apiKey": "SG.x",
-                                    "fromEmail": "a@x.example",
-                                    "baseUrl": sink.url,
-                                },
-                            }
-                        }
-                    }
-                },
+                session, clinic, "Bench", clinic_settings(scenario, sink, None)  # type: ignore[arg-type]
             )
         await rt.config.committed(change)
-        request = SendRequest.model_validate(
-            {
-                "title": "Reminder",
-                "body": "See you at 10:30.",
-                "recipients": [{"email": "p@example.com"}],
-                "channels": ["email"],
-                "metadata": {"clinicId": clinic},
-            }
-        )
+        request = SendRequest.model_validate(message_payload(scenario, clinic, 0))
 
         async def producer(n: int) -> None:
             for _ in range(n):
@@ -105,5 +92,6 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--database-url")
     parser.add_argument("--redis-url")
+    parser.add_argument("--scenario", choices=INPROC_SCENARIOS, default="email-sendgrid")
     args = parser.parse_args()
-    asyncio.run(main(args.messages, args.database_url, args.redis_url))
+    asyncio.run(main(args.messages, args.database_url, args.redis_url, args.scenario))
