@@ -43,11 +43,11 @@ Limit = tuple[int, float]
 #: The parts of a limiter key; the first is the clinic id (None means the platform, "global").
 KeyParts = Sequence[str | None]
 
-_ESCAPES = {"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"}
+_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
 
 def _escape(part: str) -> str:
-    return "".join(_ESCAPES.get(ch, ch) for ch in part)
+    return part.translate(_ESCAPES)
 
 
 def limit_key(key_parts: KeyParts) -> str:
