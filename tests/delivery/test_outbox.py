@@ -93,3 +93,35 @@ async def test_an_outcome_after_a_lost_lease_is_counted_and_logged_not_written(
             outcomes=[mine.requeue(later, "retrying")],
         )
     assert written.lease_lost == [] and written.outcomes == 1
+
+
+async def test_a_claim_answers_its_rows_in_claim_order(db: Database) -> None:
+    """Class first, then fair order, whatever order the table holds them in (RETURNING has
+    none): rows written in reverse fair order come back in fair order."""
+    clinic = f"c-{uuid.uuid4().hex[:8]}"
+    message_id = str(uuid.uuid4())
+    rows = [
+        NewDelivery(
+            id=f"d-{rank}-{second}",
+            message_id=message_id,
+            clinic_id=clinic,
+            channel="sms",
+            recipient="+14155552671",
+            status=DeliveryStatus.QUEUED,
+            fair_at=T0 + timedelta(seconds=second),
+            created_at=T0,
+            priority=rank,
+        )
+        for second in (5, 4, 3, 2, 1, 0)
+        for rank in (2, 1, 0)
+    ]
+    async with db.session() as s:
+        s.add(Message(id=message_id, clinic_id=clinic, category="GENERAL", content=b"x"))
+        await s.flush()
+        await enqueue(s, rows)
+    async with db.session() as s:
+        taken = await claim(
+            s, owner="a", limit=100, now=T0 + timedelta(seconds=10), lease=LEASE, bulk_reserve=0
+        )
+    mine = [c.id for c in taken if c.clinic_id == clinic]
+    assert mine == [f"d-{rank}-{second}" for rank in (0, 1, 2) for second in range(6)]

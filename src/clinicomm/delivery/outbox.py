@@ -63,6 +63,7 @@ _RETURNING = (
     _T.c.fallback_address,
     _T.c.priority,
     _T.c.expires_at,
+    _T.c.fair_at,
 )
 _BULK = Priority.BULK.rank
 
@@ -166,7 +167,9 @@ async def claim(
         )
         .returning(*_RETURNING)
     )
-    rows = (await session.execute(statement)).all()
+    # RETURNING gives no order: the claim order (class, then fair order), so the worker
+    # starts urgent deliveries first and each class in the order the claim chose it.
+    rows = sorted((await session.execute(statement)).all(), key=lambda r: (r.priority, r.fair_at))
     claimed = [
         Claimed(
             id=row.id,
@@ -189,8 +192,6 @@ async def claim(
         )
         for row in rows
     ]
-    # RETURNING gives no order: urgent first, so the worker starts those first.
-    claimed.sort(key=lambda c: c.priority)
     return claimed
 
 
