@@ -174,17 +174,46 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield f"sqlite+aiosqlite:///{path}"
 
 
+#: A table with more rows than this after a test is emptied with TRUNCATE (as are all of them
+#: then); a test that wrote less gets DELETEs, far cheaper than a TRUNCATE of every table
+#: (~150 ms per test even when they are all empty).
+_DELETE_AT_MOST = 1000
+
+
 async def _truncate(url: str) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
+    """Empty every table and restart the id sequences, as `TRUNCATE … RESTART IDENTITY` would."""
+    import asyncpg
 
     from clinicomm.store.models import Base
 
-    engine = create_async_engine(url)
-    async with engine.begin() as conn:
-        names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-        await conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-    await engine.dispose()
+    tables = Base.metadata.sorted_tables
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+    try:
+        rows = await conn.fetch(
+            " UNION ALL ".join(
+                f"SELECT '{t.name}' AS name, (SELECT count(*) FROM "
+                f'(SELECT 1 FROM "{t.name}" LIMIT {_DELETE_AT_MOST + 1}) AS s) AS n'
+                for t in tables
+            )
+        )
+        used = {r["name"]: r["n"] for r in rows if r["n"]}
+        async with conn.transaction():
+            if any(n > _DELETE_AT_MOST for n in used.values()):
+                names = ", ".join(f'"{t.name}"' for t in tables)
+                await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+                return
+            for table in reversed(tables):  # children before their parents
+                if table.name in used:
+                    await conn.execute(f'DELETE FROM "{table.name}"')
+            sequences = [
+                f"setval(pg_get_serial_sequence('\"{t.name}\"', '{t.autoincrement_column.name}'),"
+                " 1, false)"
+                for t in tables
+                if t.autoincrement_column is not None
+            ]
+            await conn.execute(f"SELECT {', '.join(sequences)}")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
