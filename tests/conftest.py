@@ -175,16 +175,39 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 async def _truncate(url: str) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
+    """`TRUNCATE … RESTART IDENTITY` of the tables the test wrote to.
+
+    A table of zero pages has not been written since it was last truncated, so it is already
+    in the state a TRUNCATE would leave; skipping those saves most of the ~150 ms that a
+    TRUNCATE of all 14 tables costs, on every test. (Not DELETE: a heap with freed space gives
+    rows back in another physical order, and a claim's RETURNING follows that order.) The
+    tables are locked first, as a TRUNCATE of all of them would lock them, so a transaction
+    the test left running (a worker process still stopping) commits before, never after."""
+    import asyncpg
 
     from clinicomm.store.models import Base
 
-    engine = create_async_engine(url)
-    async with engine.begin() as conn:
-        names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-        await conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-    await engine.dispose()
+    tables = Base.metadata.sorted_tables
+    names = [f'"{t.name}"' for t in tables]
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {', '.join(names)} IN ACCESS EXCLUSIVE MODE")
+            sizes = await conn.fetchrow(
+                "SELECT " + ", ".join(f"pg_relation_size('{name}')" for name in names)
+            )
+            written = [name for name, size in zip(names, sizes, strict=True) if size]
+            if written:  # CASCADE adds the tables that reference these
+                await conn.execute(f"TRUNCATE {', '.join(written)} RESTART IDENTITY CASCADE")
+            # RESTART IDENTITY of the rest (a sequence may move without a row being written).
+            sequences = [
+                f"setval(pg_get_serial_sequence('{name}', '{t.autoincrement_column.name}'), 1, false)"
+                for name, t in zip(names, tables, strict=True)
+                if t.autoincrement_column is not None
+            ]
+            await conn.execute(f"SELECT {', '.join(sequences)}")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

@@ -106,6 +106,11 @@ async def test_postgres_restarted_mid_run_loses_nothing(settings: Settings) -> N
                 env={},
             )
             await client.start()
+            # A delivery the crash caught while it was being prepared is requeued after
+            # `prepare_retry_seconds` (30 s by default, not a setting): 1 s here, so the run
+            # waits for the recovery, not for that constant.
+            assert client.worker is not None
+            client.worker.options.prepare_retry_seconds = 1.0
             try:
                 await create_clinic(client, "clinic-f", sendgrid(sink.url))
                 for i in range(1000):
