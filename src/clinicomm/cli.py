@@ -486,7 +486,8 @@ def worker(
         "default CLINICOMM_METRICS_PORT, unset: none.",
     ),
 ) -> None:
-    """Run a delivery worker (no HTTP API). Run several on PostgreSQL; SIGTERM stops it gently.
+    """Run a delivery worker (no HTTP API) on uvloop. Run several on PostgreSQL; SIGTERM stops
+    it gently.
 
     The worker also sends status callbacks and runs the probes and alert rules."""
     import signal
@@ -536,6 +537,9 @@ def worker(
                 await server.stop()
             await rt.close()
 
+    import uvloop
+
+    uvloop.install()  # as `serve`: the stdlib loop's transports were ~12 % of its CPU
     run(go)
 
 
