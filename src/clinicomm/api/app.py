@@ -85,7 +85,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(JsonDepthLimit)
     app.add_middleware(BodySizeLimit, max_bytes=resolved.max_body_bytes)
     app.add_middleware(RequestContext)
-    # Sending first: routes are matched in order, and it is the hot one.
+    # Sending first: routes are matched in order, and it is the hot one (added to the app
+    # itself, not through an included router: `communications.add_send_route`).
+    communications.add_send_route(app)
     app.include_router(communications.router)
     app.include_router(clinics.router)
     app.include_router(audit.router)
