@@ -5,6 +5,7 @@ size, credentials of a disabled slot, unknown credentials fields."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -190,3 +191,16 @@ async def test_metadata_is_limited_in_keys_and_size(api: Api, clinic: None) -> N
     fits = {"clinicId": "clinic-a", **{f"k{i}": "v" for i in range(49)}}
     answer = await api.client.post(SEND, json=body(metadata=copy.deepcopy(fits)), headers=api.admin)
     assert answer.status_code == 202, answer.text
+
+
+@pytest.mark.parametrize("depth", [1, 5, 31, 32, 33, 40])
+def test_depth_check_without_a_parse_agrees_with_the_walk(depth: int) -> None:
+    """`too_deep` skips parsing when the body has too few brackets to be too deep, and walks
+    without paths first: the answers are those of the full walk."""
+    from clinicomm.api.limits import MAX_JSON_DEPTH, too_deep
+
+    body = json.dumps(nested(depth)).encode()
+    found = too_deep(body, MAX_JSON_DEPTH)
+    assert (found is None) is (depth <= MAX_JSON_DEPTH)
+    # Brackets inside strings are not nesting.
+    assert too_deep(json.dumps({"a": "[" * 100}).encode(), MAX_JSON_DEPTH) is None

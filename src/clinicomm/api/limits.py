@@ -120,11 +120,15 @@ def too_deep(body: bytes, max_depth: int) -> str | None:
     A body that is not JSON is left to the route (it answers 422 itself); a body too deep for
     the parser itself is answered at the root path.
     """
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return None  # nesting needs an opening bracket per level: nothing to parse
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         message = str(exc).lower()
         return "" if "depth" in message or "recursion" in message else None
+    if _depth(document) <= max_depth:
+        return None
     stack: list[tuple[Any, list[str], int]] = [(document, [], 1)]
     while stack:
         value, path, depth = stack.pop()
@@ -138,6 +142,23 @@ def too_deep(body: bytes, max_depth: int) -> str | None:
             return ".".join(path)
         stack.extend((child, [*path, str(key)], depth + 1) for key, child in items)
     return None
+
+
+def _depth(document: Any) -> int:
+    """The nesting depth of arrays and objects in `document` (a scalar is 0), without paths."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def _replay(messages: list[Message], then: Receive) -> Receive:
