@@ -97,3 +97,42 @@ async def test_a_token_without_the_permission_is_refused_on_the_lean_path(
     assert answer.status_code == 403
     doctor = await api.client.post(URL, json=body(), headers=api.auth(Role.DOCTOR))
     assert doctor.status_code == 403
+
+
+async def test_the_lean_answer_is_logged_and_counted_under_the_route_template(
+    api: Api, log_records: Any
+) -> None:
+    from clinicomm.telemetry import metrics
+
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+
+    def count() -> float:
+        return metrics.HTTP_REQUESTS.labels("POST", URL, "202")._value.get()
+
+    before = count()
+    answer = await api.client.post(URL, json=body(), headers=api.auth(Role.SERVICE))
+    assert answer.status_code == 202
+    assert count() == before + 1
+    (line,) = [
+        r for r in log_records.records
+        if getattr(r, "event", "") == "http_request" and getattr(r, "status", 0) == 202
+    ]
+    assert line.route == URL  # type: ignore[attr-defined]
+
+
+async def test_an_error_raised_on_the_lean_path_gets_the_applications_answer(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exception table of api.errors applies: a database that is down is a 503."""
+    from sqlalchemy.exc import OperationalError
+
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("INSERT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(api.runtime.messaging, "accept", down)
+    answer = await api.client.post(URL, json=body(), headers=api.auth(Role.SERVICE))
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "unavailable"
+    assert answer.headers["retry-after"] == "5"

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from clinicomm import __version__
 from clinicomm.api import console, errors, openapi
 from clinicomm.api.auth import TokenVerifier
+from clinicomm.api.lean import LeanDispatch
 from clinicomm.api.limits import BodySizeLimit, JsonDepthLimit
 from clinicomm.api.middleware import RequestContext
 from clinicomm.api.routers import (
@@ -80,14 +81,18 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.settings = resolved
     errors.install(app)
     openapi.install(app)
-    # Innermost first: the depth check reads a body the size limit already bounds, and the
-    # request context (outermost) logs and ids every answer, 413 and 422 included.
+    # Sending first: routes are matched in order, and it is the hot one (on the application
+    # itself, not through an included router; its valid requests are answered by the lean
+    # dispatch before FastAPI, `api.lean`).
+    send_route = communications.add_send_route(app)
+    # Innermost first: the lean dispatch reads a body the limits already checked, the depth
+    # check reads a body the size limit already bounds, and the request context (outermost)
+    # logs and ids every answer, 413 and 422 included.
+    lean = {("POST", send_route.path): (send_route, communications.send_lean)}
+    app.add_middleware(LeanDispatch, routes=lean)
     app.add_middleware(JsonDepthLimit)
     app.add_middleware(BodySizeLimit, max_bytes=resolved.max_body_bytes)
     app.add_middleware(RequestContext)
-    # Sending first: routes are matched in order, and it is the hot one (added to the app
-    # itself, not through an included router: `communications.add_send_route`).
-    communications.add_send_route(app)
     app.include_router(communications.router)
     app.include_router(clinics.router)
     app.include_router(audit.router)

@@ -22,13 +22,13 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import SkipValidation, ValidationError
 
 from clinicomm.api.answers import DeliveryPage, MessageStatus
 from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import authenticated, authorize, bearer_principal, get_runtime
 from clinicomm.api.errors import ApiError, forbidden, validation_details
-from clinicomm.api.lean import lean
 from clinicomm.api.schemas import ERRORS, ErrorAnswer
 from clinicomm.delivery.cancel import cancel_message, counted
 from clinicomm.delivery.status import GLOBAL, get_message, list_messages, reveal
@@ -71,10 +71,10 @@ def _readable(principal: Principal, clinic_id: str | None) -> bool:
 _MAX_KEY = 255
 
 
-async def _send_lean(request: Request) -> Response | None:
-    """`send` for a request that authenticates and validates (`api.lean`): the same checks
-    and the same call, without FastAPI's dependency solving and body handling; None for
-    anything else, which `send`'s full handler answers (401, 422 with paths)."""
+async def send_lean(request: Request) -> Response | None:
+    """`send` for a request that authenticates and validates (`api.lean.LeanDispatch`): the
+    same checks and the same call, without FastAPI's routing, dependency solving and body
+    handling; None for anything else, which the route answers (401, 422 with paths)."""
     principal = bearer_principal(request)
     if principal is None or not _is_json(request.headers.get("content-type", "")):
         return None
@@ -129,10 +129,11 @@ async def send(
     return _json(accepted.model_dump(mode="json", by_alias=True), 202)
 
 
-def add_send_route(app: FastAPI) -> None:
-    """`POST /api/v1/communications`, added to the application itself rather than through
-    `router`: an included router's routes are matched through FastAPI's per-request included
-    router machinery (a visible share of the hot route's CPU). The application includes this
+def add_send_route(app: FastAPI) -> APIRoute:
+    """Add `POST /api/v1/communications` to the application itself (not through `router`,
+    whose routes FastAPI matches through its per-request included-router machinery) and
+    answer the route. Its valid requests are answered by `send_lean` through
+    `api.lean.LeanDispatch`; the route answers the rest. The application includes this
     module's `router` after calling this, for the other routes."""
     app.router.add_api_route(
         router.prefix,
@@ -143,8 +144,11 @@ def add_send_route(app: FastAPI) -> None:
         responses=_SEND_ERRORS,
         tags=list(router.tags),
         summary="Send a message (stored durably before the answer)",
-        route_class_override=lean(_send_lean),
     )
+    route = app.router.routes[-1]
+    assert isinstance(route, APIRoute)
+    assert route.endpoint is send
+    return route
 
 
 def _json(data: Any, status: int) -> Response:
