@@ -127,6 +127,8 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             serve.stop()
         raw = "\n".join(o.read_text() for o in outputs if o.exists())
+        if args.raw:
+            Path(args.raw).write_text(raw)
         print(f"profile of {args.scenario} ({url.split(':')[0]}, {args.processes} process(es))")
         print(summarize(raw))
 
@@ -136,6 +138,7 @@ if __name__ == "__main__":
     parser.add_argument("--scenario", default="email-sendgrid",
                         choices=[n for n, s in SCENARIOS.items() if s.rate is None and not s.batch])
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--raw", default=None, help="also write the collapsed stacks here")
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--redis-url", default=None)
     parser.add_argument("--processes", type=int, default=1)

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Requ
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import SkipValidation, ValidationError
+from starlette.requests import ClientDisconnect
 
 from clinicomm.api.answers import DeliveryPage, MessageStatus
 from clinicomm.api.auth import Permission, Principal
@@ -84,7 +85,7 @@ async def send_lean(request: Request) -> Response | None:
     try:
         # The parser FastAPI uses (orjson would read an integer beyond 64 bits as a float).
         body = SendRequest.model_validate(json.loads(await request.body()))
-    except (ValueError, ValidationError):
+    except (ValueError, ValidationError, ClientDisconnect):
         return None
     runtime: Runtime = request.app.state.runtime
     return await send(body, principal, runtime, key)
