@@ -17,6 +17,7 @@ from clinicomm.delivery.worker import Worker, WorkerOptions
 from clinicomm.messaging.models import SendRequest
 from clinicomm.runtime import Runtime
 from clinicomm.store.models import Delivery, DeliveryAttempt
+from tests.api.test_communications import sendgrid_settings
 from tests.support.http_capture import CaptureServer, Scripted
 
 
@@ -26,23 +27,7 @@ async def test_stopping_during_a_commit_writes_each_result_once(
     async with CaptureServer(Scripted(202, None, {"X-Message-Id": "sg-1"})) as server:
         async with runtime.db.session() as session:
             change = await runtime.config.create_clinic(
-                session,
-                "clinic-stop",
-                "Stop",
-                {
-                    "communicationSettings": {
-                        "email": {
-                            "primary": {
-                                "provider": "sendgrid",
-                                "credentials": {
-                                    "apiKey": "SG.k",
-                                    "fromEmail": "a@x.example",
-                                    "baseUrl": server.url,
-                                },
-                            }
-                        }
-                    }
-                },
+                session, "clinic-stop", "Stop", sendgrid_settings(server.url)
             )
         await runtime.config.committed(change)
         for i in range(5):

@@ -54,6 +54,13 @@ def clinic() -> str:
     return f"c-{uuid.uuid4().hex[:8]}"
 
 
+async def hold(health: RedisHealth, c: str, successes: int) -> None:
+    """Take the lease (one allow) and count `successes` under it."""
+    assert await health.allow(c, P)
+    for _ in range(successes):
+        await health.record(c, P, Outcome.SUCCESS)
+
+
 async def test_healthy_calls_cost_a_few_round_trips_and_every_success_is_counted(
     redis: Redis,
 ) -> None:
@@ -102,9 +109,7 @@ async def test_held_successes_reach_redis_when_the_lease_ends(redis: Redis) -> N
     health, _ = tracker(redis, local_seconds=0.1)
     other, _ = tracker(redis, local_seconds=0)
     c = clinic()
-    assert await health.allow(c, P)
-    for _ in range(30):
-        await health.record(c, P, Outcome.SUCCESS)
+    await hold(health, c, 30)
     for _ in range(50):  # the flusher sends them within about two lease lengths
         if (await other.state(c, P)).samples == 30:
             break
@@ -117,9 +122,7 @@ async def test_a_failure_goes_to_redis_at_once(redis: Redis) -> None:
     health, script = tracker(redis, local_seconds=5.0)
     other, _ = tracker(redis, local_seconds=0)
     c = clinic()
-    assert await health.allow(c, P)
-    for _ in range(5):
-        await health.record(c, P, Outcome.SUCCESS)
+    await hold(health, c, 5)
     calls = script.calls
     await health.record(c, P, Outcome.FAILURE)
     # The held successes, then the failure: both in Redis before `record` returns.
@@ -150,9 +153,7 @@ async def test_a_closing_process_sends_what_it_holds(redis: Redis) -> None:
     health, _ = tracker(redis, local_seconds=60.0)
     other, _ = tracker(redis, local_seconds=0)
     c = clinic()
-    assert await health.allow(c, P)
-    for _ in range(7):
-        await health.record(c, P, Outcome.SUCCESS)
+    await hold(health, c, 7)
     await health.aclose()
     assert (await other.state(c, P)).samples == 7
 
