@@ -163,7 +163,7 @@ class MessagingService:
                     return previous
             raise SendValidationError(exc.problems) from None
         for _ in range(3):
-            answer = await self._write(
+            pending, answer = await self._pending(
                 request,
                 planned,
                 clinic_id,
@@ -175,7 +175,8 @@ class MessagingService:
                 when,
                 quiet,
             )
-            if answer is not None:
+            if await self.writer.write(pending):
+                _log_accepted(pending)
                 return answer
             # The key is taken: answer as the first request did (or 409). An expired key is
             # deleted by _previous and the write is tried again.
@@ -184,37 +185,6 @@ class MessagingService:
             if previous is not None:
                 return previous
         raise RuntimeError("idempotency key kept changing under this request")
-
-    async def _write(
-        self,
-        request: SendRequest,
-        planned: list[PlannedDelivery],
-        clinic_id: str | None,
-        scope: str,
-        idempotency_key: str | None,
-        digest: str,
-        requested_by: str | None,
-        target: CallbackTarget | None = None,
-        when: timing.Timing | None = None,
-        quiet: dict[Channel, QuietHours] | None = None,
-    ) -> SendAccepted | None:
-        """Write the message; None when its idempotency key is already stored."""
-        pending, answer = await self._pending(
-            request,
-            planned,
-            clinic_id,
-            scope,
-            idempotency_key,
-            digest,
-            requested_by,
-            target,
-            when,
-            quiet,
-        )
-        if not await self.writer.write(pending):
-            return None
-        _log_accepted(pending)
-        return answer
 
     async def _pending(
         self,
