@@ -27,7 +27,9 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from clinicomm.api.limits import replay
 
 FastHandler = Callable[[Request], Awaitable[Response | None]]
 
@@ -78,13 +80,4 @@ def _body_replay(request: Request, receive: Receive) -> Receive:
     body: bytes | None = getattr(request, "_body", None)
     if body is None:
         return receive
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+    return replay([{"type": "http.request", "body": body, "more_body": False}], receive)

@@ -95,7 +95,7 @@ class JsonDepthLimit:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                await self.app(scope, _replay([message], receive), send)
+                await self.app(scope, replay([message], receive), send)
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -111,7 +111,7 @@ class JsonDepthLimit:
             answer = error_response(422, "validation_error", "the request is not valid", [detail])
             await answer(scope, receive, send)
             return
-        await self.app(scope, _replay([{"type": "http.request", "body": body}], receive), send)
+        await self.app(scope, replay([{"type": "http.request", "body": body}], receive), send)
 
 
 def too_deep(body: bytes, max_depth: int) -> str | None:
@@ -161,16 +161,16 @@ def _depth(document: Any) -> int:
     return deepest
 
 
-def _replay(messages: list[Message], then: Receive) -> Receive:
+def replay(messages: list[Message], then: Receive) -> Receive:
     """`messages` first, then the real `receive` (which reports a disconnect when it comes)."""
     queue = list(messages)
 
-    async def replay() -> Message:
+    async def next_message() -> Message:
         if queue:
             return queue.pop(0)
         return await then()
 
-    return replay
+    return next_message
 
 
 def _too_large(limit: int) -> Any:
