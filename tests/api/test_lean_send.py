@@ -136,3 +136,26 @@ async def test_an_error_raised_on_the_lean_path_gets_the_applications_answer(
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == "unavailable"
     assert answer.headers["retry-after"] == "5"
+
+
+async def test_an_unhandled_error_on_the_lean_path_is_counted_under_the_route_template(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception without a handler is the request context's 500, and its metric and log
+    line name the route template, not "unmatched"."""
+    from clinicomm.telemetry import metrics
+
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    def count(route: str) -> float:
+        return metrics.HTTP_REQUESTS.labels("POST", route, "500")._value.get()
+
+    before = count(URL), count("unmatched")
+    monkeypatch.setattr(api.runtime.messaging, "accept", broken)
+    answer = await api.client.post(URL, json=body(), headers=api.auth(Role.SERVICE))
+    assert answer.status_code == 500
+    assert answer.json()["error"]["code"] == "internal_error"
+    assert (count(URL), count("unmatched")) == (before[0] + 1, before[1])

@@ -6,8 +6,9 @@ exit stacks and exception wrappers, and serializes the answer on every request; 
 (bench/RESULTS.md). `LeanDispatch` is a pure ASGI middleware (inside the request context and
 the body limits, outside FastAPI) holding `(method, path) → (route, fast)`:
 
-- `fast(request)` answers a `Response`: that is the answer, sent with `scope["route"]` set to
-  the route (so the access log and metrics name the route template). `fast` must do everything
+- `fast(request)` answers a `Response`: that is the answer. `scope["route"]` is set to the
+  route before `fast` runs, so the access log and metrics name the route template for every
+  answer of the lean path, an exception handler's included. `fast` must do everything
   the route's dependencies do (authenticate, authorize, validate) for the requests it answers.
 - `fast` answers `None` (anything it does not handle: no or an invalid token, a body that is
   not valid JSON or not valid for the model, a header out of bounds): the request goes on to
@@ -51,6 +52,7 @@ class LeanDispatch:
             await self.app(scope, receive, send)
             return
         route, fast = entry
+        scope["route"] = route
         request = Request(scope, receive, send)
         try:
             answer = await fast(request)
@@ -62,7 +64,6 @@ class LeanDispatch:
         if answer is None:
             await self.app(scope, _body_replay(request, receive), send)
             return
-        scope["route"] = route
         await answer(scope, receive, send)
 
 
