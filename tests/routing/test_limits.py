@@ -194,6 +194,74 @@ async def test_two_processes_500_whatsapp_sends_at_80_per_second(redis_url: str)
     assert max(times) - min(times) < 8  # 500 at 80/s is about 6 s
 
 
+@pytest.mark.redis
+async def test_concurrent_calls_for_one_key_share_a_script_call_in_their_order(
+    redis_url: str,
+) -> None:
+    """60 calls made together: one script call, the first 10 callers admitted at one instant,
+    the other 50 told the exact wait; nothing refused is counted."""
+    redis = Redis.from_url(redis_url)
+    try:
+        limiter = RedisLimiter(redis)
+        calls: list[int] = []
+        script = limiter._acquire
+
+        async def counting(*, keys: list[str], args: list[str | int]) -> object:
+            calls.append(int(args[1]))
+            return await script(keys=keys, args=args)
+
+        limiter._acquire = counting  # type: ignore[assignment]
+        key = (f"c-{uuid.uuid4().hex[:8]}", "sender", "meta", "1")
+        answers = await asyncio.gather(*(limiter.try_acquire(key, [(10, 1.0)]) for _ in range(60)))
+        assert calls == [60]
+        assert [a.admitted for a in answers] == [True] * 10 + [False] * 50
+        assert len({a.at for a in answers}) == 1
+        assert all(0.99 <= a.wait <= 1.0 for a in answers[10:])
+        assert await redis.zcard(limit_key(key)) == 10
+        # The paced sender limits: the tenth of a second is the smaller room.
+        paced = (key[0], "sender", "meta", "2")
+        answers = await asyncio.gather(
+            *(limiter.try_acquire(paced, sender_limits(80)) for _ in range(20))
+        )
+        assert sum(a.admitted for a in answers) == 8
+        assert all(0 < a.wait <= 0.1 for a in answers if not a.admitted)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.redis
+async def test_calls_made_while_a_script_call_is_in_flight_form_the_next_batch(
+    redis_url: str,
+) -> None:
+    redis = Redis.from_url(redis_url)
+    try:
+        limiter = RedisLimiter(redis)
+        calls: list[int] = []
+        script = limiter._acquire
+        release = asyncio.Event()
+
+        async def slow(*, keys: list[str], args: list[str | int]) -> object:
+            calls.append(int(args[1]))
+            await release.wait()
+            return await script(keys=keys, args=args)
+
+        limiter._acquire = slow  # type: ignore[assignment]
+        key = (f"c-{uuid.uuid4().hex[:8]}", "email")
+        first = asyncio.ensure_future(limiter.acquire(key, [(100, 60.0)]))
+        await asyncio.sleep(0.01)
+        later = [asyncio.ensure_future(limiter.acquire(key, [(100, 60.0)])) for _ in range(30)]
+        later[0].cancel()  # a caller that gives up is not asked for
+        await asyncio.sleep(0.01)
+        release.set()
+        assert await first == 0.0
+        assert await asyncio.gather(*later[1:]) == [0.0] * 29
+        assert calls == [1, 29]
+        assert await redis.zcard(limit_key(key)) == 30
+        assert limiter._waiting == {}
+    finally:
+        await redis.aclose()
+
+
 # ---- Redis degradation (runs without a Redis server) -----------------------------------------
 async def test_dead_redis_degrades_to_in_process_limits(
     log_records: pytest.LogCaptureFixture,
@@ -203,6 +271,8 @@ async def test_dead_redis_degrades_to_in_process_limits(
         limiter = RedisLimiter(redis)
         results = [await limiter.acquire(("c1", "email"), [(3, 60.0)]) for _ in range(5)]
         assert results[:3] == [0.0] * 3 and all(r > 0 for r in results[3:])
+        together = await asyncio.gather(*(limiter.acquire(("c2", "email"), [(3, 60.0)]) for _ in range(5)))
+        assert together[:3] == [0.0] * 3 and all(r > 0 for r in together[3:])
         assert await limiter.usage(("c1", "email"), [(3, 60.0)]) == 1.0
         warnings = [r for r in log_records.records if getattr(r, "event", "") == "redis_unavailable"]
         assert len(warnings) == 1

@@ -25,6 +25,7 @@ clinic's traffic never consumes another clinic's budget (PROVIDER-FACTS §8 item
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
 import time
@@ -42,6 +43,8 @@ from clinicomm.settings.models import RateLimit
 Limit = tuple[int, float]
 #: The parts of a limiter key; the first is the clinic id (None means the platform, "global").
 KeyParts = Sequence[str | None]
+#: One key's limits: the calls that share a script call (`RedisLimiter`).
+_Group = tuple[str, tuple[Limit, ...]]
 
 _ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
@@ -237,36 +240,56 @@ class InProcessLimiter(RateLimiter):
                 self._horizon.pop(key, None)
 
 
-# KEYS[1] the sorted set (score = admission time in µs); ARGV[1] a unique member;
-# ARGV[2..] pairs of (count, window_us). Returns {admitted 0/1, wait_us, now_us}.
-# Redis TIME makes every process use one clock (scripts replicate effects since Redis 5).
+# KEYS[1] the sorted set (score = admission time in µs); ARGV[1] a unique member prefix;
+# ARGV[2] how many events are asked for at once (n ≥ 1); ARGV[3..] pairs of (count, window_us).
+# Admits the first g ≤ n events that fit every limit, all at this script's TIME (exactly as n
+# calls for one event each in a row would), and returns {g, wait_us, now_us}: wait_us is when
+# one more event would fit (0 when all n were admitted). Redis TIME makes every process use one
+# clock (scripts replicate effects since Redis 5).
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = (#ARGV - 1) / 2
+local asked = tonumber(ARGV[2])
+local n = (#ARGV - 2) / 2
 local horizon = 0
 for i = 1, n do
-  local w = tonumber(ARGV[2 * i + 1])
+  local w = tonumber(ARGV[2 * i + 2])
   if w > horizon then horizon = w end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - horizon))
+local grant = asked
+local inside = {}
+for i = 1, n do
+  local w = tonumber(ARGV[2 * i + 2])
+  inside[i] = redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%.0f', now - w), '+inf')
+  local room = tonumber(ARGV[2 * i + 1]) - inside[i]
+  if room < grant then grant = room end
+end
+if grant < 0 then grant = 0 end
+if grant > 0 then
+  local score = string.format('%.0f', now)
+  local members = {}
+  for j = 1, grant do
+    members[2 * j - 1] = score
+    members[2 * j] = ARGV[1] .. ':' .. j
+  end
+  redis.call('ZADD', KEYS[1], unpack(members))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(horizon / 1000) + 1000)
+end
+if grant == asked then return {grant, 0, now} end
 local wait = 0
 for i = 1, n do
-  local c = tonumber(ARGV[2 * i])
-  local w = tonumber(ARGV[2 * i + 1])
-  local low = '(' .. string.format('%.0f', now - w)
-  local inside = redis.call('ZCOUNT', KEYS[1], low, '+inf')
-  if inside >= c then
-    local e = redis.call('ZRANGEBYSCORE', KEYS[1], low, '+inf',
-                         'WITHSCORES', 'LIMIT', inside - c, 1)
+  local c = tonumber(ARGV[2 * i + 1])
+  local w = tonumber(ARGV[2 * i + 2])
+  local have = inside[i] + grant
+  if have >= c then
+    local e = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%.0f', now - w),
+                         '+inf', 'WITHSCORES', 'LIMIT', have - c, 1)
     local until_us = tonumber(e[2]) + w - now
     if until_us > wait then wait = until_us end
   end
 end
-if wait > 0 then return {0, wait, now} end
-redis.call('ZADD', KEYS[1], string.format('%.0f', now), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(horizon / 1000) + 1000)
-return {1, 0, now}
+return {grant, wait, now}
 """
 
 # KEYS[1] the sorted set; ARGV pairs of (count, window_us). Returns the count in each window.
@@ -287,7 +310,17 @@ def _us(seconds: float) -> int:
 
 
 class RedisLimiter(RateLimiter):
-    """Sliding-window log in Redis, shared by every process; falls back to `local`."""
+    """Sliding-window log in Redis, shared by every process; falls back to `local`.
+
+    Concurrent `acquire` calls of this process for one key and the same limits share one
+    script call: the calls made while none is in flight (or while one is) are asked for
+    together, at most `MAX_BATCH` at once, and admitted in the order they came, as far as the
+    limits allow; the rest get the wait. The result is what the same calls one after another
+    at the script's instant would give, so the guarantee of the module docstring holds; a busy
+    worker's deliveries to one WhatsApp number make one round trip per batch, not one each.
+    """
+
+    MAX_BATCH = 500
 
     def __init__(self, redis: Redis, *, local: InProcessLimiter | None = None) -> None:
         self.redis = redis
@@ -295,25 +328,75 @@ class RedisLimiter(RateLimiter):
         self.fallback = RedisFallback("limits")
         self._acquire = redis.register_script(_ACQUIRE)
         self._usage = redis.register_script(_USAGE)
+        #: (key, limits) → the calls waiting for the next script call of that group.
+        self._waiting: dict[_Group, list[asyncio.Future[Admission]]] = {}
+        self._askers: set[asyncio.Task[None]] = set()
 
     async def try_acquire(self, key_parts: KeyParts, limits: Sequence[Limit]) -> Admission:
         _check(limits)
         key = limit_key(key_parts)
         if not limits:
             return Admission(0.0, time.time())
-        args: list[str | int] = [uuid.uuid4().hex]
+        group = (key, tuple(limits))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Admission] = loop.create_future()
+        waiting = self._waiting.get(group)
+        if waiting is not None:
+            waiting.append(future)
+        else:
+            self._waiting[group] = [future]
+            task = loop.create_task(self._ask(group, key_parts))
+            self._askers.add(task)
+            task.add_done_callback(self._askers.discard)
+        return await future
+
+    async def _ask(self, group: _Group, key_parts: KeyParts) -> None:
+        """Answer the group's waiting calls, a batch per script call, until none is left."""
+        waiting = self._waiting[group]
+        try:
+            while True:
+                batch = [f for f in waiting[: self.MAX_BATCH] if not f.done()]
+                del waiting[: self.MAX_BATCH]
+                if batch:
+                    try:
+                        answers = await self._admit(group, key_parts, len(batch))
+                    except BaseException as exc:
+                        for f in batch:
+                            if not f.done():
+                                f.set_exception(exc)
+                        raise
+                    for f, answer in zip(batch, answers, strict=True):
+                        if not f.done():
+                            f.set_result(answer)
+                if not waiting:
+                    return
+        finally:
+            del self._waiting[group]
+            for f in waiting:  # only left when the ask itself failed or was cancelled
+                if not f.done():
+                    f.cancel()
+
+    async def _admit(self, group: _Group, key_parts: KeyParts, n: int) -> list[Admission]:
+        """`n` events asked for at once: the admitted first, then the refused with the wait."""
+        key, limits = group
+        args: list[str | int] = [uuid.uuid4().hex, n]
         for count, window in limits:
             args += [count, _us(window)]
 
-        async def remote() -> Admission:
-            admitted, wait_us, now_us = await self._acquire(keys=[key], args=args)
-            wait = 0.0 if int(admitted) else max(int(wait_us), 1) / 1_000_000
-            return Admission(wait, int(now_us) / 1_000_000)
+        async def remote() -> list[Admission]:
+            granted, wait_us, now_us = await self._acquire(keys=[key], args=args)
+            at = int(now_us) / 1_000_000
+            refused = Admission(max(int(wait_us), 1) / 1_000_000, at)
+            return [Admission(0.0, at)] * int(granted) + [refused] * (n - int(granted))
 
-        async def local() -> Admission:
-            return self.local.admit(key_parts, limits)
+        async def local() -> list[Admission]:
+            return [self.local.admit(key_parts, limits) for _ in range(n)]
 
         return await self.fallback.run("acquire", remote, local)
+
+    async def close(self) -> None:
+        for task in list(self._askers):
+            task.cancel()
 
     async def usage(self, key_parts: KeyParts, limits: Sequence[Limit]) -> float:
         _check(limits)
