@@ -83,6 +83,21 @@ async def test_a_burst_of_allows_asks_redis_once(redis: Redis) -> None:
     assert all(answers) and script.calls == 1
 
 
+async def test_a_burst_of_successes_after_the_lease_ended_asks_redis_once(
+    redis: Redis,
+) -> None:
+    """Deliveries that finish together after the lease ended (their allow came under it):
+    the first success asks Redis, its answer takes the lease again, and the others count
+    under it; none is lost."""
+    health, script = tracker(redis, local_seconds=5.0)
+    c = clinic()
+    await asyncio.gather(*(health.record(c, P, Outcome.SUCCESS) for _ in range(64)))
+    assert script.calls == 1
+    state = await health.state(c, P)
+    assert state.samples == 64 and state.success_rate == 1.0
+    await health.aclose()
+
+
 async def test_a_burst_on_a_half_open_circuit_takes_the_probe_slots_one_by_one(
     redis: Redis,
 ) -> None:

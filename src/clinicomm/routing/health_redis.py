@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
@@ -45,6 +46,8 @@ from clinicomm.routing.health import (
     health_key,
 )
 from clinicomm.routing.redis_fallback import RedisFallback, text
+
+_T = TypeVar("_T")
 
 # KEYS: the (clinic, provider) hash, the clinic's provider set.
 # ARGV: op (record|allow|probe|state), arg (outcome | probe ok 1/0), detail, provider label,
@@ -341,27 +344,22 @@ class RedisHealth(HealthTracker):
         self, clinic_id: str | None, provider: str, outcome: Outcome
     ) -> ProviderHealth:
         key = (clinic_id, provider)
-        lease = self._held(key) if outcome is Outcome.SUCCESS else None
+        if outcome is not Outcome.SUCCESS:
+            await self._release(key)
+            return await self._record_remote(key, outcome)
+        lease = await self._lease_after_asking(key)
         if lease is not None:
             lease.pending += 1
             self._flush_later()
             return lease.health
-        await self._release(key)
-        return await self._record_remote(key, outcome)
+        # The lease ended (or none was taken): this success asks Redis, and the successes
+        # that finish meanwhile wait for its answer, which may take the lease again.
+        return await self._asked(key, self._record_remote(key, outcome))
 
     async def allow(self, clinic_id: str | None, provider: str) -> bool:
         key = (clinic_id, provider)
-        if self._held(key) is not None:
+        if await self._lease_after_asking(key) is not None:
             return True
-        asking = self._asking.get(key)
-        if asking is not None:
-            # Another call is asking Redis about this provider: its answer may take the
-            # lease (so a burst of deliveries makes one round trip, not one each). Without a
-            # lease (half-open, degraded), each caller asks for itself: probe slots are taken
-            # one by one.
-            await asyncio.shield(asking)
-            if self._held(key) is not None:
-                return True
 
         async def remote() -> bool:
             health, allowed = await self._run("allow", clinic_id, provider)
@@ -371,10 +369,28 @@ class RedisHealth(HealthTracker):
         async def local() -> bool:
             return self.local.allow_now(clinic_id, provider)
 
+        return await self._asked(key, self.fallback.run("allow", remote, local))
+
+    async def _lease_after_asking(self, key: _Key) -> _Lease | None:
+        """The lease of `key`, after the call now asking Redis about it (if any) answered.
+
+        That answer may take the lease, so a burst of deliveries (their `allow`, their
+        successes) makes one round trip, not one each. Without a lease (half-open, degraded),
+        each caller asks for itself: probe slots are taken one by one.
+        """
+        lease = self._held(key)
+        asking = self._asking.get(key)
+        if lease is None and asking is not None:
+            await asyncio.shield(asking)
+            lease = self._held(key)
+        return lease
+
+    async def _asked(self, key: _Key, call: Awaitable[_T]) -> _T:
+        """Await `call`, a question to Redis about `key`, as the one others wait for."""
         done = asyncio.get_running_loop().create_future()
         self._asking[key] = done
         try:
-            return await self.fallback.run("allow", remote, local)
+            return await call
         finally:
             done.set_result(None)
             if self._asking.get(key) is done:
