@@ -1,7 +1,7 @@
 """In-process pipeline profile: accept rate and worker send rate, separately, no HTTP layer.
 
     .venv/bin/python -m bench.pipeline_inproc [--messages 5000] [--database-url URL]
-        [--redis-url URL] [--scenario email-sendgrid|whatsapp-meta]
+        [--redis-url URL] [--scenario email-sendgrid|whatsapp-meta] [--clinics 10]
 
 Prints each stage's rate and its CPU time per message (this process, every thread: user+sys).
 Nothing else of the service runs beside it, so the CPU figure is the service's own cost
@@ -26,7 +26,7 @@ from clinicomm.client import worker_options
 from clinicomm.config import Settings
 from clinicomm.delivery.worker import Worker
 from clinicomm.messaging.models import SendRequest
-from clinicomm.runtime import Runtime
+from clinicomm.runtime import Runtime, freeze_startup_heap
 
 #: The scenarios of `bench.service` this runs (HTTP providers: the sink is nginx).
 INPROC_SCENARIOS = ("email-sendgrid", "whatsapp-meta")
@@ -37,6 +37,7 @@ async def main(
     database_url: str | None,
     redis_url: str | None,
     scenario_name: str = "email-sendgrid",
+    clinics: int = 10,
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp, HttpSink() as sink:
         settings = Settings(
@@ -47,21 +48,29 @@ async def main(
             log_level="WARNING",
         )
         rt = await Runtime.create(settings, migrate=True, env={})
-        clinic = f"bench-{os.getpid()}"
         scenario = SCENARIOS[scenario_name]
-        async with rt.db.session() as session:
-            change = await rt.config.create_clinic(
-                session, clinic, "Bench", clinic_settings(scenario, sink, None)  # type: ignore[arg-type]
-            )
-        await rt.config.committed(change)
-        request = SendRequest.model_validate(message_payload(scenario, clinic, 0))
+        requests = []
+        for index in range(clinics):
+            # Each clinic with its own WhatsApp number, as in the end-to-end bench (one number
+            # alone is capped at 1,000/s by its throughput tier).
+            clinic = f"bench-{os.getpid()}-{index}"
+            async with rt.db.session() as session:
+                change = await rt.config.create_clinic(
+                    session, clinic, "Bench",
+                    clinic_settings(scenario, sink, None, index),  # type: ignore[arg-type]
+                )
+            await rt.config.committed(change)
+            requests.append(SendRequest.model_validate(message_payload(scenario, clinic, 0)))
+        freeze_startup_heap()  # as serve and worker do once built
 
-        async def producer(n: int) -> None:
+        async def producer(n: int, request: SendRequest) -> None:
             for _ in range(n):
                 await rt.messaging.accept(request)
 
         start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(producer(messages // 32) for _ in range(32)))
+        await asyncio.gather(
+            *(producer(messages // 32, requests[i % clinics]) for i in range(32))
+        )
         accept_s = time.perf_counter() - start
         total = (messages // 32) * 32
         per = (time.process_time() - cpu) / total * 1000
@@ -93,5 +102,8 @@ if __name__ == "__main__":
     parser.add_argument("--database-url")
     parser.add_argument("--redis-url")
     parser.add_argument("--scenario", choices=INPROC_SCENARIOS, default="email-sendgrid")
+    parser.add_argument("--clinics", type=int, default=10, help="clinics sending (default 10)")
     args = parser.parse_args()
-    asyncio.run(main(args.messages, args.database_url, args.redis_url, args.scenario))
+    asyncio.run(
+        main(args.messages, args.database_url, args.redis_url, args.scenario, args.clinics)
+    )

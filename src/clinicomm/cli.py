@@ -279,7 +279,7 @@ def serve(
 
     from clinicomm.api.app import create_app
     from clinicomm.api.auth import JwtConfigError, TokenVerifier
-    from clinicomm.runtime import Runtime
+    from clinicomm.runtime import Runtime, freeze_startup_heap
     from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
@@ -328,6 +328,7 @@ def serve(
 
                 worker = Worker.for_runtime(runtime, worker_options(settings))
                 worker_task = asyncio.create_task(worker.run(stop), name="serve-worker")
+            freeze_startup_heap()
             try:
                 await server.serve(sockets=sockets)
             finally:
@@ -494,7 +495,7 @@ def worker(
 
     from clinicomm.client import worker_options
     from clinicomm.delivery.worker import Worker
-    from clinicomm.runtime import Runtime
+    from clinicomm.runtime import Runtime, freeze_startup_heap
     from clinicomm.telemetry.logging import configure_logging
 
     settings = load_settings()
@@ -528,8 +529,10 @@ def worker(
                 await rt.close()
                 fail(f"cannot listen on {settings.metrics_host}:{port}: {exc.strerror}")
         monitors = start_monitors(rt, stop)
+        worker = Worker.for_runtime(rt, options)
+        freeze_startup_heap()
         try:
-            await Worker.for_runtime(rt, options).run(stop)
+            await worker.run(stop)
         finally:
             stop.set()
             await stop_monitors(monitors)
