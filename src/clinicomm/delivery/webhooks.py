@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import and_, distinct, or_, select
+from sqlalchemy import and_, or_, select
 
 from clinicomm.delivery.ingest import GLOBAL_SCOPE, apply_stored, global_label_prefix
 from clinicomm.delivery.suppressions import canonical_key
@@ -174,12 +174,14 @@ class WebhookService:
         since = utcnow() - timedelta(days=self.owner_days)
         clinics = (
             await session.scalars(
-                select(distinct(Delivery.clinic_id)).where(
+                select(Delivery.clinic_id)
+                .where(
                     Delivery.provider.like(prefix),
                     Delivery.channel == channel,
                     Delivery.clinic_id.is_not(None),
                     Delivery.created_at >= since,
                 )
+                .distinct()
             )
         ).all()
         address = canonical_key(channel, event.sender)
