@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.pipeline_inproc [--messages 5000] [--database-url URL]
         [--redis-url URL] [--scenario email-sendgrid|whatsapp-meta] [--clinics 10]
+        [--category REMINDER]
 
 Prints each stage's rate and its CPU time per message (this process, every thread: user+sys).
 Nothing else of the service runs beside it, so the CPU figure is the service's own cost
@@ -38,6 +39,7 @@ async def main(
     redis_url: str | None,
     scenario_name: str = "email-sendgrid",
     clinics: int = 10,
+    category: str | None = None,
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp, HttpSink() as sink:
         settings = Settings(
@@ -60,7 +62,10 @@ async def main(
                     clinic_settings(scenario, sink, None, index),  # type: ignore[arg-type]
                 )
             await rt.config.committed(change)
-            requests.append(SendRequest.model_validate(message_payload(scenario, clinic, 0)))
+            payload = message_payload(scenario, clinic, 0)
+            if category:
+                payload["category"] = category
+            requests.append(SendRequest.model_validate(payload))
         freeze_startup_heap()  # as serve and worker do once built
 
         async def producer(n: int, request: SendRequest) -> None:
@@ -103,7 +108,11 @@ if __name__ == "__main__":
     parser.add_argument("--redis-url")
     parser.add_argument("--scenario", choices=INPROC_SCENARIOS, default="email-sendgrid")
     parser.add_argument("--clinics", type=int, default=10, help="clinics sending (default 10)")
-    args = parser.parse_args()
-    asyncio.run(
-        main(args.messages, args.database_url, args.redis_url, args.scenario, args.clinics)
+    parser.add_argument(
+        "--category", help="the messages' category (REMINDER: bulk priority, as reminder runs)"
     )
+    args = parser.parse_args()
+    asyncio.run(main(
+        args.messages, args.database_url, args.redis_url, args.scenario, args.clinics,
+        args.category,
+    ))
