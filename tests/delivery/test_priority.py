@@ -101,3 +101,42 @@ async def test_an_urgent_message_passes_3000_of_its_own_clinics_bulk(settings: S
     assert backlog > 1000  # the backlog was really there
     assert max(sink.per_delivery.values()) == 1  # nothing sent twice
     assert latency < 0.2
+
+
+async def test_a_bulk_run_never_waits_for_the_poll_while_bulk_is_due(settings: Settings) -> None:
+    """The worker's claims of a bulk run are capped by its bulk in-flight share; after a
+    capped claim it waits for bulk slots to free up, not for the next poll. Deliveries of the
+    last claim often finish while the next claim runs: the wait used to test whether the slots
+    were full *after* the claim, found them not full, and slept until the poll (1 s by
+    default) with bulk still due. With a 30 s poll, 1,500 bulk sends finish in seconds."""
+    async with CountingSink(delay=0.0) as sink:
+        client = Client(fast(settings), run_worker=False, env={})
+        await client.start()
+        stop = asyncio.Event()
+        task = None
+        try:
+            await create_clinic(
+                client,
+                CLINIC,
+                {"email": {"primary": {"provider": "sendgrid", "credentials": {
+                    "apiKey": "SG.k", "fromEmail": "a@x.example", "baseUrl": sink.url}}}},
+            )
+
+            async def burst(k: int) -> None:
+                for i in range(50):
+                    await client.send(email(k * 1000 + i, "REMINDER"))
+
+            await asyncio.gather(*(burst(k) for k in range(30)))
+            options = worker_options(client.settings)
+            options.poll_seconds = 30.0
+            task = asyncio.create_task(Worker.for_runtime(client._rt(), options).run(stop))
+            deadline = time.monotonic() + 25
+            while sink.total < 1500:
+                assert time.monotonic() < deadline, f"bulk waited for the poll at {sink.total}"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            if task is not None:
+                await task
+            await client.close()
+    assert max(sink.per_delivery.values()) == 1

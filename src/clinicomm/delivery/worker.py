@@ -162,9 +162,12 @@ class Worker:
                         await asyncio.sleep(self.options.flush_interval)
                     continue
                 self.notifier.event.clear()
+                # Cleared before the claim: bulk finishing from here on wakes the wait below.
+                self._bulk_room.clear()
                 want = min(self.options.batch_size, free)
+                bulk_free = max(self._bulk_slots() - len(self._bulk_inflight), 0)
                 try:
-                    batch = await self._claim(want)
+                    batch = await self._claim(want, bulk_free)
                 except Exception as exc:  # database down: wait and try again
                     log.warning(
                         "claim failed", extra={"event": "claim_failed", "error": type(exc).__name__}
@@ -174,16 +177,18 @@ class Worker:
                 if batch:
                     await self._start(batch)
                 if len(batch) < want:
-                    # Bulk slots full: wake up when half of them are free again (a claim of
-                    # many rows, not one per freed slot), not only at the next poll.
-                    full = len(self._bulk_inflight) >= self._bulk_slots()
-                    if full:
-                        self._bulk_room.clear()
+                    # This claim took all the bulk it was allowed (more may be due).
+                    capped = sum(c.priority == Priority.BULK.rank for c in batch) >= bulk_free
+                    # A short claim whose bulk share was capped: wake up when half of the bulk
+                    # slots are free again (a claim of many rows, not one per freed slot), not
+                    # only at the next poll. Whether the slots are full *now* is not the test:
+                    # deliveries of the last claim often finish while this one runs, and
+                    # waiting for the poll then left due bulk idle (~1 s per claim).
                     await _wait_any(
                         stop,
                         self.notifier.event,
                         self.options.poll_seconds,
-                        also=self._bulk_room if full else None,
+                        also=self._bulk_room if capped else None,
                     )
         finally:
             await self._shutdown()
@@ -208,13 +213,12 @@ class Worker:
                 extra={"event": "worker_stopped", "workerId": self.worker_id, "sent": self.sent},
             )
 
-    async def _claim(self, limit: int) -> list[Claimed]:
+    async def _claim(self, limit: int, bulk_free: int) -> list[Claimed]:
         # Bulk's minimum share: `bulk_share` of every claimed slot accrues as credit, and
         # each whole slot of it is reserved for bulk in the next claim (used by other classes
         # when no bulk is due), so a claim of 1 slot at a time still gives bulk its share.
         self._bulk_credit = min(self._bulk_credit + limit * self.options.bulk_share, limit)
         reserve = int(self._bulk_credit)
-        bulk_free = max(self._bulk_slots() - len(self._bulk_inflight), 0)
         async with self.db.session() as session:
             batch = await claim(
                 session,
@@ -263,9 +267,10 @@ class Worker:
     def _done(self, task: asyncio.Task[None]) -> None:
         delivery_id = task.get_name()
         self._inflight.pop(delivery_id, None)
-        self._bulk_inflight.discard(delivery_id)
-        if len(self._bulk_inflight) <= self._bulk_slots() // 2:
-            self._bulk_room.set()
+        if delivery_id in self._bulk_inflight:
+            self._bulk_inflight.discard(delivery_id)
+            if len(self._bulk_inflight) <= self._bulk_slots() // 2:
+                self._bulk_room.set()
         self._claimed.pop(delivery_id, None)
         self._facts.pop(delivery_id, None)
 
