@@ -227,8 +227,8 @@ async def test_a_batch_of_500_reminders_is_one_sendgrid_call_with_each_ones_vari
     assert answer.status_code == 202, answer.text[:500]
     ids = [item["deliveries"][0]["id"] for item in answer.json()["items"]]
     stop = asyncio.Event()
-    # Reminders are bulk: lift #18's bulk in-flight cap (25 % of concurrency), which would
-    # otherwise split the 500 into groups of at most 250.
+    # Reminders are bulk: lift #18's bulk in-flight cap (50 % of concurrency), so the one
+    # group of 500 is never split by it, whatever the default.
     options = WorkerOptions(
         poll_seconds=0.05, batch_size=500, concurrency=1000, bulk_concurrency_share=1.0
     )

@@ -83,7 +83,7 @@ class WorkerOptions:
     bulk_share: float = 0.1
     #: At most this share of `concurrency` is bulk in flight: the rest stays free for urgent
     #: and normal deliveries, and a bulk run does not crowd this process's event loop.
-    bulk_concurrency_share: float = 0.25
+    bulk_concurrency_share: float = 0.5
 
 
 class Worker:
