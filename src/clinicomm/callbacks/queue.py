@@ -79,39 +79,39 @@ async def enqueue(
     if not ids:
         return 0
     expected = delivery_ids if isinstance(delivery_ids, Mapping) else {}
-    # Primary-key lookups only (a join lets SQLite scan `messages` for the target filter);
-    # the common case, no target, reads two narrow columns and stops.
-    owners = (
-        await session.execute(select(Delivery.id, Delivery.message_id).where(Delivery.id.in_(ids)))
-    ).all()
+    # Primary-key lookups only (a join lets SQLite scan `messages` for the target filter).
+    # The common case, no target, is this one query over two narrow columns.
+    owners = select(Delivery.message_id).where(Delivery.id.in_(ids)).scalar_subquery()
     targets = {
         m.id: m
         for m in (
             await session.execute(
                 select(Message.id, Message.callback_url, Message.callback_opts, Message.meta).where(
-                    Message.id.in_({o.message_id for o in owners}),
-                    Message.callback_url.is_not(None),
+                    Message.id.in_(owners), Message.callback_url.is_not(None)
                 )
             )
         ).all()
     }
     if not targets:
         return 0
-    wanted = [o.id for o in owners if o.message_id in targets]
-    deliveries = (
-        await session.execute(
-            select(
-                Delivery.id,
-                Delivery.message_id,
-                Delivery.clinic_id,
-                Delivery.channel,
-                Delivery.status,
-                Delivery.provider,
-                Delivery.error,
-                Delivery.requeues,
-            ).where(Delivery.id.in_(wanted))
-        )
-    ).all()
+    deliveries = [
+        d
+        for d in (
+            await session.execute(
+                select(
+                    Delivery.id,
+                    Delivery.message_id,
+                    Delivery.clinic_id,
+                    Delivery.channel,
+                    Delivery.status,
+                    Delivery.provider,
+                    Delivery.error,
+                    Delivery.requeues,
+                ).where(Delivery.id.in_(ids))
+            )
+        ).all()
+        if d.message_id in targets
+    ]
     rows = [(d, targets[d.message_id]) for d in deliveries]
     values: list[dict[str, Any]] = []
     for row, message in rows:
