@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
@@ -89,3 +90,34 @@ async def test_unreachable_redis_reads_go_to_the_database(
     finally:
         await rt.close()
     assert any(getattr(r, "event", None) == "redis_unavailable" for r in caplog.records)
+
+
+async def test_a_burst_on_a_cold_cache_loads_a_clinic_once(runtime: Runtime) -> None:
+    """100 concurrent reads of one clinic after its cache was dropped (a restart, a change):
+    one load from the database or Redis, the same answer for all; and the data key too."""
+    await create(runtime, "clinic-burst", smtp_settings("x"))
+    runtime.config.cache.clear()
+    runtime.keys.forget()
+    loads: list[str] = []
+    config_load, key_load = runtime.config._load, runtime.keys._cipher_from
+
+    async def counting_config(*args: object) -> object:
+        loads.append("config")
+        return await config_load(*args)  # type: ignore[arg-type]
+
+    async def counting_key(*args: object) -> object:
+        loads.append("key")
+        return await key_load(*args)  # type: ignore[arg-type]
+
+    runtime.config._load = counting_config  # type: ignore[assignment,method-assign]
+    runtime.keys._cipher_from = counting_key  # type: ignore[assignment,method-assign]
+    answers = await asyncio.gather(
+        *(runtime.config.get_clinic_config("clinic-burst", Channel.EMAIL) for _ in range(100))
+    )
+    ciphers = await asyncio.gather(
+        *(runtime.keys.cipher_for(runtime.db, "clinic-burst") for _ in range(100))
+    )
+    assert loads.count("config") == 1
+    assert len({id(a) for a in answers}) == 1 and answers[0].version == 1
+    assert len({id(c) for c in ciphers}) == 1
+    assert loads.count("key") <= 1  # none when the config load already cached the key

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.crypto import FieldCipher, MasterKeyring, derive_index_key, new_data_key
+from clinicomm.settings.flight import SingleFlight
 from clinicomm.store.db import Database
 from clinicomm.store.models import AuditEntry, Clinic, ClinicKey, utcnow
 
@@ -30,6 +31,7 @@ class KeyStore:
         self.refresh_seconds = refresh_seconds
         self._ciphers: dict[str, FieldCipher] = {}
         self._loaded: dict[str, float] = {}
+        self._loads: SingleFlight[FieldCipher] = SingleFlight()
 
     async def create(self, session: AsyncSession, clinic_id: str) -> FieldCipher:
         """Make and store (wrapped) a new data key for a new clinic."""
@@ -98,6 +100,10 @@ class KeyStore:
         cached = self._fresh(clinic_id)
         if cached is not None:
             return cached
+        return await self._loads.run(clinic_id, lambda: self._cipher_from(db, clinic_id))
+
+    async def _cipher_from(self, db: Database, clinic_id: str) -> FieldCipher:
+        """`cipher_for` past the in-memory cache (concurrent misses share one call)."""
         try:
             async with db.read() as session:
                 return await self.cipher(session, clinic_id)

@@ -29,6 +29,7 @@ from clinicomm.providers.base import MASK, Channel, ProviderCredentials
 from clinicomm.providers.egress import PERMISSIVE, EgressPolicy
 from clinicomm.settings import secrets
 from clinicomm.settings.cache import ConfigCache
+from clinicomm.settings.flight import SingleFlight
 from clinicomm.settings.keys import PLATFORM, KeyStore
 from clinicomm.settings.models import (
     CallbackSettings,
@@ -203,6 +204,7 @@ class ConfigService:
         self.poll_seconds = poll_seconds
         self._poller: asyncio.Task[None] | None = None
         self._hit: dict[tuple[str, str], Any] = {}
+        self._loads: SingleFlight[ResolvedChannel] = SingleFlight()
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -261,7 +263,9 @@ class ConfigService:
             if cached is not None:
                 self._count(label, channel, "l1", start)
                 return cached
-            resolved = await self._load(clinic_id, channel, label)
+            # Concurrent misses share one load, unless a change was seen since it started.
+            key = (clinic_id, channel, self.cache.known_version(clinic_id))
+            resolved = await self._loads.run(key, lambda: self._load(clinic_id, channel, label))
             if resolved.version == 0:  # unknown clinic: no series (see `_load`)
                 return resolved
         metrics.CONFIG_FETCH_LATENCY.labels(label, channel.value).observe(
