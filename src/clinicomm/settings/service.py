@@ -205,6 +205,8 @@ class ConfigService:
         self._poller: asyncio.Task[None] | None = None
         self._hit: dict[tuple[str, str], Any] = {}
         self._loads: SingleFlight[ResolvedChannel] = SingleFlight()
+        #: The callbacks and messages sections (their loads answer different types).
+        self._sections: SingleFlight[Any] = SingleFlight()
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -283,6 +285,13 @@ class ConfigService:
         if cached is not None:
             value: CallbackSettings | None = cached.value
             return value
+        key = (clinic_id, CALLBACKS, self.cache.known_version(clinic_id))
+        result: CallbackSettings | None = await self._sections.run(
+            key, lambda: self._load_callbacks(clinic_id)
+        )
+        return result
+
+    async def _load_callbacks(self, clinic_id: str) -> CallbackSettings | None:
         async with self.db.sessions() as session:
             version, stored = await _stored_section(session, clinic_id, CALLBACKS)
             settings: CallbackSettings | None = None
@@ -300,6 +309,13 @@ class ConfigService:
         if cached is not None:
             value: MessagePolicy | None = cached.value
             return value
+        key = (clinic_id, MESSAGES, self.cache.known_version(clinic_id))
+        result: MessagePolicy | None = await self._sections.run(
+            key, lambda: self._load_message_policy(clinic_id)
+        )
+        return result
+
+    async def _load_message_policy(self, clinic_id: str) -> MessagePolicy | None:
         async with self.db.sessions() as session:
             version, stored = await _stored_section(session, clinic_id, MESSAGES)
             policy = (
