@@ -11,17 +11,55 @@ to queue 10,000, with the same latencies (docs/architecture.md, "Priority").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from clinicomm import Client, SendRequest
 from clinicomm.client import worker_options
 from clinicomm.config import Settings
-from clinicomm.delivery.worker import Worker
+from clinicomm.delivery.worker import Worker, WorkerOptions
 from tests.delivery.test_workers import CountingSink
 from tests.support.pipeline import create_clinic, fast
 
 CLINIC = "clinic-big"
 BULK = 3000  # 40 concurrent bursts of 75
+
+
+@dataclass
+class Run:
+    """A client (no worker of its own) whose clinic sends email through SendGrid to `sink`."""
+
+    client: Client
+    sink: CountingSink
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: asyncio.Task[None] | None = None
+
+    def start(self, options: WorkerOptions | None = None) -> None:
+        """Start a worker (the client's options unless given), stopped when the run ends."""
+        rt = self.client._rt()
+        options = options or worker_options(self.client.settings)
+        self.worker = asyncio.create_task(Worker.for_runtime(rt, options).run(self.stop))
+
+
+@contextlib.asynccontextmanager
+async def clinic_run(settings: Settings) -> AsyncIterator[Run]:
+    """`Run` for CLINIC; on exit the worker (if started) is stopped and the client closed."""
+    async with CountingSink(delay=0.0) as sink:
+        client = Client(fast(settings), run_worker=False, env={})
+        await client.start()
+        run = Run(client, sink)
+        try:
+            creds = {"apiKey": "SG.k", "fromEmail": "a@x.example", "baseUrl": sink.url}
+            comm = {"email": {"primary": {"provider": "sendgrid", "credentials": creds}}}
+            await create_clinic(client, CLINIC, comm)
+            yield run
+        finally:
+            run.stop.set()
+            if run.worker is not None:
+                await run.worker
+            await client.close()
 
 
 def email(n: int, category: str) -> SendRequest:
@@ -37,60 +75,33 @@ def email(n: int, category: str) -> SendRequest:
 
 
 async def test_an_urgent_message_passes_3000_of_its_own_clinics_bulk(settings: Settings) -> None:
-    async with CountingSink(delay=0.0) as sink:
-        client = Client(fast(settings), run_worker=False, env={})
-        await client.start()
-        stop = asyncio.Event()
-        task = None
-        try:
-            await create_clinic(
-                client,
-                CLINIC,
-                {
-                    "email": {
-                        "primary": {
-                            "provider": "sendgrid",
-                            "credentials": {
-                                "apiKey": "SG.k",
-                                "fromEmail": "a@x.example",
-                                "baseUrl": sink.url,
-                            },
-                        }
-                    }
-                },
-            )
+    async with clinic_run(settings) as run:
+        client, sink = run.client, run.sink
 
-            async def burst(k: int) -> None:
-                for i in range(BULK // 40):
-                    accepted = await client.send(email(k * 1000 + i, "NEWSLETTER"))
-                    assert accepted.priority is not None and accepted.priority.value == "bulk"
+        async def burst(k: int) -> None:
+            for i in range(BULK // 40):
+                accepted = await client.send(email(k * 1000 + i, "NEWSLETTER"))
+                assert accepted.priority is not None and accepted.priority.value == "bulk"
 
-            await asyncio.gather(*(burst(k) for k in range(40)))  # BULK queued
-            task = asyncio.create_task(
-                Worker.for_runtime(client._rt(), worker_options(client.settings)).run(stop)
-            )
-            await asyncio.sleep(0.3)  # the worker is busy with the clinic's own bulk run
-            t0 = time.monotonic()
-            otp = await client.send(email(0, "OTP"))
-            accepted_at = time.monotonic()
-            assert otp.priority is not None and otp.priority.value == "urgent"
-            ref = otp.deliveries[0].id
-            while sink.per_delivery[ref] == 0:
-                assert time.monotonic() - t0 < 10, "the OTP never went out"
-                await asyncio.sleep(0.002)
-            reached = time.monotonic()
-            backlog = BULK - (sink.total - 1)
-            # All the bulk still completes.
-            deadline = time.monotonic() + 120
-            while sink.total < BULK + 1:
-                assert time.monotonic() < deadline, f"bulk stalled at {sink.total - 1}"
-                await asyncio.sleep(0.05)
-            drained = time.monotonic() - t0
-        finally:
-            stop.set()
-            if task is not None:
-                await task
-            await client.close()
+        await asyncio.gather(*(burst(k) for k in range(40)))  # BULK queued
+        run.start()
+        await asyncio.sleep(0.3)  # the worker is busy with the clinic's own bulk run
+        t0 = time.monotonic()
+        otp = await client.send(email(0, "OTP"))
+        accepted_at = time.monotonic()
+        assert otp.priority is not None and otp.priority.value == "urgent"
+        ref = otp.deliveries[0].id
+        while sink.per_delivery[ref] == 0:
+            assert time.monotonic() - t0 < 10, "the OTP never went out"
+            await asyncio.sleep(0.002)
+        reached = time.monotonic()
+        backlog = BULK - (sink.total - 1)
+        # All the bulk still completes.
+        deadline = time.monotonic() + 120
+        while sink.total < BULK + 1:
+            assert time.monotonic() < deadline, f"bulk stalled at {sink.total - 1}"
+            await asyncio.sleep(0.05)
+        drained = time.monotonic() - t0
     backend = "PostgreSQL" if settings.database_url.startswith("postgresql") else "SQLite"
     latency = reached - accepted_at
     print(
@@ -109,34 +120,19 @@ async def test_a_bulk_run_never_waits_for_the_poll_while_bulk_is_due(settings: S
     last claim often finish while the next claim runs: the wait used to test whether the slots
     were full *after* the claim, found them not full, and slept until the poll (1 s by
     default) with bulk still due. With a 30 s poll, 1,500 bulk sends finish in seconds."""
-    async with CountingSink(delay=0.0) as sink:
-        client = Client(fast(settings), run_worker=False, env={})
-        await client.start()
-        stop = asyncio.Event()
-        task = None
-        try:
-            await create_clinic(
-                client,
-                CLINIC,
-                {"email": {"primary": {"provider": "sendgrid", "credentials": {
-                    "apiKey": "SG.k", "fromEmail": "a@x.example", "baseUrl": sink.url}}}},
-            )
+    async with clinic_run(settings) as run:
+        client, sink = run.client, run.sink
 
-            async def burst(k: int) -> None:
-                for i in range(50):
-                    await client.send(email(k * 1000 + i, "REMINDER"))
+        async def burst(k: int) -> None:
+            for i in range(50):
+                await client.send(email(k * 1000 + i, "REMINDER"))
 
-            await asyncio.gather(*(burst(k) for k in range(30)))
-            options = worker_options(client.settings)
-            options.poll_seconds = 30.0
-            task = asyncio.create_task(Worker.for_runtime(client._rt(), options).run(stop))
-            deadline = time.monotonic() + 25
-            while sink.total < 1500:
-                assert time.monotonic() < deadline, f"bulk waited for the poll at {sink.total}"
-                await asyncio.sleep(0.05)
-        finally:
-            stop.set()
-            if task is not None:
-                await task
-            await client.close()
+        await asyncio.gather(*(burst(k) for k in range(30)))
+        options = worker_options(client.settings)
+        options.poll_seconds = 30.0
+        run.start(options)
+        deadline = time.monotonic() + 25
+        while sink.total < 1500:
+            assert time.monotonic() < deadline, f"bulk waited for the poll at {sink.total}"
+            await asyncio.sleep(0.05)
     assert max(sink.per_delivery.values()) == 1
