@@ -152,3 +152,32 @@ async def test_a_burst_on_a_cold_cache_reads_the_policy_and_callbacks_once(
     )
     assert loads == ["policy", "callbacks"]
     assert policies == [None] * 100 and targets == [None] * 100
+
+
+async def test_a_call_after_a_change_does_not_join_a_load_from_before_it(
+    runtime: Runtime,
+) -> None:
+    """A load in flight when the clinic's entries are dropped (a change committed) may have
+    read the old settings: a call made after the drop loads again."""
+    await create(runtime, "clinic-change", smtp_settings("x"))
+    runtime.config.cache.clear()
+    loads: list[int] = []
+    gate = asyncio.Event()
+    policy = runtime.config._load_message_policy
+
+    async def slow_first(clinic_id: str) -> object:
+        loads.append(len(loads))
+        if len(loads) == 1:
+            await gate.wait()
+        return await policy(clinic_id)
+
+    runtime.config._load_message_policy = slow_first  # type: ignore[assignment,method-assign]
+    before = asyncio.ensure_future(runtime.config.get_message_policy("clinic-change"))
+    joined = asyncio.ensure_future(runtime.config.get_message_policy("clinic-change"))
+    await asyncio.sleep(0)
+    runtime.config.cache.drop("clinic-change", 2)  # what an invalidation does
+    after = asyncio.ensure_future(runtime.config.get_message_policy("clinic-change"))
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(before, joined, after)
+    assert loads == [0, 1]  # `joined` shared the first load; `after` made its own

@@ -117,6 +117,10 @@ class ConfigCache(Generic[T]):
         self.ack_timeout = ack_timeout
         self._l1: dict[tuple[str, str], L1Entry[T]] = {}
         self._floor: dict[str, int] = {}
+        #: How often each clinic's entries were dropped (and all of them cleared): see
+        #: `generation`.
+        self._drops: dict[str, int] = {}
+        self._clears = 0
         self._listener: asyncio.Task[None] | None = None
         self.process_id = uuid.uuid4().hex[:12]
         self.invalidations_applied = 0
@@ -144,10 +148,16 @@ class ConfigCache(Generic[T]):
         """Forget a clinic's entries; `version` raises its floor."""
         if version is not None and version > self._floor.get(clinic_id, 0):
             self._floor[clinic_id] = version
+        self._drops[clinic_id] = self._drops.get(clinic_id, 0) + 1
         if self.on_drop is not None:
             self.on_drop(clinic_id)
         for key in [k for k in self._l1 if k[1] == clinic_id]:
             del self._l1[key]
+
+    def generation(self, clinic_id: str) -> tuple[int, int]:
+        """Changes whenever the clinic's entries are dropped or the cache is cleared (O(1)):
+        a load started before that must not answer calls made after it (`SingleFlight` keys)."""
+        return self._drops.get(clinic_id, 0), self._clears
 
     def known_version(self, clinic_id: str) -> int:
         versions = [e.version for (_, c), e in self._l1.items() if c == clinic_id]
@@ -155,6 +165,7 @@ class ConfigCache(Generic[T]):
 
     def clear(self) -> None:
         self._l1.clear()
+        self._clears += 1
 
     # ---- L2 -------------------------------------------------------------------------------
     async def l2_get(self, channel: str, clinic_id: str) -> tuple[int, Any] | None:

@@ -265,8 +265,8 @@ class ConfigService:
             if cached is not None:
                 self._count(label, channel, "l1", start)
                 return cached
-            # Concurrent misses share one load, unless a change was seen since it started.
-            key = (clinic_id, channel, self.cache.known_version(clinic_id))
+            # Concurrent misses share one load, unless the clinic was dropped since it started.
+            key = (clinic_id, channel, self.cache.generation(clinic_id))
             resolved = await self._loads.run(key, lambda: self._load(clinic_id, channel, label))
             if resolved.version == 0:  # unknown clinic: no series (see `_load`)
                 return resolved
@@ -285,7 +285,7 @@ class ConfigService:
         if cached is not None:
             value: CallbackSettings | None = cached.value
             return value
-        key = (clinic_id, CALLBACKS, self.cache.known_version(clinic_id))
+        key = (clinic_id, CALLBACKS, self.cache.generation(clinic_id))
         result: CallbackSettings | None = await self._sections.run(
             key, lambda: self._load_callbacks(clinic_id)
         )
@@ -309,7 +309,7 @@ class ConfigService:
         if cached is not None:
             value: MessagePolicy | None = cached.value
             return value
-        key = (clinic_id, MESSAGES, self.cache.known_version(clinic_id))
+        key = (clinic_id, MESSAGES, self.cache.generation(clinic_id))
         result: MessagePolicy | None = await self._sections.run(
             key, lambda: self._load_message_policy(clinic_id)
         )
