@@ -21,6 +21,18 @@ from tests.api.test_communications import sendgrid_settings
 from tests.support.http_capture import CaptureServer, Scripted
 
 
+def email(address: str, clinic_id: str) -> SendRequest:
+    return SendRequest.model_validate(
+        {
+            "title": "Hi",
+            "body": "See you.",
+            "recipients": [{"email": address}],
+            "channels": ["email"],
+            "metadata": {"clinicId": clinic_id},
+        }
+    )
+
+
 async def test_stopping_during_a_commit_writes_each_result_once(
     runtime: Runtime, log_records: Any
 ) -> None:
@@ -31,17 +43,7 @@ async def test_stopping_during_a_commit_writes_each_result_once(
             )
         await runtime.config.committed(change)
         for i in range(5):
-            await runtime.messaging.accept(
-                SendRequest.model_validate(
-                    {
-                        "title": "Hi",
-                        "body": "See you.",
-                        "recipients": [{"email": f"p{i}@example.com"}],
-                        "channels": ["email"],
-                        "metadata": {"clinicId": "clinic-stop"},
-                    }
-                )
-            )
+            await runtime.messaging.accept(email(f"p{i}@example.com", "clinic-stop"))
         worker = Worker.for_runtime(runtime, WorkerOptions(poll_seconds=0.05))
         committing = asyncio.Event()
         session_of = runtime.db.session
@@ -68,3 +70,39 @@ async def test_stopping_during_a_commit_writes_each_result_once(
     assert statuses == ["sent"] * 5
     assert attempts == 5
     assert not [r for r in log_records.records if getattr(r, "event", "") == "outcome_lease_lost"]
+
+
+async def test_an_idle_worker_sleeps_and_still_flushes_what_comes(runtime: Runtime) -> None:
+    """With nothing to write, the flusher sleeps until a result comes (it woke every
+    `flush_interval`, 100 times a second, for nothing); a delivery sent later is still
+    recorded, and the worker stops at once."""
+    worker = Worker.for_runtime(runtime, WorkerOptions(poll_seconds=0.05, flush_interval=0.01))
+    wakes = 0
+    flush = worker._flush
+
+    async def counting() -> None:
+        nonlocal wakes
+        wakes += 1
+        await flush()
+
+    worker._flush = counting  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await asyncio.sleep(0.5)
+    assert wakes == 0
+    async with CaptureServer(Scripted(202, None, {"X-Message-Id": "sg-idle"})) as server:
+        async with runtime.db.session() as session:
+            change = await runtime.config.create_clinic(
+                session, "clinic-idle", "Idle", sendgrid_settings(server.url)
+            )
+        await runtime.config.committed(change)
+        await runtime.messaging.accept(email("idle@example.com", "clinic-idle"))
+        for _ in range(200):
+            async with runtime.db.read() as session:
+                status = await session.scalar(select(Delivery.status))
+            if status == "sent":
+                break
+            await asyncio.sleep(0.02)
+    assert status == "sent" and 1 <= wakes <= 3
+    stop.set()
+    await asyncio.wait_for(task, 5)

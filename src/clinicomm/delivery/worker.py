@@ -112,6 +112,8 @@ class Worker:
         self._results: list[Handled] = []
         self._flushing = 0
         self._flush_now = asyncio.Event()
+        #: Set when a result is added: the idle flusher sleeps until then.
+        self._results_ready = asyncio.Event()
         self._contents = Contents(db, config.keys)
         self._facts: dict[str, admission.Facts] = {}
         self.sent = 0
@@ -299,6 +301,7 @@ class Worker:
             attempts=outcome.attempts,
         )
         self._results.append(handled)
+        self._results_ready.set()
         if len(self._results) >= self.options.batch_size:
             self._flush_now.set()
 
@@ -397,7 +400,14 @@ class Worker:
 
     # ---- results --------------------------------------------------------------------------
     async def _flusher(self, stop: asyncio.Event) -> None:
+        """Flush results every `flush_interval` (at once at `batch_size`) while there are any;
+        with none, sleep until one comes or `stop` (an idle worker was waking 100 times a
+        second for nothing)."""
         while not stop.is_set():
+            self._results_ready.clear()
+            if not self._results:
+                await _wait_any(stop, self._results_ready, 3600.0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_now.wait(), self.options.flush_interval)
             self._flush_now.clear()
@@ -483,6 +493,7 @@ class Worker:
         now = utcnow()
         for claimed in list(self._claimed.values()):
             self._results.append(Handled(claimed.requeue(now, "released", quiet=True)))
+            self._results_ready.set()
         self._claimed.clear()
 
     # ---- wake-ups ---------------------------------------------------------------------------
