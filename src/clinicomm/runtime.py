@@ -37,6 +37,7 @@ from clinicomm.store.db import Database, upgrade_async
 
 log = logging.getLogger(__name__)
 
+
 def freeze_startup_heap() -> None:
     """Take everything alive after startup (modules, the app, the runtime) out of the garbage
     collector's walks, so a long-running process's full collections cover only what it made

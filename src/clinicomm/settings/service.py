@@ -15,6 +15,7 @@ import contextlib
 import copy
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -281,13 +282,8 @@ class ConfigService:
         Cached in L1 with the channels (dropped with them on every change of the clinic);
         a miss reads the database.
         """
-        cached: Any = self.cache.l1_get(CALLBACKS, clinic_id)
-        if cached is not None:
-            value: CallbackSettings | None = cached.value
-            return value
-        key = (clinic_id, CALLBACKS, self.cache.generation(clinic_id))
-        result: CallbackSettings | None = await self._sections.run(
-            key, lambda: self._load_callbacks(clinic_id)
+        result: CallbackSettings | None = await self._section(
+            clinic_id, CALLBACKS, lambda: self._load_callbacks(clinic_id)
         )
         return result
 
@@ -305,15 +301,21 @@ class ConfigService:
     async def get_message_policy(self, clinic_id: str) -> MessagePolicy | None:
         """The clinic's `communicationSettings.messages` (category → priority and default
         time-to-live), or None. Cached in L1 like the callbacks (no secrets in it)."""
-        cached: Any = self.cache.l1_get(MESSAGES, clinic_id)
-        if cached is not None:
-            value: MessagePolicy | None = cached.value
-            return value
-        key = (clinic_id, MESSAGES, self.cache.generation(clinic_id))
-        result: MessagePolicy | None = await self._sections.run(
-            key, lambda: self._load_message_policy(clinic_id)
+        result: MessagePolicy | None = await self._section(
+            clinic_id, MESSAGES, lambda: self._load_message_policy(clinic_id)
         )
         return result
+
+    async def _section(
+        self, clinic_id: str, section: str, load: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """A clinic's section (callbacks, messages) from L1, else `load()` (which caches it):
+        one load for the concurrent misses, unless the clinic was dropped since it started."""
+        cached: Any = self.cache.l1_get(section, clinic_id)
+        if cached is not None:
+            return cached.value
+        key = (clinic_id, section, self.cache.generation(clinic_id))
+        return await self._sections.run(key, load)
 
     async def _load_message_policy(self, clinic_id: str) -> MessagePolicy | None:
         async with self.db.sessions() as session:
