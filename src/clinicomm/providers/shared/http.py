@@ -157,6 +157,8 @@ class HttpAdapter(ProviderAdapter):
         timeout = _timeout(self.context.timeout)
         all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
         if json_body is not None:
+            if data is not None:  # as aiohttp refused `json=` with `data=`
+                raise ValueError("json_body and data cannot be used together")
             # orjson, as the API's answers: aiohttp's `json=` encodes with the stdlib.
             data = orjson.dumps(json_body)
             all_headers.setdefault("Content-Type", "application/json")
