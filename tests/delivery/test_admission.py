@@ -3,6 +3,7 @@ settings models built in memory, facts given as the batch loader would return th
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -188,3 +189,37 @@ async def test_marketing_only_opt_out_stops_marketing_not_care_messages() -> Non
     assert isinstance(await admission.admit(claimed(), whatsapp(), promo, facts, None, NOW),
                       Suppressed)
     assert await admission.admit(claimed(), whatsapp(), care, facts, None, NOW) == Admitted(care)
+
+
+class SlowFirstAnswer(InProcessLimiter):
+    """Admits like the in-process limiter, but the first answer comes back late, as from a
+    worker that stalled while the Redis call was in flight."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.asked = 0
+
+    async def try_acquire(self, key_parts: Any, limits: Any) -> Any:
+        self.asked += 1
+        answer = self.admit(key_parts, limits)
+        if self.asked == 1:
+            await asyncio.sleep(self.delay)
+        return answer
+
+
+async def test_a_sender_slot_that_came_back_late_is_not_used() -> None:
+    limiter = SlowFirstAnswer(delay=admission.FRESH_ADMISSION + 0.05)
+    g = Guards(InProcessHealth(HealthConfig()), limiter, max_sender_wait=2.0)
+    assert await admission.hop(g, claimed(), hop(throughput=("1234", 80)), last=True) == Go()
+    # The late slot stayed counted; the call went out on a second, fresh one.
+    assert limiter.asked == 2
+    assert limiter.used((None, "sender", "meta_business", "1234"), [(80, 1.2)]) == 2 / 80
+
+
+async def test_a_late_slot_past_the_sender_wait_requeues() -> None:
+    limiter = SlowFirstAnswer(delay=admission.FRESH_ADMISSION + 0.05)
+    g = Guards(InProcessHealth(HealthConfig()), limiter, max_sender_wait=0.0)
+    verdict = await admission.hop(g, claimed(), hop(throughput=("1234", 80)), last=True)
+    assert isinstance(verdict, Busy) and verdict.seconds > 0
+    assert limiter.asked == 1

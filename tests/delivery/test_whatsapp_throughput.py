@@ -1,51 +1,27 @@
 """Issue 6: one WhatsApp number capped at 80 messages/s holds across worker processes.
 
 500 deliveries for one clinic's Meta number (`maxPerSecond: 80`), two `clinicomm worker`
-processes sharing the cap through Redis. A local server speaking the Cloud API records when
-each call arrives (its own monotonic clock); every sliding one-second window of arrivals must
-hold at most 80, and all 500 must end `sent`, each exactly once.
+processes sharing the cap through Redis. A server speaking the Cloud API, in a process of its
+own (tests/support/arrival_sink.py), records when each call arrives; every sliding one-second
+window of arrivals must hold at most 80, and all 500 must end `sent`, each exactly once.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import time
 
 import pytest
 
 from clinicomm import Client, SendRequest
 from clinicomm.config import Settings
 from tests.delivery.test_workers import start_worker, stop, wait_all_sent
-from tests.support.http_capture import CapturedRequest, CaptureServer, Scripted
+from tests.support.arrival_sink import ArrivalSink
 from tests.support.pipeline import create_clinic
 
 CAP = 80
 TOTAL = 500
 PER_MESSAGE = 10  # recipients per message: 50 messages, 500 deliveries
-
-
-class TimedMetaSink(CaptureServer):
-    """Answers like the Cloud API and records each call's arrival time and recipient."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.arrivals: list[float] = []
-        self.per_recipient: collections.Counter[str] = collections.Counter()
-        self.handler = self._answer
-
-    def _answer(self, request: CapturedRequest) -> Scripted:
-        self.arrivals.append(time.monotonic())
-        to = request.json()["to"]
-        self.per_recipient[to] += 1
-        return Scripted(
-            200,
-            {
-                "messaging_product": "whatsapp",
-                "contacts": [{"input": to, "wa_id": to.lstrip("+")}],
-                "messages": [{"id": f"wamid.{len(self.arrivals)}"}],
-            },
-        )
 
 
 def busiest_second(arrivals: list[float]) -> int:
@@ -58,7 +34,7 @@ def busiest_second(arrivals: list[float]) -> int:
 @pytest.mark.redis
 @pytest.mark.postgres
 async def test_two_workers_keep_one_number_under_80_per_second(settings: Settings) -> None:
-    async with TimedMetaSink() as sink:
+    async with ArrivalSink() as sink:
         client = Client(settings, run_worker=False, env={})
         await client.start()
         try:
@@ -104,10 +80,13 @@ async def test_two_workers_keep_one_number_under_80_per_second(settings: Setting
                     await stop(proc)
         finally:
             await client.close()
+        arrivals = await sink.arrivals()
     assert final == {"sent": TOTAL}
-    assert len(sink.per_recipient) == TOTAL and max(sink.per_recipient.values()) == 1
-    peak = busiest_second(sink.arrivals)
-    span = max(sink.arrivals) - min(sink.arrivals)
+    per_recipient = collections.Counter(to for _, to in arrivals)
+    assert len(per_recipient) == TOTAL and max(per_recipient.values()) == 1
+    times = [at for at, _ in arrivals]
+    peak = busiest_second(times)
+    span = max(times) - min(times)
     print(f"\n{TOTAL} calls in {span:.2f}s, busiest second {peak} (cap {CAP})")
     assert peak <= CAP
     # Paced, not bunched: 500 at 80/s take at least ~5.2 s (the limiter keeps a margin,

@@ -48,6 +48,7 @@ from clinicomm.providers.phone import sms_segments
 from clinicomm.routing.chain import Hop
 from clinicomm.routing.health import HealthTracker
 from clinicomm.routing.limits import (
+    FRESH_ADMISSION,
     RateLimiter,
     clinic_channel_key,
     clinic_channel_limits,
@@ -302,11 +303,20 @@ async def sender_slot(guards: Guards, hop: Hop) -> float:
     # The total time slept here is bounded, not each sleep: many deliveries waiting for one
     # busy number each lose the race again and again, and a delivery held past its lease is
     # handed to another worker by the reaper and sent twice (seen in the two-worker test).
+    # An admission that took longer than FRESH_ADMISSION to come back is not used (see there):
+    # this process stalled while it was in flight, and its slot may be spent already.
     give_up = time.monotonic() + guards.max_sender_wait
     while True:
+        asked = time.monotonic()
         wait = await guards.limiter.acquire(key, sender_limits(cap))
+        answered = time.monotonic()
         if wait <= 0:
-            return 0.0
-        if time.monotonic() + wait > give_up:
+            if answered - asked <= FRESH_ADMISSION:
+                return 0.0
+            metrics.SENDER_SLOT_STALE.labels(hop.key).inc()
+            if answered > give_up:
+                return FRESH_ADMISSION
+            continue
+        if answered + wait > give_up:
             return wait
         await asyncio.sleep(wait)

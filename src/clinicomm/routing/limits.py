@@ -107,6 +107,13 @@ def clinic_channel_limits(rate_limit: RateLimit | None) -> list[Limit]:
 #: (measured: up to ~150 ms with two worker processes; 1.1 s still let 86 through at 80).
 SENDER_WINDOW = 1.2
 
+#: An admission older than this when its caller gets it back is not used: the 200 ms margin
+#: above holds only while admission-to-arrival delays vary by less, and a process that stalled
+#: between asking and hearing back (a CPU-starved worker, a GC pause, a slow Redis reply) would
+#: send a slot that was counted long ago, together with the fresh ones of the other workers.
+#: The stale slot stays counted (the budget only shrinks) and the caller asks again.
+FRESH_ADMISSION = 0.1
+
 
 def sender_limits(max_per_second: int) -> list[Limit]:
     """A sender throughput cap: WhatsApp numbers get 80/s by default, 20 in coexistence and

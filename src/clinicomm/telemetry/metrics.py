@@ -103,6 +103,11 @@ RATE_LIMITED = Counter(
     "Deliveries held back by a clinic's own rate limit",
     ["clinicId", "channel"],
 )
+SENDER_SLOT_STALE = Counter(
+    "communication_sender_slot_stale",
+    "Sender throughput slots not used because they came back too late (the worker stalled)",
+    ["provider"],
+)
 
 # ---- status callbacks, queues, circuits, HTTP (issue 16) -----------------------------------
 CALLBACKS = Counter(
