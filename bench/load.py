@@ -228,24 +228,36 @@ class DeliveryReader:
 
         self.engine = create_async_engine(database_url, pool_size=1, max_overflow=0)
 
-    async def pending(self, clinics: list[str]) -> tuple[int, int]:
-        """(deliveries of `clinics`, of which not yet terminal)."""
+    async def pending(self, clinics: list[str]) -> bool:
+        """Whether any delivery of `clinics` is still queued or sending.
+
+        An EXISTS over the claim index's (status, …) prefix: it stops at the first pending row,
+        so polling it costs PostgreSQL next to nothing. (A count over every delivery of the
+        clinics, polled ten times a second, read ~10 M rows during a 50,000-message run and
+        took CPU from the service it measured.)"""
         from sqlalchemy import bindparam, text
 
         query = text(
-            "SELECT count(*), sum(CASE WHEN status IN ('queued', 'sending') THEN 1 ELSE 0 END) "
-            "FROM deliveries WHERE clinic_id IN :clinics"
+            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE status IN ('queued', 'sending') "
+            "AND clinic_id IN :clinics)"
         ).bindparams(bindparam("clinics", expanding=True))
         async with self.engine.connect() as conn:
-            row = (await conn.execute(query, {"clinics": clinics})).one()
-        return int(row[0] or 0), int(row[1] or 0)
+            return bool((await conn.execute(query, {"clinics": clinics})).scalar())
+
+    async def total(self, clinics: list[str]) -> int:
+        from sqlalchemy import bindparam, text
+
+        query = text("SELECT count(*) FROM deliveries WHERE clinic_id IN :clinics").bindparams(
+            bindparam("clinics", expanding=True)
+        )
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query, {"clinics": clinics})).scalar() or 0)
 
     async def wait(self, clinics: list[str], expected: int, timeout: float) -> None:
         """Until `expected` deliveries exist and none is queued or sending, or `timeout`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            total, pending = await self.pending(clinics)
-            if total >= expected and not pending:
+            if not await self.pending(clinics) and await self.total(clinics) >= expected:
                 return
             await asyncio.sleep(0.1)
 

@@ -1,8 +1,8 @@
 """Where the service's time goes at full speed: `py-spy` samples of `serve` under wrk load.
 
     .venv/bin/pip install py-spy        # not a dependency of clinicomm
-    .venv/bin/python -m bench.profile [--scenario email-sendgrid] [--seconds 8]
-        [--database-url URL --redis-url URL --processes N]
+    .venv/bin/python -m bench.profile [--scenario email-sendgrid|batch-accept|…] [--seconds 8]
+        [--database-url URL --redis-url URL --processes N] [--per-process]
 
 Starts serve against the sinks, offers the scenario's load with wrk (bench/load.py) and records
 every process of serve's tree with `py-spy record --format raw` (collapsed stacks). Prints the
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.load import ensure_wrk, offer_wrk
+from bench.load import ensure_wrk, offer_batches, offer_wrk
 from bench.service import (
     SCENARIOS,
     ServeProcess,
@@ -107,13 +107,25 @@ async def main(args: argparse.Namespace) -> None:
             async with aiohttp.ClientSession(headers=headers) as session:
                 clinics = await _create_clinics(session, serve.url, scenario, 4,
                                                 secrets.token_hex(3), http, smtp)
-            load = asyncio.create_task(offer_wrk(
-                serve.url, token, scenario.channel, clinics, seconds=args.seconds + 4,
-                connections=64, threads=1, run=secrets.token_hex(4)))
+            if scenario.batch:
+                # Batches of 500 reminders, 4 in flight, for as long as the profile runs.
+                async def batches() -> None:
+                    async with aiohttp.ClientSession(headers=headers) as batch_session:
+                        await offer_batches(batch_session, serve.url, clinics,
+                                            batches=args.batches, size=scenario.batch,
+                                            concurrency=4, run=secrets.token_hex(4))
+                load = asyncio.create_task(batches())
+            else:
+                load = asyncio.create_task(offer_wrk(
+                    serve.url, token, scenario.channel, clinics, seconds=args.seconds + 4,
+                    connections=64, threads=1, run=secrets.token_hex(4)))
             await asyncio.sleep(2)
             outputs = []
             procs = []
+            labels = []
             for pid in _descendants(serve.pid):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                labels.append(f"pid {pid}: {cmdline.decode(errors='replace')[-80:]}")
                 out = workdir / f"spy-{pid}.txt"
                 outputs.append(out)
                 procs.append(subprocess.Popen(
@@ -131,15 +143,24 @@ async def main(args: argparse.Namespace) -> None:
             Path(args.raw).write_text(raw)
         print(f"profile of {args.scenario} ({url.split(':')[0]}, {args.processes} process(es))")
         print(summarize(raw))
+        if args.per_process:
+            for out, label in zip(outputs, labels, strict=True):
+                if out.exists():
+                    print(f"\n## {label}\n")
+                    print(summarize(out.read_text(), top=15))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--scenario", default="email-sendgrid",
-                        choices=[n for n, s in SCENARIOS.items() if s.rate is None and not s.batch])
+                        choices=[n for n, s in SCENARIOS.items() if s.rate is None])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--raw", default=None, help="also write the collapsed stacks here")
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--redis-url", default=None)
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=100,
+                        help="batch-accept: requests of 500 messages to offer")
+    parser.add_argument("--per-process", action="store_true",
+                        help="also print each process's own summary (API processes, worker)")
     asyncio.run(main(parser.parse_args()))

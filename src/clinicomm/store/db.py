@@ -23,6 +23,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from clinicomm.store.sqlite_inline import inline_connect
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -40,9 +42,12 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
-            # Each aiosqlite connection is a thread: keep enough pooled that bursts do not
-            # open and close threads.
-            kwargs.update(connect_args={"timeout": 30}, pool_size=20, max_overflow=20)
+            # Statements run on the loop's thread, and a wait for another process's write
+            # lock on the connection's own (store/sqlite_inline.py). Each aiosqlite connection
+            # still has its thread: keep enough pooled that bursts do not open and close them.
+            kwargs.update(
+                connect_args={"async_creator_fn": inline_connect}, pool_size=20, max_overflow=20
+            )
         else:
             kwargs.update(pool_size=10, max_overflow=10)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
@@ -140,7 +145,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    # No busy timeout on the loop's thread: a locked database is waited for on the
+    # connection's thread instead (store/sqlite_inline.py).
+    cursor.execute("PRAGMA busy_timeout=0")
     # Deleted and overwritten content is zeroed in the file, so what retention erases is gone
     # from the database file (older page images can stay in the WAL until it is overwritten).
     cursor.execute("PRAGMA secure_delete=ON")
