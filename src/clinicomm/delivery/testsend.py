@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select
 
 from clinicomm.ids import new_id
 from clinicomm.providers.base import Channel, OutboundMessage
+from clinicomm.providers.email_address import EmailNotValidError, normalize_email
 from clinicomm.providers.errors import ProviderDownError, ProviderError
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.routing.chain import ChainBuilder
@@ -59,7 +59,7 @@ def recipient_for(channel: Channel, to: str, default_region: str | None = None) 
     """The normalised address for `channel`; BadTestRequest when it is not one."""
     try:
         if channel is Channel.EMAIL:
-            return validate_email(to, check_deliverability=False).normalized
+            return normalize_email(to)
         return normalize_e164(to, default_region)
     except (EmailNotValidError, ValueError) as exc:
         raise BadTestRequest(f"'to' is not a valid {channel.value} address: {exc}") from None

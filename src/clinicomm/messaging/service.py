@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, select
 
 from clinicomm.callbacks.queue import event_row
@@ -30,6 +29,7 @@ from clinicomm.messaging.models import (
 )
 from clinicomm.messaging.writer import BatchWriter, PendingWrite
 from clinicomm.providers.base import Channel
+from clinicomm.providers.email_address import EmailNotValidError, normalize_email
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.settings.keys import PLATFORM
 from clinicomm.settings.models import ChannelSettings, MessagePolicy, QuietHours
@@ -564,7 +564,7 @@ def plan(
         email = None
         if recipient.email is not None:
             try:
-                email = validate_email(recipient.email, check_deliverability=False).normalized
+                email = normalize_email(recipient.email)
             except EmailNotValidError as exc:
                 problems.append(Problem(f"recipients.{index}.email", str(exc), "email"))
         numbers: dict[str, str | None] = {}

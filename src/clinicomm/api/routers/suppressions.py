@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from email_validator import EmailNotValidError, validate_email
 from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +25,7 @@ from clinicomm.api.schemas import CLINIC_ID_PATTERN, ERRORS
 from clinicomm.crypto import FieldCipher
 from clinicomm.delivery.suppressions import SuppressionReason, canonical_key, suppress, unsuppress
 from clinicomm.providers.base import Channel
+from clinicomm.providers.email_address import EmailNotValidError, normalize_email
 from clinicomm.providers.phone import normalize_e164
 from clinicomm.runtime import Runtime
 from clinicomm.settings.service import ClinicNotFoundError
@@ -62,7 +62,7 @@ def canonical_address(channel: Channel, address: str) -> str:
     """The stored form of `address` on `channel`; 422 when it is not an address there."""
     try:
         if channel is Channel.EMAIL:
-            normalized = validate_email(address.strip(), check_deliverability=False).normalized
+            normalized = normalize_email(address.strip())
             return canonical_key(channel, normalized)
         return normalize_e164(address)
     except (EmailNotValidError, ValueError) as exc:
