@@ -1,8 +1,8 @@
 """Where the service's time goes at full speed: `py-spy` samples of `serve` under wrk load.
 
     .venv/bin/pip install py-spy        # not a dependency of clinicomm
-    .venv/bin/python -m bench.profile [--scenario email-sendgrid|batch-accept|…] [--seconds 8]
-        [--database-url URL --redis-url URL --processes N] [--per-process]
+    .venv/bin/python -m bench.profile [--scenario email-sendgrid|batch-accept|post-at-rate|…]
+        [--seconds 8] [--database-url URL --redis-url URL --processes N] [--per-process]
 
 Starts serve against the sinks, offers the scenario's load with wrk (bench/load.py) and records
 every process of serve's tree with `py-spy record --format raw` (collapsed stacks). Prints the
@@ -33,6 +33,8 @@ from bench.service import (
     _create_clinics,
     _descendants,
     default_command,
+    message_payload,
+    offer_load,
 )
 from bench.sinks import HttpSink, SmtpSink, free_port
 
@@ -115,6 +117,17 @@ async def main(args: argparse.Namespace) -> None:
                                             batches=args.batches, size=scenario.batch,
                                             concurrency=4, run=secrets.token_hex(4))
                 load = asyncio.create_task(batches())
+            elif scenario.rate is not None:
+                # Open loop at the scenario's rate (the bench's constant-rate generator).
+                rate = scenario.rate
+
+                async def at_rate() -> None:
+                    async with aiohttp.ClientSession(headers=headers) as rate_session:
+                        await offer_load(
+                            rate_session, serve.url, int(rate * (args.seconds + 4)),
+                            lambda i: message_payload(scenario, clinics[i % len(clinics)], i),
+                            rate=rate, concurrency=64)
+                load = asyncio.create_task(at_rate())
             else:
                 load = asyncio.create_task(offer_wrk(
                     serve.url, token, scenario.channel, clinics, seconds=args.seconds + 4,
@@ -153,7 +166,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--scenario", default="email-sendgrid",
-                        choices=[n for n, s in SCENARIOS.items() if s.rate is None])
+                        choices=list(SCENARIOS))
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--raw", default=None, help="also write the collapsed stacks here")
     parser.add_argument("--database-url", default=None)
