@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from clinicomm.callbacks import queue as cbqueue
 from clinicomm.callbacks.sender import CallbackSender
@@ -229,3 +229,50 @@ async def test_a_delivery_failed_at_accept_is_called_back(api: Api) -> None:
         assert verify_signature(secret, receiver.requests[0].body,
                                 receiver.requests[0].headers[HEADER])
         assert PATIENT not in receiver.requests[0].body.decode()
+
+
+async def test_outcomes_of_messages_without_a_target_are_not_looked_up(
+    api: Api, worker: Worker
+) -> None:
+    """The worker reads whether a message has a callback target with its content: the flush
+    of a message without one makes no callback lookup; one with a target is still queued."""
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    engine = api.runtime.db.engine.sync_engine
+    async with CaptureServer() as meta, CaptureServer() as receiver:
+        meta.default = Scripted(200, {"messages": [{"id": "wamid.NT1"}]})
+        await create_clinic(api, "clinic-nt", meta_settings(meta, canary("meta-app")))
+        await create_clinic(api, "clinic-wt", with_callbacks(
+            meta_settings(meta, canary("meta-app")), f"{receiver.url}/hook", canary("cb-secret")))
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            ids = {}
+            for clinic in ("clinic-nt", "clinic-wt"):
+                answer = await api.client.post("/api/v1/communications", headers=api.admin, json={
+                    "template": {"name": "appointment_reminder", "language": "en",
+                                 "variables": {"1": "10:30"}},
+                    "recipients": [{"phone": PATIENT}], "channels": ["whatsapp"],
+                    "metadata": {"clinicId": clinic}})
+                assert answer.status_code == 202, answer.text
+                ids[clinic] = answer.json()["deliveries"][0]["id"]
+
+                async def sent(delivery_id: str = ids[clinic]) -> bool:
+                    async with api.runtime.db.read() as session:
+                        row = await session.get(Delivery, delivery_id)
+                    return row is not None and row.status == "sent"
+
+                deadline = time.monotonic() + 10
+                while not await sent():
+                    assert time.monotonic() < deadline, "not sent"
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.1)  # the flush that wrote it has committed its callbacks
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+    lookups = [s for s in statements if "callback_url IS NOT NULL" in s]
+    assert len(lookups) == 1, lookups  # the flush of clinic-wt's delivery only
+    async with api.runtime.db.read() as session:
+        queued = (await session.scalars(select(CallbackEvent.delivery_id))).all()
+    assert list(queued) == [ids["clinic-wt"]]

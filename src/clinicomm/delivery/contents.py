@@ -48,6 +48,9 @@ class Contents:
         self._contents: OrderedDict[str, Content] = OrderedDict()
         self._erased: set[str] = set()
         self._unreadable: dict[str, str] = {}
+        #: Messages read without a callback target (`callback_url` is only ever set at
+        #: accept, and only ever cleared later), so their outcomes need no callback lookup.
+        self._no_target: set[str] = set()
 
     def lookup(self, message_id: str) -> Content | Erased | Unreadable | None:
         """The content, why there is none, or None when it was never loaded."""
@@ -59,6 +62,10 @@ class Contents:
         error = self._unreadable.get(message_id)
         return Unreadable(error) if error is not None else None
 
+    def may_call_back(self, message_id: str) -> bool:
+        """False only for a message this process read without a callback target."""
+        return message_id not in self._no_target
+
     async def load(self, message_ids: list[str]) -> None:
         """Read and decrypt the messages not loaded yet. Raises only for a database error."""
         missing = [m for m in dict.fromkeys(message_ids) if m not in self._contents]
@@ -67,12 +74,18 @@ class Contents:
         async with self.db.read() as session:
             rows = (
                 await session.execute(
-                    select(Message.id, Message.clinic_id, Message.content, Message.category).where(
-                        Message.id.in_(missing)
-                    )
+                    select(
+                        Message.id,
+                        Message.clinic_id,
+                        Message.content,
+                        Message.category,
+                        Message.callback_url.is_(None),
+                    ).where(Message.id.in_(missing))
                 )
             ).all()
-            for message_id, clinic_id, blob, category in rows:
+            for message_id, clinic_id, blob, category, no_target in rows:
+                if no_target:
+                    self._no_target.add(message_id)
                 if not blob:
                     self._erased.add(message_id)
                     continue
@@ -99,3 +112,5 @@ class Contents:
             self._unreadable.clear()
         if len(self._erased) > MAX_ENTRIES:
             self._erased.clear()
+        if len(self._no_target) > MAX_ENTRIES:
+            self._no_target.clear()  # forgetting only costs a callback lookup

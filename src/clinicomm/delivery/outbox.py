@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -267,9 +268,12 @@ async def write_results(
     attempts: Sequence[Attempt] = (),
     new_deliveries: Sequence[NewDelivery] = (),
     suppressions: Sequence[Suppression] = (),
+    no_callbacks: AbstractSet[str] = frozenset(),
 ) -> Written:
     """Record outcomes (only where this worker still holds the lease), attempt rows, channel
-    fallback deliveries and opt-outs learnt on send, in the caller's transaction."""
+    fallback deliveries and opt-outs learnt on send, in the caller's transaction; queue the
+    status callbacks of the outcomes, except for `no_callbacks` (deliveries whose messages
+    are known to have no callback target: not looked up)."""
     await enqueue(session, new_deliveries)
     if attempts:
         await session.execute(_ATTEMPTS.insert(), [a.row() for a in attempts])
@@ -293,7 +297,11 @@ async def write_results(
         written.outcomes = len(mine)
         await callbacks.enqueue(
             session,
-            {o.delivery_id: o.status.value for o in mine if o.status.value in callbacks.RANK},
+            {
+                o.delivery_id: o.status.value
+                for o in mine
+                if o.status.value in callbacks.RANK and o.delivery_id not in no_callbacks
+            },
             now,
         )
     if written.lease_lost:

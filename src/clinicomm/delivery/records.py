@@ -423,3 +423,6 @@ class Handled:
     attempts: list[Attempt] = field(default_factory=list)
     fallback: NewDelivery | None = None
     suppress: Suppression | None = None
+    #: False when the delivery's message is known to have no callback target (the worker
+    #: read it with the content): the flush then does not look for one.
+    may_call_back: bool = True

@@ -300,6 +300,7 @@ class Worker:
             error=outcome.error,
             attempts=outcome.attempts,
         )
+        handled.may_call_back = self._contents.may_call_back(claimed.message_id)
         self._results.append(handled)
         self._results_ready.set()
         if len(self._results) >= self.options.batch_size:
@@ -431,6 +432,9 @@ class Worker:
                         attempts=[a for h in pending for a in h.attempts],
                         new_deliveries=[h.fallback for h in pending if h.fallback],
                         suppressions=[h.suppress for h in pending if h.suppress],
+                        no_callbacks={
+                            h.outcome.delivery_id for h in pending if not h.may_call_back
+                        },
                     )
                     if any(h.fallback for h in pending):
                         await self.notifier.in_transaction(await session.connection())
