@@ -115,7 +115,9 @@ class ConfigCache(Generic[T]):
         self.guard = RedisGuard(redis)
         self.ttl = ttl
         self.ack_timeout = ack_timeout
-        self._l1: dict[tuple[str, str], L1Entry[T]] = {}
+        #: clinic id → channel → entry: a clinic's entries are dropped, and its known version
+        #: read, without walking every clinic's (both were O(entries) on each call).
+        self._l1: dict[str, dict[str, L1Entry[T]]] = {}
         self._floor: dict[str, int] = {}
         #: How often each clinic's entries were dropped (and all of them cleared): see
         #: `generation`.
@@ -130,11 +132,14 @@ class ConfigCache(Generic[T]):
 
     # ---- L1 -------------------------------------------------------------------------------
     def l1_get(self, channel: str, clinic_id: str) -> T | None:
-        entry = self._l1.get((channel, clinic_id))
-        if entry is None:
+        entries = self._l1.get(clinic_id)
+        entry = entries.get(channel) if entries is not None else None
+        if entries is None or entry is None:
             return None
         if entry.expires < time.monotonic():
-            del self._l1[(channel, clinic_id)]
+            del entries[channel]
+            if not entries:
+                del self._l1[clinic_id]
             return None
         return entry.value
 
@@ -142,7 +147,8 @@ class ConfigCache(Generic[T]):
         """Store unless a newer version is already known for this clinic."""
         if version < self._floor.get(clinic_id, 0):
             return
-        self._l1[(channel, clinic_id)] = L1Entry(version, value, time.monotonic() + self.ttl)
+        entry = L1Entry(version, value, time.monotonic() + self.ttl)
+        self._l1.setdefault(clinic_id, {})[channel] = entry
 
     def drop(self, clinic_id: str, version: int | None = None) -> None:
         """Forget a clinic's entries; `version` raises its floor."""
@@ -151,8 +157,7 @@ class ConfigCache(Generic[T]):
         self._drops[clinic_id] = self._drops.get(clinic_id, 0) + 1
         if self.on_drop is not None:
             self.on_drop(clinic_id)
-        for key in [k for k in self._l1 if k[1] == clinic_id]:
-            del self._l1[key]
+        self._l1.pop(clinic_id, None)
 
     def generation(self, clinic_id: str) -> tuple[int, int]:
         """Changes whenever the clinic's entries are dropped or the cache is cleared (O(1)):
@@ -160,7 +165,8 @@ class ConfigCache(Generic[T]):
         return self._drops.get(clinic_id, 0), self._clears
 
     def known_version(self, clinic_id: str) -> int:
-        versions = [e.version for (_, c), e in self._l1.items() if c == clinic_id]
+        """The newest version of the clinic's config this cache has seen or was told of."""
+        versions = [e.version for e in self._l1.get(clinic_id, {}).values()]
         return max([*versions, self._floor.get(clinic_id, 0)])
 
     def clear(self) -> None:
