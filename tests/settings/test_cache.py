@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -92,25 +93,30 @@ async def test_unreachable_redis_reads_go_to_the_database(
     assert any(getattr(r, "event", None) == "redis_unavailable" for r in caplog.records)
 
 
-async def test_a_burst_on_a_cold_cache_loads_a_clinic_once(runtime: Runtime) -> None:
+def count_calls(
+    monkeypatch: pytest.MonkeyPatch, owner: object, name: str, calls: list[str], label: str
+) -> None:
+    """Wrap the coroutine method `owner.name` so each call appends `label` to `calls`."""
+    original = getattr(owner, name)
+
+    async def counting(*args: Any) -> Any:
+        calls.append(label)
+        return await original(*args)
+
+    monkeypatch.setattr(owner, name, counting)
+
+
+async def test_a_burst_on_a_cold_cache_loads_a_clinic_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """100 concurrent reads of one clinic after its cache was dropped (a restart, a change):
     one load from the database or Redis, the same answer for all; and the data key too."""
     await create(runtime, "clinic-burst", smtp_settings("x"))
     runtime.config.cache.clear()
     runtime.keys.forget()
     loads: list[str] = []
-    config_load, key_load = runtime.config._load, runtime.keys._cipher_from
-
-    async def counting_config(*args: object) -> object:
-        loads.append("config")
-        return await config_load(*args)  # type: ignore[arg-type]
-
-    async def counting_key(*args: object) -> object:
-        loads.append("key")
-        return await key_load(*args)  # type: ignore[arg-type]
-
-    runtime.config._load = counting_config  # type: ignore[assignment,method-assign]
-    runtime.keys._cipher_from = counting_key  # type: ignore[assignment,method-assign]
+    count_calls(monkeypatch, runtime.config, "_load", loads, "config")
+    count_calls(monkeypatch, runtime.keys, "_cipher_from", loads, "key")
     answers = await asyncio.gather(
         *(runtime.config.get_clinic_config("clinic-burst", Channel.EMAIL) for _ in range(100))
     )
@@ -124,7 +130,7 @@ async def test_a_burst_on_a_cold_cache_loads_a_clinic_once(runtime: Runtime) -> 
 
 
 async def test_a_burst_on_a_cold_cache_reads_the_policy_and_callbacks_once(
-    runtime: Runtime,
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every accept reads the clinic's message policy and callback settings: a cold burst made
     one database read each per request (100 accepts on a cold cache took 305 ms in process
@@ -132,18 +138,8 @@ async def test_a_burst_on_a_cold_cache_reads_the_policy_and_callbacks_once(
     await create(runtime, "clinic-cold", smtp_settings("x"))
     runtime.config.cache.clear()
     loads: list[str] = []
-    policy, callbacks = runtime.config._load_message_policy, runtime.config._load_callbacks
-
-    async def counting_policy(clinic_id: str) -> object:
-        loads.append("policy")
-        return await policy(clinic_id)
-
-    async def counting_callbacks(clinic_id: str) -> object:
-        loads.append("callbacks")
-        return await callbacks(clinic_id)
-
-    runtime.config._load_message_policy = counting_policy  # type: ignore[assignment,method-assign]
-    runtime.config._load_callbacks = counting_callbacks  # type: ignore[assignment,method-assign]
+    count_calls(monkeypatch, runtime.config, "_load_message_policy", loads, "policy")
+    count_calls(monkeypatch, runtime.config, "_load_callbacks", loads, "callbacks")
     policies = await asyncio.gather(
         *(runtime.config.get_message_policy("clinic-cold") for _ in range(100))
     )
