@@ -145,9 +145,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    # No busy timeout on the loop's thread: a locked database is waited for on the
-    # connection's thread instead (store/sqlite_inline.py).
-    cursor.execute("PRAGMA busy_timeout=0")
+    # No busy timeout here: `sqlite_inline.inline_connect` opens every connection with 0 and
+    # a locked database is waited for on the connection's thread (store/sqlite_inline.py).
     # Deleted and overwritten content is zeroed in the file, so what retention erases is gone
     # from the database file (older page images can stay in the WAL until it is overwritten).
     cursor.execute("PRAGMA secure_delete=ON")
