@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 
@@ -70,8 +71,6 @@ class ArrivalSink:
         return f"http://127.0.0.1:{self.port}"
 
     async def arrivals(self) -> list[tuple[float, str]]:
-        import aiohttp
-
         async with aiohttp.ClientSession() as session, session.get(
             f"{self.url}/_arrivals"
         ) as answer:
