@@ -228,6 +228,14 @@ class DeliveryReader:
 
         self.engine = create_async_engine(database_url, pool_size=1, max_overflow=0)
 
+    async def _scalar(self, sql: str, clinics: list[str]) -> Any:
+        """The one value of `sql`, whose `:clinics` is the list of the bench clinics."""
+        from sqlalchemy import bindparam, text
+
+        query = text(sql).bindparams(bindparam("clinics", expanding=True))
+        async with self.engine.connect() as conn:
+            return (await conn.execute(query, {"clinics": clinics})).scalar()
+
     async def pending(self, clinics: list[str]) -> bool:
         """Whether any delivery of `clinics` is still queued or sending.
 
@@ -235,23 +243,15 @@ class DeliveryReader:
         so polling it costs PostgreSQL next to nothing. (A count over every delivery of the
         clinics, polled ten times a second, read ~10 M rows during a 50,000-message run and
         took CPU from the service it measured.)"""
-        from sqlalchemy import bindparam, text
-
-        query = text(
+        return bool(await self._scalar(
             "SELECT EXISTS (SELECT 1 FROM deliveries WHERE status IN ('queued', 'sending') "
-            "AND clinic_id IN :clinics)"
-        ).bindparams(bindparam("clinics", expanding=True))
-        async with self.engine.connect() as conn:
-            return bool((await conn.execute(query, {"clinics": clinics})).scalar())
+            "AND clinic_id IN :clinics)", clinics))
 
     async def total(self, clinics: list[str]) -> int:
-        from sqlalchemy import bindparam, text
-
-        query = text("SELECT count(*) FROM deliveries WHERE clinic_id IN :clinics").bindparams(
-            bindparam("clinics", expanding=True)
-        )
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(query, {"clinics": clinics})).scalar() or 0)
+        """How many deliveries `clinics` have (queried once the queue has drained)."""
+        count = await self._scalar(
+            "SELECT count(*) FROM deliveries WHERE clinic_id IN :clinics", clinics)
+        return int(count or 0)
 
     async def wait(self, clinics: list[str], expected: int, timeout: float) -> None:
         """Until `expected` deliveries exist and none is queued or sending, or `timeout`."""
