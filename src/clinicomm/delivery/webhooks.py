@@ -26,12 +26,12 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, select, tuple_
 
 from clinicomm.delivery.ingest import GLOBAL_SCOPE, apply_stored, global_label_prefix
 from clinicomm.delivery.suppressions import canonical_key
@@ -43,12 +43,15 @@ from clinicomm.providers.webhooks.base import (
     MemorySeenTokenStore,
     WebhookEvent,
 )
-from clinicomm.store.models import Delivery, utcnow
+from clinicomm.store.models import Delivery, aware, utcnow
 
 if TYPE_CHECKING:
     from clinicomm.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+#: Clinics whose (clinic, blind index) pairs one inbound-owner query matches.
+OWNER_CHUNK = 500
 
 
 class RedisSeenTokenStore:
@@ -66,6 +69,26 @@ class RedisSeenTokenStore:
             return bool(added)
         except (RedisError, OSError):
             return await self.fallback.add_if_new(key, ttl)
+
+
+def owner_query(
+    pairs: list[tuple[str, str]], prefix: str, channel: str, since: datetime
+) -> Select[datetime, str, str | None]:
+    """The newest delivery since `since` on `channel` by a provider labelled `prefix`… whose
+    (clinic id, recipient index) is one of `pairs`: (created_at, id, clinic_id). The plain
+    IN on the index column is what lets both databases read `ix_deliveries_recipient_index`."""
+    return (
+        select(Delivery.created_at, Delivery.id, Delivery.clinic_id)
+        .where(
+            Delivery.recipient_index.in_([index for _, index in pairs]),
+            tuple_(Delivery.clinic_id, Delivery.recipient_index).in_(pairs),
+            Delivery.provider.like(prefix),
+            Delivery.channel == channel,
+            Delivery.created_at >= since,
+        )
+        .order_by(Delivery.created_at.desc(), Delivery.id.desc())
+        .limit(1)
+    )
 
 
 class WebhookService:
@@ -169,38 +192,26 @@ class WebhookService:
 
     async def _inbound_owner(self, session: Any, prefix: str, event: InboundMessage) -> str | None:
         """The clinic that last messaged `event.sender` through this global provider on the
-        event's channel: each candidate clinic's index of the sender, one query."""
+        event's channel, within `owner_days`.
+
+        Each clinic's blind index of the sender (`KeyStore.indexes_of`) is looked up on
+        `ix_deliveries_recipient_index`, `OWNER_CHUNK` clinics per query, so the cost grows
+        with the number of clinics and the patient's deliveries, not with the table. The
+        (clinic, index) pair must match: an index is only meaningful in its own clinic."""
         channel = event.channel.value
         since = utcnow() - timedelta(days=self.owner_days)
-        clinics = (
-            await session.scalars(
-                select(Delivery.clinic_id)
-                .where(
-                    Delivery.provider.like(prefix),
-                    Delivery.channel == channel,
-                    Delivery.clinic_id.is_not(None),
-                    Delivery.created_at >= since,
-                )
-                .distinct()
-            )
-        ).all()
         address = canonical_key(channel, event.sender)
-        pairs = []
-        for clinic_id in clinics:
-            cipher = await self.runtime.keys.cipher_for(self.runtime.db, clinic_id)
-            pairs.append(
-                and_(Delivery.clinic_id == clinic_id,
-                     Delivery.recipient_index == cipher.index(address))
-            )
-        if not pairs:
-            return None
-        owner: str | None = await session.scalar(
-            select(Delivery.clinic_id)
-            .where(Delivery.provider.like(prefix), Delivery.channel == channel, or_(*pairs))
-            .order_by(Delivery.created_at.desc(), Delivery.id.desc())
-            .limit(1)
-        )
-        return owner
+        indexes = await self.runtime.keys.indexes_of(self.runtime.db, address)
+        pairs = list(indexes.items())
+        best: tuple[Any, str, str] | None = None
+        for start in range(0, len(pairs), OWNER_CHUNK):
+            chunk = pairs[start : start + OWNER_CHUNK]
+            row = (await session.execute(owner_query(chunk, prefix, channel, since))).first()
+            if row is not None:
+                found = (aware(row.created_at), row.id, row.clinic_id)
+                if best is None or found[:2] > best[:2]:
+                    best = found
+        return None if best is None else best[2]
 
     # ---- applying stored events -----------------------------------------------------------
     def submit(self, ids: Iterable[int]) -> None:

@@ -25,6 +25,8 @@ class KeyStore:
 
     #: How long a process uses a clinic's cached cipher before it re-reads the key versions.
     REFRESH_SECONDS = 10.0
+    #: Clinics whose keys `indexes_of` loads in one query.
+    LOAD_CHUNK = 500
 
     def __init__(self, keyring: MasterKeyring, refresh_seconds: float = REFRESH_SECONDS) -> None:
         self.keyring = keyring
@@ -124,6 +126,38 @@ class KeyStore:
         """The blind index of `address` in `clinic_id` (what suppressions, the WhatsApp window
         and inbound contacts are keyed by)."""
         return (await self.cipher_for(db, clinic_id)).index(address)
+
+    async def indexes_of(self, db: Database, address: str) -> dict[str, str]:
+        """Every clinic's blind index of `address` (clinic id → index; not the platform's).
+
+        A clinic's index key never changes (rotations re-wrap it, see `ClinicKey.index_key`),
+        so a cached cipher of any age gives the right index; the clinics not cached are
+        loaded together, `LOAD_CHUNK` per query. Raises CryptoError if a clinic's key
+        cannot be unwrapped by the configured master keys, as `cipher` does."""
+        async with db.read() as session:
+            clinic_ids = (await session.scalars(select(Clinic.id))).all()
+            missing = [c for c in clinic_ids if c not in self._ciphers and c != PLATFORM]
+            for start in range(0, len(missing), self.LOAD_CHUNK):
+                chunk = missing[start : start + self.LOAD_CHUNK]
+                rows = (
+                    await session.scalars(
+                        select(ClinicKey)
+                        .where(ClinicKey.clinic_id.in_(chunk))
+                        .order_by(ClinicKey.clinic_id, ClinicKey.version.desc())
+                    )
+                ).all()
+                by_clinic: dict[str, list[ClinicKey]] = {}
+                for row in rows:
+                    by_clinic.setdefault(row.clinic_id, []).append(row)
+                now = time.monotonic()
+                for clinic_id, versions in by_clinic.items():
+                    self._ciphers[clinic_id] = self._build(clinic_id, versions)
+                    self._loaded[clinic_id] = now
+        return {
+            clinic_id: self._ciphers[clinic_id].index(address)
+            for clinic_id in clinic_ids
+            if clinic_id in self._ciphers and clinic_id != PLATFORM
+        }
 
     def forget(self, clinic_id: str | None = None) -> None:
         """Drop cached ciphers (all when clinic_id is None)."""

@@ -188,6 +188,8 @@ class Delivery(Base):
         # The status API lists a clinic's deliveries newest first (ids are time-ordered).
         Index("ix_deliveries_clinic_list", "clinic_id", "id"),
         Index("ix_deliveries_clinic_status_list", "clinic_id", "status", "id"),
+        # Whose patient wrote to a global provider (`WebhookService._inbound_owner`).
+        Index("ix_deliveries_recipient_index", "recipient_index"),
     )
 
 
