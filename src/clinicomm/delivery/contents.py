@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from clinicomm.delivery.records import Content
 from clinicomm.settings.keys import PLATFORM, KeyStore
+from clinicomm.store.among import among
 from clinicomm.store.db import Database
 from clinicomm.store.models import Message
 
@@ -80,7 +81,7 @@ class Contents:
                         Message.content,
                         Message.category,
                         Message.callback_url.is_(None),
-                    ).where(Message.id.in_(missing))
+                    ).where(among(session, Message.id, missing))
                 )
             ).all()
             for message_id, clinic_id, blob, category, no_target in rows:

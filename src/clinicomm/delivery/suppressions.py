@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.providers.base import Channel
 from clinicomm.store import upsert
+from clinicomm.store.among import among
 from clinicomm.store.models import Suppression as SuppressionRow
 
 
@@ -157,8 +158,8 @@ async def suppressed_among(
     rows = (
         await session.execute(
             select(SuppressionRow.clinic_id, SuppressionRow.channel, SuppressionRow.address).where(
-                SuppressionRow.clinic_id.in_({k[0] for k in wanted}),
-                SuppressionRow.address.in_({k[2] for k in wanted}),
+                among(session, SuppressionRow.clinic_id, {k[0] for k in wanted}),
+                among(session, SuppressionRow.address, {k[2] for k in wanted}),
             )
         )
     ).all()
