@@ -35,7 +35,14 @@ from clinicomm.crypto import CryptoError
 from clinicomm.delivery import admission, decision
 from clinicomm.delivery.admission import Guards
 from clinicomm.delivery.contents import Contents, Erased, Unreadable
-from clinicomm.delivery.outbox import Notifier, claim, reap_expired, write_results
+from clinicomm.delivery.outbox import (
+    Notifier,
+    claim,
+    flat,
+    reap_expired,
+    write_flat,
+    write_results,
+)
 from clinicomm.delivery.records import Claimed, DeliveryStatus, Handled, Priority
 from clinicomm.delivery.retention import (
     purge_audit,
@@ -221,7 +228,7 @@ class Worker:
         # when no bulk is due), so a claim of 1 slot at a time still gives bulk its share.
         self._bulk_credit = min(self._bulk_credit + limit * self.options.bulk_share, limit)
         reserve = int(self._bulk_credit)
-        async with self.db.session() as session:
+        async with self.db.statement() as session:  # the claim is one statement
             batch = await claim(
                 session,
                 owner=self.worker_id,
@@ -421,24 +428,39 @@ class Worker:
         pending, self._results = self._results, []
         self._flushing = len(pending)
         delay = 0.1
+        outcomes = [h.outcome for h in pending]
+        attempts = [a for h in pending for a in h.attempts]
+        fallbacks = [h.fallback for h in pending if h.fallback]
+        suppressions = [h.suppress for h in pending if h.suppress]
+        no_callbacks = {h.outcome.delivery_id for h in pending if not h.may_call_back}
+        one = not self.db.is_sqlite and flat(outcomes, fallbacks, suppressions, no_callbacks)
         while True:
             try:
+                if one:  # the common case on PostgreSQL: one statement, no transaction
+                    async with self.db.statement() as session:
+                        await write_flat(
+                            session,
+                            owner=self.worker_id,
+                            now=utcnow(),
+                            outcomes=outcomes,
+                            attempts=attempts,
+                        )
+                    self._flushing = 0
+                    return
                 async with self.db.session() as session:
                     await write_results(
                         session,
                         owner=self.worker_id,
                         now=utcnow(),
-                        outcomes=[h.outcome for h in pending],
-                        attempts=[a for h in pending for a in h.attempts],
-                        new_deliveries=[h.fallback for h in pending if h.fallback],
-                        suppressions=[h.suppress for h in pending if h.suppress],
-                        no_callbacks={
-                            h.outcome.delivery_id for h in pending if not h.may_call_back
-                        },
+                        outcomes=outcomes,
+                        attempts=attempts,
+                        new_deliveries=fallbacks,
+                        suppressions=suppressions,
+                        no_callbacks=no_callbacks,
                     )
-                    if any(h.fallback for h in pending):
+                    if fallbacks:
                         await self.notifier.in_transaction(await session.connection())
-                if any(h.fallback for h in pending):
+                if fallbacks:
                     self.notifier.after_commit()
                 self._flushing = 0
                 return

@@ -88,6 +88,20 @@ class Database:
             yield session
 
     @asynccontextmanager
+    async def statement(self) -> AsyncIterator[AsyncSession]:
+        """A session for ONE write statement that is atomic by itself (the worker's claim,
+        its flush of results). On PostgreSQL it runs in autocommit: the statement is its own
+        transaction, without BEGIN and COMMIT as two more round trips. On SQLite it is a
+        `session` (the write turn, a transaction). Never run two statements in it: on
+        PostgreSQL the first would stay committed if the second failed."""
+        if self.is_sqlite:
+            async with self.session() as session:
+                yield session
+            return
+        async with self.writing(), self._readers() as session:
+            yield session
+
+    @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A read-only session (no write turn; WAL readers never block the writer). On
         PostgreSQL its statements run outside a transaction (autocommit): never write in it."""
