@@ -18,7 +18,7 @@ from clinicomm.callbacks.targets import CallbackTarget, CallbackTargets, Callbac
 from clinicomm.delivery.outbox import Notifier
 from clinicomm.delivery.quiet import release_at
 from clinicomm.delivery.records import NewDelivery, Priority
-from clinicomm.ids import new_id
+from clinicomm.ids import new_ids
 from clinicomm.messaging import timing
 from clinicomm.messaging.models import (
     TIMING_FIELDS,
@@ -200,7 +200,7 @@ class MessagingService:
         quiet: dict[Channel, QuietHours] | None = None,
     ) -> tuple[PendingWrite, SendAccepted]:
         """The rows of one message (encrypted) and the answer its commit will give."""
-        message_id = new_id()
+        message_id, *delivery_ids = new_ids(1 + len(planned))
         now = utcnow()
         when = when or timing.Timing(Priority.NORMAL, None, None)
         rank = when.priority.rank
@@ -208,8 +208,7 @@ class MessagingService:
         summaries: list[DeliverySummary] = []
         stamps = self.fair.stamps(clinic_id, len(planned), now, priority=rank, at=when.send_at)
         cipher = await self.config.keys.cipher_for(self.db, scope)
-        for item, fair_at in zip(planned, stamps, strict=True):
-            delivery_id = new_id()
+        for item, fair_at, delivery_id in zip(planned, stamps, delivery_ids, strict=True):
             status = DeliveryStatus.FAILED if item.failure else DeliveryStatus.QUEUED
             error = {"reason": item.failure, "errors": []} if item.failure else None
             not_before = when.send_at
