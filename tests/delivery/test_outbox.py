@@ -175,9 +175,8 @@ async def test_both_writers_record_the_same_rows(db: Database, writer: str) -> N
             written = await write_results(s, owner="a", now=later, outcomes=outcomes,
                                           attempts=attempts, no_callbacks=set(ids))
     else:
-        async with db.statement() as s:
-            written = await write_flat(s, owner="a", now=later, outcomes=outcomes,
-                                       attempts=attempts)
+        written = await write_flat(db, owner="a", now=later, outcomes=outcomes,
+                                   attempts=attempts)
     assert written.outcomes == 3 and written.lease_lost == [lost]
     async with db.read() as s:
         rows = {r.id: r for r in await s.scalars(select(Delivery).where(Delivery.id.in_(ids)))}

@@ -40,7 +40,7 @@ from clinicomm.delivery.records import Claimed, Content
 from clinicomm.delivery.suppressions import (
     MARKETING_CATEGORIES,
     MARKETING_SCOPE,
-    suppressed_among,
+    suppressed_in,
 )
 from clinicomm.delivery.window import is_open, last_inbound_among
 from clinicomm.providers.base import Channel, TemplateRef
@@ -141,20 +141,20 @@ async def load(db: Database, batch: list[Claimed]) -> Facts:
     scoped = [c for c in batch if c.clinic_id is not None]
     if not scoped:
         return facts
-    async with db.read() as session:
-        wa = [c for c in scoped if c.channel == Channel.WHATSAPP.value]
-        hit = await suppressed_among(
-            session,
-            [(c.clinic_id or "", c.channel, c.lookup_key) for c in scoped]
-            + [(c.clinic_id or "", MARKETING_SCOPE, c.lookup_key) for c in wa],
-        )
-        facts.suppressed = {
-            c.id for c in scoped if (c.clinic_id or "", c.channel, c.lookup_key) in hit
-        }
-        facts.marketing_stopped = {
-            c.id for c in wa if (c.clinic_id or "", MARKETING_SCOPE, c.lookup_key) in hit
-        }
-        if wa:
+    wa = [c for c in scoped if c.channel == Channel.WHATSAPP.value]
+    hit = await suppressed_in(
+        db,
+        [(c.clinic_id or "", c.channel, c.lookup_key) for c in scoped]
+        + [(c.clinic_id or "", MARKETING_SCOPE, c.lookup_key) for c in wa],
+    )
+    facts.suppressed = {
+        c.id for c in scoped if (c.clinic_id or "", c.channel, c.lookup_key) in hit
+    }
+    facts.marketing_stopped = {
+        c.id for c in wa if (c.clinic_id or "", MARKETING_SCOPE, c.lookup_key) in hit
+    }
+    if wa:
+        async with db.read() as session:
             keys = [(c.clinic_id or "", c.lookup_key) for c in wa]
             last = await last_inbound_among(session, keys)
             for c in wa:

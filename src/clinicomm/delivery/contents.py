@@ -15,14 +15,29 @@ from dataclasses import dataclass
 
 import orjson
 from sqlalchemy import select
+from sqlalchemy.sql import Select
 
 from clinicomm.delivery.records import Content
 from clinicomm.settings.keys import PLATFORM, KeyStore
-from clinicomm.store.among import among
+from clinicomm.store import fast
+from clinicomm.store.among import among_param
 from clinicomm.store.db import Database
 from clinicomm.store.models import Message
 
 log = logging.getLogger(__name__)
+
+def _load_statement(postgresql: bool) -> Select[str, str | None, bytes, str, bool]:
+    return select(
+        Message.id,
+        Message.clinic_id,
+        Message.content,
+        Message.category,
+        Message.callback_url.is_(None).label("no_target"),
+    ).where(among_param(Message.id, "ids", postgresql=postgresql))
+
+
+#: `Contents.load`'s query by "is PostgreSQL" (built once: `store.fast`).
+_LOAD = {postgresql: _load_statement(postgresql) for postgresql in (True, False)}
 
 #: Entries kept per kind (a bounded cache: contents are re-read when evicted).
 MAX_ENTRIES = 10_000
@@ -72,41 +87,34 @@ class Contents:
         missing = [m for m in dict.fromkeys(message_ids) if m not in self._contents]
         if not missing:
             return
-        async with self.db.read() as session:
-            rows = (
-                await session.execute(
-                    select(
-                        Message.id,
-                        Message.clinic_id,
-                        Message.content,
-                        Message.category,
-                        Message.callback_url.is_(None),
-                    ).where(among(session, Message.id, missing))
+        rows = await fast.rows(
+            self.db, _LOAD[not self.db.is_sqlite], {"ids": missing}, writes=False
+        )
+        for row in rows:
+            message_id, clinic_id, blob = row["id"], row["clinic_id"], row["content"]
+            category, no_target = row["category"], row["no_target"]
+            if no_target:
+                self._no_target.add(message_id)
+            if not blob:
+                self._erased.add(message_id)
+                continue
+            try:
+                cipher = await self.keys.cipher_for(self.db, clinic_id or PLATFORM)
+                data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
+            except Exception as exc:
+                self._unreadable[message_id] = type(exc).__name__
+                log.warning(
+                    "message content cannot be decrypted here",
+                    extra={
+                        "event": "content_undecryptable",
+                        "messageId": message_id,
+                        "clinicId": clinic_id,
+                        "error": type(exc).__name__,
+                    },
                 )
-            ).all()
-            for message_id, clinic_id, blob, category, no_target in rows:
-                if no_target:
-                    self._no_target.add(message_id)
-                if not blob:
-                    self._erased.add(message_id)
-                    continue
-                try:
-                    cipher = await self.keys.cipher_for(self.db, clinic_id or PLATFORM)
-                    data = orjson.loads(cipher.decrypt_bytes(blob, f"message:{message_id}"))
-                except Exception as exc:
-                    self._unreadable[message_id] = type(exc).__name__
-                    log.warning(
-                        "message content cannot be decrypted here",
-                        extra={
-                            "event": "content_undecryptable",
-                            "messageId": message_id,
-                            "clinicId": clinic_id,
-                            "error": type(exc).__name__,
-                        },
-                    )
-                    continue
-                self._unreadable.pop(message_id, None)
-                self._contents[message_id] = Content.from_json(data, category)
+                continue
+            self._unreadable.pop(message_id, None)
+            self._contents[message_id] = Content.from_json(data, category)
         while len(self._contents) > MAX_ENTRIES:
             self._contents.popitem(last=False)
         if len(self._unreadable) > MAX_ENTRIES:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -42,7 +42,9 @@ from clinicomm.delivery.records import (
     Suppression,
 )
 from clinicomm.delivery.suppressions import suppress
+from clinicomm.store import fast
 from clinicomm.store.among import among
+from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, DeliveryAttempt, aware
 from clinicomm.telemetry import metrics
 
@@ -170,7 +172,7 @@ async def claim(
     bulk_limit: int | None = None,
 ) -> list[Claimed]:
     """Lease up to `limit` due deliveries to `owner`: urgent first, then normal, then bulk,
-    each class in fair order (see `FairClock`). One statement.
+    each class in fair order (see `FairClock`). One statement, in `session`.
 
     `bulk_reserve` (≤ `limit`) slots go to the oldest due bulk deliveries before the other
     classes fill the rest, so a steady stream of urgent and normal messages cannot starve
@@ -179,10 +181,38 @@ async def claim(
     rows than its slots, the other takes them: the claim is never short while rows are due.
     `bulk_limit` caps the bulk rows of this claim (the worker's free bulk slots).
     """
+    params = _claim_params(owner, limit, now, lease, bulk_reserve, bulk_limit)
+    return _claimed((await session.execute(_CLAIM, params)).mappings().all())
+
+
+async def claim_from(
+    db: Database,
+    *,
+    owner: str,
+    limit: int,
+    now: datetime,
+    lease: timedelta,
+    bulk_reserve: int = 0,
+    bulk_limit: int | None = None,
+) -> list[Claimed]:
+    """`claim` as the worker runs it: the one statement on its own (`store.fast.rows`; on
+    PostgreSQL through asyncpg, outside a transaction)."""
+    params = _claim_params(owner, limit, now, lease, bulk_reserve, bulk_limit)
+    return _claimed(await fast.rows(db, _CLAIM, params, writes=True))
+
+
+def _claim_params(
+    owner: str,
+    limit: int,
+    now: datetime,
+    lease: timedelta,
+    bulk_reserve: int,
+    bulk_limit: int | None,
+) -> dict[str, Any]:
     limit = max(limit, 0)
     bulk_cap = limit if bulk_limit is None else min(max(bulk_limit, 0), limit)
     reserve = min(max(bulk_reserve, 0), bulk_cap)
-    params = {
+    return {
         "c_now": now,
         "c_limit": limit,
         "c_bulk_cap": bulk_cap,
@@ -191,33 +221,36 @@ async def claim(
         "c_lease_until": now + lease,
         "c_owner": owner,
     }
-    # RETURNING gives no order: the claim order (class, then fair order), so the worker
-    # starts urgent deliveries first and each class in the order the claim chose it.
-    rows = sorted(
-        (await session.execute(_CLAIM, params)).all(), key=lambda r: (r.priority, r.fair_at)
-    )
-    claimed = [
-        Claimed(
-            id=row.id,
-            message_id=row.message_id,
-            clinic_id=row.clinic_id,
-            channel=row.channel,
-            recipient=row.recipient,
-            recipient_index=row.recipient_index,
-            sealed=row.recipient,
-            fallback_sealed=row.fallback_address,
-            chain_position=row.chain_position,
-            provider_attempts=row.provider_attempts,
-            attempts=row.attempts,
-            created_at=aware(row.created_at),
-            errors=list((row.error or {}).get("errors", [])),
-            parent_id=row.parent_id,
-            fallback_address=row.fallback_address,
-            priority=row.priority,
-            expires_at=aware(row.expires_at) if row.expires_at is not None else None,
+
+
+def _claimed(found: Sequence[Mapping[Any, Any]]) -> list[Claimed]:
+    """The claimed rows in claim order: RETURNING gives none, so by class, then fair order
+    (the worker starts urgent deliveries first and each class in the order chosen)."""
+    rows = sorted(found, key=lambda r: (r["priority"], aware(r["fair_at"])))
+    claimed = []
+    for row in rows:
+        error = fast.json_value(row["error"]) or {}
+        claimed.append(
+            Claimed(
+                id=row["id"],
+                message_id=row["message_id"],
+                clinic_id=row["clinic_id"],
+                channel=row["channel"],
+                recipient=row["recipient"],
+                recipient_index=row["recipient_index"],
+                sealed=row["recipient"],
+                fallback_sealed=row["fallback_address"],
+                chain_position=row["chain_position"],
+                provider_attempts=row["provider_attempts"],
+                attempts=row["attempts"],
+                created_at=aware(row["created_at"]),
+                errors=list(error.get("errors", [])),
+                parent_id=row["parent_id"],
+                fallback_address=row["fallback_address"],
+                priority=row["priority"],
+                expires_at=aware(row["expires_at"]) if row["expires_at"] is not None else None,
+            )
         )
-        for row in rows
-    ]
     return claimed
 
 
@@ -317,7 +350,7 @@ def flat(
 
 
 async def write_flat(
-    session: AsyncSession,
+    db: Database,
     *,
     owner: str,
     now: datetime,
@@ -328,7 +361,8 @@ async def write_flat(
     attempt rows inserted by a data-modifying CTE and the outcomes applied by an UPDATE from
     arrays, only where `owner` still holds the lease (checked and written at once: the
     reaper cannot come between). Atomic by itself, so it runs outside a transaction
-    (`Database.statement`): one round trip instead of BEGIN, insert, lock, update, COMMIT."""
+    (`store.fast.rows`): one round trip instead of BEGIN, insert, lock, update, COMMIT."""
+    assert not db.is_sqlite, "write_flat is PostgreSQL's (see flat)"
     params: dict[str, Any] = {
         "owner": owner,
         "now": now,
@@ -352,7 +386,7 @@ async def write_flat(
         "o_error": [None if o.error is None else orjson.dumps(o.error).decode() for o in outcomes],
         "o_sent": [o.sent_at for o in outcomes],
     }
-    held = {row[0] for row in await session.execute(_FLAT, params)}
+    held = {row["id"] for row in await fast.rows(db, _FLAT, params, writes=True)}
     written = Written(outcomes=len(held))
     written.lease_lost = [o.delivery_id for o in outcomes if o.delivery_id not in held]
     _log_lease_lost(owner, written)

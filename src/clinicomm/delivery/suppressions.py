@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import and_, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.providers.base import Channel
-from clinicomm.store import upsert
-from clinicomm.store.among import among
+from clinicomm.store import fast, upsert
+from clinicomm.store.among import among, among_param
+from clinicomm.store.db import Database
 from clinicomm.store.models import Suppression as SuppressionRow
 
 
@@ -143,6 +145,30 @@ async def apply_keyword(
     if keyword == "start":
         return 0, await unsuppress(session, clinic_id, channel, address, reasons=OPT_IN_LIFTS)
     return 0, 0
+
+
+def _among_statement(postgresql: bool) -> Any:
+    return select(SuppressionRow.clinic_id, SuppressionRow.channel, SuppressionRow.address).where(
+        among_param(SuppressionRow.clinic_id, "clinics", postgresql=postgresql),
+        among_param(SuppressionRow.address, "addresses", postgresql=postgresql),
+    )
+
+
+#: `suppressed_in`'s query by "is PostgreSQL" (built once: `store.fast`).
+_AMONG = {postgresql: _among_statement(postgresql) for postgresql in (True, False)}
+
+
+async def suppressed_in(
+    db: Database, keys: Iterable[tuple[str, str, str]]
+) -> set[tuple[str, str, str]]:
+    """`suppressed_among` as the worker asks it: one statement on its own (`store.fast`)."""
+    wanted = {(c, ch, canonical_key(ch, a)): (c, ch, a) for c, ch, a in keys}
+    if not wanted:
+        return set()
+    params = {"clinics": list({k[0] for k in wanted}), "addresses": list({k[2] for k in wanted})}
+    rows = await fast.rows(db, _AMONG[not db.is_sqlite], params, writes=False)
+    found = ((r["clinic_id"], r["channel"], r["address"]) for r in rows)
+    return {wanted[key] for key in found if key in wanted}
 
 
 async def suppressed_among(

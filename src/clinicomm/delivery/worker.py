@@ -37,7 +37,7 @@ from clinicomm.delivery.admission import Guards
 from clinicomm.delivery.contents import Contents, Erased, Unreadable
 from clinicomm.delivery.outbox import (
     Notifier,
-    claim,
+    claim_from,
     flat,
     reap_expired,
     write_flat,
@@ -228,16 +228,15 @@ class Worker:
         # when no bulk is due), so a claim of 1 slot at a time still gives bulk its share.
         self._bulk_credit = min(self._bulk_credit + limit * self.options.bulk_share, limit)
         reserve = int(self._bulk_credit)
-        async with self.db.statement() as session:  # the claim is one statement
-            batch = await claim(
-                session,
-                owner=self.worker_id,
-                limit=limit,
-                now=utcnow(),
-                lease=timedelta(seconds=self.options.lease_seconds),
-                bulk_reserve=reserve,
-                bulk_limit=bulk_free,
-            )
+        batch = await claim_from(
+            self.db,
+            owner=self.worker_id,
+            limit=limit,
+            now=utcnow(),
+            lease=timedelta(seconds=self.options.lease_seconds),
+            bulk_reserve=reserve,
+            bulk_limit=bulk_free,
+        )
         self._bulk_credit -= reserve
         return batch
 
@@ -437,14 +436,13 @@ class Worker:
         while True:
             try:
                 if one:  # the common case on PostgreSQL: one statement, no transaction
-                    async with self.db.statement() as session:
-                        await write_flat(
-                            session,
-                            owner=self.worker_id,
-                            now=utcnow(),
-                            outcomes=outcomes,
-                            attempts=attempts,
-                        )
+                    await write_flat(
+                        self.db,
+                        owner=self.worker_id,
+                        now=utcnow(),
+                        outcomes=outcomes,
+                        attempts=attempts,
+                    )
                     self._flushing = 0
                     return
                 async with self.db.session() as session:

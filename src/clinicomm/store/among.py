@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import any_, literal
+from sqlalchemy import any_, bindparam, literal
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
@@ -26,4 +26,14 @@ def among(session: AsyncSession, column: Any, values: Iterable[Any]) -> ColumnEl
         result: ColumnElement[bool] = column == any_(literal(wanted, ARRAY(column.type)))
         return result
     in_: ColumnElement[bool] = column.in_(wanted)
+    return in_
+
+
+def among_param(column: Any, name: str, *, postgresql: bool) -> ColumnElement[bool]:
+    """`among` with the values left to bind as `name` (a list) when the statement runs: for a
+    statement built once per dialect (`store.fast`)."""
+    if postgresql:
+        array: ColumnElement[bool] = column == any_(bindparam(name, type_=ARRAY(column.type)))
+        return array
+    in_: ColumnElement[bool] = column.in_(bindparam(name, expanding=True))
     return in_
