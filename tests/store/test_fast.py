@@ -44,8 +44,8 @@ async def test_a_read_does_not_wait_for_the_write_turn(db: Database) -> None:
 
 @pytest.mark.skipif(BACKEND != "postgres", reason="asyncpg's path: PostgreSQL only")
 async def test_a_cancelled_statement_does_not_poison_the_pool(db: Database) -> None:
-    """Cancelled mid-statement, the connection is closed rather than pooled: every later
-    statement still runs."""
+    """Cancelled mid-statement (asyncpg cancels it on the server), the pool still serves
+    every later statement."""
     slow = text("SELECT pg_sleep(5) AS slept")
     task = asyncio.create_task(fast.rows(db, slow, {}, writes=False))
     await asyncio.sleep(0.3)
@@ -54,6 +54,15 @@ async def test_a_cancelled_statement_does_not_poison_the_pool(db: Database) -> N
         await task
     for _ in range(15):  # more than the pool holds
         assert len(await fast.rows(db, _BY_ID, {}, writes=False)) == 2
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="asyncpg's path: PostgreSQL only")
+async def test_the_fast_pool_plans_every_statement_for_its_values(db: Database) -> None:
+    found = await fast.rows(db, text("SELECT current_setting('plan_cache_mode') AS mode"), {},
+                            writes=False)
+    assert found[0]["mode"] == "force_custom_plan"
+    async with db.read() as session:  # the engine's own connections keep the default
+        assert await session.scalar(text("SHOW plan_cache_mode")) == "auto"
 
 
 def test_a_statement_whose_text_depends_on_its_values_is_refused() -> None:

@@ -4,8 +4,9 @@ Measured on the bench machine (2 vCPU, PostgreSQL 15, one-row SELECT by id): an 
 `Session.execute` costs ~525 µs of CPU, the same statement on a pooled asyncpg connection
 ~150 µs; at a few hundred messages a second the worker runs four statements per message, so
 that overhead was most of its CPU. `rows` runs a SQLAlchemy Core statement compiled once for
-the asyncpg dialect (its SQL text and the order of its parameters) on a connection of the
-engine's own pool, outside a transaction: only for a statement that is atomic by itself.
+the asyncpg dialect (its SQL text and the order of its parameters) on a connection of
+`Database.fast_pool` (custom plans only: see there), outside a transaction: only for a
+statement that is atomic by itself.
 On SQLite it runs the same statement in a session (`rows`).
 
 Rows come back as mappings by column name. Values are the driver's: on PostgreSQL a JSON
@@ -21,7 +22,6 @@ from typing import Any
 import orjson
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.sql import Executable
-from sqlalchemy.util import greenlet_spawn
 
 from clinicomm.store.db import Database
 
@@ -65,17 +65,9 @@ async def rows(
     compiled = _compile(statement)
     values = {**compiled.defaults, **params}
     args = [values[name] for name in compiled.names]
-    pooled = await db.engine.raw_connection()
-    try:
-        driver = pooled.driver_connection
-        assert driver is not None
-        result: Sequence[Mapping[Any, Any]] = await driver.fetch(compiled.sql, *args)
-    except BaseException as exc:
-        # Failed or cancelled mid-statement: the connection's state is unknown, so it is
-        # closed, not given back to the pool.
-        await greenlet_spawn(pooled.invalidate, exc if isinstance(exc, Exception) else None)
-        raise
-    await greenlet_spawn(pooled.close)
+    pool = await db.fast_pool()
+    async with pool.acquire() as connection:
+        result: Sequence[Mapping[Any, Any]] = await connection.fetch(compiled.sql, *args)
     return result
 
 
