@@ -162,7 +162,7 @@ _CLAIM = _claim_statement()
 
 
 async def claim(
-    session: AsyncSession,
+    source: AsyncSession | Database,
     *,
     owner: str,
     limit: int,
@@ -172,7 +172,9 @@ async def claim(
     bulk_limit: int | None = None,
 ) -> list[Claimed]:
     """Lease up to `limit` due deliveries to `owner`: urgent first, then normal, then bulk,
-    each class in fair order (see `FairClock`). One statement, in `session`.
+    each class in fair order (see `FairClock`). One statement: in the caller's session, or,
+    given the `Database` (as the worker does), on its own (`store.fast.rows`: on PostgreSQL
+    through asyncpg, outside a transaction).
 
     `bulk_reserve` (≤ `limit`) slots go to the oldest due bulk deliveries before the other
     classes fill the rest, so a steady stream of urgent and normal messages cannot starve
@@ -182,23 +184,9 @@ async def claim(
     `bulk_limit` caps the bulk rows of this claim (the worker's free bulk slots).
     """
     params = _claim_params(owner, limit, now, lease, bulk_reserve, bulk_limit)
-    return _claimed((await session.execute(_CLAIM, params)).mappings().all())
-
-
-async def claim_from(
-    db: Database,
-    *,
-    owner: str,
-    limit: int,
-    now: datetime,
-    lease: timedelta,
-    bulk_reserve: int = 0,
-    bulk_limit: int | None = None,
-) -> list[Claimed]:
-    """`claim` as the worker runs it: the one statement on its own (`store.fast.rows`; on
-    PostgreSQL through asyncpg, outside a transaction)."""
-    params = _claim_params(owner, limit, now, lease, bulk_reserve, bulk_limit)
-    return _claimed(await fast.rows(db, _CLAIM, params, writes=True))
+    if isinstance(source, Database):
+        return _claimed(await fast.rows(source, _CLAIM, params, writes=True))
+    return _claimed((await source.execute(_CLAIM, params)).mappings().all())
 
 
 def _claim_params(

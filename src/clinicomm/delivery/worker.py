@@ -37,7 +37,7 @@ from clinicomm.delivery.admission import Guards
 from clinicomm.delivery.contents import Contents, Erased, Unreadable
 from clinicomm.delivery.outbox import (
     Notifier,
-    claim_from,
+    claim,
     flat,
     reap_expired,
     write_flat,
@@ -228,7 +228,7 @@ class Worker:
         # when no bulk is due), so a claim of 1 slot at a time still gives bulk its share.
         self._bulk_credit = min(self._bulk_credit + limit * self.options.bulk_share, limit)
         reserve = int(self._bulk_credit)
-        batch = await claim_from(
+        batch = await claim(
             self.db,
             owner=self.worker_id,
             limit=limit,
