@@ -4,7 +4,7 @@ Entries come from webhooks (hard bounce, complaint, unsubscribe, a provider's op
 inbound keywords (STOP; START/YES/UNSTOP lifts an opt-out), send errors (a provider's opt-out
 code, a permanent bounce: `records.Suppression`) and the API (manual). One row per
 (clinic, channel, canonical address); the first reason is kept. Admission asks
-`suppressed_among` for a whole claimed batch in one query.
+`suppressed_in` for a whole claimed batch in one query.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.providers.base import Channel
 from clinicomm.store import fast, upsert
-from clinicomm.store.among import among, among_param
+from clinicomm.store.among import among_param
 from clinicomm.store.db import Database
 from clinicomm.store.models import Suppression as SuppressionRow
 
@@ -147,6 +147,10 @@ async def apply_keyword(
     return 0, 0
 
 
+#: (clinic id, channel, address).
+_Key = tuple[str, str, str]
+
+
 def _among_statement(postgresql: bool) -> Any:
     return select(SuppressionRow.clinic_id, SuppressionRow.channel, SuppressionRow.address).where(
         among_param(SuppressionRow.clinic_id, "clinics", postgresql=postgresql),
@@ -154,7 +158,8 @@ def _among_statement(postgresql: bool) -> Any:
     )
 
 
-#: `suppressed_in`'s query by "is PostgreSQL" (built once: `store.fast`).
+#: The suppression query by "is PostgreSQL" (built once: `store.fast`); `False` is the
+#: expanding IN, which serves a session on either database.
 _AMONG = {postgresql: _among_statement(postgresql) for postgresql in (True, False)}
 
 
@@ -162,31 +167,38 @@ async def suppressed_in(
     db: Database, keys: Iterable[tuple[str, str, str]]
 ) -> set[tuple[str, str, str]]:
     """`suppressed_among` as the worker asks it: one statement on its own (`store.fast`)."""
-    wanted = {(c, ch, canonical_key(ch, a)): (c, ch, a) for c, ch, a in keys}
+    wanted = _wanted(keys)
     if not wanted:
         return set()
-    params = {"clinics": list({k[0] for k in wanted}), "addresses": list({k[2] for k in wanted})}
-    rows = await fast.rows(db, _AMONG[not db.is_sqlite], params, writes=False)
-    found = ((r["clinic_id"], r["channel"], r["address"]) for r in rows)
-    return {wanted[key] for key in found if key in wanted}
+    rows = await fast.rows(db, _AMONG[not db.is_sqlite], _among_params(wanted), writes=False)
+    return _hits(wanted, rows)
 
 
 async def suppressed_among(
     session: AsyncSession, keys: Iterable[tuple[str, str, str]]
 ) -> set[tuple[str, str, str]]:
-    """Which (clinic id, channel, address) triples are suppressed, in one query.
+    """Which (clinic id, channel, address) triples are suppressed, in one query in `session`.
 
     Addresses are compared in `canonical_key` form; the answer holds the triples as given.
     """
-    wanted = {(c, ch, canonical_key(ch, a)): (c, ch, a) for c, ch, a in keys}
+    wanted = _wanted(keys)
     if not wanted:
         return set()
-    rows = (
-        await session.execute(
-            select(SuppressionRow.clinic_id, SuppressionRow.channel, SuppressionRow.address).where(
-                among(session, SuppressionRow.clinic_id, {k[0] for k in wanted}),
-                among(session, SuppressionRow.address, {k[2] for k in wanted}),
-            )
-        )
-    ).all()
-    return {wanted[(r[0], r[1], r[2])] for r in rows if (r[0], r[1], r[2]) in wanted}
+    # The expanding IN on either database: `= ANY` is for `store.fast`'s connections only.
+    rows = (await session.execute(_AMONG[False], _among_params(wanted))).mappings().all()
+    return _hits(wanted, rows)
+
+
+def _wanted(keys: Iterable[_Key]) -> dict[_Key, _Key]:
+    """Each triple by its `canonical_key` form."""
+    return {(c, ch, canonical_key(ch, a)): (c, ch, a) for c, ch, a in keys}
+
+
+def _among_params(wanted: dict[_Key, _Key]) -> dict[str, Any]:
+    return {"clinics": list({k[0] for k in wanted}), "addresses": list({k[2] for k in wanted})}
+
+
+def _hits(wanted: dict[_Key, _Key], rows: Iterable[Any]) -> set[_Key]:
+    """The triples of `wanted` (as given) that `rows` of `_AMONG` found."""
+    found = ((r["clinic_id"], r["channel"], r["address"]) for r in rows)
+    return {wanted[key] for key in found if key in wanted}
