@@ -1,11 +1,13 @@
-"""`store.among`: a membership test whose SQL does not grow with the number of values."""
+"""`store.among_param`: a membership test whose SQL does not grow with the number of values."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import event, select
 
 from clinicomm.runtime import Runtime
-from clinicomm.store.among import among
+from clinicomm.store.among import among_param
 from clinicomm.store.models import Clinic
 
 
@@ -15,7 +17,7 @@ async def test_among_finds_exactly_the_values_given(runtime: Runtime) -> None:
     async with runtime.db.read() as session:
         for wanted in ([], ["c-1"], ["c-0", "c-3", "c-9"], {"c-4", "c-2"}):
             found = set(await session.scalars(
-                select(Clinic.id).where(among(session, Clinic.id, wanted))))
+                select(Clinic.id).where(_among(runtime, Clinic.id)), {"ids": list(wanted)}))
             assert found == {w for w in wanted if w != "c-9"}
 
 
@@ -34,8 +36,8 @@ async def test_one_statement_text_for_any_number_of_values_on_postgresql(
     try:
         async with runtime.db.read() as session:
             for n in (1, 2, 50):
-                await session.scalars(select(Clinic.id).where(
-                    among(session, Clinic.id, [f"c-{i}" for i in range(n)])))
+                await session.scalars(select(Clinic.id).where(_among(runtime, Clinic.id)),
+                                      {"ids": [f"c-{i}" for i in range(n)]})
     finally:
         event.remove(engine, "before_cursor_execute", record)
     queries = [t for t in texts if "FROM clinics" in t]
@@ -44,3 +46,7 @@ async def test_one_statement_text_for_any_number_of_values_on_postgresql(
         assert len(set(queries)) == 3
     else:
         assert len(set(queries)) == 1 and "ANY" in queries[0]
+
+
+def _among(runtime: Runtime, column: Any) -> Any:
+    return among_param(column, "ids", postgresql=not runtime.db.is_sqlite)

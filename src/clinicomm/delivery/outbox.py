@@ -43,7 +43,6 @@ from clinicomm.delivery.records import (
 )
 from clinicomm.delivery.suppressions import suppress
 from clinicomm.store import fast
-from clinicomm.store.among import among
 from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, DeliveryAttempt, aware
 from clinicomm.telemetry import metrics
@@ -458,9 +457,7 @@ async def _held(session: AsyncSession, owner: str, ids: list[str]) -> set[str]:
     """The ids among `ids` still leased to `owner`, locked until the transaction ends (so the
     reaper cannot take them between this check and the write)."""
     rows = await session.execute(
-        select(_T.c.id)
-        .where(among(session, _T.c.id, ids), _T.c.lease_owner == owner)
-        .with_for_update()
+        select(_T.c.id).where(_T.c.id.in_(ids), _T.c.lease_owner == owner).with_for_update()
     )
     return {r[0] for r in rows}
 

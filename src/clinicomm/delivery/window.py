@@ -16,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.providers.base import Channel
 from clinicomm.store import upsert
-from clinicomm.store.among import among
 from clinicomm.store.models import InboundContact, aware
 
 WINDOW = timedelta(hours=24)
@@ -55,8 +54,8 @@ async def last_inbound_among(
                 InboundContact.clinic_id, InboundContact.address, InboundContact.last_inbound_at
             ).where(
                 InboundContact.channel == str(channel),
-                among(session, InboundContact.clinic_id, {k[0] for k in wanted}),
-                among(session, InboundContact.address, {k[1] for k in wanted}),
+                InboundContact.clinic_id.in_({k[0] for k in wanted}),
+                InboundContact.address.in_({k[1] for k in wanted}),
             )
         )
     ).all()
