@@ -13,8 +13,10 @@
 - `write_results` records outcomes, attempt rows, new deliveries and suppressions in the
   caller's transaction. Only outcomes whose lease this worker still holds are written (the
   rows are locked first); the others are counted (`communication_outcome_lease_lost`) and
-  logged with ids, never dropped silently. Every status change the worker makes goes
-  through `_apply_outcomes`: the one place a status-change hook belongs.
+  logged with ids, never dropped silently. On PostgreSQL `write_flat` records the common
+  flush (only outcomes and attempts, `flat`) as one statement. Every status change the
+  worker makes goes through `_apply_outcomes` or `write_flat`'s `_FLAT`: the two places a
+  status-change hook belongs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import orjson
 from sqlalchemy import Integer, Table, bindparam, case, func, literal, select, text, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -43,7 +44,7 @@ from clinicomm.delivery.records import (
 )
 from clinicomm.delivery.suppressions import suppress
 from clinicomm.store import fast
-from clinicomm.store.db import Database
+from clinicomm.store.db import Database, json_dumps
 from clinicomm.store.models import Delivery, DeliveryAttempt, aware
 from clinicomm.telemetry import metrics
 
@@ -280,6 +281,12 @@ class Written:
     #: Delivery ids whose outcome was not written: this worker no longer held the lease.
     lease_lost: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, outcomes: Sequence[Outcome], held: AbstractSet[str]) -> Written:
+        """The outcomes written where the lease was `held`, and the others."""
+        lost = [o.delivery_id for o in outcomes if o.delivery_id not in held]
+        return cls(outcomes=len(outcomes) - len(lost), lease_lost=lost)
+
 
 async def write_results(
     session: AsyncSession,
@@ -370,12 +377,11 @@ async def write_flat(
         "o_next": [o.next_attempt_at or now for o in outcomes],
         "o_provider": [o.provider for o in outcomes],
         "o_pmid": [o.provider_message_id for o in outcomes],
-        "o_error": [None if o.error is None else orjson.dumps(o.error).decode() for o in outcomes],
+        "o_error": [None if o.error is None else json_dumps(o.error) for o in outcomes],
         "o_sent": [o.sent_at for o in outcomes],
     }
     held = {row["id"] for row in await fast.rows(db, _FLAT, params, writes=True)}
-    written = Written(outcomes=len(held))
-    written.lease_lost = [o.delivery_id for o in outcomes if o.delivery_id not in held]
+    written = Written.of(outcomes, held)
     _log_lease_lost(owner, written)
     return written
 
@@ -424,8 +430,6 @@ async def _applied(
 ) -> Written:
     """Apply the outcomes of `held` deliveries and queue their status callbacks."""
     mine = [o for o in outcomes if o.delivery_id in held]
-    written = Written(outcomes=len(mine))
-    written.lease_lost = [o.delivery_id for o in outcomes if o.delivery_id not in held]
     await _apply_outcomes(session, owner, now, mine)
     await callbacks.enqueue(
         session,
@@ -436,7 +440,7 @@ async def _applied(
         },
         now,
     )
-    return written
+    return Written.of(outcomes, held)
 
 
 def _log_lease_lost(owner: str, written: Written) -> None:

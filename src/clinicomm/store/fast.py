@@ -56,10 +56,10 @@ async def rows(
     db: Database, statement: Executable, params: Mapping[str, Any], *, writes: bool
 ) -> Sequence[Mapping[Any, Any]]:
     """The rows of ONE statement that is atomic by itself (see the module docstring). On
-    SQLite a statement that `writes` takes the write turn (`Database.statement`), a read
-    does not (`Database.read`)."""
+    SQLite a statement that `writes` runs in a write transaction with the write turn
+    (`Database.session`), a read in `Database.read`."""
     if db.is_sqlite:
-        opened = db.statement() if writes else db.read()
+        opened = db.session() if writes else db.read()
         async with opened as session:
             return (await session.execute(statement, dict(params))).mappings().all()
     compiled = _compile(statement)
