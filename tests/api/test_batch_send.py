@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from clinicomm.api.auth import Role
 from clinicomm.delivery.batching import COALESCER
@@ -156,32 +156,52 @@ async def test_idempotency_per_item(api: Api, clinics: None) -> None:
     assert (await counts(api)) == (5, 5, 3)
 
 
-async def test_one_transaction_a_failure_mid_batch_leaves_nothing(
-    api: Api, clinics: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import clinicomm.messaging.writer as writer
+#: A trigger that fails the insert of the 11th delivery row: mid-batch, after messages, keys
+#: and 10 deliveries were written. On PostgreSQL it fails as a lost connection does (SQLSTATE
+#: 08006, answered 503); SQLite's RAISE is a constraint (409).
+_FAIL_MID_BATCH = {
+    "sqlite": [
+        "CREATE TRIGGER fail_mid_batch BEFORE INSERT ON deliveries"
+        " WHEN (SELECT count(*) FROM deliveries) >= 10"
+        " BEGIN SELECT RAISE(ABORT, 'failed mid-batch'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION fail_mid_batch() RETURNS trigger LANGUAGE plpgsql VOLATILE AS $$"
+        " BEGIN IF (SELECT count(*) FROM deliveries) >= 10 THEN"
+        " RAISE EXCEPTION 'failed mid-batch' USING ERRCODE = 'connection_failure'; END IF;"
+        " RETURN NEW; END $$",
+        "CREATE TRIGGER fail_mid_batch BEFORE INSERT ON deliveries"
+        " FOR EACH ROW EXECUTE FUNCTION fail_mid_batch()",
+    ],
+}
+_DROP = {
+    "sqlite": ["DROP TRIGGER IF EXISTS fail_mid_batch"],
+    "postgresql": [
+        "DROP TRIGGER IF EXISTS fail_mid_batch ON deliveries",
+        "DROP FUNCTION IF EXISTS fail_mid_batch()",
+    ],
+}
 
-    real = writer.enqueue
-    calls = 0
 
-    async def enqueue_then_fail(conn: Any, rows: Any) -> None:
-        nonlocal calls
-        calls += 1
-        await real(conn, rows)  # every delivery row is written, then the database fails
-        from sqlalchemy.exc import OperationalError
+async def _run(api: Api, statements: list[str]) -> None:
+    async with api.runtime.db.session() as session:
+        for statement in statements:
+            await session.execute(text(statement))
 
-        raise OperationalError("INSERT", {}, Exception("connection lost mid-batch"))
 
-    monkeypatch.setattr(writer, "enqueue", enqueue_then_fail)
+async def test_one_transaction_a_failure_mid_batch_leaves_nothing(api: Api, clinics: None) -> None:
+    dialect = api.runtime.db.engine.dialect.name
     items = [
         {**body(recipients=[{"email": f"p{i}@example.com"}]), "idempotencyKey": f"k{i}"}
         for i in range(20)
     ]
-    answer = await api.client.post(URL, json={"items": items}, headers=api.admin)
-    assert answer.status_code == 503
-    assert calls == 1  # the whole batch was one transaction
+    await _run(api, _FAIL_MID_BATCH[dialect])
+    try:
+        answer = await api.client.post(URL, json={"items": items}, headers=api.admin)
+    finally:
+        await _run(api, _DROP[dialect])
+    assert answer.status_code == (503 if dialect == "postgresql" else 409), answer.text
     assert await counts(api) == (0, 0, 0)
-    monkeypatch.setattr(writer, "enqueue", real)
     retried = await api.client.post(URL, json={"items": items}, headers=api.admin)
     assert retried.status_code == 202
     assert await counts(api) == (20, 20, 20)

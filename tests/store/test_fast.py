@@ -61,11 +61,35 @@ async def test_the_fast_pool_plans_every_statement_for_its_values(db: Database) 
     found = await fast.rows(db, text("SELECT current_setting('plan_cache_mode') AS mode"), {},
                             writes=False)
     assert found[0]["mode"] == "force_custom_plan"
-    async with db.read() as session:  # the engine's own connections keep the default
+    # Statements whose plan cannot depend on their values (inserts from arrays) keep the
+    # default, as the engine's own connections do.
+    mode = text("SELECT current_setting('plan_cache_mode') AS mode")
+    found = await fast.rows(db, mode, {}, writes=True, custom_plans=False)
+    assert found[0]["mode"] == "auto"
+    async with db.read() as session:
         assert await session.scalar(text("SHOW plan_cache_mode")) == "auto"
+    await db.dispose()  # both pools closed
+    assert db._fast_pools == {}
 
 
 def test_a_statement_whose_text_depends_on_its_values_is_refused() -> None:
     """An expanding IN is rendered per call; compiled once it would be wrong."""
     with pytest.raises(ValueError, match="expanding"):
         fast._compile(select(Clinic.id).where(Clinic.id.in_(["c-1", "c-2"])))
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="asyncpg's path: PostgreSQL only")
+async def test_errors_are_sqlalchemy_errors_without_parameters(db: Database) -> None:
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    insert = text("INSERT INTO clinics (id, name, settings) VALUES (:id, 'x', '{}')")
+    with pytest.raises(IntegrityError) as duplicate:
+        await fast.rows(db, insert, {"id": "c-1"}, writes=True)
+    # Parameters may be patient data: never rendered into the error (SQLAlchemy's "hidden").
+    assert "[parameters:" not in str(duplicate.value)
+    unreachable = Database("postgresql+asyncpg://postgres@127.0.0.1:1/test")
+    try:
+        with pytest.raises(OperationalError):
+            await fast.rows(unreachable, _BY_ID, {}, writes=False)
+    finally:
+        await unreachable.dispose()

@@ -130,9 +130,7 @@ class MessagingService:
         #: Resolves where status callbacks go; None: no callbacks from this process's sends.
         self.targets = targets
         self.fair = FairClock()
-        self.writer = BatchWriter(
-            db, before_commit=notifier.in_transaction, after_commit=notifier.after_commit
-        )
+        self.writer = BatchWriter(db, notifier=notifier)
 
     async def accept(
         self,

@@ -9,6 +9,14 @@ per request. Idempotency keys are inserted first with `ON CONFLICT DO NOTHING`: 
 key is already stored is not written, and its caller is told so (it then answers the stored
 first answer, or 409). If a batch still fails on a constraint, each group of the batch is
 retried alone so only the offending one sees it.
+
+On PostgreSQL a group commit is ONE statement (`_ACCEPT`), atomic by itself and run through
+`store.fast` outside a transaction: data-modifying CTEs insert the keys, then the messages
+whose key was inserted (or that have none), their deliveries and callback events, and queue
+the NOTIFY that wakes the workers. That replaced BEGIN, up to four inserts through SQLAlchemy,
+NOTIFY and COMMIT (measured: about 0.5 ms of CPU per statement there against 0.15 ms on a
+pooled asyncpg connection, for a commit that holds one message at a few hundred a second).
+SQLite writes the same rows in a transaction (`_commit_session`).
 """
 
 from __future__ import annotations
@@ -16,33 +24,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Table, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from clinicomm.callbacks.queue import CALLBACKS
-from clinicomm.delivery.outbox import enqueue
+from clinicomm.delivery.outbox import Notifier, enqueue
 from clinicomm.delivery.records import NewDelivery
+from clinicomm.store import fast
 from clinicomm.store.db import Database
-from clinicomm.store.models import IdempotencyKey, Message
+from clinicomm.store.models import Delivery, IdempotencyKey, Message
+from clinicomm.store.unnest import Unnest
 
 log = logging.getLogger(__name__)
 
 MESSAGES: Table = Message.__table__  # type: ignore[assignment]
 IDEMPOTENCY: Table = IdempotencyKey.__table__  # type: ignore[assignment]
-#: Insert idempotency keys where free, answering those inserted; by "is PostgreSQL".
-_CLAIM_KEYS = {
-    dialect: insert(IDEMPOTENCY)
+DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
+#: SQLite: insert idempotency keys where free, answering those inserted.
+_CLAIM_KEYS = (
+    sqlite_insert(IDEMPOTENCY)
     .on_conflict_do_nothing()
     .returning(IDEMPOTENCY.c.scope, IDEMPOTENCY.c.key)
-    for dialect, insert in ((True, pg_insert), (False, sqlite_insert))
-}
+)
+
+_KEYS = Unnest(IDEMPOTENCY, "k")
+_MESSAGES = Unnest(MESSAGES, "m")
+_DELIVERIES = Unnest(DELIVERIES, "d")
+_CALLBACKS = Unnest(CALLBACKS, "e")
+#: PostgreSQL: a group commit in one statement. A message is written when its key was
+#: inserted, or when it has none (its id is not among the keys' message ids); its deliveries
+#: and callback events with it. Answers the ids of the messages written, and a row whose
+#: `notified` is set when deliveries were written (the NOTIFY is sent at commit).
+_NEW_KEYS = _KEYS.insert(tail="ON CONFLICT DO NOTHING RETURNING message_id")
+_NEW_MESSAGES = _MESSAGES.insert(
+    where="u.id IN (SELECT message_id FROM new_keys)"
+    " OR u.id <> ALL (CAST(:k_message_id AS VARCHAR[]))",
+    tail="RETURNING id",
+)
+_NEW_DELIVERIES = _DELIVERIES.insert(
+    where="u.message_id IN (SELECT id FROM new_messages)", tail="RETURNING id"
+)
+_NEW_CALLBACKS = _CALLBACKS.insert(where="u.message_id IN (SELECT id FROM new_messages)")
+# Built from the models' metadata only: no value is spliced into the text.
+_ACCEPT = text(
+    f"WITH new_keys AS ({_NEW_KEYS}), new_messages AS ({_NEW_MESSAGES}),"  # noqa: S608
+    f" new_deliveries AS ({_NEW_DELIVERIES}), new_callbacks AS ({_NEW_CALLBACKS})"
+    " SELECT id, NULL AS notified FROM new_messages"
+    " UNION ALL SELECT NULL, CAST(pg_notify(:channel, '') AS TEXT)"
+    " FROM (SELECT 1 FROM new_deliveries LIMIT 1) AS due"
+)
 
 
 @dataclass
@@ -68,13 +103,12 @@ class BatchWriter:
         self,
         db: Database,
         *,
-        before_commit: Callable[[AsyncConnection], Awaitable[None]] | None = None,
-        after_commit: Callable[[], None] | None = None,
+        notifier: Notifier | None = None,
         max_batch: int = 256,
     ) -> None:
         self.db = db
-        self.before_commit = before_commit
-        self.after_commit = after_commit
+        #: Told of every commit that wrote deliveries (NOTIFY with it, and in process after).
+        self.notifier = notifier
         self.max_batch = max_batch
         self._queue: asyncio.Queue[list[PendingWrite]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -120,21 +154,18 @@ class BatchWriter:
                 _fail(batch, exc)
 
     async def _commit(self, batch: list[PendingWrite]) -> None:
-        async with self.db.writing(), self.db.engine.begin() as conn:
-            taken = await self._claim_keys(conn, batch)
-            writes = [i for i in batch if id(i) not in taken]
-            if writes:
-                await conn.execute(MESSAGES.insert(), [i.message for i in writes])
-                await enqueue(conn, [d for i in writes for d in i.deliveries])
-                events = [e for i in writes for e in i.callbacks]
-                if events:
-                    await conn.execute(CALLBACKS.insert(), events)
-                if self.before_commit is not None:
-                    await self.before_commit(conn)
+        """Write `batch` at once, then answer each item (False: its key was taken)."""
+        taken, keyed = _repeated_keys(batch)
+        writes = [i for i in batch if id(i) not in taken]
+        if self.db.is_sqlite:
+            taken |= await self._commit_session(writes, keyed)
+        else:
+            taken |= await self._commit_statement(writes, keyed)
+        writes = [i for i in writes if id(i) not in taken]
         self.batches += 1
-        if self.after_commit is not None and writes:
-            self.after_commit()
         if writes:
+            if self.notifier is not None:
+                self.notifier.after_commit()
             log.info(
                 "messages accepted",
                 extra={
@@ -147,28 +178,38 @@ class BatchWriter:
             if not item.done.done():
                 item.done.set_result(id(item) not in taken)
 
-    async def _claim_keys(self, conn: AsyncConnection, batch: list[PendingWrite]) -> set[int]:
-        """Insert the batch's idempotency keys where free; the ids of items whose key was
-        already taken (stored earlier, or by an earlier item of this batch)."""
-        first: dict[tuple[str, str], PendingWrite] = {}
-        taken: set[int] = set()
-        for item in batch:
-            if item.idempotency is None:
-                continue
-            key = (item.idempotency["scope"], item.idempotency["key"])
-            if key in first:
-                taken.add(id(item))
-            else:
-                first[key] = item
-        if not first:
-            return taken
-        # An executemany of one cached statement (SQLAlchemy's insertmanyvalues batches it),
-        # not a multi-row VALUES: that one is compiled anew for every batch size.
-        statement = _CLAIM_KEYS[conn.dialect.name == "postgresql"]
-        keys = [i.idempotency for i in first.values() if i.idempotency is not None]
-        rows = await conn.execute(statement, keys)
-        stored = {(row.scope, row.key) for row in rows}
-        taken.update(id(item) for key, item in first.items() if key not in stored)
+    async def _commit_statement(
+        self, writes: list[PendingWrite], keyed: list[PendingWrite]
+    ) -> set[int]:
+        """PostgreSQL: `_ACCEPT`; the ids of the items not written (their key was stored)."""
+        dialect = self.db.engine.dialect
+        params: dict[str, Any] = {
+            **_KEYS.params([i.idempotency for i in keyed if i.idempotency is not None], dialect),
+            **_MESSAGES.params([i.message for i in writes], dialect),
+            **_DELIVERIES.params([d.row() for i in writes for d in i.deliveries], dialect),
+            **_CALLBACKS.params([e for i in writes for e in i.callbacks], dialect),
+            "channel": (self.notifier or Notifier()).CHANNEL,
+        }
+        # Inserts from arrays: one plan serves every commit (no custom plan per commit).
+        rows = await fast.rows(self.db, _ACCEPT, params, writes=True, custom_plans=False)
+        written = {row["id"] for row in rows if row["id"] is not None}
+        return {id(i) for i in writes if i.message["id"] not in written}
+
+    async def _commit_session(
+        self, writes: list[PendingWrite], keyed: list[PendingWrite]
+    ) -> set[int]:
+        """SQLite: the rows in one transaction; the ids of the items not written."""
+        async with self.db.writing(), self.db.engine.begin() as conn:
+            taken = await _claim_keys(conn, keyed)
+            writes = [i for i in writes if id(i) not in taken]
+            if writes:
+                await conn.execute(MESSAGES.insert(), [i.message for i in writes])
+                await enqueue(conn, [d for i in writes for d in i.deliveries])
+                events = [e for i in writes for e in i.callbacks]
+                if events:
+                    await conn.execute(CALLBACKS.insert(), events)
+                if self.notifier is not None:
+                    await self.notifier.in_transaction(conn)
         return taken
 
     async def close(self) -> None:
@@ -177,6 +218,38 @@ class BatchWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def _repeated_keys(batch: list[PendingWrite]) -> tuple[set[int], list[PendingWrite]]:
+    """The ids of items whose key an earlier item of `batch` has (not written), and the items
+    that carry the first of each key."""
+    first: dict[tuple[str, str], PendingWrite] = {}
+    repeated: set[int] = set()
+    for item in batch:
+        if item.idempotency is None:
+            continue
+        key = (item.idempotency["scope"], item.idempotency["key"])
+        if key in first:
+            repeated.add(id(item))
+        else:
+            first[key] = item
+    return repeated, list(first.values())
+
+
+async def _claim_keys(conn: AsyncConnection, keyed: list[PendingWrite]) -> set[int]:
+    """SQLite: insert the keys of `keyed` where free; the ids of items whose key was already
+    stored. An executemany of one cached statement (SQLAlchemy's insertmanyvalues batches it),
+    not a multi-row VALUES: that one is compiled anew for every batch size."""
+    if not keyed:
+        return set()
+    rows = await conn.execute(_CLAIM_KEYS, [i.idempotency for i in keyed if i.idempotency])
+    stored = {(row.scope, row.key) for row in rows}
+    return {
+        id(i)
+        for i in keyed
+        if i.idempotency is not None
+        and (i.idempotency["scope"], i.idempotency["key"]) not in stored
+    }
 
 
 def _fail(batch: list[PendingWrite], exc: Exception) -> None:

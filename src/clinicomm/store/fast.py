@@ -5,9 +5,14 @@ Measured on the bench machine (2 vCPU, PostgreSQL 15, one-row SELECT by id): an 
 ~150 µs; at a few hundred messages a second the worker runs four statements per message, so
 that overhead was most of its CPU. `rows` runs a SQLAlchemy Core statement compiled once for
 the asyncpg dialect (its SQL text and the order of its parameters) on a connection of
-`Database.fast_pool` (custom plans only: see there), outside a transaction: only for a
+`Database.fast_pool` (custom plans unless the statement's plan cannot depend on its values:
+see there), outside a transaction: only for a
 statement that is atomic by itself.
 On SQLite it runs the same statement in a session (`rows`).
+
+Errors are SQLAlchemy's, as the engine raises them (`_translated`), so callers and the API's
+error table see one set: a constraint is an `IntegrityError`, a refused value a `DataError`,
+a lost or refused connection an `OperationalError`, any other database error a `DBAPIError`.
 
 Rows come back as mappings by column name. Values are the driver's: on PostgreSQL a JSON
 column is its text (`json_value` decodes either form), timestamps are aware.
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.sql import Executable
 
@@ -53,11 +59,18 @@ def _compile(statement: Executable) -> _Compiled:
 
 
 async def rows(
-    db: Database, statement: Executable, params: Mapping[str, Any], *, writes: bool
+    db: Database,
+    statement: Executable,
+    params: Mapping[str, Any],
+    *,
+    writes: bool,
+    custom_plans: bool = True,
 ) -> Sequence[Mapping[Any, Any]]:
     """The rows of ONE statement that is atomic by itself (see the module docstring). On
     SQLite a statement that `writes` runs in a write transaction with the write turn
-    (`Database.session`), a read in `Database.read`."""
+    (`Database.session`), a read in `Database.read`. `custom_plans=False` only for a
+    statement whose plan cannot depend on its values or on table sizes (an insert from
+    arrays): see `Database.fast_pool`."""
     if db.is_sqlite:
         opened = db.session() if writes else db.read()
         async with opened as session:
@@ -65,10 +78,36 @@ async def rows(
     compiled = _compile(statement)
     values = {**compiled.defaults, **params}
     args = [values[name] for name in compiled.names]
-    pool = await db.fast_pool()
-    async with pool.acquire() as connection:
-        result: Sequence[Mapping[Any, Any]] = await connection.fetch(compiled.sql, *args)
+    try:
+        pool = await db.fast_pool(custom_plans=custom_plans)
+        async with pool.acquire() as connection:
+            result: Sequence[Mapping[Any, Any]] = await connection.fetch(compiled.sql, *args)
+    except Exception as exc:
+        translated = _translated(compiled.sql, exc)
+        if translated is None:
+            raise
+        raise translated from exc
     return result
+
+
+def _translated(sql: str, exc: Exception) -> sa_exc.DBAPIError | None:
+    """asyncpg's error as the SQLAlchemy error the engine would raise; None: not the
+    database's (a cancellation, a bug in the caller), raised as it is."""
+    import asyncpg
+
+    kind: type[sa_exc.DBAPIError]
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        kind = sa_exc.IntegrityError
+    elif isinstance(exc, asyncpg.DataError):
+        kind = sa_exc.DataError
+    elif isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | OSError):
+        kind = sa_exc.OperationalError
+    elif isinstance(exc, asyncpg.PostgresError):
+        kind = sa_exc.DBAPIError
+    else:
+        return None
+    # No parameters in the error: they may be a patient's data.
+    return kind(sql, None, exc, hide_parameters=True)
 
 
 def json_value(value: Any) -> Any:

@@ -1,0 +1,108 @@
+"""Many rows of one table as one array parameter per column (PostgreSQL, `store.fast`).
+
+`INSERT INTO t (c1, …) SELECT … FROM unnest(CAST(:p_c1 AS T1[]), …) AS u(c1, …)`: the text
+does not change with the number of rows, so asyncpg prepares it once per connection, and the
+rows travel in one round trip. Several of these can be data-modifying CTEs of one statement,
+which runs atomically outside a transaction (`store.fast.rows`).
+
+`Unnest.params` makes each row what SQLAlchemy's own insert would have stored: a column the
+row leaves out gets the model's Python-side default (`default=utcnow`, `default=dict`, …),
+every value given goes through the column type's bind processor for the engine's dialect
+(JSON is encoded with the engine's encoder; a JSON column's None given is JSON `null`), and a
+column left out without a default is SQL NULL, as `Table.insert()` stores them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Column, Table
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+_QUOTE = _PG.identifier_preparer.quote
+_MISSING = object()
+#: Left out of the row, without a default: SQL NULL, as `Table.insert()` leaves the column out
+#: (not bound: a JSON column's bound None would be JSON `null`).
+_OMITTED = object()
+
+
+@dataclass(frozen=True)
+class Unnest:
+    """The rows of `table` (every column but an autoincrement key) bound as arrays named
+    `{prefix}_{column}`."""
+
+    table: Table
+    prefix: str
+    columns: tuple[Column[Any], ...] = field(init=False)
+    _processors: dict[int, tuple[Callable[[Any], Any] | None, ...]] = field(
+        init=False, default_factory=dict, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        skip = self.table.autoincrement_column
+        object.__setattr__(self, "columns", tuple(c for c in self.table.columns if c is not skip))
+
+    def param(self, column: str) -> str:
+        """The bound name of `column`'s array."""
+        return f"{self.prefix}_{column}"
+
+    def rows_from(self, alias: str) -> str:
+        """`unnest(…) AS alias(columns)`: the rows, to select from."""
+        arrays = ", ".join(f"CAST(:{self.param(c.name)} AS {_array_of(c)})" for c in self.columns)
+        names = ", ".join(_QUOTE(c.name) for c in self.columns)
+        return f"unnest({arrays}) AS {alias}({names})"
+
+    def insert(self, *, where: str = "", tail: str = "") -> str:
+        """`INSERT INTO table (columns) SELECT u.columns FROM <rows> AS u [WHERE where] tail`
+        (`tail`: ON CONFLICT, RETURNING)."""
+        names = ", ".join(_QUOTE(c.name) for c in self.columns)
+        chosen = ", ".join(f"u.{_QUOTE(c.name)}" for c in self.columns)
+        # Names from the table's metadata, quoted: no value is spliced into the text.
+        sql = f"INSERT INTO {_QUOTE(self.table.name)} ({names}) SELECT {chosen} FROM "  # noqa: S608
+        sql += self.rows_from("u")
+        if where:
+            sql += f" WHERE {where}"
+        return f"{sql} {tail}".rstrip()
+
+    def params(self, rows: Sequence[Mapping[str, Any]], dialect: Dialect) -> dict[str, list[Any]]:
+        """One array per column, defaults filled and values bound for `dialect` (the engine's:
+        its JSON encoder)."""
+        processors = self._processors.get(id(dialect))
+        if processors is None:
+            processors = tuple(
+                c.type.dialect_impl(dialect).bind_processor(dialect) for c in self.columns
+            )
+            self._processors[id(dialect)] = processors
+        arrays: dict[str, list[Any]] = {}
+        for column, process in zip(self.columns, processors, strict=True):
+            values = [_value(column, row) for row in rows]
+            arrays[self.param(column.name)] = [
+                None if v is _OMITTED else v if process is None else process(v) for v in values
+            ]
+        return arrays
+
+
+def _array_of(column: Column[Any]) -> str:
+    """The array type of `column`'s values, without a length: an explicit cast to VARCHAR(n)
+    truncates silently, whereas the insert's own assignment to the column refuses a value too
+    long (a `DataError`, as `Table.insert()` raises)."""
+    return re.sub(r"\(.*?\)", "", column.type.compile(dialect=_PG)) + "[]"
+
+
+def _value(column: Column[Any], row: Mapping[str, Any]) -> Any:
+    value = row.get(column.name, _MISSING)
+    if value is not _MISSING:
+        return value
+    default = column.default
+    if default is None:
+        return _OMITTED
+    if default.is_callable:
+        return default.arg(None)  # type: ignore[attr-defined]  # wrapped: takes a context
+    if default.is_scalar:
+        return default.arg  # type: ignore[attr-defined]
+    raise ValueError(f"{column.table.name}.{column.name}: a default Unnest cannot compute")
