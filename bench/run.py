@@ -8,8 +8,9 @@ Run from the repository root::
     python -m bench.run --quick         # smoke run (< 1 minute): small counts, SQLite only
     BENCH_QUICK=1 make bench            # the same through make
 
-`make bench` runs the SQLite column and the PostgreSQL + Redis column (2 API processes and a
-worker; the scratch database `benchpg` is dropped and created anew: each run has new keys).
+`make bench` runs the SQLite column and two PostgreSQL + Redis columns: API and worker in one
+process (`--processes 1`), and 2 API processes and a worker (`--processes 2`). The scratch
+database `benchpg` is dropped and created anew for each column: each run has new keys.
 
 It prints ONE table: each figure, the raw-client figure from the same run where there is one,
 the ratio, and the PERFORMANCE.md target. If ``clinicomm serve`` is not available it prints
@@ -249,9 +250,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--workers", type=int, action="append", default=None,
                    help="for PostgreSQL: run serve as API only plus N `clinicomm worker` "
                         "processes (repeatable: --workers 1 --workers 2 gives two columns)")
-    g.add_argument("--processes", type=int, default=1,
+    g.add_argument("--processes", type=int, action="append", default=None,
                    help="CLINICOMM_PROCESSES of serve on PostgreSQL (API processes on one port; "
-                        "with --workers 0, serve also starts one worker process)")
+                        "with --workers 0 and N > 1, serve also starts one worker process; 1: "
+                        "API and worker in one process); repeatable: --processes 1 "
+                        "--processes 2 gives two columns")
     g.add_argument("--concurrency", type=int, default=64, help="POSTs in flight at full speed")
     g.add_argument("--wrk-seconds", type=float, default=10.0,
                    help="duration of each full-speed single-send scenario (wrk)")
@@ -313,7 +316,7 @@ def _config(args: argparse.Namespace, database_url: str) -> ServiceConfig:
         concurrency=args.concurrency, clinics=args.clinics,
         scenarios=args.scenarios.split(","), timeout=args.timeout,
         workers=0 if sqlite else getattr(args, "workers_now", 0),
-        processes=1 if sqlite else args.processes,
+        processes=1 if sqlite else getattr(args, "processes_now", 1),
         wrk=None if args.no_wrk else getattr(args, "wrk_path", None),
         wrk_seconds=args.wrk_seconds, wrk_threads=args.wrk_threads, batches=args.batches,
     )
@@ -363,9 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         args.wrk_path = None if args.no_wrk else ensure_wrk(install)
         if not args.no_wrk and args.wrk_path is None:
             print("wrk unavailable: full-speed load from the Python generator", flush=True)
-        for url in args.database_url or []:
-            if url.startswith("postgresql"):
-                ensure_database(url)
         if not args.skip_raw:
             for i in range(args.runs):
                 t0 = time.perf_counter()
@@ -376,10 +376,13 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             raw_figs = median_raw(passes)
         if not args.skip_service:
-            runs = [(url, n) for url in args.database_url or ["sqlite"]
-                    for n in ([0] if url.startswith("sqlite") else (args.workers or [0]))]
-            for url, n in runs:
-                args.workers_now = n
+            runs = [(url, n, p) for url in args.database_url or ["sqlite"]
+                    for n in ([0] if url.startswith("sqlite") else (args.workers or [0]))
+                    for p in ([1] if url.startswith("sqlite") else (args.processes or [1]))]
+            for url, n, p in runs:
+                args.workers_now, args.processes_now = n, p
+                if url.startswith("postgresql"):
+                    ensure_database(url)  # fresh for every column: new master keys each run
                 bench = functools.partial(run_service_bench, http, smtp,
                                           _config(args, url), _progress)
                 svc = _run(bench, args.loop)

@@ -230,6 +230,18 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _listeners(port: int) -> int:
+    """Listening TCP sockets on `port` (each SO_REUSEPORT socket is a line of its own)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
 class ServeProcess:
     """``clinicomm serve`` as a child process with its log in ``workdir/serve.log``."""
 
@@ -265,9 +277,20 @@ class ServeProcess:
                     async with session.get(self.url + "/healthz",
                                            timeout=aiohttp.ClientTimeout(total=1)) as r:
                         if r.status == 200:
-                            return
+                            break
                 await asyncio.sleep(0.1)
-        raise ServiceBenchError(f"serve not healthy after {timeout}s:\n{self.log_tail()}")
+            else:
+                raise ServiceBenchError(f"serve not healthy after {timeout}s:\n{self.log_tail()}")
+        # With --processes N the first API process answers before the others listen; load
+        # started then (wrk opens its keep-alive connections once) would all go to the first.
+        wanted = int(self.env.get("CLINICOMM_PROCESSES", "1") or "1")
+        while _listeners(self.port) < wanted:
+            if time.monotonic() > deadline:
+                raise ServiceBenchError(
+                    f"{_listeners(self.port)} of {wanted} API processes listen after "
+                    f"{timeout}s:\n{self.log_tail()}"
+                )
+            await asyncio.sleep(0.1)
 
     def memory(self) -> tuple[float, float]:
         """(peak RSS, current RSS) in MB of serve and its children."""
@@ -511,6 +534,8 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
         db_label += " + redis" if cfg.redis_url else ""
         if cfg.processes > 1:
             db_label += f", {cfg.processes} API processes"
+        elif cfg.redis_url and not cfg.workers:
+            db_label += ", 1 process"
         if cfg.workers:
             db_label += f", {cfg.workers} worker{'s' if cfg.workers > 1 else ''}"
         result = ServiceResult(database=db_label)
