@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.pipeline_inproc [--messages 5000] [--database-url URL]
         [--redis-url URL] [--scenario email-sendgrid|whatsapp-meta] [--clinics 10]
-        [--category REMINDER]
+        [--category REMINDER] [--rate 300 [--cold-contents]]
 
 Prints each stage's rate and its CPU time per message (this process, every thread: user+sys).
 Nothing else of the service runs beside it, so the CPU figure is the service's own cost
@@ -40,6 +40,8 @@ async def main(
     scenario_name: str = "email-sendgrid",
     clinics: int = 10,
     category: str | None = None,
+    rate: float | None = None,
+    cold_contents: bool = False,
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp, HttpSink() as sink:
         settings = Settings(
@@ -67,6 +69,10 @@ async def main(
                 payload["category"] = category
             requests.append(SendRequest.model_validate(payload))
         freeze_startup_heap()  # as serve and worker do once built
+        if rate is not None:
+            await _together(rt, settings, requests, messages, rate, cold_contents)
+            await rt.close()
+            return
 
         async def producer(n: int, request: SendRequest) -> None:
             for _ in range(n):
@@ -99,6 +105,38 @@ async def main(
         await rt.close()
 
 
+async def _together(
+    rt: Runtime,
+    settings: Settings,
+    requests: list[SendRequest],
+    messages: int,
+    rate: float,
+    cold_contents: bool,
+) -> None:
+    """Accept at `rate` messages/s with the worker running in this process (as `serve` on
+    one process does); the CPU time of both per message."""
+    stop = asyncio.Event()
+    worker = Worker.for_runtime(rt, worker_options(settings))
+    if cold_contents:  # as a worker in another process: every content read back
+        rt.messaging._caches.clear()
+    task = asyncio.create_task(worker.run(stop))
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(messages):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await rt.messaging.accept(requests[i % len(requests)])
+    while worker.sent + worker.failed < messages:
+        await asyncio.sleep(0.005)
+    wall = time.perf_counter() - start
+    per = (time.process_time() - cpu) / messages * 1000
+    stop.set()
+    await task
+    print(f"together at {rate:,.0f}/s{' (contents read back)' if cold_contents else ''}: "
+          f"{worker.sent} sent, {worker.failed} failed in {wall:.2f}s, "
+          f"CPU {per:.3f} ms/message (accept and worker)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,8 +149,16 @@ if __name__ == "__main__":
     parser.add_argument(
         "--category", help="the messages' category (REMINDER: bulk priority, as reminder runs)"
     )
+    parser.add_argument(
+        "--rate", type=float,
+        help="accept at this rate with the worker running beside (one figure for both)",
+    )
+    parser.add_argument(
+        "--cold-contents", action="store_true",
+        help="with --rate: the worker reads every content back, as in another process",
+    )
     args = parser.parse_args()
     asyncio.run(main(
         args.messages, args.database_url, args.redis_url, args.scenario, args.clinics,
-        args.category,
+        args.category, args.rate, args.cold_contents,
     ))

@@ -82,6 +82,15 @@ class Contents:
         """False only for a message this process read without a callback target."""
         return message_id not in self._no_target
 
+    def prime(self, message_id: str, data: bytes, category: str, *, has_target: bool) -> None:
+        """A message this process has just committed: its content's JSON as it was encrypted
+        into the row (`MessagingService.share_contents`), so the worker need not read it back
+        and decrypt it. The same `Content` as `load` would make."""
+        self._contents[message_id] = Content.from_json(orjson.loads(data), category)
+        if not has_target:
+            self._no_target.add(message_id)
+        self._bound()
+
     async def load(self, message_ids: list[str]) -> None:
         """Read and decrypt the messages not loaded yet. Raises only for a database error."""
         missing = [m for m in dict.fromkeys(message_ids) if m not in self._contents]
@@ -115,6 +124,9 @@ class Contents:
                 continue
             self._unreadable.pop(message_id, None)
             self._contents[message_id] = Content.from_json(data, category)
+        self._bound()
+
+    def _bound(self) -> None:
         while len(self._contents) > MAX_ENTRIES:
             self._contents.popitem(last=False)
         if len(self._unreadable) > MAX_ENTRIES:

@@ -106,6 +106,7 @@ class Worker:
         *,
         guards: Guards | None = None,
         worker_id: str | None = None,
+        contents: Contents | None = None,
     ) -> None:
         self.guards = guards
         self.db = db
@@ -121,7 +122,8 @@ class Worker:
         self._flush_now = asyncio.Event()
         #: Set when a result is added: the idle flusher sleeps until then.
         self._results_ready = asyncio.Event()
-        self._contents = Contents(db, config.keys)
+        #: Decrypted message contents; the runtime's accept primes it (`for_runtime`).
+        self._contents = contents or Contents(db, config.keys)
         self._facts: dict[str, admission.Facts] = {}
         self.sent = 0
         self.failed = 0
@@ -131,7 +133,10 @@ class Worker:
 
     @classmethod
     def for_runtime(cls, runtime: Runtime, options: WorkerOptions | None = None) -> Worker:
-        """A worker using the runtime's database, config, chains, wake-ups, health and limits."""
+        """A worker using the runtime's database, config, chains, wake-ups, health and limits;
+        the messages the runtime accepts reach its content cache at commit."""
+        contents = Contents(runtime.db, runtime.config.keys)
+        runtime.messaging.share_contents(contents)
         return cls(
             runtime.db,
             runtime.config,
@@ -145,6 +150,7 @@ class Worker:
                 runtime.limiter,
                 max_sender_wait=min(2.0, (options or WorkerOptions()).lease_seconds / 4),
             ),
+            contents=contents,
         )
 
     # ---- main loop ------------------------------------------------------------------------

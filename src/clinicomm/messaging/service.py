@@ -15,6 +15,7 @@ from sqlalchemy import delete, select
 
 from clinicomm.callbacks.queue import event_row
 from clinicomm.callbacks.targets import CallbackTarget, CallbackTargets, CallbackUrlRefusedError
+from clinicomm.delivery.contents import Contents
 from clinicomm.delivery.outbox import Notifier
 from clinicomm.delivery.quiet import release_at
 from clinicomm.delivery.records import NewDelivery, Priority
@@ -130,7 +131,9 @@ class MessagingService:
         #: Resolves where status callbacks go; None: no callbacks from this process's sends.
         self.targets = targets
         self.fair = FairClock()
-        self.writer = BatchWriter(db, notifier=notifier)
+        self.writer = BatchWriter(db, notifier=notifier, committed=self._committed)
+        #: The content caches of the workers running in this process (`share_contents`).
+        self._caches: list[Contents] = []
 
     async def accept(
         self,
@@ -256,7 +259,8 @@ class MessagingService:
             send_at=when.send_at.isoformat() if when.send_at else None,
             expires_at=when.expires_at.isoformat() if when.expires_at else None,
         )
-        content = cipher.encrypt_bytes(orjson.dumps(request.content()), f"message:{message_id}")
+        plain = orjson.dumps(request.content())
+        content = cipher.encrypt_bytes(plain, f"message:{message_id}")
         meta = request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
         pending = PendingWrite(
             message={
@@ -287,10 +291,31 @@ class MessagingService:
             }
             if idempotency_key
             else None,
+            plain=plain if self._caches else None,
         )
         if target is not None:
             pending.callbacks = _failed_at_accept(rows, target, pending.message, now)
         return pending, answer
+
+    def share_contents(self, contents: Contents) -> None:
+        """Hand the content of every message this service commits to `contents`, the cache
+        of a worker running in this process, before the worker is woken: it then claims the
+        deliveries without reading the message back and decrypting it (one statement less
+        per claim). Only contents committed: a refused or repeated send primes nothing."""
+        self._caches.append(contents)
+
+    def _committed(self, written: list[PendingWrite]) -> None:
+        for item in written:
+            if item.plain is None:
+                continue
+            message = item.message
+            for cache in self._caches:
+                cache.prime(
+                    message["id"],
+                    item.plain,
+                    message["category"],
+                    has_target=message["callback_url"] is not None,
+                )
 
     async def accept_many(
         self, items: list[BatchItem], *, requested_by: str | None = None

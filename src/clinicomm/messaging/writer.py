@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,9 @@ class PendingWrite:
     idempotency: dict[str, Any] | None = None
     #: `callback_events` rows (deliveries recorded `failed` at accept, with a callback target).
     callbacks: list[dict[str, Any]] = field(default_factory=list)
+    #: The content's JSON as encrypted into `message["content"]`: for `committed` (the
+    #: caches of workers in this process), never written.
+    plain: bytes | None = None
     #: Resolves to True once committed, or False when the idempotency key was already taken
     #: (nothing of this message was written).
     done: asyncio.Future[bool] = field(
@@ -104,11 +108,14 @@ class BatchWriter:
         db: Database,
         *,
         notifier: Notifier | None = None,
+        committed: Callable[[list[PendingWrite]], None] | None = None,
         max_batch: int = 256,
     ) -> None:
         self.db = db
         #: Told of every commit that wrote deliveries (NOTIFY with it, and in process after).
         self.notifier = notifier
+        #: Given the items of each commit that were written, before the workers are woken.
+        self.committed = committed
         self.max_batch = max_batch
         self._queue: asyncio.Queue[list[PendingWrite]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -164,6 +171,11 @@ class BatchWriter:
         writes = [i for i in writes if id(i) not in taken]
         self.batches += 1
         if writes:
+            if self.committed is not None:
+                try:
+                    self.committed(writes)
+                except Exception:  # a cache left cold: the worker reads the rows back
+                    log.exception("commit hook failed", extra={"event": "commit_hook_failed"})
             if self.notifier is not None:
                 self.notifier.after_commit()
             log.info(
