@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from clinicomm.delivery import contents as contents_module
 from clinicomm.delivery.contents import Contents
+from clinicomm.delivery.records import Content
 from clinicomm.store import fast
 from tests.delivery.test_pipeline import email_request, sendgrid_slot
 from tests.support.http_capture import CaptureServer
@@ -51,7 +53,9 @@ async def test_the_worker_in_process_sends_without_reading_the_content(
     assert content_reads == []
 
 
-async def test_a_primed_content_is_the_one_read_from_the_row(make_client: Any) -> None:
+async def test_a_primed_content_is_the_one_read_from_the_row(
+    make_client: Any, content_reads: list[int]
+) -> None:
     async with CaptureServer() as sendgrid:
         client = await make_client()
         await create_clinic(client, "clinic-q", {"email": {"primary": sendgrid_slot(sendgrid)}})
@@ -65,8 +69,11 @@ async def test_a_primed_content_is_the_one_read_from_the_row(make_client: Any) -
                 callbackUrl=None,
             )
         )
+        await primed.load([accepted.id])
+        assert content_reads == []  # taken from the primed entry
         read = Contents(runtime.db, runtime.config.keys)
         await read.load([accepted.id])
+        assert content_reads == [1]
         assert primed.lookup(accepted.id) == read.lookup(accepted.id) is not None
         assert primed.may_call_back(accepted.id) == read.may_call_back(accepted.id) is False
 
@@ -81,4 +88,17 @@ async def test_a_repeated_send_primes_nothing(make_client: Any) -> None:
         first = await client.send(email_request("clinic-r"), idempotency_key="k-1")
         again = await client.send(email_request("clinic-r"), idempotency_key="k-1")
         assert again.id == first.id
-        assert len(primed._contents) == 1
+        assert list(primed._primed) == [first.id]
+
+
+def test_primes_beyond_the_bound_drop_the_oldest_and_never_a_loaded_content(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(contents_module, "PRIMED_ENTRIES", 2)
+    cache = Contents(None, None)  # type: ignore[arg-type]  # no database or keys needed
+    loaded = Content.from_json({"body": "claimed"}, "APPOINTMENT")
+    cache._contents["m-claimed"] = loaded
+    for n in range(3):
+        cache.prime(f"m-{n}", orjson.dumps({"body": f"b{n}"}), "APPOINTMENT", has_target=False)
+    assert list(cache._primed) == ["m-1", "m-2"]
+    assert cache.lookup("m-claimed") is loaded
