@@ -177,3 +177,22 @@ async def test_postgresql_workers_are_woken_at_commit(db: Database) -> None:
     finally:
         await writer.close()
         await listener.close()
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="SQLite stores any length and NUL")
+async def test_a_refused_value_fails_only_its_own_group(db: Database) -> None:
+    writer = BatchWriter(db)
+    bad = _item("m-bad", None)
+    bad.message["category"] = "x" * 61  # the column is VARCHAR(60): a DataError
+    try:
+        results = await asyncio.gather(
+            writer.write_group([_item("m-good", None)]),
+            writer.write_group([bad]),
+            writer.write_group([_item("m-good-2", "k-2")]),
+            return_exceptions=True,
+        )
+    finally:
+        await writer.close()
+    assert results[0] == [True] and results[2] == [True]
+    assert type(results[1]).__name__ == "DataError"
+    assert await _ids(db, Message.id) == {"m-good", "m-good-2"}

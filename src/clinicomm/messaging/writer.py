@@ -7,8 +7,8 @@ one transaction or not at all, never split across transactions. Durability is un
 answer still means "committed"), but the database does one commit for a burst instead of one
 per request. Idempotency keys are inserted first with `ON CONFLICT DO NOTHING`: a message whose
 key is already stored is not written, and its caller is told so (it then answers the stored
-first answer, or 409). If a batch still fails on a constraint, each group of the batch is
-retried alone so only the offending one sees it.
+first answer, or 409). If a batch still fails on a constraint or a value the database
+refuses, each group of the batch is retried alone so only the offending one sees it.
 
 On PostgreSQL a group commit is ONE statement (`_ACCEPT`), atomic by itself and run through
 `store.fast` outside a transaction: data-modifying CTEs insert the keys, then the messages
@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import Table, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from clinicomm.callbacks.queue import CALLBACKS
@@ -59,8 +59,8 @@ _DELIVERIES = Unnest(DELIVERIES, "d")
 _CALLBACKS = Unnest(CALLBACKS, "e")
 #: PostgreSQL: a group commit in one statement. A message is written when its key was
 #: inserted, or when it has none (its id is not among the keys' message ids); its deliveries
-#: and callback events with it. Answers the ids of the messages written, and a row whose
-#: `notified` is set when deliveries were written (the NOTIFY is sent at commit).
+#: and callback events with it. Answers the ids of the messages written, and one row without
+#: an id when deliveries were written: its `pg_notify` queues the NOTIFY sent at commit.
 _NEW_KEYS = _KEYS.insert(tail="ON CONFLICT DO NOTHING RETURNING message_id")
 _NEW_MESSAGES = _MESSAGES.insert(
     # NOT IN a subquery is hashed; `<> ALL (array)` compares every pair (measured: 4 ms
@@ -150,7 +150,9 @@ class BatchWriter:
             batch = [item for group in groups for item in group]
             try:
                 await self._commit(batch)
-            except IntegrityError as exc:
+            except (IntegrityError, DataError) as exc:
+                # One group's constraint or refused value (a NUL on PostgreSQL, a value too
+                # long) must not fail the other requests that shared its commit.
                 if len(groups) == 1:
                     _fail(batch, exc)
                 else:
@@ -202,7 +204,7 @@ class BatchWriter:
             **_MESSAGES.params([i.message for i in writes], dialect),
             **_DELIVERIES.params([d.row() for i in writes for d in i.deliveries], dialect),
             **_CALLBACKS.params([e for i in writes for e in i.callbacks], dialect),
-            "channel": (self.notifier or Notifier()).CHANNEL,
+            "channel": Notifier.CHANNEL,
         }
         # Inserts from arrays: one plan serves every commit (no custom plan per commit).
         rows = await fast.rows(self.db, _ACCEPT, params, writes=True, custom_plans=False)
