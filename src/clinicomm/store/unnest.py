@@ -26,9 +26,7 @@ from sqlalchemy.engine import Dialect
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 _QUOTE = _PG.identifier_preparer.quote
 _MISSING = object()
-#: Left out of the row, without a default: SQL NULL, as `Table.insert()` leaves the column out
-#: (not bound: a JSON column's bound None would be JSON `null`).
-_OMITTED = object()
+_Plan = tuple[str, str, "Callable[[], Any] | None", "Callable[[Any], Any] | None"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +37,8 @@ class Unnest:
     table: Table
     prefix: str
     columns: tuple[Column[Any], ...] = field(init=False)
-    _processors: dict[int, tuple[Callable[[Any], Any] | None, ...]] = field(
-        init=False, default_factory=dict, compare=False
-    )
+    #: By dialect: each column's (parameter, name, default filler, bind processor).
+    _plans: dict[int, tuple[_Plan, ...]] = field(init=False, default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         skip = self.table.autoincrement_column
@@ -72,18 +69,33 @@ class Unnest:
     def params(self, rows: Sequence[Mapping[str, Any]], dialect: Dialect) -> dict[str, list[Any]]:
         """One array per column, defaults filled and values bound for `dialect` (the engine's:
         its JSON encoder)."""
-        processors = self._processors.get(id(dialect))
-        if processors is None:
-            processors = tuple(
-                c.type.dialect_impl(dialect).bind_processor(dialect) for c in self.columns
+        plan = self._plans.get(id(dialect))
+        if plan is None:
+            plan = tuple(
+                (
+                    self.param(c.name),
+                    c.name,
+                    _filler(c),
+                    c.type.dialect_impl(dialect).bind_processor(dialect),
+                )
+                for c in self.columns
             )
-            self._processors[id(dialect)] = processors
+            self._plans[id(dialect)] = plan
         arrays: dict[str, list[Any]] = {}
-        for column, process in zip(self.columns, processors, strict=True):
-            values = [_value(column, row) for row in rows]
-            arrays[self.param(column.name)] = [
-                None if v is _OMITTED else v if process is None else process(v) for v in values
-            ]
+        for param, name, fill, process in plan:
+            if fill is None and process is None:  # most columns: the value, or NULL
+                arrays[param] = [row.get(name) for row in rows]
+                continue
+            values: list[Any] = []
+            for row in rows:
+                value = row.get(name, _MISSING)
+                if value is _MISSING:
+                    if fill is None:  # left out, no default: NULL, not bound
+                        values.append(None)
+                        continue
+                    value = fill()
+                values.append(value if process is None else process(value))
+            arrays[param] = values
         return arrays
 
 
@@ -94,15 +106,16 @@ def _array_of(column: Column[Any]) -> str:
     return re.sub(r"\(.*?\)", "", column.type.compile(dialect=_PG)) + "[]"
 
 
-def _value(column: Column[Any], row: Mapping[str, Any]) -> Any:
-    value = row.get(column.name, _MISSING)
-    if value is not _MISSING:
-        return value
+def _filler(column: Column[Any]) -> Callable[[], Any] | None:
+    """How a row that leaves `column` out gets its value: the model's Python-side default;
+    None for a column without one (SQL NULL, as `Table.insert()` leaves it out)."""
     default = column.default
     if default is None:
-        return _OMITTED
+        return None
     if default.is_callable:
-        return default.arg(None)  # type: ignore[attr-defined]  # wrapped: takes a context
+        arg = default.arg  # type: ignore[attr-defined]  # wrapped by SQLAlchemy: takes a context
+        return lambda: arg(None)
     if default.is_scalar:
-        return default.arg  # type: ignore[attr-defined]
+        scalar = default.arg  # type: ignore[attr-defined]
+        return lambda: scalar
     raise ValueError(f"{column.table.name}.{column.name}: a default Unnest cannot compute")
