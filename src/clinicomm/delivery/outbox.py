@@ -46,6 +46,7 @@ from clinicomm.delivery.suppressions import suppress
 from clinicomm.store import fast
 from clinicomm.store.db import Database, json_dumps
 from clinicomm.store.models import Delivery, DeliveryAttempt, aware
+from clinicomm.store.unnest import Unnest
 from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -360,15 +361,7 @@ async def write_flat(
     params: dict[str, Any] = {
         "owner": owner,
         "now": now,
-        "a_delivery": [a.delivery_id for a in attempts],
-        "a_provider": [a.provider for a in attempts],
-        "a_outcome": [a.outcome for a in attempts],
-        "a_class": [a.error_class for a in attempts],
-        "a_status": [a.status_code for a in attempts],
-        "a_code": [a.error_code for a in attempts],
-        "a_detail": [a.detail for a in attempts],
-        "a_ms": [a.duration_ms for a in attempts],
-        "a_at": [a.at for a in attempts],
+        **_ATTEMPT_ROWS.params([a.row() for a in attempts], db.engine.dialect),
         "o_id": [o.delivery_id for o in outcomes],
         "o_status": [o.status.value for o in outcomes],
         "o_attempts": [o.attempts for o in outcomes],
@@ -386,20 +379,12 @@ async def write_flat(
     return written
 
 
-#: `write_flat`'s statement (PostgreSQL). An empty attempts array inserts nothing.
+_ATTEMPT_ROWS = Unnest(_ATTEMPTS, "a")
+#: `write_flat`'s statement (PostgreSQL). An empty attempts array inserts nothing. Built
+#: from the models' metadata only: no value is spliced into the text.
 _FLAT = text(
-    """
-    WITH attempt_rows AS (
-        INSERT INTO delivery_attempts
-            (delivery_id, provider, outcome, error_class, status_code, error_code, detail,
-             duration_ms, at)
-        SELECT * FROM unnest(
-            CAST(:a_delivery AS VARCHAR[]), CAST(:a_provider AS VARCHAR[]),
-            CAST(:a_outcome AS VARCHAR[]), CAST(:a_class AS VARCHAR[]),
-            CAST(:a_status AS INTEGER[]), CAST(:a_code AS VARCHAR[]),
-            CAST(:a_detail AS TEXT[]), CAST(:a_ms AS INTEGER[]),
-            CAST(:a_at AS TIMESTAMPTZ[]))
-    )
+    f"WITH attempt_rows AS ({_ATTEMPT_ROWS.insert()})"
+    + """
     UPDATE deliveries AS d SET
         status = u.status, attempts = u.attempts, chain_position = u.position,
         provider_attempts = u.provider_attempts, next_attempt_at = u.next_at,
