@@ -25,7 +25,7 @@ import pytest
 
 from clinicomm.config import Settings
 from clinicomm.runtime import Runtime
-from clinicomm.store.db import upgrade
+from clinicomm.store.db import Database, upgrade
 
 BACKEND = os.environ.get("CLINICOMM_TEST_DB", "sqlite")
 PG_ADMIN_URL = os.environ.get(
@@ -172,6 +172,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         path = tmp_path / "clinicomm.db"
         shutil.copy(template, path)
         yield f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """A `Database` on `database_url`, disposed after the test."""
+    database = Database(database_url)
+    yield database
+    await database.dispose()
 
 
 async def _truncate(url: str) -> None:

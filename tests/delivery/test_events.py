@@ -6,10 +6,8 @@ Runs on SQLite by default and on PostgreSQL with CLINICOMM_TEST_DB=postgres.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -36,13 +34,6 @@ OTHER = "clinic-b"
 WAMID = "wamid.HBgLMTY1MDM4Nzk0MzkVAgARGBJDQjZCMzlEQUE4OTJBMTE4RTUA"
 PATIENT = "+16505551234"
 T0 = datetime(2025, 6, 18, 16, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    yield database
-    await database.dispose()
 
 
 async def make_delivery(

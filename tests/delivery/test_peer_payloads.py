@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -351,13 +351,6 @@ def test_every_captured_payload_has_a_row() -> None:
     derived = sum(1 for c in CASES if c.id in {"ses-topic-validated", "pm-transient",
                                                 "wa-marketing-stop"})
     assert len(CASES) - derived == captured - legacy + pywa_count + 2
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    yield database
-    await database.dispose()
 
 
 async def _setup(db: Database, case: Case) -> dict[str, str]:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -289,13 +288,6 @@ def test_bad_times_name_their_path(kw: dict[str, Any], path: str) -> None:
 
 
 # ---- the claim -------------------------------------------------------------------------------
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    yield database
-    await database.dispose()
-
-
 T0 = utc(2026, 1, 5, 9, 0)
 
 

@@ -5,7 +5,6 @@ on PostgreSQL in one statement that also wakes the workers (NOTIFY at commit).""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,13 +19,6 @@ from clinicomm.store.models import CallbackEvent, Delivery, IdempotencyKey, Mess
 from tests.conftest import BACKEND
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    yield database
-    await database.dispose()
 
 
 def _item(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,13 +23,6 @@ DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 CALLBACKS: Table = CallbackEvent.__table__  # type: ignore[assignment]
 _M = Unnest(MESSAGES, "m")
 _INSERT_M = text(_M.insert())
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    yield database
-    await database.dispose()
 
 
 def _message(id_: str, **extra: Any) -> dict[str, Any]:
