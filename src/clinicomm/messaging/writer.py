@@ -224,8 +224,6 @@ class BatchWriter:
                 events = [e for i in writes for e in i.callbacks]
                 if events:
                     await conn.execute(CALLBACKS.insert(), events)
-                if self.notifier is not None:
-                    await self.notifier.in_transaction(conn)
         return taken
 
     async def close(self) -> None:
