@@ -53,15 +53,24 @@ async def test_the_worker_in_process_sends_without_reading_the_content(
     assert content_reads == []
 
 
+async def _sharing(
+    make_client: Any, sendgrid: CaptureServer, clinic: str
+) -> tuple[Any, Contents]:
+    """A client with a clinic sending through `sendgrid`, and a content cache of our own that
+    its accept primes (as a worker's in the same process)."""
+    client = await make_client()
+    await create_clinic(client, clinic, {"email": {"primary": sendgrid_slot(sendgrid)}})
+    runtime = client._rt()
+    primed = Contents(runtime.db, runtime.config.keys)
+    runtime.messaging.share_contents(primed)
+    return client, primed
+
+
 async def test_a_primed_content_is_the_one_read_from_the_row(
     make_client: Any, content_reads: list[int]
 ) -> None:
     async with CaptureServer() as sendgrid:
-        client = await make_client()
-        await create_clinic(client, "clinic-q", {"email": {"primary": sendgrid_slot(sendgrid)}})
-        runtime = client._rt()
-        primed = Contents(runtime.db, runtime.config.keys)
-        runtime.messaging.share_contents(primed)
+        client, primed = await _sharing(make_client, sendgrid, "clinic-q")
         accepted = await client.send(
             email_request(
                 "clinic-q",
@@ -71,6 +80,7 @@ async def test_a_primed_content_is_the_one_read_from_the_row(
         )
         await primed.load([accepted.id])
         assert content_reads == []  # taken from the primed entry
+        runtime = client._rt()
         read = Contents(runtime.db, runtime.config.keys)
         await read.load([accepted.id])
         assert content_reads == [1]
@@ -80,11 +90,7 @@ async def test_a_primed_content_is_the_one_read_from_the_row(
 
 async def test_a_repeated_send_primes_nothing(make_client: Any) -> None:
     async with CaptureServer() as sendgrid:
-        client = await make_client()
-        await create_clinic(client, "clinic-r", {"email": {"primary": sendgrid_slot(sendgrid)}})
-        runtime = client._rt()
-        primed = Contents(runtime.db, runtime.config.keys)
-        runtime.messaging.share_contents(primed)
+        client, primed = await _sharing(make_client, sendgrid, "clinic-r")
         first = await client.send(email_request("clinic-r"), idempotency_key="k-1")
         again = await client.send(email_request("clinic-r"), idempotency_key="k-1")
         assert again.id == first.id
