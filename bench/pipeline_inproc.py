@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bench.service import SCENARIOS, clinic_settings, message_payload
@@ -89,20 +91,38 @@ async def main(
         print(f"accept: {total} messages in {accept_s:.2f}s = {total / accept_s:,.0f}/s, "
               f"CPU {per:.3f} ms/message, {total / max(commits, 1):.1f} messages per commit")
 
-        stop = asyncio.Event()
-        worker = Worker.for_runtime(rt, worker_options(settings))
-        task = asyncio.create_task(worker.run(stop))
-        start, cpu = time.perf_counter(), time.process_time()
-        while worker.sent + worker.failed < total:
-            await asyncio.sleep(0.01)
-        send_s = time.perf_counter() - start
-        per = (time.process_time() - cpu) / total * 1000
-        stop.set()
-        await task
+        async with _running(rt, settings) as worker:
+            start, cpu = time.perf_counter(), time.process_time()
+            await _until_done(worker, total, 0.01)
+            send_s = time.perf_counter() - start
+            per = (time.process_time() - cpu) / total * 1000
         rate = total / send_s
         print(f"worker: {worker.sent} sent, {worker.failed} failed, {send_s:.2f}s = {rate:,.0f}/s, "
               f"CPU {per:.3f} ms/message")
         await rt.close()
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    rt: Runtime, settings: Settings, *, cold_contents: bool = False
+) -> AsyncIterator[Worker]:
+    """The runtime's worker running in this process until the block ends; `cold_contents`:
+    it reads every content back, as a worker in another process does."""
+    stop = asyncio.Event()
+    worker = Worker.for_runtime(rt, worker_options(settings))
+    if cold_contents:
+        rt.messaging._caches.clear()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await task
+
+
+async def _until_done(worker: Worker, total: int, poll: float) -> None:
+    while worker.sent + worker.failed < total:
+        await asyncio.sleep(poll)
 
 
 async def _together(
@@ -115,23 +135,16 @@ async def _together(
 ) -> None:
     """Accept at `rate` messages/s with the worker running in this process (as `serve` on
     one process does); the CPU time of both per message."""
-    stop = asyncio.Event()
-    worker = Worker.for_runtime(rt, worker_options(settings))
-    if cold_contents:  # as a worker in another process: every content read back
-        rt.messaging._caches.clear()
-    task = asyncio.create_task(worker.run(stop))
-    start, cpu = time.perf_counter(), time.process_time()
-    for i in range(messages):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await rt.messaging.accept(requests[i % len(requests)])
-    while worker.sent + worker.failed < messages:
-        await asyncio.sleep(0.005)
-    wall = time.perf_counter() - start
-    per = (time.process_time() - cpu) / messages * 1000
-    stop.set()
-    await task
+    async with _running(rt, settings, cold_contents=cold_contents) as worker:
+        start, cpu = time.perf_counter(), time.process_time()
+        for i in range(messages):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await rt.messaging.accept(requests[i % len(requests)])
+        await _until_done(worker, messages, 0.005)
+        wall = time.perf_counter() - start
+        per = (time.process_time() - cpu) / messages * 1000
     print(f"together at {rate:,.0f}/s{' (contents read back)' if cold_contents else ''}: "
           f"{worker.sent} sent, {worker.failed} failed in {wall:.2f}s, "
           f"CPU {per:.3f} ms/message (accept and worker)")
