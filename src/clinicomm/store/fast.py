@@ -1,4 +1,5 @@
-"""The worker's hot statements on PostgreSQL, straight through asyncpg.
+"""The hot statements on PostgreSQL (the worker's, and the accept's group commit), straight
+through asyncpg.
 
 Measured on the bench machine (2 vCPU, PostgreSQL 15, one-row SELECT by id): an ORM
 `Session.execute` costs ~525 µs of CPU, the same statement on a pooled asyncpg connection
@@ -6,9 +7,8 @@ Measured on the bench machine (2 vCPU, PostgreSQL 15, one-row SELECT by id): an 
 that overhead was most of its CPU. `rows` runs a SQLAlchemy Core statement compiled once for
 the asyncpg dialect (its SQL text and the order of its parameters) on a connection of
 `Database.fast_pool` (custom plans unless the statement's plan cannot depend on its values:
-see there), outside a transaction: only for a
-statement that is atomic by itself.
-On SQLite it runs the same statement on the engine's Core connection (`rows`).
+see there), outside a transaction: only for a statement that is atomic by itself. On SQLite
+it runs the same statement on the engine's Core connections (`rows`).
 
 Errors are SQLAlchemy's, as the engine raises them (`_translated`), so callers and the API's
 error table see one set: a constraint is an `IntegrityError`, a refused value a `DataError`,
@@ -69,9 +69,8 @@ async def rows(
     """The rows of ONE statement that is atomic by itself (see the module docstring). On
     SQLite a statement that `writes` runs in a write transaction with the write turn
     (`Database.writing`), a read on a connection of its own; both on the engine's Core
-    connections. `custom_plans=False` only for a
-    statement whose plan cannot depend on its values or on table sizes (an insert from
-    arrays): see `Database.fast_pool`."""
+    connections. `custom_plans=False` only for a statement whose plan cannot depend on its
+    values or on table sizes (an insert from arrays): see `Database.fast_pool`."""
     if db.is_sqlite:
         # A Core connection, not an ORM session: ~100-150 µs less per statement here.
         if writes:
