@@ -5,8 +5,10 @@
   `Idempotency-Key`. The generator then costs the service little CPU, unlike a Python client.
 - `offer_batches`: batch sends (`POST /api/v1/communications/batch`, 500 messages per
   request) from a few aiohttp loops: the generator's cost per delivery is negligible.
-- The fixed-rate scenarios keep the Python constant-rate generator of bench/service.py
-  (Debian packages no constant-rate `wrk2`).
+- The fixed-rate scenarios use the same wrk and script with a schedule (`delay()` in the
+  script: requests leave at the rate whatever the answers' latency, an open loop given free
+  connections), since Debian packages no constant-rate `wrk2`; `--no-wrk` falls back to the
+  Python constant-rate generator of bench/service.py, which costs the shared cores far more.
 - `CpuMeter`: user+system CPU seconds from /proc of the service's process tree (serve, its API
   processes and workers) and, apart, of PostgreSQL's and Redis's processes; per delivered
   message that figure is far steadier than a rate on a shared machine.
@@ -70,11 +72,15 @@ class Load:
 
 
 async def offer_wrk(base: str, token: str, channel: str, clinics: list[str], *, seconds: float,
-                    connections: int, threads: int, run: str) -> Load:
-    """Run wrk for `seconds` against POST /api/v1/communications; parse its summary line."""
+                    connections: int, threads: int, run: str, rate: float | None = None) -> Load:
+    """Run wrk for `seconds` against POST /api/v1/communications; parse its summary line.
+
+    `rate` None: flat out on `connections`. A rate: requests leave on a schedule at `rate`
+    per second in all (`bench/wrk_post.lua`), `connections` being how many may be waiting
+    for an answer at once."""
     argv = [WRK, "-t", str(threads), "-c", str(max(connections, threads)), "-d",
             f"{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(LUA), base, "--",
-            run, channel, token, str(threads), *clinics]
+            run, channel, token, str(threads), repr(float(rate or 0)), *clinics]
     started = time.time()
     proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
                                                 stderr=subprocess.STDOUT)
@@ -89,7 +95,8 @@ async def offer_wrk(base: str, token: str, channel: str, clinics: list[str], *, 
     errors = sum(data["errors"].values())
     if errors:
         statuses[0] = errors  # 0: connection errors and timeouts
-    return Load("wrk", accepted, statuses, started, data["requests"],
+    generator = "wrk (constant rate)" if rate else "wrk"
+    return Load(generator, accepted, statuses, started, data["requests"],
                 data["p50_us"] / 1000, data["p99_us"] / 1000)
 
 

@@ -255,12 +255,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with --workers 0 and N > 1, serve also starts one worker process; 1: "
                         "API and worker in one process); repeatable: --processes 1 "
                         "--processes 2 gives two columns")
-    g.add_argument("--concurrency", type=int, default=64, help="POSTs in flight at full speed")
+    g.add_argument("--concurrency", type=int, default=64,
+                   help="POSTs in flight at full speed; at most in flight at a fixed rate")
     g.add_argument("--wrk-seconds", type=float, default=10.0,
                    help="duration of each full-speed single-send scenario (wrk)")
     g.add_argument("--wrk-threads", type=int, default=1)
     g.add_argument("--no-wrk", action="store_true",
-                   help="full speed from the Python generator (--messages) instead of wrk")
+                   help="the Python generator instead of wrk: --messages at full speed, "
+                   "and the fixed rates")
     g.add_argument("--batches", type=int, default=100,
                    help="requests of 500 messages in the batch scenario")
     g.add_argument("--latency-rate", type=float, default=1000.0,

@@ -2,10 +2,11 @@
 
 What is measured (PERFORMANCE.md, "end to end": HTTP request in, message stored, worker claims
 it, provider called, status recorded). Load (bench/load.py): `wrk` with bench/wrk_post.lua for
-the full-speed single sends (each request its own body and Idempotency-Key), a few aiohttp
-loops for the batch sends (500 messages a request), the Python constant-rate generator below
-for the fixed-rate runs. Counts and times come from the `deliveries` table the service wrote
-(no GET per message competes with the service):
+the single sends, flat out or on a schedule for the fixed-rate runs (each request its own
+body and Idempotency-Key), a few aiohttp loops for the batch sends (500 messages a request);
+with ``--no-wrk`` the Python generator below (flat out or at a constant rate) instead.
+Counts and times come from the `deliveries` table the service wrote (no GET per message
+competes with the service):
 
 - **messages/s**: sent deliveries / (first delivery's ``created_at`` → last ``sent_at``).
 - **POST p50/p99**: client-side latency, from wrk's histogram or the Python generator.
@@ -450,6 +451,11 @@ async def run_scenario(session: aiohttp.ClientSession, base: str, scenario: Scen
     elif scenario.rate is None and cfg.wrk:
         load = await offer_wrk(base, token, scenario.channel, clinics, seconds=cfg.wrk_seconds,
                                connections=cfg.concurrency, threads=cfg.wrk_threads, run=run)
+    elif cfg.wrk:
+        # One thread keeps the schedule exactly; the connections bound what may be waiting.
+        load = await offer_wrk(base, token, scenario.channel, clinics, seconds=cfg.rate_seconds,
+                               connections=cfg.concurrency, threads=1, run=run,
+                               rate=scenario.rate)
     else:
         count = cfg.messages if scenario.rate is None else int(scenario.rate * cfg.rate_seconds)
 
@@ -465,7 +471,7 @@ async def run_scenario(session: aiohttp.ClientSession, base: str, scenario: Scen
     await reader.wait(clinics, load.accepted, cfg.timeout)
     after = meter.sample()
     figures = await reader.figures(clinics)
-    if load.generator == "wrk":  # wrk stops at its deadline and leaves the last answers unread
+    if load.generator.startswith("wrk"):  # it stops at its deadline, the last answers unread
         load.accepted = max(load.accepted, figures.total)
     notes = [f"load: {load.generator}, {load.requests:,} requests"]
     if load.rejected:

@@ -1,8 +1,15 @@
 -- wrk script of the clinicomm bench (bench/load.py runs it): POST /api/v1/communications with
 -- a body and an Idempotency-Key of its own on every request, clinics round robin.
 --
--- wrk -t T -c C -d Ds -s bench/wrk_post.lua URL -- <run> <channel> <token> <threads> <clinic>...
+-- wrk -t T -c C -d Ds -s bench/wrk_post.lua URL -- <run> <channel> <token> <threads> <rate> <clinic>...
 -- done() prints one line "CLINICOMM_WRK <json>": requests, status counts, errors, latency.
+--
+-- <rate> 0: every connection sends its next request as soon as the last one is answered (flat
+-- out). <rate> R > 0: requests leave at R per second in all, on a schedule (each thread sends
+-- R / T per second; the k-th request of a thread is due k * T / R seconds after its first),
+-- whatever the answers' latency, as long as a connection is free: an open loop, given enough
+-- connections. wrk measures a request's latency from when it is written, so the wait for
+-- its slot is not counted.
 
 local threads = {}
 local counter = 0
@@ -17,8 +24,14 @@ function init(args)
   channel = args[2]
   token = args[3]
   nthreads = tonumber(args[4])
+  local rate = tonumber(args[5])
+  if rate > 0 then
+    interval_ms = 1000 * nthreads / rate
+  else
+    delay = nil -- wrk asks for a delay only when the script defines one
+  end
   clinics = {}
-  for i = 5, #args do
+  for i = 6, #args do
     clinics[#clinics + 1] = args[i]
   end
   statuses = {}
@@ -39,6 +52,35 @@ local function body(i, clinic)
     .. '"recipients":[' .. recipient .. '],"channels":["' .. channel .. '"],'
     .. '"metadata":{"clinicId":"' .. clinic .. '","appointmentId":"appt-' .. i .. '"}'
     .. extra .. '}'
+end
+
+local ffi = require("ffi")
+ffi.cdef [[
+  typedef struct { long tv_sec; long tv_nsec; } clinicomm_timespec;
+  int clock_gettime(int clock, clinicomm_timespec *ts);
+]]
+local now = ffi.new("clinicomm_timespec")
+local CLOCK_MONOTONIC = 1
+local first_ms = nil
+local scheduled = 0
+
+local function now_ms()
+  ffi.C.clock_gettime(CLOCK_MONOTONIC, now)
+  return tonumber(now.tv_sec) * 1000 + tonumber(now.tv_nsec) / 1e6
+end
+
+-- Milliseconds until this thread's next request is due (0 when it is late).
+function delay()
+  local t = now_ms()
+  if first_ms == nil then
+    first_ms = t
+  end
+  local due = first_ms + scheduled * interval_ms
+  scheduled = scheduled + 1
+  if due <= t then
+    return 0
+  end
+  return math.floor(due - t)
 end
 
 function request()
