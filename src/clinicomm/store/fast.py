@@ -69,8 +69,9 @@ async def rows(
     """The rows of ONE statement that is atomic by itself (see the module docstring). On
     SQLite a statement that `writes` runs in a write transaction with the write turn
     (`Database.writing`), a read on a connection of its own; both on the engine's Core
-    connections. `custom_plans=False` only for a statement whose plan cannot depend on its
-    values or on table sizes (an insert from arrays): see `Database.fast_pool`."""
+    connections. `custom_plans=False` only for a statement that reaches every table by an
+    index and whose plan cannot depend on its values (the accept's inserts from arrays, the
+    claim, the flat flush): one generic plan, see `Database.fast_pool`."""
     if db.is_sqlite:
         # A Core connection, not an ORM session: ~100-150 µs less per statement here.
         if writes:
