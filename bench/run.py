@@ -176,11 +176,11 @@ def render_table(raw_figs: RawFigures | None, services: list[ServiceResult],
                    "post-at-rate": "POST p50 / p99"}.get(sc.name, "throughput")
             if target:
                 put(f"{what}: {key}", "target", target)
-        put("serve peak RSS (VmHWM, with children) / RSS at end", col,
-            f"{_n(svc.peak_rss_mb, ' MB')} / {_n(svc.rss_mb, ' MB')} "
-            f"after {svc.total_messages:,} msgs")
-        put("serve peak RSS (VmHWM, with children) / RSS at end", "target",
-            "≤ 300 MB after 100,000, flat (bench.memory for the curve)")
+        memory = "serve peak RSS (VmHWM, with children) / RSS / PSS at end"
+        put(memory, col,
+            f"{_n(svc.peak_rss_mb, ' MB')} / {_n(svc.rss_mb, ' MB')} / "
+            f"{_n(svc.pss_mb, ' MB')} after {svc.total_messages:,} msgs")
+        put(memory, "target", "≤ 300 MB after 100,000, flat (bench.memory for the curve)")
 
     columns = ["raw", *backends, "target"]
     header = ["figure", "raw (same run)", *backends, "target"]

@@ -17,7 +17,10 @@ competes with the service):
   the sent deliveries; PostgreSQL's and Redis's processes apart. Far steadier than a rate on
   a shared machine.
 - **peak RSS**: ``VmHWM`` of the serve process plus its children, from /proc, read before it
-  is stopped; the current RSS (``VmRSS``) is reported beside it.
+  is stopped; the current RSS (``VmRSS``) is reported beside it, and the current PSS
+  (``Pss`` of /proc/<pid>/smaps_rollup: each page shared by k processes counted 1/k in each).
+  A sum of RSS counts every shared page (the interpreter, the libraries' code) once per
+  process, so with several processes the PSS sum is the memory the service really holds.
 
 The load generator shares the machine with the service (as the sinks do), so rates are a lower
 bound of what the service does alone; the CPU figures are not affected by that.
@@ -153,6 +156,7 @@ class ServiceResult:
     total_messages: int = 0
     peak_rss_mb: float | None = None
     rss_mb: float | None = None
+    pss_mb: float | None = None
     skipped: str | None = None
     error: str | None = None
 
@@ -213,6 +217,18 @@ def _proc_status(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _pss(pid: int) -> int:
+    """``Pss`` of /proc/<pid>/smaps_rollup in bytes (shared pages split between the processes
+    mapping them); 0 if gone or unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
@@ -293,12 +309,14 @@ class ServeProcess:
                 )
             await asyncio.sleep(0.1)
 
-    def memory(self) -> tuple[float, float]:
-        """(peak RSS, current RSS) in MB of serve and its children."""
+    def memory(self) -> tuple[float, float, float]:
+        """(peak RSS, current RSS, current PSS) in MB of serve and its children, each summed
+        over the processes."""
         pids = _descendants(self.pid)
         mb = 1024 * 1024
         return (sum(_proc_status(p, "VmHWM") for p in pids) / mb,
-                sum(_proc_status(p, "VmRSS") for p in pids) / mb)
+                sum(_proc_status(p, "VmRSS") for p in pids) / mb,
+                sum(_pss(p) for p in pids) / mb)
 
     def stop(self) -> None:
         """SIGINT (graceful shutdown), then SIGTERM, then SIGKILL."""
@@ -585,7 +603,7 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
                     result.total_messages += res.accepted
                     if on_scenario is not None:
                         await on_scenario(res)
-            result.peak_rss_mb, result.rss_mb = serve.memory()
+            result.peak_rss_mb, result.rss_mb, result.pss_mb = serve.memory()
         except (ServiceBenchError, aiohttp.ClientError, TimeoutError, OSError,
                 KeyError, ValueError) as exc:
             result.error = f"{type(exc).__name__}: {exc}"[:3000]
