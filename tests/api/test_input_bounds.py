@@ -204,3 +204,31 @@ def test_depth_check_without_a_parse_agrees_with_the_walk(depth: int) -> None:
     assert (found is None) is (depth <= MAX_JSON_DEPTH)
     # Brackets inside strings are not nesting.
     assert too_deep(json.dumps({"a": "[" * 100}).encode(), MAX_JSON_DEPTH) is None
+
+
+def _reference_depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_reference_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_reference_depth, value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("deep", [0, 27, 28, 29, 35])
+def test_depth_check_of_a_wide_document_finds_its_one_deep_branch(deep: int) -> None:
+    """A batch-shaped body (many shallow items in lists and objects, empty ones too) with one
+    item `deep` levels further down: refused exactly when the whole is deeper than 32, at that
+    item's path."""
+    from clinicomm.api.limits import MAX_JSON_DEPTH, too_deep
+
+    items: list[Any] = [
+        {"recipients": [{"email": f"p{i}@example.com"}], "channels": ["email"], "m": {}, "e": []}
+        for i in range(300)
+    ]
+    items[217]["metadata"] = {"x": [nested(deep)]}
+    document = {"items": items}
+    found = too_deep(json.dumps(document).encode(), MAX_JSON_DEPTH)
+    if _reference_depth(document) <= MAX_JSON_DEPTH:
+        assert found is None
+    else:
+        assert found is not None and found.startswith("items.217.metadata.x.0.k"), found
