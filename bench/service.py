@@ -212,23 +212,13 @@ def _cli(command: list[str], env: dict[str, str], *args: str) -> str:
     return proc.stdout
 
 
-def _proc_status(pid: int, key: str) -> int:
-    """A ``kB`` field (``VmHWM``, ``VmRSS``) of /proc/<pid>/status, in bytes; 0 if gone."""
+def _proc_status(pid: int, key: str, file: str = "status") -> int:
+    """A ``kB`` field of /proc/<pid>/<file> in bytes (``VmHWM``, ``VmRSS`` of ``status``;
+    ``Pss`` of ``smaps_rollup``: shared pages split between the processes mapping them); 0
+    if gone or unreadable."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
             if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _pss(pid: int) -> int:
-    """``Pss`` of /proc/<pid>/smaps_rollup in bytes (shared pages split between the processes
-    mapping them); 0 if gone or unreadable."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
@@ -316,7 +306,7 @@ class ServeProcess:
         mb = 1024 * 1024
         return (sum(_proc_status(p, "VmHWM") for p in pids) / mb,
                 sum(_proc_status(p, "VmRSS") for p in pids) / mb,
-                sum(_pss(p) for p in pids) / mb)
+                sum(_proc_status(p, "Pss", "smaps_rollup") for p in pids) / mb)
 
     def stop(self) -> None:
         """SIGINT (graceful shutdown), then SIGTERM, then SIGKILL."""
