@@ -317,6 +317,10 @@ def serve(
                 log_config=None,
                 access_log=False,
                 server_header=False,
+                # uvicorn would take the scheme and client from X-Forwarded-* sent by any
+                # local peer; CLINICOMM_TRUST_FORWARDED_HEADERS is the one switch, read where
+                # the URL matters (webhook signatures, the console's cookie).
+                proxy_headers=False,
             )
             server = uvicorn.Server(config)
             stop = asyncio.Event()
