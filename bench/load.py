@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from bench.sinks import _run_root
 
@@ -118,9 +119,12 @@ def batch_body(channel: str, clinic: str, start: int, size: int, run: str) -> di
 
 async def offer_batches(session: aiohttp.ClientSession, base: str, clinics: list[str], *,
                         batches: int, size: int, concurrency: int, run: str) -> Load:
-    """POST `batches` batches of `size` messages, `concurrency` in flight."""
-    bodies = [batch_body("email", clinics[b % len(clinics)], b * size, size, run)
+    """POST `batches` batches of `size` messages, `concurrency` in flight. The bodies are
+    encoded before the clock starts and the answers parsed with orjson: the generator shares
+    the service's cores, and its own JSON work is not the service's."""
+    bodies = [orjson.dumps(batch_body("email", clinics[b % len(clinics)], b * size, size, run))
               for b in range(batches)]
+    headers = {"Content-Type": "application/json"}
     load = Load("aiohttp (batch)", 0, {}, time.time())
     todo = iter(range(batches))
 
@@ -128,8 +132,8 @@ async def offer_batches(session: aiohttp.ClientSession, base: str, clinics: list
         for b in todo:
             t0 = time.perf_counter()
             async with session.post(base + "/api/v1/communications/batch",
-                                    json=bodies[b]) as resp:
-                data = await resp.json()
+                                    data=bodies[b], headers=headers) as resp:
+                data = orjson.loads(await resp.read())
                 load.post_ms.append((time.perf_counter() - t0) * 1000)
                 load.requests += 1
                 if resp.status not in (202, 207):
