@@ -149,3 +149,33 @@ def test_sqlite_refuses_more_than_one_process(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "SQLite runs one process" in done.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_process_that_dies_stops_the_others_and_the_supervisor_reports_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """An API process killed from outside: the supervisor stops the other processes (none is
+    left running) and exits non-zero, so a service manager restarts the whole tree."""
+    import signal
+
+    server = ServeProcess(
+        settings,
+        tmp_path / "serve.log",
+        {"CLINICOMM_PROCESSES": "2", "CLINICOMM_WORKER": "true"},
+    )
+    try:
+        server.wait_ready()
+        deadline = time.monotonic() + 20
+        while len(kids := children(server.proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(comm(p) for p in kids) == ["clinicomm-api", "clinicomm-api", "clinicomm-work"]
+        victim = next(p for p in kids if comm(p) == "clinicomm-api")
+        os.kill(victim, signal.SIGKILL)
+        code = server.proc.wait(40)
+    finally:
+        server.stop()
+    assert code != 0, server.output()[-2000:]
+    alive = [p for p in kids if Path(f"/proc/{p}").exists()]
+    assert alive == [], [comm(p) for p in alive]
