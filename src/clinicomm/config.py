@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     health_half_open_probes: int = Field(default=3, ge=1)
     #: Webhooks: rebuild the signed URL from `X-Forwarded-Proto`/`X-Forwarded-Host`. Only
     #: behind a proxy that sets (overwrites) them; otherwise a caller could choose the URL.
+    #: The one switch: uvicorn's own proxy-header handling is off, so with `false` no
+    #: `X-Forwarded-*` header (not even from 127.0.0.1) changes the scheme or client address.
     trust_forwarded_headers: bool = False
     #: Webhooks: GET a verified SNS `SubscribeURL` at once instead of leaving it to the operator.
     sns_auto_confirm: bool = False
