@@ -47,18 +47,12 @@ def comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def proc_kb(pid: int, key: str, file: str = "status") -> int:
+    """A kB field of /proc/<pid>/<file>: `VmRSS` of status, `Pss` of smaps_rollup."""
+    for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+        if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def pss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Pss for {pid}")
+    raise AssertionError(f"no {key} in /proc/{pid}/{file}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -89,7 +83,7 @@ async def test_two_api_processes_and_a_worker_deliver_each_message_once(
             assert len(apis) == 2 and len(workers) == 1, [comm(p) for p in kids]
             # Forked from the supervisor after it imported the service: most of an API
             # process's pages are the supervisor's, shared (PSS well under RSS).
-            assert pss_kb(apis[0]) < rss_kb(apis[0]) * 0.8
+            assert proc_kb(apis[0], "Pss", "smaps_rollup") < proc_kb(apis[0], "VmRSS") * 0.8
             before = {p: cpu_seconds(p) for p in apis}
             headers = api.auth(Role.SERVICE)
             limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
