@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from email.utils import formataddr, parseaddr
+from functools import lru_cache
 
 from clinicomm.providers.base import OutboundMessage
 from clinicomm.providers.errors import ConfigurationError
@@ -23,7 +24,20 @@ class Sender:
 
     def header(self) -> str:
         """`Name <addr>` (RFC 5322 quoted when needed), or the bare address without a name."""
-        return formataddr((self.name, self.email)) if self.name else self.email
+        return _formatted(self.name, self.email) if self.name else self.email
+
+
+# Senders are the clinics' configured From addresses (never patients'), few per process and
+# the same on every message: parsed and formatted once each (parseaddr alone was ~20 µs, a
+# tenth of an SMTP send's CPU).
+@lru_cache(maxsize=4096)
+def _parsed(value: str) -> tuple[str, str]:
+    return parseaddr(value)
+
+
+@lru_cache(maxsize=4096)
+def _formatted(name: str, email: str) -> str:
+    return formataddr((name, email))
 
 
 def resolve_sender(
@@ -39,10 +53,10 @@ def resolve_sender(
     Raises ConfigurationError when neither the credentials nor the message carry an address.
     """
     if email:
-        parsed_name, address = parseaddr(email)
+        parsed_name, address = _parsed(email)
         name = parsed_name or name or message.from_name
     else:
-        parsed_name, address = parseaddr(message.from_email or "")
+        parsed_name, address = _parsed(message.from_email or "")
         name = parsed_name or message.from_name
     if not address or "@" not in address:
         raise ConfigurationError("no sender address configured", provider=provider)
