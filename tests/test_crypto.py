@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import secrets
 
@@ -97,3 +99,16 @@ def test_dev_key_is_generated_once_with_0600_and_refused_in_production(tmp_path,
     assert "DEVELOPMENT master key" in caplog.text
     with pytest.raises(MasterKeyConfigError, match="production"):
         MasterKeyring.from_environment(None, data_dir=tmp_path, production=True)
+
+
+def test_blind_index_is_hmac_sha256_of_the_canonical_address() -> None:
+    """Stored indexes are compared across releases: the value must never change (known answer:
+    HMAC-SHA256 under the clinic's index key of the trimmed, lower-cased address)."""
+    data_key = bytes(range(32))
+    cipher = FieldCipher("clinic-a", data_key)
+    expected = hmac.new(cipher.index_key, b"patient@example.com", hashlib.sha256).hexdigest()
+    assert cipher.index(" Patient@Example.com ") == "bi1:" + expected
+    assert cipher.index("patient@example.com") == cipher.index("PATIENT@example.com")
+    assert cipher.index("+14155552671") != cipher.index("+14155552672")
+    other = FieldCipher("clinic-b", data_key)
+    assert other.index("patient@example.com") != cipher.index("patient@example.com")
