@@ -53,6 +53,23 @@ _LATENCY = {
     Channel.SMS: metrics.SMS_LATENCY,
 }
 
+#: The labelled series of a successful call, per (channel, clinic label, provider key):
+#: latency, sent, total sent. `labels()` looks its child up under a lock each time; a send
+#: took three of them. Clinics and providers are bounded, and so is this (as the series are).
+_OK_SERIES: dict[tuple[Channel, str, str], tuple[Any, Any, Any]] = {}
+
+
+def _ok_series(channel: Channel, clinic: str, provider: str) -> tuple[Any, Any, Any]:
+    key = (channel, clinic, provider)
+    series = _OK_SERIES.get(key)
+    if series is None:
+        series = _OK_SERIES[key] = (
+            _LATENCY[channel].labels(clinic, provider),
+            _SENT[channel].labels(clinic, provider),
+            metrics.TOTAL_SENT.labels(channel.value),
+        )
+    return series
+
 
 @dataclass(slots=True)
 class Walk:
@@ -288,10 +305,11 @@ async def _call(
             hop.health_owner(claimed.clinic_id), hop.label, outcome_for(error)
         )
     walk.rows.append(Attempt.of(claimed.id, hop.label, duration, now_fn(), error))
-    _LATENCY[channel].labels(clinic_label, hop.key).observe(duration)
+    latency, sent, total = _ok_series(channel, clinic_label, hop.key)
+    latency.observe(duration)
     if error is None:
-        _SENT[channel].labels(clinic_label, hop.key).inc()
-        metrics.TOTAL_SENT.labels(channel.value).inc()
+        sent.inc()
+        total.inc()
     else:
         _FAILED[channel].labels(clinic_label, hop.key, error.error_class.value).inc()
         walk.errors.append({**error.to_dict(), "provider": hop.label})
