@@ -11,9 +11,9 @@ the route, its dependencies and the exception handlers, all running in the same 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -50,7 +50,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         incoming = _header(scope, REQUEST_ID_HEADER)
-        rid = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        rid = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else os.urandom(16).hex()
         token = bind_context(requestId=rid)
         api = str(scope.get("path", "")).startswith("/api/v1")
         start = time.perf_counter()

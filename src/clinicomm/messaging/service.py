@@ -43,6 +43,7 @@ from clinicomm.store.models import IdempotencyKey, aware, utcnow
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
+_CHANNEL_NAMES = frozenset(c.value for c in Channel)
 PLATFORM_KEY_OWNER = PLATFORM
 
 
@@ -560,7 +561,7 @@ def _other_kind_fallback(own: ChannelSettings | None, channel: Channel) -> Chann
     if own is None:
         return None
     target = own.fallback_strategy.fallback_provider
-    if target not in {c.value for c in Channel} or target == channel.value:
+    if target not in _CHANNEL_NAMES or target == channel.value:
         return None
     other = Channel(target)
     return other if (other is Channel.EMAIL) != (channel is Channel.EMAIL) else None
