@@ -184,7 +184,8 @@ class Delivery(Base):
     __table_args__ = (
         # The claim (`outbox.claim`): queued rows of one class in fair order.
         Index("ix_deliveries_claim", "status", "priority", "fair_at"),
-        Index("ix_deliveries_clinic_provider_message", "clinic_id", "provider_message_id"),
+        # Webhooks find a delivery by `provider_message_id` (its own index, on the column),
+        # with the clinic as a filter on those few rows (migration i20_0002).
         # The status API lists a clinic's deliveries newest first (ids are time-ordered).
         Index("ix_deliveries_clinic_list", "clinic_id", "id"),
         Index("ix_deliveries_clinic_status_list", "clinic_id", "status", "id"),
