@@ -159,3 +159,41 @@ async def test_an_unhandled_error_on_the_lean_path_is_counted_under_the_route_te
     assert answer.status_code == 500
     assert answer.json()["error"]["code"] == "internal_error"
     assert (count(URL), count("unmatched")) == (before[0] + 1, before[1])
+
+
+async def test_the_lean_path_reads_json_as_the_full_handler_does(
+    api: Api, solved: list[int]
+) -> None:
+    """The lean path parses with pydantic's JSON mode, the full handler with `json.loads`: a
+    duplicate key keeps its last value on both (the same request, so the same idempotency
+    hash), escapes decode alike, and an integer beyond 64 bits in metadata is refused alike."""
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+    headers = {**api.auth(Role.SERVICE), "Idempotency-Key": "dup-1"}
+    raw = (
+        b'{"category":"APPOINTMENT","title":"First","title":"Caf\\u00e9 \\ud83d\\ude00",'
+        b'"body":"Your appointment is confirmed.","channels":["email"],'
+        b'"recipients":[{"email":"patient@example.com"}],"metadata":{"clinicId":"clinic-a"}}'
+    )
+    solved.clear()
+    lean = await api.client.post(
+        URL, content=raw, headers={**headers, "Content-Type": "application/json"}
+    )
+    assert lean.status_code == 202, lean.text
+    assert solved == []
+    same = {
+        "category": "APPOINTMENT",
+        "title": "Café 😀",
+        "body": "Your appointment is confirmed.",
+        "channels": ["email"],
+        "recipients": [{"email": "patient@example.com"}],
+        "metadata": {"clinicId": "clinic-a"},
+    }
+    again = await api.client.post(URL, json=same, headers=headers)
+    assert again.status_code == 202 and again.json() == lean.json()  # not a 409
+    big = b'{"body":"x","channels":["email"],"recipients":[{"email":"p@example.com"}],' \
+        b'"metadata":{"clinicId":"clinic-a","n":123456789012345678901234567890}}'
+    refused = await api.client.post(
+        URL, content=big, headers={**api.auth(Role.SERVICE), "Content-Type": "application/json"}
+    )
+    assert refused.status_code == 422
+    assert [d["path"] for d in refused.json()["error"]["details"]] == ["metadata"]
