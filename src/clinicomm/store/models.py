@@ -3,6 +3,7 @@ timestamps, string enums) so SQLite and PostgreSQL run the same Alembic migratio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +21,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names so Alembic migrations are identical on both databases.
@@ -34,6 +37,42 @@ NAMING = {
 # BIGINT on PostgreSQL, INTEGER on SQLite (so it is SQLite's auto-incrementing rowid).
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 
+#: SQLite's DATETIME storage format (the dialect's default, which every stored timestamp has).
+_SQLITE_TIMESTAMP = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
+
+
+class SqliteTimestamp(sqlite.DATETIME):
+    """SQLite's DATETIME with the same text written from a tuple instead of a dict (1.3
+    against 2.9 µs a value; a message's accept and send bind about 12 of them). Dates and
+    other values go to the dialect's own processor."""
+
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        fallback = super().bind_processor(dialect)
+
+        def process(value: Any) -> Any:
+            if type(value) is datetime:
+                return _SQLITE_TIMESTAMP % (
+                    value.year,
+                    value.month,
+                    value.day,
+                    value.hour,
+                    value.minute,
+                    value.second,
+                    value.microsecond,
+                )
+            return fallback(value) if fallback is not None else value
+
+        return process
+
+
+#: Timestamps: with their zone on PostgreSQL; on SQLite the dialect's text (naive UTC).
+Timestamp = DateTime(timezone=True).with_variant(
+    SqliteTimestamp(),  # type: ignore[no-untyped-call]  # the dialect type is not annotated
+    "sqlite",
+)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -46,7 +85,7 @@ def aware(value: datetime) -> datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, datetime: Timestamp}
 
 
 class Clinic(Base):
