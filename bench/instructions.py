@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from bench.service import REPO_ROOT, SCENARIOS, clinic_settings, message_payload
-from bench.sinks import HttpSink, SmtpSink
+from bench.pipeline_inproc import bench_runtime, running_worker, until_done
+from bench.service import REPO_ROOT
 
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 _CLINICS = 10
@@ -47,32 +44,9 @@ async def _pipeline(
     accept_only: bool,
 ) -> None:
     """The counted work: `messages` accepted, then (unless `accept_only`) all sent."""
-    from clinicomm.client import worker_options
-    from clinicomm.config import Settings
-    from clinicomm.delivery.worker import Worker
-    from clinicomm.messaging.models import SendRequest
-    from clinicomm.runtime import Runtime, freeze_startup_heap
-
-    scenario = SCENARIOS[scenario_name]
-    with tempfile.TemporaryDirectory() as tmp, HttpSink() as http, SmtpSink() as smtp:
-        settings = Settings(
-            database_url=database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'b.db'}",
-            redis_url=redis_url,
-            master_keys="b:" + base64.b64encode(os.urandom(32)).decode(),
-            data_dir=Path(tmp),
-            log_level="WARNING",
-        )
-        rt = await Runtime.create(settings, migrate=True, env={})
-        requests = []
-        for index in range(_CLINICS):
-            clinic = f"instr-{os.getpid()}-{index}"
-            async with rt.db.session() as session:
-                change = await rt.config.create_clinic(
-                    session, clinic, "Bench", clinic_settings(scenario, http, smtp, index)
-                )
-            await rt.config.committed(change)
-            requests.append(SendRequest.model_validate(message_payload(scenario, clinic, 0)))
-        freeze_startup_heap()
+    async with bench_runtime(database_url, redis_url, scenario_name, _CLINICS) as (
+        rt, settings, requests
+    ):
         todo = iter(range(messages))
 
         async def producer() -> None:
@@ -80,17 +54,12 @@ async def _pipeline(
                 await rt.messaging.accept(requests[i % _CLINICS])
 
         await asyncio.gather(*(producer() for _ in range(32)))
-        if not accept_only:
-            stop = asyncio.Event()
-            worker = Worker.for_runtime(rt, worker_options(settings))
-            task = asyncio.create_task(worker.run(stop))
-            while worker.sent + worker.failed < messages:
-                await asyncio.sleep(0.01)
-            stop.set()
-            await task
-            if worker.failed:
-                raise SystemExit(f"{worker.failed} of {messages} deliveries failed")
-        await rt.close()
+        if accept_only:
+            return
+        async with running_worker(rt, settings) as worker:
+            await until_done(worker, messages, 0.01)
+        if worker.failed:
+            raise SystemExit(f"{worker.failed} of {messages} deliveries failed")
 
 
 def _count(args: argparse.Namespace, messages: int) -> int:

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bench.service import SCENARIOS, clinic_settings, message_payload
-from bench.sinks import HttpSink
+from bench.sinks import HttpSink, SmtpSink
 from clinicomm.client import worker_options
 from clinicomm.config import Settings
 from clinicomm.delivery.worker import Worker
@@ -45,35 +45,11 @@ async def main(
     rate: float | None = None,
     cold_contents: bool = False,
 ) -> None:
-    with tempfile.TemporaryDirectory() as tmp, HttpSink() as sink:
-        settings = Settings(
-            database_url=database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'b.db'}",
-            redis_url=redis_url,
-            master_keys="b:" + base64.b64encode(os.urandom(32)).decode(),
-            data_dir=Path(tmp),
-            log_level="WARNING",
-        )
-        rt = await Runtime.create(settings, migrate=True, env={})
-        scenario = SCENARIOS[scenario_name]
-        requests = []
-        for index in range(clinics):
-            # Each clinic with its own WhatsApp number, as in the end-to-end bench (one number
-            # alone is capped at 1,000/s by its throughput tier).
-            clinic = f"bench-{os.getpid()}-{index}"
-            async with rt.db.session() as session:
-                change = await rt.config.create_clinic(
-                    session, clinic, "Bench",
-                    clinic_settings(scenario, sink, None, index),  # type: ignore[arg-type]
-                )
-            await rt.config.committed(change)
-            payload = message_payload(scenario, clinic, 0)
-            if category:
-                payload["category"] = category
-            requests.append(SendRequest.model_validate(payload))
-        freeze_startup_heap()  # as serve and worker do once built
+    async with bench_runtime(
+        database_url, redis_url, scenario_name, clinics, category=category
+    ) as (rt, settings, requests):
         if rate is not None:
             await _together(rt, settings, requests, messages, rate, cold_contents)
-            await rt.close()
             return
 
         async def producer(n: int, request: SendRequest) -> None:
@@ -91,19 +67,66 @@ async def main(
         print(f"accept: {total} messages in {accept_s:.2f}s = {total / accept_s:,.0f}/s, "
               f"CPU {per:.3f} ms/message, {total / max(commits, 1):.1f} messages per commit")
 
-        async with _running(rt, settings) as worker:
+        async with running_worker(rt, settings) as worker:
             start, cpu = time.perf_counter(), time.process_time()
-            await _until_done(worker, total, 0.01)
+            await until_done(worker, total, 0.01)
             send_s = time.perf_counter() - start
             per = (time.process_time() - cpu) / total * 1000
         rate = total / send_s
         print(f"worker: {worker.sent} sent, {worker.failed} failed, {send_s:.2f}s = {rate:,.0f}/s, "
               f"CPU {per:.3f} ms/message")
-        await rt.close()
 
 
 @contextlib.asynccontextmanager
-async def _running(
+async def bench_runtime(
+    database_url: str | None,
+    redis_url: str | None,
+    scenario_name: str,
+    clinics: int,
+    *,
+    category: str | None = None,
+) -> AsyncIterator[tuple[Runtime, Settings, list[SendRequest]]]:
+    """A runtime on a new SQLite file (or `database_url`) with `clinics` clinics whose
+    scenario channel goes to local sinks (Postfix smtp-sink for SMTP, nginx otherwise), and
+    one send request per clinic (`category`: the messages' category); its start-up heap
+    frozen as serve's is. Closed, and the sinks stopped, when the block ends."""
+    scenario = SCENARIOS[scenario_name]
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        http = stack.enter_context(HttpSink())
+        smtp = stack.enter_context(SmtpSink()) if scenario.provider == "smtp" else None
+        settings = Settings(
+            database_url=database_url or f"sqlite+aiosqlite:///{tmp / 'b.db'}",
+            redis_url=redis_url,
+            master_keys="b:" + base64.b64encode(os.urandom(32)).decode(),
+            data_dir=tmp,
+            log_level="WARNING",
+        )
+        rt = await Runtime.create(settings, migrate=True, env={})
+        try:
+            requests = []
+            for index in range(clinics):
+                # Each clinic with its own WhatsApp number, as in the end-to-end bench (one
+                # number alone is capped at 1,000/s by its throughput tier).
+                clinic = f"bench-{os.getpid()}-{index}"
+                async with rt.db.session() as session:
+                    change = await rt.config.create_clinic(
+                        session, clinic, "Bench",
+                        clinic_settings(scenario, http, smtp, index),  # type: ignore[arg-type]
+                    )
+                await rt.config.committed(change)
+                payload = message_payload(scenario, clinic, 0)
+                if category:
+                    payload["category"] = category
+                requests.append(SendRequest.model_validate(payload))
+            freeze_startup_heap()  # as serve and worker do once built
+            yield rt, settings, requests
+        finally:
+            await rt.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
     rt: Runtime, settings: Settings, *, cold_contents: bool = False
 ) -> AsyncIterator[Worker]:
     """The runtime's worker running in this process until the block ends; `cold_contents`:
@@ -120,7 +143,7 @@ async def _running(
         await task
 
 
-async def _until_done(worker: Worker, total: int, poll: float) -> None:
+async def until_done(worker: Worker, total: int, poll: float) -> None:
     while worker.sent + worker.failed < total:
         await asyncio.sleep(poll)
 
@@ -135,14 +158,14 @@ async def _together(
 ) -> None:
     """Accept at `rate` messages/s with the worker running in this process (as `serve` on
     one process does); the CPU time of both per message."""
-    async with _running(rt, settings, cold_contents=cold_contents) as worker:
+    async with running_worker(rt, settings, cold_contents=cold_contents) as worker:
         start, cpu = time.perf_counter(), time.process_time()
         for i in range(messages):
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             await rt.messaging.accept(requests[i % len(requests)])
-        await _until_done(worker, messages, 0.005)
+        await until_done(worker, messages, 0.005)
         wall = time.perf_counter() - start
         per = (time.process_time() - cpu) / messages * 1000
     print(f"together at {rate:,.0f}/s{' (contents read back)' if cold_contents else ''}: "
