@@ -53,17 +53,18 @@ _LATENCY = {
     Channel.SMS: metrics.SMS_LATENCY,
 }
 
-#: The labelled series of a successful call, per (channel, clinic label, provider key):
-#: latency, sent, total sent. `labels()` looks its child up under a lock each time; a send
-#: took three of them. Clinics and providers are bounded, and so is this (as the series are).
-_OK_SERIES: dict[tuple[Channel, str, str], tuple[Any, Any, Any]] = {}
+#: A provider call's labelled series, per (channel, clinic label, provider key): latency
+#: (every call), sent and total sent (successful calls). `labels()` looks its child up under a
+#: lock each time; a send took three of them. Clinics and providers are bounded, and so is
+#: this (as the series are). Failures keep `labels()`: their error class is a label too.
+_CALL_SERIES: dict[tuple[Channel, str, str], tuple[Any, Any, Any]] = {}
 
 
-def _ok_series(channel: Channel, clinic: str, provider: str) -> tuple[Any, Any, Any]:
+def _call_series(channel: Channel, clinic: str, provider: str) -> tuple[Any, Any, Any]:
     key = (channel, clinic, provider)
-    series = _OK_SERIES.get(key)
+    series = _CALL_SERIES.get(key)
     if series is None:
-        series = _OK_SERIES[key] = (
+        series = _CALL_SERIES[key] = (
             _LATENCY[channel].labels(clinic, provider),
             _SENT[channel].labels(clinic, provider),
             metrics.TOTAL_SENT.labels(channel.value),
@@ -305,7 +306,7 @@ async def _call(
             hop.health_owner(claimed.clinic_id), hop.label, outcome_for(error)
         )
     walk.rows.append(Attempt.of(claimed.id, hop.label, duration, now_fn(), error))
-    latency, sent, total = _ok_series(channel, clinic_label, hop.key)
+    latency, sent, total = _call_series(channel, clinic_label, hop.key)
     latency.observe(duration)
     if error is None:
         sent.inc()

@@ -282,8 +282,7 @@ _date: tuple[int, str] = (0, "")
 def _date_header() -> str:
     """`formatdate(usegmt=True)` for now, formatted once per second (it has whole seconds)."""
     global _date
-    now = time.time()
-    second = int(now)
+    second = int(time.time())
     if _date[0] != second:
         _date = (second, formatdate(second, localtime=False, usegmt=True))
     return _date[1]
