@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Integer, Table, bindparam, case, func, literal, select, text, union_all
@@ -43,7 +44,7 @@ from clinicomm.delivery.records import (
     Suppression,
 )
 from clinicomm.delivery.suppressions import suppress
-from clinicomm.store import fast
+from clinicomm.store import fast, sqlite_raw
 from clinicomm.store.db import Database, json_dumps
 from clinicomm.store.models import Delivery, DeliveryAttempt, aware
 from clinicomm.store.unnest import Unnest
@@ -335,14 +336,14 @@ def flat(
     suppressions: Sequence[Suppression],
     no_callbacks: AbstractSet[str],
 ) -> bool:
-    """Whether `write_flat` (PostgreSQL) can record these results: they are only outcomes
-    and attempt rows (no channel fallback, opt-out or status callback to queue)."""
+    """Whether `write_flat` (PostgreSQL, a SQLite file) can record these results: they are
+    only outcomes and attempt rows (no channel fallback, opt-out or status callback to
+    queue)."""
     return (
         not new_deliveries
         and not suppressions
         and all(
-            o.delivery_id in no_callbacks or o.status.value not in callbacks.RANK
-            for o in outcomes
+            o.delivery_id in no_callbacks or o.status.value not in callbacks.RANK for o in outcomes
         )
     )
 
@@ -359,8 +360,15 @@ async def write_flat(
     attempt rows inserted by a data-modifying CTE and the outcomes applied by an UPDATE from
     arrays, only where `owner` still holds the lease (checked and written at once: the
     reaper cannot come between). Atomic by itself, so it runs outside a transaction
-    (`store.fast.rows`): one round trip instead of BEGIN, insert, lock, update, COMMIT."""
-    assert not db.is_sqlite, "write_flat is PostgreSQL's (see flat)"
+    (`store.fast.rows`): one round trip instead of BEGIN, insert, lock, update, COMMIT. On a
+    SQLite file, `_flat_raw`'s statements in one transaction on `store.sqlite_raw`'s writer."""
+    if db.raw is not None:
+        async with db.writing():
+            held = await db.raw.transaction(partial(_flat_raw, owner, now, outcomes, attempts))
+        written = Written.of(outcomes, held)
+        _log_lease_lost(owner, written)
+        return written
+    assert not db.is_sqlite, "write_flat: PostgreSQL, or a SQLite file (see flat)"
     params: dict[str, Any] = {
         "owner": owner,
         "now": now,
@@ -382,6 +390,24 @@ async def write_flat(
     _log_lease_lost(owner, written)
     return written
 
+
+def _flat_raw(
+    owner: str,
+    now: datetime,
+    outcomes: Sequence[Outcome],
+    attempts: Sequence[Attempt],
+    tx: sqlite_raw.Transaction,
+) -> set[str]:
+    """`write_flat` on a SQLite file (`store.sqlite_raw`'s writer, one transaction): what
+    `write_results` writes for these, the attempt rows, then each outcome where `owner`
+    still holds the lease; the ids it was written for."""
+    tx.insert(_INSERT_ATTEMPTS, [a.row() for a in attempts])
+    return {o.delivery_id for o in outcomes if tx.rows(_APPLY_ONE, _apply_params(owner, now, o))}
+
+
+#: `_flat_raw`'s statements (SQLite: `_APPLY` for one delivery, answering its id when written).
+_INSERT_ATTEMPTS = _ATTEMPTS.insert()
+_APPLY_ONE = _APPLY.returning(_T.c.id)
 
 _ATTEMPT_ROWS = Unnest(_ATTEMPTS, "a")
 #: `write_flat`'s statement (PostgreSQL). An empty attempts array inserts nothing. Built
@@ -461,23 +487,22 @@ async def _apply_outcomes(
     """The status write of every delivery the worker handled (one statement, batched)."""
     if not outcomes:
         return
-    await session.execute(
-        _APPLY,
-        [
-            {
-                "b_id": o.delivery_id,
-                "b_owner": owner,
-                "b_status": o.status.value,
-                "b_attempts": o.attempts,
-                "b_position": o.chain_position,
-                "b_provider_attempts": o.provider_attempts,
-                "b_next": o.next_attempt_at or now,
-                "b_provider": o.provider,
-                "b_pmid": o.provider_message_id,
-                "b_error": o.error,
-                "b_sent_at": o.sent_at,
-                "b_now": now,
-            }
-            for o in outcomes
-        ],
-    )
+    await session.execute(_APPLY, [_apply_params(owner, now, o) for o in outcomes])
+
+
+def _apply_params(owner: str, now: datetime, o: Outcome) -> dict[str, Any]:
+    """`_APPLY`'s values for one outcome."""
+    return {
+        "b_id": o.delivery_id,
+        "b_owner": owner,
+        "b_status": o.status.value,
+        "b_attempts": o.attempts,
+        "b_position": o.chain_position,
+        "b_provider_attempts": o.provider_attempts,
+        "b_next": o.next_attempt_at or now,
+        "b_provider": o.provider,
+        "b_pmid": o.provider_message_id,
+        "b_error": o.error,
+        "b_sent_at": o.sent_at,
+        "b_now": now,
+    }

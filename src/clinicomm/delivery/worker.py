@@ -438,10 +438,14 @@ class Worker:
         fallbacks = [h.fallback for h in pending if h.fallback]
         suppressions = [h.suppress for h in pending if h.suppress]
         no_callbacks = {h.outcome.delivery_id for h in pending if not h.may_call_back}
-        one = not self.db.is_sqlite and flat(outcomes, fallbacks, suppressions, no_callbacks)
+        one = (not self.db.is_sqlite or self.db.raw is not None) and flat(
+            outcomes, fallbacks, suppressions, no_callbacks
+        )
         while True:
             try:
-                if one:  # the common case on PostgreSQL: one statement, no transaction
+                if (
+                    one
+                ):  # the common case: one statement (PostgreSQL) or one raw transaction (SQLite)
                     await write_flat(
                         self.db,
                         owner=self.worker_id,

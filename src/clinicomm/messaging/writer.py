@@ -26,6 +26,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Table, text
@@ -36,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from clinicomm.callbacks.queue import CALLBACKS
 from clinicomm.delivery.outbox import Notifier, enqueue
 from clinicomm.delivery.records import NewDelivery
-from clinicomm.store import fast
+from clinicomm.store import fast, sqlite_raw
 from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, IdempotencyKey, Message
 from clinicomm.store.unnest import Unnest
@@ -52,6 +53,10 @@ _CLAIM_KEYS = (
     .on_conflict_do_nothing()
     .returning(IDEMPOTENCY.c.scope, IDEMPOTENCY.c.key)
 )
+#: SQLite, `store.sqlite_raw` (which compiles a statement once per object: constants).
+_INSERT_MESSAGES = MESSAGES.insert()
+_INSERT_DELIVERIES = DELIVERIES.insert()
+_INSERT_CALLBACKS = CALLBACKS.insert()
 
 _KEYS = Unnest(IDEMPOTENCY, "k")
 _MESSAGES = Unnest(MESSAGES, "m")
@@ -215,6 +220,9 @@ class BatchWriter:
         self, writes: list[PendingWrite], keyed: list[PendingWrite]
     ) -> set[int]:
         """SQLite: the rows in one transaction; the ids of the items not written."""
+        if self.db.raw is not None:
+            async with self.db.writing():
+                return await self.db.raw.transaction(partial(_write_raw, writes, keyed))
         async with self.db.writing(), self.db.engine.begin() as conn:
             taken = await _claim_keys(conn, keyed)
             writes = [i for i in writes if id(i) not in taken]
@@ -264,6 +272,31 @@ async def _claim_keys(conn: AsyncConnection, keyed: list[PendingWrite]) -> set[i
         if i.idempotency is not None
         and (i.idempotency["scope"], i.idempotency["key"]) not in stored
     }
+
+
+def _write_raw(
+    writes: list[PendingWrite], keyed: list[PendingWrite], tx: sqlite_raw.Transaction
+) -> set[int]:
+    """`_commit_session`'s statements on `store.sqlite_raw`'s writer: the keys one by one
+    (an executemany gives no RETURNING rows; a commit holds few keys), then the rows."""
+    stored = {
+        (row["scope"], row["key"])
+        for item in keyed
+        if item.idempotency is not None
+        for row in tx.rows(_CLAIM_KEYS, item.idempotency)
+    }
+    taken = {
+        id(i)
+        for i in keyed
+        if i.idempotency is not None
+        and (i.idempotency["scope"], i.idempotency["key"]) not in stored
+    }
+    writes = [i for i in writes if id(i) not in taken]
+    if writes:
+        tx.insert(_INSERT_MESSAGES, [i.message for i in writes])
+        tx.insert(_INSERT_DELIVERIES, [d.row() for i in writes for d in i.deliveries])
+        tx.insert(_INSERT_CALLBACKS, [e for i in writes for e in i.callbacks])
+    return taken
 
 
 def _fail(batch: list[PendingWrite], exc: Exception) -> None:

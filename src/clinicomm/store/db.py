@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from clinicomm.store.sqlite_inline import inline_connect
+from clinicomm.store.sqlite_raw import RawSqlite
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ class Database:
         )
         self._readers = async_sessionmaker(readers, expire_on_commit=False)
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
+        #: SQLite file databases: the hot statements' own connections (`store.sqlite_raw`).
+        self.raw: RawSqlite | None = None
+        path = make_url(url).database if self.is_sqlite else None
+        if path not in (None, "", ":memory:") and not str(path).startswith("file:"):
+            self.raw = RawSqlite(str(path), self.engine.dialect, _pragmas)
         #: `fast_pool`'s pools, by "custom plans only".
         self._fast_pools: dict[bool, Any] = {}
         self._fast_opening = asyncio.Lock()
@@ -163,6 +169,8 @@ class Database:
                 await asyncio.wait_for(pool.close(), 5.0)
             except Exception:  # a connection stuck: do not hang the shutdown
                 pool.terminate()
+        if self.raw is not None:
+            self.raw.close()
         await self.engine.dispose()
 
 
@@ -219,6 +227,11 @@ def _ping_when_idle(engine: AsyncEngine) -> None:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    _pragmas(dbapi_connection)
+
+
+def _pragmas(dbapi_connection: Any) -> None:
+    """Every SQLite connection's settings: the engine's and `store.sqlite_raw`'s."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

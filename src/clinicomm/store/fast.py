@@ -7,8 +7,10 @@ Measured on the bench machine (2 vCPU, PostgreSQL 15, one-row SELECT by id): an 
 that overhead was most of its CPU. `rows` runs a SQLAlchemy Core statement compiled once for
 the asyncpg dialect (its SQL text and the order of its parameters) on a connection of
 `Database.fast_pool` (custom plans unless the statement's plan cannot depend on its values:
-see there), outside a transaction: only for a statement that is atomic by itself. On SQLite
-it runs the same statement on the engine's Core connections (`rows`).
+see there), outside a transaction: only for a statement that is atomic by itself. On a
+SQLite file it runs the same statement on `store.sqlite_raw`'s connections (a write in a
+transaction of its own, in the write turn), and on the engine's Core connections when it
+cannot be compiled once (an expanding IN) or the file is busy for a read.
 
 Errors are SQLAlchemy's, as the engine raises them (`_translated`), so callers and the API's
 error table see one set: a constraint is an `IntegrityError`, a refused value a `DataError`,
@@ -29,6 +31,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.sql import Executable
 
+from clinicomm.store import sqlite_raw
 from clinicomm.store.db import Database
 
 _DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
@@ -42,6 +45,9 @@ class _Compiled:
 
 
 _compiled: dict[int, tuple[Executable, _Compiled]] = {}
+#: SQLite: statements `sqlite_raw` cannot compile once (an expanding IN), by id (module
+#: constants, as in `_compiled`): they run on the engine's connections.
+_engine_only: set[int] = set()
 
 
 def _compile(statement: Executable) -> _Compiled:
@@ -72,6 +78,16 @@ async def rows(
     connections. `custom_plans=False` only for a statement that reaches every table by an
     index and whose plan cannot depend on its values (the accept's inserts from arrays, the
     claim, the flat flush): one generic plan, see `Database.fast_pool`."""
+    if db.raw is not None and id(statement) not in _engine_only:
+        try:
+            if writes:
+                async with db.writing():
+                    return await db.raw.transaction(lambda tx: tx.rows(statement, params))
+            return db.raw.read(statement, params)
+        except sqlite_raw.Busy:
+            pass  # through the engine, whose connections wait on their threads
+        except sqlite_raw.NotCompilable:
+            _engine_only.add(id(statement))
     if db.is_sqlite:
         # A Core connection, not an ORM session: ~100-150 µs less per statement here.
         if writes:
