@@ -151,16 +151,17 @@ async def apply_keyword(
 _Key = tuple[str, str, str]
 
 
-def _among_statement(postgresql: bool) -> Any:
+def _among_statement(postgresql: bool | None) -> Any:
     return select(SuppressionRow.clinic_id, SuppressionRow.channel, SuppressionRow.address).where(
         among_param(SuppressionRow.clinic_id, "clinics", postgresql=postgresql),
         among_param(SuppressionRow.address, "addresses", postgresql=postgresql),
     )
 
 
-#: The suppression query by "is PostgreSQL" (built once: `store.fast`); `False` is the
-#: expanding IN, which serves a session on either database.
+#: The suppression query by "is PostgreSQL" (built once: `store.fast`).
 _AMONG = {postgresql: _among_statement(postgresql) for postgresql in (True, False)}
+#: The same with an expanding IN, which serves a session on either database.
+_AMONG_ANY = _among_statement(None)
 
 
 async def suppressed_in(
@@ -185,7 +186,7 @@ async def suppressed_among(
     if not wanted:
         return set()
     # The expanding IN on either database: `= ANY` is for `store.fast`'s connections only.
-    rows = (await session.execute(_AMONG[False], _among_params(wanted))).mappings().all()
+    rows = (await session.execute(_AMONG_ANY, _among_params(wanted))).mappings().all()
     return _hits(wanted, rows)
 
 
