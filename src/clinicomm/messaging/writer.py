@@ -265,7 +265,12 @@ async def _claim_keys(conn: AsyncConnection, keyed: list[PendingWrite]) -> set[i
     if not keyed:
         return set()
     rows = await conn.execute(_CLAIM_KEYS, [i.idempotency for i in keyed if i.idempotency])
-    stored = {(row.scope, row.key) for row in rows}
+    return _taken(keyed, {(row.scope, row.key) for row in rows})
+
+
+def _taken(keyed: list[PendingWrite], stored: set[tuple[str, str]]) -> set[int]:
+    """The ids of the items of `keyed` whose key was not among those just `stored` (it was
+    there already)."""
     return {
         id(i)
         for i in keyed
@@ -285,12 +290,7 @@ def _write_raw(
         if item.idempotency is not None
         for row in tx.rows(_CLAIM_KEYS, item.idempotency)
     }
-    taken = {
-        id(i)
-        for i in keyed
-        if i.idempotency is not None
-        and (i.idempotency["scope"], i.idempotency["key"]) not in stored
-    }
+    taken = _taken(keyed, stored)
     writes = [i for i in writes if id(i) not in taken]
     if writes:
         tx.insert(_INSERT_MESSAGES, [i.message for i in writes])
