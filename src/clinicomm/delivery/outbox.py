@@ -343,7 +343,8 @@ def flat(
         not new_deliveries
         and not suppressions
         and all(
-            o.delivery_id in no_callbacks or o.status.value not in callbacks.RANK for o in outcomes
+            o.delivery_id in no_callbacks or o.status.value not in callbacks.RANK
+            for o in outcomes
         )
     )
 
@@ -365,10 +366,22 @@ async def write_flat(
     if db.raw is not None:
         async with db.writing():
             held = await db.raw.transaction(partial(_flat_raw, owner, now, outcomes, attempts))
-        written = Written.of(outcomes, held)
-        _log_lease_lost(owner, written)
-        return written
-    assert not db.is_sqlite, "write_flat: PostgreSQL, or a SQLite file (see flat)"
+    else:
+        assert not db.is_sqlite, "write_flat: PostgreSQL, or a SQLite file (see flat)"
+        held = await _flat_statement(db, owner, now, outcomes, attempts)
+    written = Written.of(outcomes, held)
+    _log_lease_lost(owner, written)
+    return written
+
+
+async def _flat_statement(
+    db: Database,
+    owner: str,
+    now: datetime,
+    outcomes: Sequence[Outcome],
+    attempts: Sequence[Attempt],
+) -> set[str]:
+    """`write_flat` on PostgreSQL (`_FLAT`); the ids it was written for."""
     params: dict[str, Any] = {
         "owner": owner,
         "now": now,
@@ -385,10 +398,7 @@ async def write_flat(
         "o_sent": [o.sent_at for o in outcomes],
     }
     found = await fast.rows(db, _FLAT, params, writes=True, custom_plans=False)  # by primary key
-    held = {row["id"] for row in found}
-    written = Written.of(outcomes, held)
-    _log_lease_lost(owner, written)
-    return written
+    return {row["id"] for row in found}
 
 
 def _flat_raw(

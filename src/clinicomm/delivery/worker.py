@@ -443,9 +443,8 @@ class Worker:
         )
         while True:
             try:
-                if (
-                    one
-                ):  # the common case: one statement (PostgreSQL) or one raw transaction (SQLite)
+                # The common case: one statement (PostgreSQL) or one raw transaction (SQLite).
+                if one:
                     await write_flat(
                         self.db,
                         owner=self.worker_id,

@@ -106,7 +106,7 @@ def compile_for(statement: Executable, dialect: Dialect, keys: Iterable[str] = (
     for column in getattr(compiled, "insert_prefetch", ()):
         default = column.default
         if default is None or not (default.is_scalar or default.is_callable):
-            raise ValueError(f"column {column.key}: only scalar and callable defaults")
+            raise NotCompilable(f"column {column.key}: only scalar and callable defaults")
         if default.is_callable:
             defaults[column.key] = _caller(default.arg)
         else:
@@ -256,7 +256,8 @@ class RawSqlite:
 
 
 class NotCompilable(ValueError):
-    """A statement whose text depends on its values (an expanding IN)."""
+    """A statement this module cannot run as the engine would: its text depends on its
+    values (an expanding IN), or a column's default or onupdate is computed otherwise."""
 
 
 class Busy(Exception):
