@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                 if svc.skipped:
                     print(f"service bench skipped: {svc.skipped}")
                     break  # same command for every backend: skipped for all
+                if svc.vacuumed:
+                    print(f"[{svc.database}] the server's autovacuum is off: VACUUM ANALYZE "
+                          "ran before each scenario, outside its measured window")
                 if svc.error:
                     print(f"service bench failed [{svc.database}]: {svc.error}")
     print()

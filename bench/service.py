@@ -159,6 +159,8 @@ class ServiceResult:
     pss_mb: float | None = None
     skipped: str | None = None
     error: str | None = None
+    #: The bench vacuumed PostgreSQL before each scenario (its server's autovacuum is off).
+    vacuumed: bool = False
 
 
 # --------------------------------------------------------------------------- the process
@@ -587,6 +589,8 @@ async def run_service_bench(http: HttpSink, smtp: SmtpSink, cfg: ServiceConfig,
                         sc = Scenario(sc.name, sc.channel, sc.provider, rate, sc.raw_key)
                     clinics = await _create_clinics(s, serve.url, sc, cfg.clinics, run,
                                                     http, smtp)
+                    # Outside the scenario's window, as autovacuum would between runs.
+                    result.vacuumed = await reader.vacuum() or result.vacuumed
                     res = await run_scenario(s, serve.url, sc, clinics, cfg, token=token,
                                              reader=reader, meter=meter)
                     result.scenarios.append(res)

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, text
 
 from clinicomm.delivery.worker import Worker, WorkerOptions
 from clinicomm.messaging.models import SendRequest
@@ -106,3 +107,19 @@ async def test_an_idle_worker_sleeps_and_still_flushes_what_comes(runtime: Runti
     assert status == "sent" and 1 <= wakes <= 3
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.postgres
+async def test_a_worker_on_a_server_without_autovacuum_warns(
+    runtime: Runtime, log_records: Any
+) -> None:
+    """Claims slow down as dead delivery rows pile up when nothing vacuums them (migration
+    i20_0003): the worker says so at start, and only when the server's autovacuum is off."""
+    async with runtime.db.read() as session:
+        autovacuum = await session.scalar(text("SELECT current_setting('autovacuum')"))
+    worker = Worker.for_runtime(runtime, WorkerOptions(poll_seconds=0.05))
+    listener = await worker._listen()
+    assert listener is not None
+    await listener.close()
+    warned = [r for r in log_records.records if getattr(r, "event", "") == "autovacuum_off"]
+    assert len(warned) == (1 if autovacuum == "off" else 0)

@@ -531,7 +531,8 @@ class Worker:
 
     # ---- wake-ups ---------------------------------------------------------------------------
     async def _listen(self) -> Any:
-        """LISTEN for new deliveries on PostgreSQL; None on SQLite (in-process event)."""
+        """LISTEN for new deliveries on PostgreSQL; None on SQLite (in-process event). Warns
+        (event `autovacuum_off`) when the server does not vacuum on its own."""
         if self.db.is_sqlite:
             return None
         try:
@@ -540,13 +541,21 @@ class Worker:
             url = make_url(self.db.url).set(drivername="postgresql")
             conn = await asyncpg.connect(url.render_as_string(hide_password=False), timeout=5)
             await conn.add_listener(Notifier.CHANNEL, lambda *_: self.notifier.event.set())
-            return conn
         except Exception as exc:
             log.warning(
                 "LISTEN unavailable; polling only",
                 extra={"event": "listen_failed", "error": type(exc).__name__},
             )
             return None
+        with contextlib.suppress(Exception):
+            if await conn.fetchval("SELECT current_setting('autovacuum')") == "off":
+                # Claims then scan every dead version of every claimed row (migration i20_0003).
+                log.warning(
+                    "PostgreSQL autovacuum is off: dead delivery rows pile up in the claim "
+                    "index and every claim slows; run VACUUM on deliveries regularly",
+                    extra={"event": "autovacuum_off"},
+                )
+        return conn
 
 
 async def _wait_any(

@@ -289,7 +289,7 @@ class ConfigCache(Generic[T]):
                 backoff = min(backoff * 2, 5.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def stop(self) -> None:
         if self._listener is not None:
