@@ -114,7 +114,8 @@ async def test_the_lean_answer_is_logged_and_counted_under_the_route_template(
     assert answer.status_code == 202
     assert count() == before + 1
     (line,) = [
-        r for r in log_records.records
+        r
+        for r in log_records.records
         if getattr(r, "event", "") == "http_request" and getattr(r, "status", 0) == 202
     ]
     assert line.route == URL  # type: ignore[attr-defined]
@@ -131,7 +132,7 @@ async def test_an_error_raised_on_the_lean_path_gets_the_applications_answer(
     async def down(*args: Any, **kwargs: Any) -> Any:
         raise OperationalError("INSERT", {}, Exception("connection refused"))
 
-    monkeypatch.setattr(api.runtime.messaging, "accept", down)
+    monkeypatch.setattr(api.runtime.messaging, "accept_json", down)
     answer = await api.client.post(URL, json=body(), headers=api.auth(Role.SERVICE))
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == "unavailable"
@@ -154,7 +155,7 @@ async def test_an_unhandled_error_on_the_lean_path_is_counted_under_the_route_te
         return metrics.HTTP_REQUESTS.labels("POST", route, "500")._value.get()
 
     before = count(URL), count("unmatched")
-    monkeypatch.setattr(api.runtime.messaging, "accept", broken)
+    monkeypatch.setattr(api.runtime.messaging, "accept_json", broken)
     answer = await api.client.post(URL, json=body(), headers=api.auth(Role.SERVICE))
     assert answer.status_code == 500
     assert answer.json()["error"]["code"] == "internal_error"
@@ -190,10 +191,95 @@ async def test_the_lean_path_reads_json_as_the_full_handler_does(
     }
     again = await api.client.post(URL, json=same, headers=headers)
     assert again.status_code == 202 and again.json() == lean.json()  # not a 409
-    big = b'{"body":"x","channels":["email"],"recipients":[{"email":"p@example.com"}],' \
+    big = (
+        b'{"body":"x","channels":["email"],"recipients":[{"email":"p@example.com"}],'
         b'"metadata":{"clinicId":"clinic-a","n":123456789012345678901234567890}}'
+    )
     refused = await api.client.post(
         URL, content=big, headers={**api.auth(Role.SERVICE), "Content-Type": "application/json"}
     )
     assert refused.status_code == 422
     assert [d["path"] for d in refused.json()["error"]["details"]] == ["metadata"]
+
+
+BATCH_URL = "/api/v1/communications/batch"
+
+
+async def test_a_batch_skips_the_dependency_machinery_and_the_second_parse(
+    api: Api, solved: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`POST …/batch` is lean too: a valid batch is answered without FastAPI's dependency
+    solving, and a batch the depth check parsed (more brackets than its limit) is not parsed
+    again (the depth check's document is used)."""
+    import orjson
+
+    from clinicomm.api.routers import communications
+
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+    solved.clear()
+    parses: list[int] = []
+
+    def counting(data: Any) -> Any:
+        parses.append(1)
+        return orjson.loads(data)
+
+    monkeypatch.setattr(
+        communications,
+        "orjson",
+        type(
+            "O",
+            (),
+            {
+                "loads": staticmethod(counting),
+                "dumps": staticmethod(orjson.dumps),
+                "JSONDecodeError": orjson.JSONDecodeError,
+            },
+        ),
+    )
+    items = [{**body(), "idempotencyKey": f"b-{i}"} for i in range(40)]
+    first = await api.client.post(BATCH_URL, json={"items": items}, headers=api.admin)
+    assert first.status_code == 202, first.text
+    assert [i["status"] for i in first.json()["items"]] == [202] * 40
+    assert solved == [] and parses == []
+    again = await api.client.post(BATCH_URL, json={"items": items}, headers=api.admin)
+    assert again.json()["items"] == first.json()["items"]  # idempotency per item, lean too
+    small = await api.client.post(BATCH_URL, json={"items": [body()]}, headers=api.admin)
+    assert small.status_code == 202 and parses == [1]  # too few brackets to parse for depth
+    assert solved == []
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "full"),
+    [
+        ({"headers": {}}, 401, True),
+        ({"json": [body()]}, 422, True),
+        ({"json": {"items": []}}, 422, False),
+        ({"json": {"items": [body()], "extra": 1}}, 422, False),
+        ({"content": b"{not json", "content_type": "application/json"}, 422, False),
+        (
+            {
+                "content": b'{"items": [{"n": 12345678901234567890123}]}',
+                "content_type": "application/json",
+            },
+            207,
+            True,
+        ),
+    ],
+)
+async def test_a_batch_the_lean_path_does_not_take_gets_the_routes_answer(
+    api: Api, solved: list[int], change: dict[str, Any], status: int, full: bool
+) -> None:
+    """No token, a body that is not a JSON object, or one with an integer orjson would read
+    as a float: the full handler answers, as it always did. A batch the lean path takes but
+    refuses answers the same error as the route."""
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+    solved.clear()
+    kwargs: dict[str, Any] = {"headers": change.get("headers", api.admin)}
+    if "content" in change:
+        kwargs["content"] = change["content"]
+        kwargs["headers"] = {**kwargs["headers"], "Content-Type": change["content_type"]}
+    else:
+        kwargs["json"] = change.get("json", {"items": [body()]})
+    answer = await api.client.post(BATCH_URL, **kwargs)
+    assert answer.status_code == status, answer.text
+    assert bool(solved) is full

@@ -67,9 +67,9 @@ async def test_the_answer_shows_priority_schedule_and_expiry(api: Api, clinics: 
     data = answer.json()
     assert data["priority"] == "urgent"
     assert datetime.fromisoformat(data["sendAt"]) == datetime.fromisoformat(send_at)
-    assert datetime.fromisoformat(data["expiresAt"]) == datetime.fromisoformat(
-        send_at
-    ) + timedelta(seconds=300)
+    assert datetime.fromisoformat(data["expiresAt"]) == datetime.fromisoformat(send_at) + timedelta(
+        seconds=300
+    )
     status = (await api.client.get(f"{URL}/{data['id']}", headers=api.auth(Role.SERVICE))).json()
     (delivery,) = status["deliveries"]
     assert delivery["status"] == "queued" and delivery["priority"] == "urgent"
@@ -78,6 +78,33 @@ async def test_the_answer_shows_priority_schedule_and_expiry(api: Api, clinics: 
         URL, json=body(category="NEWSLETTER"), headers=api.auth(Role.SERVICE)
     )
     assert default.json()["priority"] == "bulk" and default.json()["expiresAt"] is None
+
+
+@pytest.mark.parametrize("extra", [{"sendAt": ahead(hours=1), "ttlSeconds": 300}, {}])
+async def test_the_answer_is_exactly_the_send_accepted_model(
+    api: Api, clinics: None, extra: dict[str, Any]
+) -> None:
+    """The accept builds its answer as JSON data, not through the model: it is what
+    `SendAccepted` dumps, for a scheduled message and one with a delivery that failed at
+    accept (no phone number for sms), on the single send, the library call and the batch."""
+    from clinicomm.messaging.models import SendAccepted, SendRequest
+
+    request = body(
+        channels=["email", "sms"], recipients=[{"email": "patient@example.com"}], **extra
+    )
+    answer = await api.client.post(URL, json=request, headers=api.auth(Role.SERVICE))
+    assert answer.status_code == 202, answer.text
+    data = answer.json()
+    assert [d["status"] for d in data["deliveries"]] == ["queued", "failed"]
+    assert SendAccepted.model_validate(data).model_dump(mode="json", by_alias=True) == data
+    library = await api.runtime.messaging.accept(SendRequest.model_validate(request))
+    assert set(library.model_dump(by_alias=True)) == set(data)
+    batch = await api.client.post(
+        f"{URL}/batch", json={"items": [request]}, headers=api.auth(Role.SERVICE)
+    )
+    (item,) = batch.json()["items"]
+    assert set(item) == {"index", "status", "id", "deliveries"}
+    assert [d["error"] for d in item["deliveries"]] == [d["error"] for d in data["deliveries"]]
 
 
 async def test_cancel_needs_send_permission_and_reports_what_was_sent(

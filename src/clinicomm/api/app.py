@@ -81,14 +81,18 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.settings = resolved
     errors.install(app)
     openapi.install(app)
-    # Sending first: routes are matched in order, and it is the hot one (on the application
-    # itself, not through an included router; its valid requests are answered by the lean
-    # dispatch before FastAPI, `api.lean`).
+    # Sending first: routes are matched in order, and they are the hot ones (on the
+    # application itself, not through an included router; their valid requests are answered
+    # by the lean dispatch before FastAPI, `api.lean`).
     send_route = communications.add_send_route(app)
+    batch_route = communications.add_batch_route(app)
     # Innermost first: the lean dispatch reads a body the limits already checked, the depth
     # check reads a body the size limit already bounds, and the request context (outermost)
     # logs and ids every answer, 413 and 422 included.
-    lean = {("POST", send_route.path): (send_route, communications.send_lean)}
+    lean = {
+        ("POST", send_route.path): (send_route, communications.send_lean),
+        ("POST", batch_route.path): (batch_route, communications.send_batch_lean),
+    }
     app.add_middleware(LeanDispatch, routes=lean)
     app.add_middleware(JsonDepthLimit)
     app.add_middleware(BodySizeLimit, max_bytes=resolved.max_body_bytes)

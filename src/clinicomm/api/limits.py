@@ -7,6 +7,9 @@ Two small ASGI middlewares, each doing one thing:
   otherwise while the body is read, so an oversized body is never held whole in memory.
 - `JsonDepthLimit` refuses a JSON body nested deeper than `MAX_JSON_DEPTH` with 422 naming the
   path where it goes too deep (deep nesting exhausts recursion in parsers and deep copies).
+  When it had to parse the body to tell (a body with more brackets than the limit), it leaves
+  the parsed document in the scope under `PARSED_JSON` (`parsed_json`), so a lean route
+  (`api.lean`) does not parse the same bytes again.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from clinicomm.api.errors import error_response
 WEBHOOK_MAX_BYTES = 1024 * 1024
 WEBHOOK_PREFIX = "/api/v1/webhooks/"
 MAX_JSON_DEPTH = 32
+#: The scope key under which `JsonDepthLimit` leaves the body it parsed (orjson's reading).
+PARSED_JSON = "clinicomm.parsed_json"
+#: `parsed_json`'s answer when the body was not parsed (or did not parse).
+NOT_PARSED: Any = object()
 
 
 class BodyTooLargeError(HTTPException):
@@ -101,7 +108,7 @@ class JsonDepthLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        path = too_deep(body, self.max_depth) if body else None
+        path, document = _checked(body, self.max_depth) if body else (None, NOT_PARSED)
         if path is not None:
             detail = {
                 "path": path,
@@ -111,7 +118,19 @@ class JsonDepthLimit:
             answer = error_response(422, "validation_error", "the request is not valid", [detail])
             await answer(scope, receive, send)
             return
+        if document is not NOT_PARSED:
+            scope[PARSED_JSON] = (body, document)
         await self.app(scope, replay([{"type": "http.request", "body": body}], receive), send)
+
+
+def parsed_json(scope: Scope, body: bytes) -> Any:
+    """The document `JsonDepthLimit` parsed from `body` (orjson's reading of those bytes), or
+    `NOT_PARSED` when it did not parse this body. Shared, not copied: read it, don't change
+    it."""
+    found = scope.get(PARSED_JSON)
+    if found is None or found[0] != body:
+        return NOT_PARSED
+    return found[1]
 
 
 def too_deep(body: bytes, max_depth: int) -> str | None:
@@ -120,15 +139,26 @@ def too_deep(body: bytes, max_depth: int) -> str | None:
     A body that is not JSON is left to the route (it answers 422 itself); a body too deep for
     the parser itself is answered at the root path.
     """
+    return _checked(body, max_depth)[0]
+
+
+def _checked(body: bytes, max_depth: int) -> tuple[str | None, Any]:
+    """`too_deep`'s answer and the document parsed to find it (`NOT_PARSED`: not parsed)."""
     if body.count(b"[") + body.count(b"{") <= max_depth:
-        return None  # nesting needs an opening bracket per level: nothing to parse
+        # Nesting needs an opening bracket per level: nothing to parse.
+        return None, NOT_PARSED
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         message = str(exc).lower()
-        return "" if "depth" in message or "recursion" in message else None
+        return ("" if "depth" in message or "recursion" in message else None), NOT_PARSED
     if not _deeper_than(document, max_depth):
-        return None
+        return None, document
+    return _deep_path(document, max_depth), NOT_PARSED
+
+
+def _deep_path(document: Any, max_depth: int) -> str | None:
+    """The dotted path of the first container of `document` deeper than `max_depth`."""
     stack: list[tuple[Any, list[str], int]] = [(document, [], 1)]
     while stack:
         value, path, depth = stack.pop()

@@ -24,7 +24,6 @@ from clinicomm.messaging import timing
 from clinicomm.messaging.models import (
     TIMING_FIELDS,
     DeliveryStatus,
-    DeliverySummary,
     SendAccepted,
     SendRequest,
 )
@@ -148,6 +147,22 @@ class MessagingService:
         Raises SendValidationError (422), UnknownClinicError (404), IdempotencyConflictError (409).
         With the same `idempotency_key` and payload within 24 h, answers the first answer again.
         """
+        return SendAccepted.model_validate(
+            await self.accept_json(
+                request, idempotency_key=idempotency_key, requested_by=requested_by
+            )
+        )
+
+    async def accept_json(
+        self,
+        request: SendRequest,
+        *,
+        idempotency_key: str | None = None,
+        requested_by: str | None = None,
+    ) -> dict[str, Any]:
+        """`accept`, answering the 202 answer as JSON data (`SendAccepted`'s fields by their
+        JSON names, what `model_dump(mode="json", by_alias=True)` gives): the route encodes it
+        as it is, without building and dumping the model."""
         clinic_id = request.metadata.clinic_id
         scope = clinic_id or PLATFORM_KEY_OWNER
         digest = request_hash(request) if idempotency_key else ""
@@ -200,14 +215,15 @@ class MessagingService:
         target: CallbackTarget | None = None,
         when: timing.Timing | None = None,
         quiet: dict[Channel, QuietHours] | None = None,
-    ) -> tuple[PendingWrite, SendAccepted]:
-        """The rows of one message (encrypted) and the answer its commit will give."""
+    ) -> tuple[PendingWrite, dict[str, Any]]:
+        """The rows of one message (encrypted) and the answer its commit will give, as JSON
+        data (`accept_json`; tests/messaging check it against `SendAccepted`)."""
         message_id, *delivery_ids = new_ids(1 + len(planned))
         now = utcnow()
         when = when or timing.Timing(Priority.NORMAL, None, None)
         rank = when.priority.rank
         rows: list[NewDelivery] = []
-        summaries: list[DeliverySummary] = []
+        summaries: list[dict[str, Any]] = []
         stamps = self.fair.stamps(clinic_id, len(planned), now, priority=rank, at=when.send_at)
         cipher = await self.config.keys.cipher_for(self.db, scope)
         for item, fair_at, delivery_id in zip(planned, stamps, delivery_ids, strict=True):
@@ -244,22 +260,25 @@ class MessagingService:
                 )
             )
             summaries.append(
-                DeliverySummary(
-                    id=delivery_id,
-                    channel=item.channel,
-                    recipient=item.recipient,
-                    status=status,
-                    error=error,
-                    not_before=not_before.isoformat() if not_before and not item.failure else None,
-                )
+                {
+                    "id": delivery_id,
+                    "channel": item.channel.value,
+                    "recipient": item.recipient,
+                    "status": status.value,
+                    "error": {"reason": item.failure, "errors": []} if item.failure else None,
+                    "notBefore": not_before.isoformat()
+                    if not_before and not item.failure
+                    else None,
+                }
             )
-        answer = SendAccepted(
-            id=message_id,
-            deliveries=summaries,
-            priority=when.priority,
-            send_at=when.send_at.isoformat() if when.send_at else None,
-            expires_at=when.expires_at.isoformat() if when.expires_at else None,
-        )
+        answer = {
+            "id": message_id,
+            "status": "queued",
+            "deliveries": summaries,
+            "priority": when.priority.value,
+            "sendAt": when.send_at.isoformat() if when.send_at else None,
+            "expiresAt": when.expires_at.isoformat() if when.expires_at else None,
+        }
         plain = orjson.dumps(request.content())
         content = cipher.encrypt_bytes(plain, f"message:{message_id}")
         meta = request.metadata.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -282,11 +301,7 @@ class MessagingService:
                 "request_hash": digest,
                 "message_id": message_id,
                 # The first answer names the recipients: stored encrypted like them.
-                "response": seal_json(
-                    cipher,
-                    answer.model_dump(mode="json", by_alias=True),
-                    f"idempotency:{scope}:{idempotency_key}",
-                ),
+                "response": seal_json(cipher, answer, f"idempotency:{scope}:{idempotency_key}"),
                 "created_at": now,
                 "expires_at": now + IDEMPOTENCY_TTL,
             }
@@ -320,8 +335,9 @@ class MessagingService:
 
     async def accept_many(
         self, items: list[BatchItem], *, requested_by: str | None = None
-    ) -> list[SendAccepted | Exception]:
-        """Accept several messages in one transaction; one answer per item, in order.
+    ) -> list[dict[str, Any] | Exception]:
+        """Accept several messages in one transaction; one answer per item, in order: the
+        202 answer as JSON data (as `accept_json`) or the item's exception.
 
         Each item is checked as `accept` checks one message; an item that fails its checks
         answers its own exception (SendValidationError, UnknownClinicError,
@@ -329,8 +345,8 @@ class MessagingService:
         committed in the same transaction (all or none: a database error fails the whole
         batch, raised). An item whose idempotency key is stored answers the first answer.
         """
-        answers: list[SendAccepted | Exception | None] = [None] * len(items)
-        prepared: list[tuple[int, BatchItem, str, str, PendingWrite, SendAccepted]] = []
+        answers: list[dict[str, Any] | Exception | None] = [None] * len(items)
+        prepared: list[tuple[int, BatchItem, str, str, PendingWrite, dict[str, Any]]] = []
         # Items of one clinic share its regions and callback target: read once per batch.
         regions_of: dict[
             Any, tuple[dict[Channel, str], dict[Channel, Channel], dict[Channel, QuietHours]]
@@ -357,7 +373,7 @@ class MessagingService:
             except timing.TimingError as exc:
                 # As `accept`: a retry of an accepted item whose `sendAt` has passed since
                 # answers its first answer.
-                answer_or_error: SendAccepted | Exception | None = None
+                answer_or_error: dict[str, Any] | Exception | None = None
                 if item.idempotency_key is not None:
                     try:
                         answer_or_error = await self._previous(
@@ -399,7 +415,7 @@ class MessagingService:
             try:
                 previous = await self._previous(scope, item.idempotency_key, digest)
                 # An expired key was just deleted: this item alone, in its own transaction.
-                answers[index] = previous or await self.accept(
+                answers[index] = previous or await self.accept_json(
                     item.request, idempotency_key=item.idempotency_key, requested_by=requested_by
                 )
             except IdempotencyConflictError as exc:
@@ -447,7 +463,9 @@ class MessagingService:
                     wanted.append(target)  # its default region reads the fallback number
         return regions, fallbacks, quiet
 
-    async def _previous(self, scope: str, key: str, digest: str) -> SendAccepted | None:
+    async def _previous(self, scope: str, key: str, digest: str) -> dict[str, Any] | None:
+        """The first answer stored under `key` (JSON data, as `accept_json`), None when none is
+        (an expired one is deleted); IdempotencyConflictError when `digest` differs."""
         async with self.db.read() as session:
             row = (
                 await session.execute(
@@ -473,9 +491,8 @@ class MessagingService:
                 "Idempotency-Key was already used with a different payload"
             )
         cipher = await self.config.keys.cipher_for(self.db, scope)
-        return SendAccepted.model_validate(
-            open_json(cipher, row.response, f"idempotency:{scope}:{key}")
-        )
+        answer: dict[str, Any] = open_json(cipher, row.response, f"idempotency:{scope}:{key}")
+        return answer
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from clinicomm.api.answers import DeliveryPage, MessageStatus
 from clinicomm.api.auth import Permission, Principal
 from clinicomm.api.deps import authenticated, authorize, bearer_principal, get_runtime
 from clinicomm.api.errors import ApiError, forbidden, validation_details
+from clinicomm.api.limits import NOT_PARSED, parsed_json
 from clinicomm.api.schemas import ERRORS, ErrorAnswer
 from clinicomm.delivery.cancel import cancel_message, counted
 from clinicomm.delivery.status import GLOBAL, get_message, list_messages, reveal
@@ -114,7 +115,7 @@ async def send(
     bind_context(clinicId=clinic_id)
     authorize(principal, Permission.SEND, clinic_id)
     try:
-        accepted = await runtime.messaging.accept(
+        accepted = await runtime.messaging.accept_json(
             request, idempotency_key=idempotency_key, requested_by=principal.sub
         )
     except SendValidationError as exc:
@@ -128,7 +129,7 @@ async def send(
         raise ApiError(404, "not_found", str(exc)) from None
     except IdempotencyConflictError as exc:
         raise ApiError(409, "idempotency_conflict", str(exc)) from None
-    return _json(accepted.model_dump(mode="json", by_alias=True), 202)
+    return _json(accepted, 202)
 
 
 def add_send_route(app: FastAPI) -> APIRoute:
@@ -150,6 +151,30 @@ def add_send_route(app: FastAPI) -> APIRoute:
     route = app.router.routes[-1]
     assert isinstance(route, APIRoute)
     assert route.endpoint is send
+    return route
+
+
+def add_batch_route(app: FastAPI) -> APIRoute:
+    """Add `POST /api/v1/communications/batch` to the application itself, as
+    `add_send_route` does, and answer the route: its valid requests are answered by
+    `send_batch_lean`, the route answers the rest."""
+    app.router.add_api_route(
+        f"{router.prefix}/batch",
+        send_batch,
+        methods=["POST"],
+        status_code=202,
+        response_model=BatchAccepted,
+        responses={
+            **_SEND_ERRORS,
+            207: {"model": BatchAccepted, "description": "Some items refused (each says why)"},
+            413: {"model": ErrorAnswer, "description": "Body larger than CLINICOMM_MAX_BODY_BYTES"},
+        },
+        tags=list(router.tags),
+        summary="Send up to 500 messages, accepted in one transaction, answered per item",
+    )
+    route = app.router.routes[-1]
+    assert isinstance(route, APIRoute)
+    assert route.endpoint is send_batch
     return route
 
 
@@ -184,22 +209,56 @@ def _exception_answer(index: int, exc: Exception) -> Any:
     raise exc
 
 
-@router.post(
-    "/batch",
-    status_code=202,
-    response_model=BatchAccepted,
-    responses={
-        **_SEND_ERRORS,
-        207: {"model": BatchAccepted, "description": "Some items refused (each says why)"},
-        413: {"model": ErrorAnswer, "description": "Body larger than CLINICOMM_MAX_BODY_BYTES"},
-    },
-    summary="Send up to 500 messages, accepted in one transaction, answered per item",
-)
 async def send_batch(
     body: Annotated[BatchSendRequest, SkipValidation, Body()],
     principal: Caller,
     runtime: RuntimeDep,
 ) -> Response:
+    return await _batch(body, principal, runtime)
+
+
+async def send_batch_lean(request: Request) -> Response | None:
+    """`send_batch` for an authenticated JSON object body (`api.lean.LeanDispatch`): the same
+    checks and answers, without FastAPI's dependency solving and its second parse of the body
+    (`api.limits.JsonDepthLimit` parsed it already); None for anything else (no or a bad
+    token, a body that is not a JSON object), which the route answers."""
+    principal = bearer_principal(request)
+    if principal is None or not _is_json(request.headers.get("content-type", "")):
+        return None
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        return None
+    if _may_hold_a_long_integer(body):
+        return None  # orjson reads an integer beyond 64 bits as a float; the route does not
+    document = parsed_json(request.scope, body)
+    if document is NOT_PARSED:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None  # the route's parser answers (it reads a few things orjson refuses)
+    if not isinstance(document, dict):
+        return None
+    runtime: Runtime = request.app.state.runtime
+    return await _batch(document, principal, runtime)
+
+
+#: Every digit as "0", every other byte as " ": a run of 19 digits then shows as `_19_DIGITS`.
+_DIGITS = bytes(ord("0") if chr(i).isdigit() and i < 128 else ord(" ") for i in range(256))
+_19_DIGITS = b"0" * 19
+
+
+def _may_hold_a_long_integer(body: bytes) -> bool:
+    """Whether `body` has a run of 19 digits (in a number or a string): orjson reads an
+    integer of more than 64 bits as a float, where the route's `json.loads` reads an integer
+    (which validation then refuses, 422), so such a body goes to the route. 2^63 has 19
+    digits: a shorter run is an integer orjson reads as the route does. One C pass (~0.07 ms
+    for a 500-message batch, against ~1 ms for a regular expression)."""
+    return _19_DIGITS in body.translate(_DIGITS)
+
+
+async def _batch(body: Any, principal: Principal, runtime: Runtime) -> Response:
+    """Check, authorize and accept each item of a batch body (parsed JSON, not validated)."""
     raw: Any = body
     items = raw.get("items") if isinstance(raw, dict) else None
     if not isinstance(items, list) or not 1 <= len(items) <= BATCH_MAX_ITEMS:
@@ -238,11 +297,12 @@ async def send_batch(
     except IdempotencyConflictError as exc:  # pragma: no cover - answered per item
         raise ApiError(409, "idempotency_conflict", str(exc)) from None
     for (index, _), result in zip(valid, results, strict=True):
-        if isinstance(result, SendAccepted):
+        if isinstance(result, dict):
             answers[index] = {
                 "index": index,
                 "status": 202,
-                **result.model_dump(mode="json", by_alias=True, include={"id", "deliveries"}),
+                "id": result["id"],
+                "deliveries": result["deliveries"],
             }
         else:
             answers[index] = _exception_answer(index, result)
