@@ -96,3 +96,66 @@ async def test_one_statement_text_for_any_number_of_rows(db: Database) -> None:
         await fast.rows(db, _INSERT_M, _M.params(rows, db.engine.dialect), writes=True)
     async with db.read() as session:
         assert (await session.execute(text("SELECT count(*) FROM messages"))).scalar() == 53
+
+
+async def test_given_columns_store_what_table_insert_stores(db: Database) -> None:
+    """`given`: only the columns the rows carry are unnested; a column with a default is bound
+    once (the same for every row), one without is left out (SQL NULL). The rows stored are
+    those `Table.insert()` stores from the same dicts."""
+    from clinicomm.delivery.records import DeliveryStatus, NewDelivery
+
+    at = datetime(2026, 12, 6, 1, 0, tzinfo=UTC)
+    given = Unnest(DELIVERIES, "d", given=NewDelivery.ROW_COLUMNS)
+    assert {c.name for c in given.columns} == set(NewDelivery.ROW_COLUMNS)
+    assert {c.name for c in given.constants} == {
+        "chain_position",
+        "provider_attempts",
+        "attempts",
+        "requeues",
+    }
+    sql = given.insert()
+    assert "lease_owner" not in sql and "CAST(:d_attempts AS INTEGER)" in sql
+    await fast.rows(
+        db, text(_M.insert()), _M.params([_message("m")], db.engine.dialect), writes=True
+    )
+
+    def delivery(id_: str, **kw: Any) -> NewDelivery:
+        return NewDelivery(
+            id=id_,
+            message_id="m",
+            clinic_id=None,
+            channel="email",
+            recipient="enc",
+            status=DeliveryStatus.QUEUED,
+            fair_at=at,
+            created_at=at,
+            **kw,
+        )
+
+    rows = [
+        delivery("by-insert"),
+        delivery("by-insert-2", error={"reason": "x", "errors": []}, not_before=at, priority=2),
+    ]
+    twins = [
+        delivery(
+            r.id.replace("insert", "unnest"),
+            error=r.error,
+            not_before=r.not_before,
+            priority=r.priority,
+        )
+        for r in rows
+    ]
+    async with db.session() as session:
+        await session.execute(DELIVERIES.insert(), [r.row() for r in rows])
+    params = given.params([r.row() for r in twins], db.engine.dialect)
+    assert params["d_attempts"] == 0 and "d_lease_owner" not in params
+    assert len(params["d_id"]) == 2
+    await fast.rows(db, text(sql), params, writes=True)
+    expected = await _stored(db, DELIVERIES, [r.id for r in rows])
+    got = await _stored(db, DELIVERIES, [r.id for r in twins])
+    for one, other in zip(expected, got, strict=True):
+        assert {**one, "id": None} == {**other, "id": None}
+    with pytest.raises(KeyError):
+        given.params([{"id": "no-other-column"}], db.engine.dialect)
+    with pytest.raises(ValueError, match="no column"):
+        Unnest(DELIVERIES, "d", given=("id", "nope"))

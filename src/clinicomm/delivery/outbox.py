@@ -343,8 +343,7 @@ def flat(
         not new_deliveries
         and not suppressions
         and all(
-            o.delivery_id in no_callbacks or o.status.value not in callbacks.RANK
-            for o in outcomes
+            o.delivery_id in no_callbacks or o.status.value not in callbacks.RANK for o in outcomes
         )
     )
 
@@ -419,7 +418,10 @@ def _flat_raw(
 _INSERT_ATTEMPTS = _ATTEMPTS.insert()
 _APPLY_ONE = _APPLY.returning(_T.c.id)
 
-_ATTEMPT_ROWS = Unnest(_ATTEMPTS, "a")
+#: `Attempt.row()` gives every column but the key.
+_ATTEMPT_ROWS = Unnest(
+    _ATTEMPTS, "a", given=tuple(c.name for c in _ATTEMPTS.columns if c.name != "id")
+)
 #: `write_flat`'s statement (PostgreSQL). An empty attempts array inserts nothing. Built
 #: from the models' metadata only: no value is spliced into the text.
 _FLAT = text(

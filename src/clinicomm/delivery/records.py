@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from clinicomm.delivery.suppressions import SuppressionReason
 from clinicomm.ids import new_id
@@ -389,7 +389,28 @@ class NewDelivery:
             expires_at=claimed.expires_at,
         )
 
+    #: The `deliveries` columns `row()` gives (store.unnest: only these are unnested).
+    ROW_COLUMNS: ClassVar[tuple[str, ...]] = (
+        "id",
+        "message_id",
+        "clinic_id",
+        "channel",
+        "recipient",
+        "recipient_index",
+        "status",
+        "next_attempt_at",
+        "fair_at",
+        "error",
+        "parent_id",
+        "fallback_address",
+        "priority",
+        "expires_at",
+        "created_at",
+        "updated_at",
+    )
+
     def row(self) -> dict[str, Any]:
+        """The row to insert: `ROW_COLUMNS`, the others left to the table's defaults."""
         return {
             "id": self.id,
             "message_id": self.message_id,

@@ -58,9 +58,11 @@ _INSERT_MESSAGES = MESSAGES.insert()
 _INSERT_DELIVERIES = DELIVERIES.insert()
 _INSERT_CALLBACKS = CALLBACKS.insert()
 
-_KEYS = Unnest(IDEMPOTENCY, "k")
-_MESSAGES = Unnest(MESSAGES, "m")
-_DELIVERIES = Unnest(DELIVERIES, "d")
+#: `MessagingService._pending` builds every key and message row with all their columns, and
+#: delivery rows with `NewDelivery.ROW_COLUMNS` (the rest are the table's defaults).
+_KEYS = Unnest(IDEMPOTENCY, "k", given=tuple(c.name for c in IDEMPOTENCY.columns))
+_MESSAGES = Unnest(MESSAGES, "m", given=tuple(c.name for c in MESSAGES.columns))
+_DELIVERIES = Unnest(DELIVERIES, "d", given=NewDelivery.ROW_COLUMNS)
 _CALLBACKS = Unnest(CALLBACKS, "e")
 #: PostgreSQL: a group commit in one statement. A message is written when its key was
 #: inserted, or when it has none (its id is not among the keys' message ids); its deliveries

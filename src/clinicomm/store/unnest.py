@@ -10,6 +10,14 @@ row leaves out gets the model's Python-side default (`default=utcnow`, `default=
 every value given goes through the column type's bind processor for the engine's dialect
 (JSON is encoded with the engine's encoder; a JSON column's None given is JSON `null`), and a
 column left out without a default is SQL NULL, as `Table.insert()` stores them.
+
+Rows of one shape (a record type's `row()`) name the columns they all carry in `given`: only
+those are unnested. Every other column is the same for every row of a statement, so it costs
+nothing per row: one with a Python-side default is that default, bound once as a constant of
+the `SELECT`, and one without is left out of the insert (SQL NULL, or its server default), as
+`Table.insert()` leaves out a column no row gives. A delivery row carries 16 of the table's 27
+columns: the other 11 were 5,500 array elements per 500-row batch, each filled, bound and
+encoded on its own.
 """
 
 from __future__ import annotations
@@ -31,18 +39,36 @@ _Plan = tuple[str, str, "Callable[[], Any] | None", "Callable[[Any], Any] | None
 
 @dataclass(frozen=True)
 class Unnest:
-    """The rows of `table` (every column but an autoincrement key) bound as arrays named
-    `{prefix}_{column}`."""
+    """The rows of `table` (every column but an autoincrement key, or the `given` ones) bound
+    as arrays named `{prefix}_{column}`."""
 
     table: Table
     prefix: str
+    #: The columns every row carries (module docstring); None: every column is unnested.
+    given: tuple[str, ...] | None = None
+    #: The unnested columns.
     columns: tuple[Column[Any], ...] = field(init=False)
+    #: The columns not given that have a Python-side default: bound once per statement.
+    constants: tuple[Column[Any], ...] = field(init=False)
     #: By dialect: each column's (parameter, name, default filler, bind processor).
     _plans: dict[int, tuple[_Plan, ...]] = field(init=False, default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         skip = self.table.autoincrement_column
-        object.__setattr__(self, "columns", tuple(c for c in self.table.columns if c is not skip))
+        every = tuple(c for c in self.table.columns if c is not skip)
+        if self.given is None:
+            object.__setattr__(self, "columns", every)
+            object.__setattr__(self, "constants", ())
+            return
+        unknown = set(self.given) - {c.name for c in every}
+        if unknown:
+            raise ValueError(f"{self.table.name} has no column {sorted(unknown)}")
+        object.__setattr__(self, "columns", tuple(c for c in every if c.name in self.given))
+        object.__setattr__(
+            self,
+            "constants",
+            tuple(c for c in every if c.name not in self.given and c.default is not None),
+        )
 
     def param(self, column: str) -> str:
         """The bound name of `column`'s array."""
@@ -57,8 +83,11 @@ class Unnest:
     def insert(self, *, where: str = "", tail: str = "") -> str:
         """`INSERT INTO table (columns) SELECT u.columns FROM <rows> AS u [WHERE where] tail`
         (`tail`: ON CONFLICT, RETURNING)."""
-        names = ", ".join(_QUOTE(c.name) for c in self.columns)
-        chosen = ", ".join(f"u.{_QUOTE(c.name)}" for c in self.columns)
+        names = ", ".join(_QUOTE(c.name) for c in (*self.columns, *self.constants))
+        chosen = ", ".join(
+            [f"u.{_QUOTE(c.name)}" for c in self.columns]
+            + [f"CAST(:{self.param(c.name)} AS {_type_of(c)})" for c in self.constants]
+        )
         # Names from the table's metadata, quoted: no value is spliced into the text.
         sql = f"INSERT INTO {_QUOTE(self.table.name)} ({names}) SELECT {chosen} FROM "  # noqa: S608
         sql += self.rows_from("u")
@@ -66,9 +95,9 @@ class Unnest:
             sql += f" WHERE {where}"
         return f"{sql} {tail}".rstrip()
 
-    def params(self, rows: Sequence[Mapping[str, Any]], dialect: Dialect) -> dict[str, list[Any]]:
-        """One array per column, defaults filled and values bound for `dialect` (the engine's:
-        its JSON encoder)."""
+    def params(self, rows: Sequence[Mapping[str, Any]], dialect: Dialect) -> dict[str, Any]:
+        """One array per unnested column, defaults filled and values bound for `dialect` (the
+        engine's: its JSON encoder), and one value per constant column."""
         plan = self._plans.get(id(dialect))
         if plan is None:
             plan = tuple(
@@ -78,11 +107,21 @@ class Unnest:
                     _filler(c),
                     c.type.dialect_impl(dialect).bind_processor(dialect),
                 )
-                for c in self.columns
+                for c in (*self.columns, *self.constants)
             )
             self._plans[id(dialect)] = plan
-        arrays: dict[str, list[Any]] = {}
-        for param, name, fill, process in plan:
+        arrays: dict[str, Any] = {}
+        for param, _name, fill, process in plan[len(self.columns) :]:
+            assert fill is not None  # a constant column has a default
+            value = fill()
+            arrays[param] = value if process is None else process(value)
+        for param, name, fill, process in plan[: len(self.columns)]:
+            if self.given is not None:  # every row carries it (KeyError if one does not)
+                if process is None:
+                    arrays[param] = [row[name] for row in rows]
+                else:
+                    arrays[param] = [process(row[name]) for row in rows]
+                continue
             if fill is None and process is None:  # most columns: the value, or NULL
                 arrays[param] = [row.get(name) for row in rows]
                 continue
@@ -103,7 +142,12 @@ def _array_of(column: Column[Any]) -> str:
     """The array type of `column`'s values, without a length: an explicit cast to VARCHAR(n)
     truncates silently, whereas the insert's own assignment to the column refuses a value too
     long (a `DataError`, as `Table.insert()` raises)."""
-    return re.sub(r"\(.*?\)", "", column.type.compile(dialect=_PG)) + "[]"
+    return _type_of(column) + "[]"
+
+
+def _type_of(column: Column[Any]) -> str:
+    """`column`'s type without a length (`_array_of`)."""
+    return re.sub(r"\(.*?\)", "", column.type.compile(dialect=_PG))
 
 
 def _filler(column: Column[Any]) -> Callable[[], Any] | None:
