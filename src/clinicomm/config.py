@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     provider_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Deliveries a worker claims per batch.
     worker_batch_size: int = Field(default=100, ge=1)
-    #: Provider calls a worker has in flight at once.
-    worker_concurrency: int = Field(default=256, ge=1)
+    #: Provider calls a worker has in flight at once, sent but not yet recorded included (a
+    #: worker killed re-sends at most this many).
+    worker_concurrency: int = Field(default=512, ge=1)
     #: Seconds a claimed delivery stays leased; a crashed worker's deliveries return after it.
     worker_lease_seconds: float = Field(default=60.0, gt=0)
     #: Seconds between claims when no NOTIFY or in-process wake-up came (the safety net).
