@@ -577,7 +577,9 @@ def console_link(
 @app.command()
 def worker(
     batch_size: int | None = typer.Option(None, min=1, help="Deliveries claimed per batch."),
-    concurrency: int | None = typer.Option(None, min=1, help="Sends in flight at once."),
+    concurrency: int | None = typer.Option(
+        None, min=1, help="Sends in flight at once (default: CLINICOMM_WORKER_CONCURRENCY or 512)."
+    ),
     metrics_port: int | None = typer.Option(
         None,
         "--metrics-port",
@@ -600,7 +602,7 @@ def worker(
 
     settings = load_settings()
     configure_logging(settings.log_level, fmt=settings.log_format)
-    options = worker_options(settings)
+    options = worker_options(settings, own_process=True)
     if batch_size:
         options.batch_size = batch_size
     if concurrency:

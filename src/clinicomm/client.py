@@ -18,16 +18,21 @@ from typing import Any
 from clinicomm.config import Settings
 from clinicomm.delivery.cancel import cancel_message, counted
 from clinicomm.delivery.status import get_message, reveal
-from clinicomm.delivery.worker import Worker, WorkerOptions
+from clinicomm.delivery.worker import WORKER_PROCESS_CONCURRENCY, Worker, WorkerOptions
 from clinicomm.messaging.models import SendAccepted, SendRequest
 from clinicomm.runtime import Runtime
 from clinicomm.store.models import utcnow
 
 
-def worker_options(settings: Settings) -> WorkerOptions:
+def worker_options(settings: Settings, *, own_process: bool = False) -> WorkerOptions:
+    """The worker's options from `settings`; `own_process`: a worker process with no API in
+    it, whose default concurrency is `WORKER_PROCESS_CONCURRENCY` (256 otherwise)."""
+    concurrency = settings.worker_concurrency
+    if concurrency is None:
+        concurrency = WORKER_PROCESS_CONCURRENCY if own_process else WorkerOptions.concurrency
     return WorkerOptions(
         batch_size=settings.worker_batch_size,
-        concurrency=settings.worker_concurrency,
+        concurrency=concurrency,
         lease_seconds=settings.worker_lease_seconds,
         poll_seconds=settings.worker_poll_seconds,
         max_age_seconds=settings.delivery_max_age_seconds,

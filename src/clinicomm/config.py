@@ -70,8 +70,10 @@ class Settings(BaseSettings):
     #: Deliveries a worker claims per batch.
     worker_batch_size: int = Field(default=100, ge=1)
     #: Provider calls a worker has in flight at once, sent but not yet recorded included (a
-    #: worker killed re-sends at most this many).
-    worker_concurrency: int = Field(default=512, ge=1)
+    #: worker killed re-sends at most this many). Unset: 256 for the worker inside `serve`
+    #: (it shares the event loop with the API), 512 for a worker process (`clinicomm worker`,
+    #: and the one `serve --processes N` starts).
+    worker_concurrency: int | None = Field(default=None, ge=1)
     #: Seconds a claimed delivery stays leased; a crashed worker's deliveries return after it.
     worker_lease_seconds: float = Field(default=60.0, gt=0)
     #: Seconds between claims when no NOTIFY or in-process wake-up came (the safety net).

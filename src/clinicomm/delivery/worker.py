@@ -66,16 +66,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: A worker process's slots (`CLINICOMM_WORKER_CONCURRENCY` unset): results wait for the
+#: next flush in their slots, and with 256 a worker process spent its time waiting on them
+#: (batch-accept on PostgreSQL, two API processes and a worker: 4,219-4,973 against
+#: 5,246-5,861 deliveries/s in five interleaved pairs). Inside `serve` it stays 256: there
+#: 512 slots cost SMTP on SQLite a fifth of its rate (bench/RESULTS.md, Dec 6).
+WORKER_PROCESS_CONCURRENCY = 512
+
+
 @dataclass
 class WorkerOptions:
     """Tuning knobs; the defaults suit one 2-core machine."""
 
     batch_size: int = 100
-    #: Sends in flight plus sent-but-unrecorded deliveries. 512, not 256: results wait for
-    #: the next flush in their slots, and with 256 a worker spent its time waiting on them
-    #: (batch-accept on PostgreSQL, two API processes and a worker: 4,219-4,973 against
-    #: 5,246-5,861 deliveries/s in five interleaved pairs, bench/RESULTS.md Dec 6).
-    concurrency: int = 512
+    #: Sends in flight plus sent-but-unrecorded deliveries (`client.worker_options` gives a
+    #: worker process `WORKER_PROCESS_CONCURRENCY`).
+    concurrency: int = 256
     lease_seconds: float = 60.0
     poll_seconds: float = 1.0
     max_age_seconds: float = 6 * 3600.0
