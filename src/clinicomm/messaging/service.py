@@ -491,8 +491,7 @@ class MessagingService:
                 "Idempotency-Key was already used with a different payload"
             )
         cipher = await self.config.keys.cipher_for(self.db, scope)
-        answer: dict[str, Any] = open_json(cipher, row.response, f"idempotency:{scope}:{key}")
-        return answer
+        return open_json(cipher, row.response, f"idempotency:{scope}:{key}")
 
 
 @dataclass(frozen=True, slots=True)

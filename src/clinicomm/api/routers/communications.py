@@ -76,8 +76,8 @@ async def send_lean(request: Request) -> Response | None:
     """`send` for a request that authenticates and validates (`api.lean.LeanDispatch`): the
     same checks and the same call, without FastAPI's routing, dependency solving and body
     handling; None for anything else, which the route answers (401, 422 with paths)."""
-    principal = bearer_principal(request)
-    if principal is None or not _is_json(request.headers.get("content-type", "")):
+    principal = _json_caller(request)
+    if principal is None:
         return None
     key = request.headers.get("idempotency-key")
     if key is not None and len(key) > _MAX_KEY:
@@ -91,6 +91,15 @@ async def send_lean(request: Request) -> Response | None:
         return None
     runtime: Runtime = request.app.state.runtime
     return await send(body, principal, runtime, key)
+
+
+def _json_caller(request: Request) -> Principal | None:
+    """The caller of a lean route's request: its bearer token's principal when the body is
+    declared JSON, else None (the route answers)."""
+    principal = bearer_principal(request)
+    if principal is None or not _is_json(request.headers.get("content-type", "")):
+        return None
+    return principal
 
 
 def _is_json(content_type: str) -> bool:
@@ -138,43 +147,43 @@ def add_send_route(app: FastAPI) -> APIRoute:
     answer the route. Its valid requests are answered by `send_lean` through
     `api.lean.LeanDispatch`; the route answers the rest. The application includes this
     module's `router` after calling this, for the other routes."""
-    app.router.add_api_route(
+    return _add_post_route(
+        app,
         router.prefix,
         send,
-        methods=["POST"],
-        status_code=202,
         response_model=SendAccepted,
         responses=_SEND_ERRORS,
-        tags=list(router.tags),
         summary="Send a message (stored durably before the answer)",
     )
-    route = app.router.routes[-1]
-    assert isinstance(route, APIRoute)
-    assert route.endpoint is send
-    return route
 
 
 def add_batch_route(app: FastAPI) -> APIRoute:
     """Add `POST /api/v1/communications/batch` to the application itself, as
     `add_send_route` does, and answer the route: its valid requests are answered by
     `send_batch_lean`, the route answers the rest."""
-    app.router.add_api_route(
+    return _add_post_route(
+        app,
         f"{router.prefix}/batch",
         send_batch,
-        methods=["POST"],
-        status_code=202,
         response_model=BatchAccepted,
         responses={
             **_SEND_ERRORS,
             207: {"model": BatchAccepted, "description": "Some items refused (each says why)"},
             413: {"model": ErrorAnswer, "description": "Body larger than CLINICOMM_MAX_BODY_BYTES"},
         },
-        tags=list(router.tags),
         summary="Send up to 500 messages, accepted in one transaction, answered per item",
+    )
+
+
+def _add_post_route(app: FastAPI, path: str, endpoint: Any, **options: Any) -> APIRoute:
+    """A `POST` route answering 202, tagged as this module's router, on the application
+    itself; the route added."""
+    app.router.add_api_route(
+        path, endpoint, methods=["POST"], status_code=202, tags=list(router.tags), **options
     )
     route = app.router.routes[-1]
     assert isinstance(route, APIRoute)
-    assert route.endpoint is send_batch
+    assert route.endpoint is endpoint
     return route
 
 
@@ -222,8 +231,8 @@ async def send_batch_lean(request: Request) -> Response | None:
     checks and answers, without FastAPI's dependency solving and its second parse of the body
     (`api.limits.JsonDepthLimit` parsed it already); None for anything else (no or a bad
     token, a body that is not a JSON object), which the route answers."""
-    principal = bearer_principal(request)
-    if principal is None or not _is_json(request.headers.get("content-type", "")):
+    principal = _json_caller(request)
+    if principal is None:
         return None
     try:
         body = await request.body()
@@ -257,9 +266,8 @@ def _may_hold_a_long_integer(body: bytes) -> bool:
     return _19_DIGITS in body.translate(_DIGITS)
 
 
-async def _batch(body: Any, principal: Principal, runtime: Runtime) -> Response:
+async def _batch(raw: Any, principal: Principal, runtime: Runtime) -> Response:
     """Check, authorize and accept each item of a batch body (parsed JSON, not validated)."""
-    raw: Any = body
     items = raw.get("items") if isinstance(raw, dict) else None
     if not isinstance(items, list) or not 1 <= len(items) <= BATCH_MAX_ITEMS:
         detail = {
