@@ -1,4 +1,4 @@
-"""`store.unnest.Unnest`: rows as one array per column store what `Table.insert()` stores
+"""`store.unnest.Unnest`: rows as one JSON parameter store what `Table.insert()` stores
 (PostgreSQL: the accept's one statement is built from it)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import Table, select, text
 from sqlalchemy.exc import DataError
@@ -16,7 +17,7 @@ from clinicomm.store.models import CallbackEvent, Delivery, Message
 from clinicomm.store.unnest import Unnest
 from tests.conftest import BACKEND
 
-pytestmark = pytest.mark.skipif(BACKEND != "postgres", reason="arrays are PostgreSQL's")
+pytestmark = pytest.mark.skipif(BACKEND != "postgres", reason="json_to_recordset is PostgreSQL's")
 
 MESSAGES: Table = Message.__table__  # type: ignore[assignment]
 DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
@@ -67,13 +68,16 @@ async def test_rows_are_stored_as_table_insert_stores_them(db: Database) -> None
 
 
 async def test_defaults_are_the_models(db: Database) -> None:
-    params = _M.params([_message("m-1")], db.engine.dialect)
-    assert params["m_meta"] == ["{}"]  # default=dict, encoded
-    assert params["m_callback_url"] == [None]
-    assert abs((params["m_created_at"][0] - datetime.now(UTC)).total_seconds()) < 60
+    (row,) = orjson.loads(_M.params([_message("m-1")], db.engine.dialect)["m_rows"])
+    assert row["meta"] == "{}"  # default=dict, encoded by the engine's encoder
+    assert row["callback_url"] is None
+    assert row["content"] == "AP8="  # b"\x00\xff" as base64
+    created = datetime.fromisoformat(row["created_at"])
+    assert abs((created - datetime.now(UTC)).total_seconds()) < 60
     events = Unnest(CALLBACKS, "e")
-    assert "e_id" not in events.params([], db.engine.dialect)  # the autoincrement key is left out
-    assert events.params([{"event_id": "x"}], db.engine.dialect)["e_state"] == ["pending"]
+    (event,) = orjson.loads(events.params([{"event_id": "x"}], db.engine.dialect)["e_rows"])
+    assert "id" not in event  # the autoincrement key is left out
+    assert event["state"] == "pending"
 
 
 async def test_a_value_too_long_is_refused_not_truncated(db: Database) -> None:
@@ -90,7 +94,7 @@ async def test_a_value_too_long_is_refused_not_truncated(db: Database) -> None:
 
 async def test_one_statement_text_for_any_number_of_rows(db: Database) -> None:
     sql = _M.insert()
-    assert "unnest(" in sql and "VARCHAR(" not in sql  # no length cast: it would truncate
+    assert "json_to_recordset(" in sql and "VARCHAR(" not in sql  # a length cast truncates
     for n in (1, 2, 50):
         rows = [_message(f"n{n}-{i}") for i in range(n)]
         await fast.rows(db, _INSERT_M, _M.params(rows, db.engine.dialect), writes=True)
@@ -150,8 +154,11 @@ async def test_given_columns_store_what_table_insert_stores(db: Database) -> Non
     async with db.session() as session:
         await session.execute(DELIVERIES.insert(), [r.row() for r in rows])
     params = given.params([r.row() for r in twins], db.engine.dialect)
-    assert params["d_attempts"] == 0 and "d_lease_owner" not in params
-    assert len(params["d_id"]) == 2
+    assert params["d_attempts"] == 0 and set(params) == {
+        "d_rows",
+        *(f"d_{c.name}" for c in given.constants),
+    }
+    assert [set(r) for r in orjson.loads(params["d_rows"])] == [set(NewDelivery.ROW_COLUMNS)] * 2
     await fast.rows(db, text(sql), params, writes=True)
     expected = await _stored(db, DELIVERIES, [r.id for r in rows])
     got = await _stored(db, DELIVERIES, [r.id for r in twins])
@@ -161,3 +168,20 @@ async def test_given_columns_store_what_table_insert_stores(db: Database) -> Non
         given.params([{"id": "no-other-column"}], db.engine.dialect)
     with pytest.raises(ValueError, match="no column"):
         Unnest(DELIVERIES, "d", given=("id", "nope"))
+
+
+async def test_naive_timestamps_are_utc_and_a_nul_is_refused(db: Database) -> None:
+    """The recordset's edges: a naive timestamp travels as UTC (the project's convention,
+    whatever the server's TimeZone), and a string with a NUL is a `DataError` (the writer's
+    per-group retry relies on it), with nothing written."""
+    naive = datetime(2026, 12, 6, 12, 0)
+    params = _M.params([_message("naive", created_at=naive)], db.engine.dialect)
+    assert orjson.loads(params["m_rows"])[0]["created_at"] == "2026-12-06T12:00:00+00:00"
+    await fast.rows(db, _INSERT_M, params, writes=True)
+    (stored,) = await _stored(db, MESSAGES, ["naive"])
+    assert stored["created_at"] == naive.replace(tzinfo=UTC)
+    nul = _M.params([_message("nul", category="a\x00b")], db.engine.dialect)
+    with pytest.raises(DataError):
+        await fast.rows(db, _INSERT_M, nul, writes=True)
+    async with db.read() as session:
+        assert (await session.execute(text("SELECT count(*) FROM messages"))).scalar() == 1

@@ -47,7 +47,7 @@ from clinicomm.delivery.suppressions import suppress
 from clinicomm.store import fast, sqlite_raw
 from clinicomm.store.db import Database, json_dumps
 from clinicomm.store.models import Delivery, DeliveryAttempt, aware
-from clinicomm.store.unnest import Unnest
+from clinicomm.store.unnest import Unnest, records_json
 from clinicomm.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -358,10 +358,11 @@ async def write_flat(
 ) -> Written:
     """`write_results` for what `flat` accepts, as ONE statement (PostgreSQL): the
     attempt rows inserted by a data-modifying CTE and the outcomes applied by an UPDATE from
-    arrays, only where `owner` still holds the lease (checked and written at once: the
-    reaper cannot come between). Atomic by itself, so it runs outside a transaction
-    (`store.fast.rows`): one round trip instead of BEGIN, insert, lock, update, COMMIT. On a
-    SQLite file, `_flat_raw`'s statements in one transaction on `store.sqlite_raw`'s writer."""
+    a JSON recordset (`store.unnest`), only where `owner` still holds the lease (checked and
+    written at once: the reaper cannot come between). Atomic by itself, so it runs outside a
+    transaction (`store.fast.rows`): one round trip instead of BEGIN, insert, lock, update,
+    COMMIT. On a SQLite file, `_flat_raw`'s statements in one transaction on
+    `store.sqlite_raw`'s writer."""
     if db.raw is not None:
         async with db.writing():
             held = await db.raw.transaction(partial(_flat_raw, owner, now, outcomes, attempts))
@@ -385,16 +386,23 @@ async def _flat_statement(
         "owner": owner,
         "now": now,
         **_ATTEMPT_ROWS.params([a.row() for a in attempts], db.engine.dialect),
-        "o_id": [o.delivery_id for o in outcomes],
-        "o_status": [o.status.value for o in outcomes],
-        "o_attempts": [o.attempts for o in outcomes],
-        "o_position": [o.chain_position for o in outcomes],
-        "o_provider_attempts": [o.provider_attempts for o in outcomes],
-        "o_next": [o.next_attempt_at or now for o in outcomes],
-        "o_provider": [o.provider for o in outcomes],
-        "o_pmid": [o.provider_message_id for o in outcomes],
-        "o_error": [None if o.error is None else json_dumps(o.error) for o in outcomes],
-        "o_sent": [o.sent_at for o in outcomes],
+        "o_rows": records_json(
+            [
+                {
+                    "id": o.delivery_id,
+                    "status": o.status.value,
+                    "attempts": o.attempts,
+                    "position": o.chain_position,
+                    "provider_attempts": o.provider_attempts,
+                    "next_at": o.next_attempt_at or now,
+                    "provider": o.provider,
+                    "pmid": o.provider_message_id,
+                    "error": None if o.error is None else json_dumps(o.error),
+                    "sent_at": o.sent_at,
+                }
+                for o in outcomes
+            ]
+        ),
     }
     found = await fast.rows(db, _FLAT, params, writes=True, custom_plans=False)  # by primary key
     return {row["id"] for row in found}
@@ -422,7 +430,7 @@ _APPLY_ONE = _APPLY.returning(_T.c.id)
 _ATTEMPT_ROWS = Unnest(
     _ATTEMPTS, "a", given=tuple(c.name for c in _ATTEMPTS.columns if c.name != "id")
 )
-#: `write_flat`'s statement (PostgreSQL). An empty attempts array inserts nothing. Built
+#: `write_flat`'s statement (PostgreSQL). An empty attempts list inserts nothing. Built
 #: from the models' metadata only: no value is spliced into the text.
 _FLAT = text(
     f"WITH attempt_rows AS ({_ATTEMPT_ROWS.insert()})"
@@ -433,14 +441,11 @@ _FLAT = text(
         fair_at = u.next_at, provider = u.provider, provider_message_id = u.pmid,
         error = CAST(u.error AS JSON), sent_at = u.sent_at,
         lease_owner = NULL, lease_until = NULL, updated_at = :now
-    FROM unnest(
-        CAST(:o_id AS VARCHAR[]), CAST(:o_status AS VARCHAR[]),
-        CAST(:o_attempts AS INTEGER[]), CAST(:o_position AS INTEGER[]),
-        CAST(:o_provider_attempts AS INTEGER[]), CAST(:o_next AS TIMESTAMPTZ[]),
-        CAST(:o_provider AS VARCHAR[]), CAST(:o_pmid AS VARCHAR[]),
-        CAST(:o_error AS TEXT[]), CAST(:o_sent AS TIMESTAMPTZ[])
-    ) AS u(id, status, attempts, position, provider_attempts, next_at, provider, pmid,
-           error, sent_at)
+    FROM json_to_recordset(CAST(:o_rows AS JSON)) AS u(
+        id VARCHAR, status VARCHAR, attempts INTEGER, position INTEGER,
+        provider_attempts INTEGER, next_at TIMESTAMPTZ, provider VARCHAR, pmid VARCHAR,
+        error TEXT, sent_at TIMESTAMPTZ
+    )
     WHERE d.id = u.id AND d.lease_owner = :owner
     RETURNING d.id
     """

@@ -1,57 +1,73 @@
-"""Many rows of one table as one array parameter per column (PostgreSQL, `store.fast`).
+"""Many rows of one table as ONE JSON parameter (PostgreSQL, `store.fast`).
 
-`INSERT INTO t (c1, …) SELECT … FROM unnest(CAST(:p_c1 AS T1[]), …) AS u(c1, …)`: the text
-does not change with the number of rows, so asyncpg prepares it once per connection, and the
-rows travel in one round trip. Several of these can be data-modifying CTEs of one statement,
-which runs atomically outside a transaction (`store.fast.rows`).
+`INSERT INTO t (c1, …) SELECT u.c1, … FROM json_to_recordset(CAST(:p_rows AS JSON)) AS u(c1
+T1, …)`: the text does not change with the number of rows, so asyncpg prepares it once per
+connection, and the rows travel in one round trip. Several of these can be data-modifying
+CTEs of one statement, which runs atomically outside a transaction (`store.fast.rows`).
+
+Why JSON and not one array per column (`unnest(CAST(:p_c1 AS T1[]), …)`, what this module
+bound until Dec 2026): asyncpg encodes an array element by element in Python-level code (an
+`isinstance` against `collections.abc` per element, a datetime split into fields), ~0.4 µs
+per text, ~0.8 µs per timestamp here. A 500-row delivery batch was 8,000 elements and ~3.5-4.5
+ms of the client's CPU; orjson writes the same rows in ~0.5 ms and PostgreSQL's recordset
+reader takes them at about the arrays' server time (bench/RESULTS.md, Dec 6). The class keeps
+its name: it is still "rows as one parameter, unnested by the server".
 
 `Unnest.params` makes each row what SQLAlchemy's own insert would have stored: a column the
 row leaves out gets the model's Python-side default (`default=utcnow`, `default=dict`, …),
 every value given goes through the column type's bind processor for the engine's dialect
 (JSON is encoded with the engine's encoder; a JSON column's None given is JSON `null`), and a
-column left out without a default is SQL NULL, as `Table.insert()` stores them.
+column left out without a default is SQL NULL, as `Table.insert()` leaves it out. In the
+recordset a JSON column travels as its encoded text (cast back to JSON by the insert: JSON
+`null` stays JSON `null`, it does not become SQL NULL) and a binary column as base64 (decoded
+by the insert); a naive timestamp is read as UTC, as the project writes them; a string with a
+NUL is refused by the server (a `DataError`, as with arrays).
 
 Rows of one shape (a record type's `row()`) name the columns they all carry in `given`: only
-those are unnested. Every other column is the same for every row of a statement, so it costs
-nothing per row: one with a Python-side default is that default, bound once as a constant of
-the `SELECT`, and one without is left out of the insert (SQL NULL, or its server default), as
-`Table.insert()` leaves out a column no row gives. A delivery row carries 16 of the table's 27
-columns: the other 11 were 5,500 array elements per 500-row batch, each filled, bound and
-encoded on its own.
+those travel per row. Every other column is the same for every row of a statement, so it
+costs nothing per row: one with a Python-side default is that default, bound once as a
+constant of the `SELECT`, and one without is left out of the insert (SQL NULL, or its server
+default), as `Table.insert()` leaves out a column no row gives.
 """
 
 from __future__ import annotations
 
+import binascii
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Column, Table
+import orjson
+from sqlalchemy import JSON, Column, LargeBinary, Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 _QUOTE = _PG.identifier_preparer.quote
 _MISSING = object()
-_Plan = tuple[str, str, "Callable[[], Any] | None", "Callable[[Any], Any] | None"]
+#: (name, default filler, encoder): how a column's value becomes its recordset value.
+_Plan = tuple[str, "Callable[[], Any] | None", "Callable[[Any], Any] | None"]
+_ORJSON = orjson.OPT_NAIVE_UTC
 
 
 @dataclass(frozen=True)
 class Unnest:
     """The rows of `table` (every column but an autoincrement key, or the `given` ones) bound
-    as arrays named `{prefix}_{column}`."""
+    as one JSON array of objects named `{prefix}_rows`; constants as `{prefix}_{column}`."""
 
     table: Table
     prefix: str
-    #: The columns every row carries (module docstring); None: every column is unnested.
+    #: The columns every row carries (module docstring); None: every column travels per row.
     given: tuple[str, ...] | None = None
-    #: The unnested columns.
+    #: The columns that travel per row.
     columns: tuple[Column[Any], ...] = field(init=False)
     #: The columns not given that have a Python-side default: bound once per statement.
     constants: tuple[Column[Any], ...] = field(init=False)
-    #: By dialect: each column's (parameter, name, default filler, bind processor).
-    _plans: dict[int, tuple[_Plan, ...]] = field(init=False, default_factory=dict, compare=False)
+    #: By dialect: the per-row columns' plans, and the constants' (parameter, filler, bind).
+    _plans: dict[int, tuple[tuple[_Plan, ...], tuple[_Plan, ...]]] = field(
+        init=False, default_factory=dict, compare=False
+    )
 
     def __post_init__(self) -> None:
         skip = self.table.autoincrement_column
@@ -70,22 +86,28 @@ class Unnest:
             tuple(c for c in every if c.name not in self.given and c.default is not None),
         )
 
+    @property
+    def rows_param(self) -> str:
+        """The bound name of the rows' JSON."""
+        return f"{self.prefix}_rows"
+
     def param(self, column: str) -> str:
-        """The bound name of `column`'s array."""
+        """The bound name of constant `column`'s value."""
         return f"{self.prefix}_{column}"
 
-    def rows_from(self, alias: str) -> str:
-        """`unnest(…) AS alias(columns)`: the rows, to select from."""
-        arrays = ", ".join(f"CAST(:{self.param(c.name)} AS {_array_of(c)})" for c in self.columns)
-        names = ", ".join(_QUOTE(c.name) for c in self.columns)
-        return f"unnest({arrays}) AS {alias}({names})"
+    def rows_from(self, alias: str, only: Sequence[str] | None = None) -> str:
+        """`json_to_recordset(…) AS alias(columns)`: the rows, to select from (`only`: just
+        those columns, as they travel: a JSON column as text, a binary one as base64)."""
+        chosen = [c for c in self.columns if only is None or c.name in only]
+        names = ", ".join(f"{_QUOTE(c.name)} {_carried_as(c)}" for c in chosen)
+        return f"json_to_recordset(CAST(:{self.rows_param} AS JSON)) AS {alias}({names})"
 
     def insert(self, *, where: str = "", tail: str = "") -> str:
         """`INSERT INTO table (columns) SELECT u.columns FROM <rows> AS u [WHERE where] tail`
         (`tail`: ON CONFLICT, RETURNING)."""
         names = ", ".join(_QUOTE(c.name) for c in (*self.columns, *self.constants))
         chosen = ", ".join(
-            [f"u.{_QUOTE(c.name)}" for c in self.columns]
+            [_read(c, "u") for c in self.columns]
             + [f"CAST(:{self.param(c.name)} AS {_type_of(c)})" for c in self.constants]
         )
         # Names from the table's metadata, quoted: no value is spliced into the text.
@@ -96,57 +118,107 @@ class Unnest:
         return f"{sql} {tail}".rstrip()
 
     def params(self, rows: Sequence[Mapping[str, Any]], dialect: Dialect) -> dict[str, Any]:
-        """One array per unnested column, defaults filled and values bound for `dialect` (the
-        engine's: its JSON encoder), and one value per constant column."""
-        plan = self._plans.get(id(dialect))
-        if plan is None:
-            plan = tuple(
-                (
-                    self.param(c.name),
-                    c.name,
-                    _filler(c),
-                    c.type.dialect_impl(dialect).bind_processor(dialect),
-                )
-                for c in (*self.columns, *self.constants)
+        """The rows as one JSON text (defaults filled, values bound for `dialect`: the
+        engine's JSON encoder), and one value per constant column."""
+        found = self._plans.get(id(dialect))
+        if found is None:
+            found = (
+                tuple((c.name, _filler(c), _encoder(c, dialect)) for c in self.columns),
+                tuple((self.param(c.name), _filler(c), _bind(c, dialect)) for c in self.constants),
             )
-            self._plans[id(dialect)] = plan
-        arrays: dict[str, Any] = {}
-        for param, _name, fill, process in plan[len(self.columns) :]:
+            self._plans[id(dialect)] = found
+        per_row, constants = found
+        bound: dict[str, Any] = {}
+        for param, fill, process in constants:
             assert fill is not None  # a constant column has a default
             value = fill()
-            arrays[param] = value if process is None else process(value)
-        for param, name, fill, process in plan[: len(self.columns)]:
-            if self.given is not None:  # every row carries it (KeyError if one does not)
-                if process is None:
-                    arrays[param] = [row[name] for row in rows]
-                else:
-                    arrays[param] = [process(row[name]) for row in rows]
-                continue
-            if fill is None and process is None:  # most columns: the value, or NULL
-                arrays[param] = [row.get(name) for row in rows]
-                continue
-            values: list[Any] = []
-            for row in rows:
-                value = row.get(name, _MISSING)
-                if value is _MISSING:
-                    if fill is None:  # left out, no default: NULL, not bound
-                        values.append(None)
-                        continue
-                    value = fill()
-                values.append(value if process is None else process(value))
-            arrays[param] = values
-        return arrays
+            bound[param] = value if process is None else process(value)
+        if self.given is not None:  # every row carries each (KeyError if one does not)
+            encoded = [(name, encode) for name, _fill, encode in per_row if encode is not None]
+            plain = [name for name, _fill, encode in per_row if encode is None]
+            if encoded:
+                records: Sequence[Any] = [
+                    {
+                        **{name: row[name] for name in plain},
+                        **{name: encode(row[name]) for name, encode in encoded},
+                    }
+                    for row in rows
+                ]
+            else:
+                records = [{name: row[name] for name in plain} for row in rows]
+        else:
+            records = [_record(row, per_row) for row in rows]
+        bound[self.rows_param] = records_json(records)
+        return bound
 
 
-def _array_of(column: Column[Any]) -> str:
-    """The array type of `column`'s values, without a length: an explicit cast to VARCHAR(n)
-    truncates silently, whereas the insert's own assignment to the column refuses a value too
-    long (a `DataError`, as `Table.insert()` raises)."""
-    return _type_of(column) + "[]"
+def records_json(records: Sequence[Mapping[str, Any]]) -> str:
+    """Rows as the JSON text a `json_to_recordset` parameter takes (orjson; a naive datetime
+    as UTC). For a statement's own recordset of values already bound (`outbox._FLAT`)."""
+    return orjson.dumps(records, option=_ORJSON).decode()
+
+
+def _record(row: Mapping[str, Any], plan: tuple[_Plan, ...]) -> dict[str, Any]:
+    """One row with every column: its value, the default, or None (NULL) when left out."""
+    record: dict[str, Any] = {}
+    for name, fill, encode in plan:
+        value = row.get(name, _MISSING)
+        if value is _MISSING:
+            if fill is None:  # left out, no default: NULL
+                record[name] = None
+                continue
+            value = fill()
+        record[name] = value if encode is None else encode(value)
+    return record
+
+
+def _is_json(column: Column[Any]) -> bool:
+    return isinstance(column.type, JSON)
+
+
+def _is_binary(column: Column[Any]) -> bool:
+    return isinstance(column.type, LargeBinary)
+
+
+def _carried_as(column: Column[Any]) -> str:
+    """The type the recordset reads `column`'s value as: JSON as its text, binary as base64
+    text, anything else as the column's own type without a length (an explicit cast to
+    VARCHAR(n) would truncate silently, where the insert's own assignment refuses a value too
+    long: a `DataError`, as `Table.insert()` raises)."""
+    return "TEXT" if _is_json(column) or _is_binary(column) else _type_of(column)
+
+
+def _read(column: Column[Any], alias: str) -> str:
+    """`column`'s value as the insert stores it, from the recordset `alias`."""
+    value = f"{alias}.{_QUOTE(column.name)}"
+    if _is_json(column):
+        return f"CAST({value} AS {_type_of(column)})"
+    if _is_binary(column):
+        return f"decode({value}, 'base64')"
+    return value
+
+
+def _bind(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    return column.type.dialect_impl(dialect).bind_processor(dialect)
+
+
+def _encoder(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """How a value of `column` becomes its recordset value: the bind processor, then base64
+    for binary; None: the value as it is (orjson writes it)."""
+    process = _bind(column, dialect)
+    if not _is_binary(column):
+        return process
+
+    def encode(value: Any) -> Any:
+        if process is not None:
+            value = process(value)
+        return None if value is None else binascii.b2a_base64(value, newline=False).decode()
+
+    return encode
 
 
 def _type_of(column: Column[Any]) -> str:
-    """`column`'s type without a length (`_array_of`)."""
+    """`column`'s type without a length (`_carried_as`)."""
     return re.sub(r"\(.*?\)", "", column.type.compile(dialect=_PG))
 
 
