@@ -166,6 +166,9 @@ async def test_given_columns_store_what_table_insert_stores(db: Database) -> Non
         assert {**one, "id": None} == {**other, "id": None}
     with pytest.raises(KeyError):
         given.params([{"id": "no-other-column"}], db.engine.dialect)
+    # A row with a key beyond the given columns travels without it (it is copied, not sent).
+    extra = given.params([{**twins[0].row(), "lease_owner": "x"}], db.engine.dialect)
+    assert set(orjson.loads(extra["d_rows"])[0]) == set(NewDelivery.ROW_COLUMNS)
     with pytest.raises(ValueError, match="no column"):
         Unnest(DELIVERIES, "d", given=("id", "nope"))
 

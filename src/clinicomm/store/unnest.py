@@ -134,18 +134,7 @@ class Unnest:
             value = fill()
             bound[param] = value if process is None else process(value)
         if self.given is not None:  # every row carries each (KeyError if one does not)
-            encoded = [(name, encode) for name, _fill, encode in per_row if encode is not None]
-            plain = [name for name, _fill, encode in per_row if encode is None]
-            if encoded:
-                records: Sequence[Any] = [
-                    {
-                        **{name: row[name] for name in plain},
-                        **{name: encode(row[name]) for name, encode in encoded},
-                    }
-                    for row in rows
-                ]
-            else:
-                records = [{name: row[name] for name in plain} for row in rows]
+            records: Sequence[Any] = _given(rows, per_row)
         else:
             records = [_record(row, per_row) for row in rows]
         bound[self.rows_param] = records_json(records)
@@ -156,6 +145,28 @@ def records_json(records: Sequence[Mapping[str, Any]]) -> str:
     """Rows as the JSON text a `json_to_recordset` parameter takes (orjson; a naive datetime
     as UTC). For a statement's own recordset of values already bound (`outbox._FLAT`)."""
     return orjson.dumps(records, option=_ORJSON).decode()
+
+
+def _given(rows: Sequence[Mapping[str, Any]], plan: tuple[_Plan, ...]) -> list[Mapping[str, Any]]:
+    """Rows that carry every column of `plan`. A row that carries those alone travels as it
+    is when none needs encoding, else as a copy with the encoded values; any other row as a
+    copy of those columns (a KeyError when it lacks one)."""
+    names = {name for name, _fill, _encode in plan}
+    encoded = [(name, encode) for name, _fill, encode in plan if encode is not None]
+    records: list[Mapping[str, Any]] = []
+    for row in rows:
+        if row.keys() != names:
+            records.append(
+                {name: row[name] if enc is None else enc(row[name]) for name, _f, enc in plan}
+            )
+        elif not encoded:
+            records.append(row)
+        else:
+            record = dict(row)
+            for name, encode in encoded:
+                record[name] = encode(record[name])
+            records.append(record)
+    return records
 
 
 def _record(row: Mapping[str, Any], plan: tuple[_Plan, ...]) -> dict[str, Any]:
@@ -206,6 +217,14 @@ def _encoder(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any] | No
     """How a value of `column` becomes its recordset value: the bind processor, then base64
     for binary; None: the value as it is (orjson writes it)."""
     process = _bind(column, dialect)
+    if _is_json(column) and process is not None:
+        null = process(None)  # JSON null's text, worked out once (most rows give None)
+        json_process = process
+
+        def encode_json(value: Any) -> Any:
+            return null if value is None else json_process(value)
+
+        return encode_json
     if not _is_binary(column):
         return process
 
