@@ -143,7 +143,9 @@ class SendMetadata(BaseModel):
         if _surely_small(self.clinic_id, extra):
             return self
         try:
-            size = len(orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True)))
+            size = len(
+                orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+            )
         except TypeError:  # an integer beyond 64 bits: refused (422), never a 500
             raise ValueError("metadata numbers must fit in 64 bits") from None
         if size > METADATA_MAX_BYTES:
@@ -156,7 +158,9 @@ def _surely_small(clinic_id: str | None, extra: dict[str, Any]) -> bool:
     serializing it (on every send's path): a character is at most 6 bytes of JSON (orjson's
     longest escape, `\\u00XX`; UTF-8 takes at most 4), and a pair adds 6 (quotes, colon,
     comma). False: not sure (a value of another type, or near the limit), serialize it."""
-    total = 2 if clinic_id is None else 6 * (8 + len(clinic_id)) + 8
+    total = 2  # the braces
+    if clinic_id is not None:
+        total += 6 * (len("clinicId") + len(clinic_id)) + 6
     for key, value in extra.items():
         if type(value) is not str:
             return False
@@ -203,9 +207,9 @@ class SendRequest(_Camel):
             "title": self.title,
             "body": self.body,
             "html": self.html,
-            "template": None
-            if template is None
-            else template.model_dump(mode="json", by_alias=True),
+            "template": None if template is None else template.model_dump(
+                mode="json", by_alias=True
+            ),
         }
 
 
