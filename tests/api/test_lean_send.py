@@ -283,3 +283,49 @@ async def test_a_batch_the_lean_path_does_not_take_gets_the_routes_answer(
     answer = await api.client.post(BATCH_URL, **kwargs)
     assert answer.status_code == status, answer.text
     assert bool(solved) is full
+
+
+async def test_the_lean_routes_enter_at_the_request_context(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send skips Starlette's and FastAPI's outer layers (api.app.App) and still gets every
+    answer of the stack from the request context in: its id, headers, 413, depth 422, 500;
+    other routes take the whole stack."""
+    from starlette.middleware.errors import ServerErrorMiddleware
+
+    entered: list[str] = []
+    original = ServerErrorMiddleware.__call__
+
+    async def counting(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        entered.append(scope["path"])
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(ServerErrorMiddleware, "__call__", counting)
+    await create_clinic(api, "clinic-a", sendgrid_settings("http://127.0.0.1:9"))
+    entered.clear()
+    auth = api.auth(Role.SERVICE)
+    sent = await api.client.post(URL, json=body(), headers={**auth, "X-Request-ID": "lean-id-1"})
+    assert sent.status_code == 202, sent.text
+    assert sent.headers["x-request-id"] == "lean-id-1"
+    assert sent.headers["cache-control"] == "no-store"
+    batch = await api.client.post(f"{URL}/batch", json={"items": [body()]}, headers=auth)
+    assert batch.status_code == 202, batch.text
+    deep: Any = "x"
+    for _ in range(40):
+        deep = [deep]
+    too_deep = await api.client.post(URL, json={**body(), "metadata": {"d": deep}}, headers=auth)
+    assert too_deep.status_code == 422
+    assert too_deep.json()["error"]["details"][0]["type"] == "too_deep"
+    large = await api.client.post(
+        URL,
+        content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+        headers={**auth, "Content-Type": "application/json"},
+    )
+    assert large.status_code == 413
+    assert large.json()["error"]["code"] == "payload_too_large"
+    invalid = await api.client.post(URL, json={**body(), "channels": []}, headers=auth)
+    assert invalid.status_code == 422  # FastAPI's own answer, behind the lean dispatch
+    assert entered == []
+    read = await api.client.get(f"{URL}/{sent.json()['id']}", headers=auth)
+    assert read.status_code == 200
+    assert entered == [f"{URL}/{sent.json()['id']}"]

@@ -10,10 +10,11 @@ the process before it serves anything.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clinicomm import __version__
 from clinicomm.api import console, errors, openapi
@@ -42,7 +43,55 @@ Every error is `{"error": {"code", "message", "details"}}`; secrets are answered
 """
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+class App(FastAPI):
+    """FastAPI, whose lean routes' requests enter at our own middleware (`RequestContext`).
+
+    Starlette wraps our middleware in ServerErrorMiddleware, and FastAPI adds its exception
+    telemetry and application body limit; each is a coroutine per request and a `send` wrapper
+    per message, and for our routes none does anything (`RequestContext` answers the 500
+    itself, telemetry is off, the body limit is ours, `api.limits`). A request for one of
+    `lean_routes` (method, path) skips them; every other request, and every request when our
+    stack is not where `build_middleware_stack` expects it, takes the whole stack.
+    """
+
+    #: (method, path) of the routes answered by `api.lean.LeanDispatch`.
+    lean_routes: Collection[tuple[str, str]] = frozenset()
+    #: The stack from `RequestContext` in (None: not found, the lean routes take it whole).
+    _ours: ASGIApp | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        self._ours = _find(stack, RequestContext)
+        return stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and not self.root_path
+            and (scope["method"], scope["path"]) in self.lean_routes
+        ):
+            if self.middleware_stack is None:
+                self.middleware_stack = self.build_middleware_stack()
+            if self._ours is not None:
+                scope["app"] = self  # as Starlette sets it (handlers, `request.app`)
+                await self._ours(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _find(stack: ASGIApp, kind: type) -> ASGIApp | None:
+    """The first middleware of type `kind` in `stack`, following each layer's `app`."""
+    layer: object = stack
+    for _ in range(16):
+        if isinstance(layer, kind):
+            return layer  # type: ignore[return-value]
+        layer = getattr(layer, "app", None)
+        if layer is None:
+            return None
+    return None
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> App:
     """The HTTP API. `settings` default to the environment; `runtime` to one built at startup."""
     if settings is None:
         settings = runtime.settings if runtime is not None else Settings()
@@ -65,7 +114,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         finally:
             await own.close()
 
-    app = FastAPI(
+    app = App(
         title="clinicomm",
         version=__version__,
         description=DESCRIPTION,
@@ -93,6 +142,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         ("POST", send_route.path): (send_route, communications.send_lean),
         ("POST", batch_route.path): (batch_route, communications.send_batch_lean),
     }
+    app.lean_routes = frozenset(lean)
     app.add_middleware(LeanDispatch, routes=lean)
     app.add_middleware(JsonDepthLimit)
     app.add_middleware(BodySizeLimit, max_bytes=resolved.max_body_bytes)
