@@ -188,3 +188,40 @@ async def test_a_refused_value_fails_only_its_own_group(db: Database) -> None:
     assert results[0] == [True] and results[2] == [True]
     assert type(results[1]).__name__ == "DataError"
     assert await _ids(db, Message.id) == {"m-good", "m-good-2"}
+
+
+async def test_a_caller_that_goes_away_does_not_undo_or_block_the_commit(db: Database) -> None:
+    """The caller's wait is shielded: a cancelled request leaves its group to be committed
+    (the rows were accepted for writing), and the groups beside it are answered as usual."""
+    writer = BatchWriter(db)
+    try:
+        gone = asyncio.create_task(writer.write_group([_item("m-1", "k-1"), _item("m-2", None)]))
+        stays = asyncio.create_task(writer.write_group([_item("m-3", "k-1")]))
+        await asyncio.sleep(0)  # both queued, the commit not yet answered
+        gone.cancel()
+        assert await stays == [False]  # k-1 went to m-1, whose caller went away
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    finally:
+        await writer.close()
+    assert await _ids(db, Message.id) == {"m-1", "m-2"}
+
+
+async def test_an_error_of_the_commit_reaches_every_group_in_it(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = BatchWriter(db)
+
+    async def down(*args: Any) -> Any:
+        raise ConnectionError("database went away")
+
+    monkeypatch.setattr(writer, "_commit", down)
+    try:
+        results = await asyncio.gather(
+            writer.write_group([_item("m-1", None), _item("m-2", None)]),
+            writer.write(_item("m-3", "k-1")),
+            return_exceptions=True,
+        )
+    finally:
+        await writer.close()
+    assert [type(r).__name__ for r in results] == ["ConnectionError", "ConnectionError"]

@@ -103,11 +103,25 @@ class PendingWrite:
     #: The content's JSON as encrypted into `message["content"]`: for `committed` (the
     #: caches of workers in this process), never written.
     plain: bytes | None = None
-    #: Resolves to True once committed, or False when the idempotency key was already taken
-    #: (nothing of this message was written).
-    done: asyncio.Future[bool] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+
+
+@dataclass(eq=False)
+class _Group:
+    """Messages committed together or not at all, and their caller's answer: one flag per
+    item once committed (False: its idempotency key was already taken, nothing of it was
+    written), or the commit's error. One future per group, not per message: a batch of 500
+    is woken once."""
+
+    items: list[PendingWrite]
+    done: asyncio.Future[list[bool]]
+
+    def answer(self, taken: set[int]) -> None:
+        if not self.done.done():
+            self.done.set_result([id(i) not in taken for i in self.items])
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
 
 
 class BatchWriter:
@@ -127,7 +141,7 @@ class BatchWriter:
         #: Given the items of each commit that were written, before the workers are woken.
         self.committed = committed
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[list[PendingWrite]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Group] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
 
@@ -145,35 +159,39 @@ class BatchWriter:
             return []
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="accept-writer")
-        self._queue.put_nowait(items)
-        return list(await asyncio.shield(asyncio.gather(*(item.done for item in items))))
+        group = _Group(items, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(group)
+        # Shielded: a caller that goes away does not cancel what the commit answers.
+        return await asyncio.shield(group.done)
 
     async def _run(self) -> None:
         while True:
             groups = [await self._queue.get()]
-            size = len(groups[0])
+            size = len(groups[0].items)
             while size < self.max_batch and not self._queue.empty():
                 groups.append(self._queue.get_nowait())
-                size += len(groups[-1])
-            batch = [item for group in groups for item in group]
+                size += len(groups[-1].items)
             try:
-                await self._commit(batch)
+                await self._commit(groups)
             except (IntegrityError, DataError) as exc:
                 # One group's constraint or refused value (a NUL on PostgreSQL, a value too
                 # long) must not fail the other requests that shared its commit.
                 if len(groups) == 1:
-                    _fail(batch, exc)
+                    groups[0].fail(exc)
                 else:
                     for group in groups:
                         try:
-                            await self._commit(group)
+                            await self._commit([group])
                         except Exception as exc:
-                            _fail(group, exc)
+                            group.fail(exc)
             except Exception as exc:
-                _fail(batch, exc)
+                for group in groups:
+                    group.fail(exc)
 
-    async def _commit(self, batch: list[PendingWrite]) -> None:
-        """Write `batch` at once, then answer each item (False: its key was taken)."""
+    async def _commit(self, groups: list[_Group]) -> None:
+        """Write the groups' items at once, then answer each group (False for an item whose
+        key was taken)."""
+        batch = [item for group in groups for item in group.items]
         taken, keyed = _repeated_keys(batch)
         writes = [i for i in batch if id(i) not in taken]
         if self.db.is_sqlite:
@@ -198,9 +216,8 @@ class BatchWriter:
                     "deliveries": sum(len(i.deliveries) for i in writes),
                 },
             )
-        for item in batch:
-            if not item.done.done():
-                item.done.set_result(id(item) not in taken)
+        for group in groups:
+            group.answer(taken)
 
     async def _commit_statement(
         self, writes: list[PendingWrite], keyed: list[PendingWrite]
@@ -300,9 +317,3 @@ def _write_raw(
         tx.insert(_INSERT_DELIVERIES, [d.row() for i in writes for d in i.deliveries])
         tx.insert(_INSERT_CALLBACKS, [e for i in writes for e in i.callbacks])
     return taken
-
-
-def _fail(batch: list[PendingWrite], exc: Exception) -> None:
-    for item in batch:
-        if not item.done.done():
-            item.done.set_exception(exc)
