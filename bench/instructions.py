@@ -1,7 +1,7 @@
 """Instructions per message: the service's own cost, counted, not timed.
 
     .venv/bin/python -m bench.instructions [--scenario email-sendgrid|email-smtp|whatsapp-meta]
-        [--messages 300] [--accept-only] [--through-api]
+        [--messages 300] [--accept-only] [--through-api | --batch 500]
         [--database-url URL --redis-url URL] [--repeat 2]
 
 CPU time per message depends on the host: on the shared 2-vCPU bench machine the single-send
@@ -13,7 +13,9 @@ This runs the in-process pipeline (no HTTP layer: `MessagingService.accept` for 
 32 at a time, then the in-process worker sends them all to the sinks; with `--accept-only`,
 accept alone; with `--through-api`, each message is a `POST /api/v1/communications` handed to
 the ASGI application in the same process, so the application's middleware, lean dispatch and
-answer are counted too, without a socket or uvicorn) under Valgrind's cachegrind twice, for
+answer are counted too, without a socket or uvicorn; `--batch N` does the same through
+`POST /api/v1/communications/batch`, N messages per request; `--messages` must then be a
+multiple of N) under Valgrind's cachegrind twice, for
 `--messages` and for 3 x `--messages`, and prints the difference divided by the 2 x
 `--messages` extra messages, so start-up, imports and migrations cancel out.
 
@@ -48,16 +50,17 @@ _CLINICS = 10
 
 async def _pipeline(
     scenario_name: str, messages: int, database_url: str | None, redis_url: str | None,
-    accept_only: bool, through_api: bool = False,
+    accept_only: bool, through_api: bool = False, batch: int = 0,
 ) -> None:
     """The counted work: `messages` accepted, then (unless `accept_only`) all sent; with
     `through_api`, each accepted by a `POST /api/v1/communications` to the ASGI application
-    in this process (no socket, no HTTP server: the application's own layers)."""
+    in this process (no socket, no HTTP server: the application's own layers); with `batch`,
+    `batch` at a time by `POST /api/v1/communications/batch`, two requests at a time."""
     async with bench_runtime(database_url, redis_url, scenario_name, _CLINICS) as (
         rt, settings, requests
     ):
-        todo = iter(range(messages))
-        post = _poster(rt, settings, requests) if through_api else None
+        todo = iter(range(messages // batch if batch else messages))
+        post = _poster(rt, settings, requests, batch) if through_api or batch else None
 
         async def producer() -> None:
             for i in todo:
@@ -66,7 +69,7 @@ async def _pipeline(
                 else:
                     await rt.messaging.accept(requests[i % _CLINICS])
 
-        await asyncio.gather(*(producer() for _ in range(32)))
+        await asyncio.gather(*(producer() for _ in range(2 if batch else 32)))
         if accept_only:
             return
         async with running_worker(rt, settings) as worker:
@@ -75,9 +78,13 @@ async def _pipeline(
             raise SystemExit(f"{worker.failed} of {messages} deliveries failed")
 
 
-def _poster(rt: Any, settings: Any, requests: list[Any]) -> Callable[[int], Awaitable[None]]:
+def _poster(
+    rt: Any, settings: Any, requests: list[Any], batch: int = 0
+) -> Callable[[int], Awaitable[None]]:
     """`post(i)`: message `i` sent through the application, as `clinicomm serve` serves it
-    (its lifespan's state set by hand, without the webhook processing it also starts)."""
+    (its lifespan's state set by hand, without the webhook processing it also starts); with
+    `batch`, request `i` of `batch` messages of one clinic (`bench.load.batch_body`)."""
+    from bench.load import batch_body
     from clinicomm.api.app import create_app
     from clinicomm.api.auth import Role, TokenVerifier
 
@@ -88,12 +95,20 @@ def _poster(rt: Any, settings: Any, requests: list[Any]) -> Callable[[int], Awai
     bodies = [orjson.dumps(r.model_dump(mode="json", by_alias=True, exclude_none=True))
               for r in requests]
 
+    clinics = [r.metadata.clinic_id for r in requests]
+    path = "/api/v1/communications/batch" if batch else "/api/v1/communications"
+
     async def post(i: int) -> None:
-        body = bodies[i % len(bodies)]
+        if batch:
+            channel = requests[0].channels[0].value
+            body = orjson.dumps(batch_body(channel, clinics[i % len(clinics)], i * batch, batch,
+                                           str(os.getpid())))
+        else:
+            body = bodies[i % len(bodies)]
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": "/api/v1/communications",
-            "raw_path": b"/api/v1/communications", "query_string": b"", "root_path": "",
+            "method": "POST", "scheme": "http", "path": path,
+            "raw_path": path.encode(), "query_string": b"", "root_path": "",
             "headers": [
                 (b"host", b"bench"), (b"authorization", b"Bearer " + token),
                 (b"content-type", b"application/json"),
@@ -111,7 +126,7 @@ def _poster(rt: Any, settings: Any, requests: list[Any]) -> Callable[[int], Awai
             sent.append(message)
 
         await app(scope, receive, send)
-        if sent[0].get("status") != 202:
+        if sent[0].get("status") != 202 or (batch and b'"refused":0' not in sent[1]["body"]):
             raise SystemExit(f"POST answered {sent[0].get('status')}: {sent[1:]}")
 
     return post
@@ -128,6 +143,8 @@ def _count(args: argparse.Namespace, messages: int) -> int:
         command.append("--accept-only")
     if args.through_api:
         command.append("--through-api")
+    if args.batch:
+        command += ["--batch", str(args.batch)]
     if args.database_url:
         command += ["--database-url", args.database_url]
     if args.redis_url:
@@ -152,6 +169,8 @@ def main() -> None:
     parser.add_argument("--accept-only", action="store_true", help="count accept alone")
     parser.add_argument("--through-api", action="store_true",
                         help="accept through the ASGI application (its layers counted too)")
+    parser.add_argument("--batch", type=int, default=0, metavar="N",
+                        help="accept through the API's batch route, N messages per request")
     parser.add_argument("--database-url", help="default: a new SQLite file per run")
     parser.add_argument("--redis-url")
     parser.add_argument("--repeat", type=int, default=1, help="runs per size (default 1)")
@@ -159,13 +178,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:  # the counted child
         asyncio.run(_pipeline(args.scenario, args.messages, args.database_url, args.redis_url,
-                              args.accept_only, args.through_api))
+                              args.accept_only, args.through_api, args.batch))
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     small, large = args.messages, 3 * args.messages
     what = "accept" if args.accept_only else "accept + send"
-    if args.through_api:
+    if args.batch:
+        what += f", through the API's batch route, {args.batch} per request"
+    elif args.through_api:
         what += ", through the API"
     for _ in range(args.repeat):
         low, high = _count(args, small), _count(args, large)
