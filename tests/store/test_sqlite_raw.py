@@ -246,3 +246,32 @@ async def test_an_expanding_in_runs_through_the_engine(pair: Any) -> None:
     async with raw_db.engine.begin() as conn:
         await conn.execute(MESSAGES.insert(), [_message(1)])
     assert [r["id"] for r in await fast.rows(raw_db, statement, {}, writes=False)] == ["m1"]
+
+
+async def test_every_connection_has_the_same_settings(pair: Any) -> None:
+    """The engine's connections and `sqlite_raw`'s writer and reader: WAL, synchronous
+    NORMAL, foreign keys, secure delete, and a checkpoint per 10,000 WAL pages."""
+    from sqlalchemy import text
+
+    from clinicomm.store.db import WAL_AUTOCHECKPOINT_PAGES
+
+    engine_db, _, _ = pair
+    names = ("journal_mode", "synchronous", "foreign_keys", "secure_delete", "wal_autocheckpoint")
+    expected = ["wal", 1, 1, 1, WAL_AUTOCHECKPOINT_PAGES]
+    assert WAL_AUTOCHECKPOINT_PAGES == 10_000
+    async with engine_db.engine.connect() as conn:
+        seen = [(await conn.execute(text(f"PRAGMA {name}"))).scalar() for name in names]
+    assert seen == expected
+    raw = engine_db.raw
+    assert raw is not None
+
+    def settings(tx: Transaction) -> list[Any]:
+        return [next(iter(tx._connection.execute(f"PRAGMA {n}").fetchone())) for n in names]
+
+    async with engine_db.writing():
+        assert await raw.transaction(settings) == expected
+    reader = raw._connect()
+    try:
+        assert [reader.execute(f"PRAGMA {n}").fetchone()[0] for n in names] == expected
+    finally:
+        reader.close()
