@@ -230,7 +230,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     _pragmas(dbapi_connection)
 
 
-#: WAL pages after which a commit checkpoints (`_pragmas`).
+#: WAL pages after which a commit checkpoints (`_pragmas`), if the writing process's
+#: checkpointer thread has not (`store.sqlite_checkpoint`).
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
@@ -240,12 +241,9 @@ def _pragmas(dbapi_connection: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     # A checkpoint runs inside the commit that passes this many WAL pages, on the committing
-    # connection's thread: the loop's, for `store.sqlite_raw`. CPython's sqlite3 default is
-    # 1,000 (4 MB); at 10,000 (40 MB of WAL at most) a page that many commits rewrite (an
-    # index's, the newest deliveries') is copied to the file once per checkpoint instead of
-    # ten times. SendGrid single sends on SQLite, five interleaved pairs (Dec 6 2026): service
-    # CPU 0.557 → 0.537 ms per message on average, 1,737 → 1,830 msg/s (no checkpoint at all:
-    # ~8 % less CPU, the bound of what checkpoints cost here).
+    # connection's thread (the loop's, for `store.sqlite_raw`). The writing process
+    # checkpoints from a thread every second (`store.sqlite_checkpoint`); this is the floor
+    # behind it, 10,000 pages (40 MB of WAL) instead of SQLite's 1,000.
     cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     cursor.execute("PRAGMA foreign_keys=ON")
     # No busy timeout here: `sqlite_inline.inline_connect` opens every connection with 0 and

@@ -12,7 +12,10 @@ most of the accept's and the claim's CPU.
 - the **writer**, used only inside the process's write turn (`Database.writing`), so no
   other writer of this process contends; `transaction(work)` runs the synchronous `work`
   between `BEGIN IMMEDIATE` and `COMMIT` (`ROLLBACK` on any error) on the loop's thread;
-- the **reader**, for single reads (`rows(..., writes=False)`), also on the loop's thread.
+- the **reader**, for single reads (`rows(..., writes=False)`), also on the loop's thread;
+
+and, once the writer is opened, a `store.sqlite_checkpoint.Checkpointer`, which checkpoints
+the WAL from a thread of its own so that commits on the loop's thread rarely do.
 
 Contract, as `store.sqlite_inline` has for the engine's connections: a call never sleeps
 holding the event loop. Both connections have a busy timeout of 0. When `BEGIN IMMEDIATE`
@@ -44,6 +47,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Executable
 
+from clinicomm.store.sqlite_checkpoint import Checkpointer
 from clinicomm.store.sqlite_inline import BUSY_TIMEOUT_MS, is_busy
 
 T = TypeVar("T")
@@ -166,6 +170,8 @@ class RawSqlite:
         self._compiled: dict[tuple[int, tuple[str, ...]], tuple[Executable, Statement]] = {}
         #: Transactions that found the file locked and ran on a thread (tests read it).
         self.waited = 0
+        #: Started with the writer: this process writes the file, so it checkpoints it.
+        self.checkpointer = Checkpointer(path)
 
     def statement(self, statement: Executable, keys: Iterable[str] = ()) -> Statement:
         """`statement` compiled once (kept while the statement object lives: the ones passed
@@ -207,6 +213,7 @@ class RawSqlite:
         try:
             if self._writer is None:
                 self._writer = self._connect_now()
+                self.checkpointer.start()
             return _run(self._writer, Transaction(self, self._writer), work)
         except _Busy:
             pass
@@ -221,6 +228,7 @@ class RawSqlite:
                 self._writer = self._connect(BUSY_TIMEOUT_MS / 1000)
             except sqlite3.DatabaseError as exc:
                 raise _translated("PRAGMA journal_mode=WAL", exc) from exc
+            self.checkpointer.start()
         connection = self._writer
         connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         try:
@@ -249,6 +257,7 @@ class RawSqlite:
             raise _translated(compiled.sql, exc) from exc
 
     def close(self) -> None:
+        self.checkpointer.stop()
         for connection in (self._writer, self._reader):
             if connection is not None:
                 connection.close()
