@@ -47,9 +47,10 @@ class App(FastAPI):
     """FastAPI, whose lean routes' requests enter at our own middleware (`RequestContext`).
 
     Starlette wraps our middleware in ServerErrorMiddleware, and FastAPI adds its exception
-    telemetry and application body limit; each is a coroutine per request and a `send` wrapper
-    per message, and for our routes none does anything (`RequestContext` answers the 500
-    itself, telemetry is off, the body limit is ours, `api.limits`). A request for one of
+    telemetry and application body limit: with FastAPI's and Starlette's own `__call__`, five
+    coroutines per request and two `send` wrappers per message, none of which does anything
+    for our routes (`RequestContext` answers the 500 itself, telemetry is off, the body
+    limit is ours, `api.limits`). A request for one of
     `lean_routes` (method, path) skips them; every other request, and every request when our
     stack is not where `build_middleware_stack` expects it, takes the whole stack.
     """

@@ -19,10 +19,11 @@ class LoopValue:
     taken on every increment and read).
 
     Contract: updated from one thread only. Every counter and histogram of this module is
-    updated from the event loop's thread (the threads this service starts, SQLite's writer
-    and Alembic's migration, touch no metric); a scrape from another thread reads a float,
-    which the GIL reads whole. A per-message path increments tens of these: with the lock a
-    counter's `inc` cost ~430 ns here, ~180 without (Dec 6 2026, this machine).
+    updated from the event loop's thread (what the service hands to other threads, a SQLite
+    transaction retried off the loop, Alembic's migration, a host name lookup, touches no
+    metric); a scrape from another thread reads a float, which the GIL reads whole. One
+    message updates a dozen or more of these: with the lock a counter's `inc` cost ~430 ns
+    here, ~180 without (Dec 6 2026, this machine).
     """
 
     __slots__ = ("_exemplar", "_value")
