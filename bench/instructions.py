@@ -96,11 +96,11 @@ def _poster(
               for r in requests]
 
     clinics = [r.metadata.clinic_id for r in requests]
+    channel = requests[0].channels[0].value
     path = "/api/v1/communications/batch" if batch else "/api/v1/communications"
 
     async def post(i: int) -> None:
         if batch:
-            channel = requests[0].channels[0].value
             body = orjson.dumps(batch_body(channel, clinics[i % len(clinics)], i * batch, batch,
                                            str(os.getpid())))
         else:

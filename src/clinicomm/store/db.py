@@ -242,7 +242,7 @@ def _pragmas(dbapi_connection: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     # A checkpoint runs inside the commit that passes this many WAL pages, on the committing
     # connection's thread (the loop's, for `store.sqlite_raw`). The writing process
-    # checkpoints from a thread every second (`store.sqlite_checkpoint`); this is the floor
+    # checkpoints from a thread every 0.25 s (`store.sqlite_checkpoint`); this is the floor
     # behind it, 10,000 pages (40 MB of WAL) instead of SQLite's 1,000.
     cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     cursor.execute("PRAGMA foreign_keys=ON")

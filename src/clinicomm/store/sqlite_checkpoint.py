@@ -10,13 +10,13 @@ each checkpoint ten times longer: `POST` p99 at 300 msg/s went from ~22 to ~35 m
 `Checkpointer` runs `PRAGMA wal_checkpoint(PASSIVE)` every `interval` seconds (0.25) on its
 own connection, in a daemon thread. Measured on SQLite against SQLite's default (Dec 6 2026,
 interleaved, 1 s and 0.25 s intervals): SendGrid sends 0.521 to 0.542 → 0.468 to 0.504 ms
-of service CPU per message
-and 1,773 to 1,856 → 1,969 to 2,160 msg/s; `POST` p99 at 300 msg/s 6.3 / 6.6 → 3.4 / 4.0 ms
-(with a 1 s interval: 11 to 12 ms, larger checkpoints). A passive checkpoint copies what no
-reader still needs, without waiting for any reader or writer to finish; the sqlite3 module
-releases the GIL while SQLite works, so the loop keeps running. The connections' own
-threshold stays as a floor (`store.db.WAL_AUTOCHECKPOINT_PAGES`): if this thread falls
-behind or stops, a commit still checkpoints, later.
+of service CPU per message and 1,773 to 1,856 → 1,969 to 2,160 msg/s; `POST` p99 at 300
+msg/s 6.3 / 6.6 → 3.4 / 4.0 ms (with a 1 s interval: 11 to 12 ms, larger checkpoints). A
+passive checkpoint copies what no reader still needs, without waiting for any reader or
+writer to finish; the sqlite3 module releases the GIL while SQLite works, so the loop keeps
+running. The connections' own threshold stays as a floor
+(`store.db.WAL_AUTOCHECKPOINT_PAGES`): if this thread falls behind or stops, a commit still
+checkpoints, later.
 
 Contract: `start` once, `stop` once (it waits for the thread); the thread touches no metric
 (`telemetry.metrics.LoopValue` is updated from the loop's thread only) and logs only the
@@ -58,23 +58,18 @@ class Checkpointer:
             self._thread.join(timeout)
             self._thread = None
 
-    def checkpoint(self, connection: sqlite3.Connection) -> None:
-        """One passive checkpoint on `connection`."""
-        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        self.runs += 1
-
     def _run(self) -> None:
         connection: sqlite3.Connection | None = None
         failing = False
         try:
             while not self._stop.wait(self.interval):
                 try:
-                    if connection is None:
+                    if connection is None:  # busy timeout 0: a passive checkpoint never waits
                         connection = sqlite3.connect(
-                            self.path, isolation_level=None, check_same_thread=False
+                            self.path, timeout=0, isolation_level=None, check_same_thread=False
                         )
-                        connection.execute("PRAGMA busy_timeout=0")
-                    self.checkpoint(connection)
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.runs += 1
                     failing = False
                 except sqlite3.Error as exc:
                     if not failing:
