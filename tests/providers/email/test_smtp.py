@@ -45,6 +45,10 @@ class ServerLog:
     messages: list[Envelope] = field(default_factory=list)
     #: Scripted replies by stage ("mail", "rcpt", "data"); None means accept.
     replies: dict[str, str] = field(default_factory=dict)
+    #: Offer PIPELINING in EHLO (aiosmtpd reads pipelined commands in order either way).
+    pipelining: bool = False
+    #: Every command line the server read, in order (the envelope's only).
+    commands: list[str] = field(default_factory=list)
 
 
 class RecordingSMTP(SMTP):
@@ -78,6 +82,19 @@ class RecordingSMTP(SMTP):
 class Handler:
     def __init__(self, log: ServerLog) -> None:
         self.log = log
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.log.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -160,9 +177,10 @@ class Running:
     port: int
 
 
-def start(mode: str, pki: Pki) -> tuple[FreePortController, ServerLog]:
-    """mode: starttls (STARTTLS offered, required), implicit (TLS on connect), plain (no TLS)."""
-    log = ServerLog()
+def start(mode: str, pki: Pki, pipelining: bool = False) -> tuple[FreePortController, ServerLog]:
+    """mode: starttls (STARTTLS offered, required), implicit (TLS on connect), plain (no TLS).
+    `pipelining`: the server offers PIPELINING."""
+    log = ServerLog(pipelining=pipelining)
     kw: dict[str, Any] = {"authenticator": authenticator(log)}
     if mode == "starttls":
         kw |= {"tls_context": pki.server_context, "require_starttls": True}
@@ -182,30 +200,33 @@ def start(mode: str, pki: Pki) -> tuple[FreePortController, ServerLog]:
     return controller, log
 
 
-@pytest.fixture
-def starttls_server(pki: Pki) -> Iterator[Running]:
-    controller, log = start("starttls", pki)
+#: Every server fixture runs each test twice: the session's transactions one command per round
+#: trip, and pipelined (RFC 2920).
+PIPELINING = {"params": [False, True], "ids": ["sequential", "pipelined"]}
+
+
+@pytest.fixture(**PIPELINING)
+def starttls_server(pki: Pki, request: pytest.FixtureRequest) -> Iterator[Running]:
+    controller, log = start("starttls", pki, request.param)
     yield Running(log, controller.port)
     controller.stop()
 
 
-@pytest.fixture
-def implicit_server(pki: Pki) -> Iterator[Running]:
-    controller, log = start("implicit", pki)
+@pytest.fixture(**PIPELINING)
+def implicit_server(pki: Pki, request: pytest.FixtureRequest) -> Iterator[Running]:
+    controller, log = start("implicit", pki, request.param)
     yield Running(log, controller.port)
     controller.stop()
 
 
-@pytest.fixture
-def plain_server(pki: Pki) -> Iterator[Running]:
-    controller, log = start("plain", pki)
+@pytest.fixture(**PIPELINING)
+def plain_server(pki: Pki, request: pytest.FixtureRequest) -> Iterator[Running]:
+    controller, log = start("plain", pki, request.param)
     yield Running(log, controller.port)
     controller.stop()
 
 
-def make(
-    port: int, pki: Pki | None, *, environment: str = "development", **kw: Any
-) -> SmtpAdapter:
+def make(port: int, pki: Pki | None, *, environment: str = "development", **kw: Any) -> SmtpAdapter:
     data: dict[str, Any] = {"host": "127.0.0.1", "port": port, "user": USER, "password": CANARY}
     data.update(kw)
     context = AdapterContext(
@@ -450,9 +471,7 @@ async def test_silent_server_times_out_as_transient() -> None:
 
     server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    smtp = SmtpAdapter(
-        SmtpCredentials(host="127.0.0.1", port=port), AdapterContext(timeout=0.2)
-    )
+    smtp = SmtpAdapter(SmtpCredentials(host="127.0.0.1", port=port), AdapterContext(timeout=0.2))
     try:
         with pytest.raises(TransientError):
             await smtp.send(text_message())
@@ -466,4 +485,3 @@ def test_classification_table_without_a_server() -> None:
     assert isinstance(auth, ConfigurationError)
     assert isinstance(classify_reply(550, "No such user here", stage="rcpt"), RecipientError)
     assert isinstance(classify_reply(552, "5.2.2 Mailbox full", stage="data"), ProviderDownError)
-

@@ -9,8 +9,8 @@ through compat32's folding (RFC 2047 encoded-words, lines of at most 78 characte
 ASCII and already short, and each body through `email.quoprimime`, so the output is the same
 7-bit message byte for byte (tests/providers/email/test_mime.py compares the two).
 
-Lines end with `\\n`, as `as_bytes()` writes them; aiosmtplib turns them into CRLF and
-dot-stuffs the data.
+Lines end with `\\n`, as `as_bytes()` writes them; the SMTP session (`smtp_session.Session`)
+turns them into CRLF and dot-stuffs the data.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ from clinicomm.providers.base import (
 )
 from clinicomm.providers.email import mime
 from clinicomm.providers.email.sender import Sender, resolve_sender
+from clinicomm.providers.email.smtp_session import AddressError, ReplyError, Session, SessionLost
 from clinicomm.providers.errors import (
     ConfigurationError,
     ProviderDownError,
@@ -177,7 +178,7 @@ async def _hostname_for_ehlo() -> str:
 
 @dataclass(eq=False)
 class _Connection:
-    client: aiosmtplib.SMTP
+    session: Session
     sent: int = 0
     idle_timer: asyncio.TimerHandle | None = None
 
@@ -211,9 +212,9 @@ class _Pool:
                     if conn.idle_timer is not None:
                         conn.idle_timer.cancel()
                         conn.idle_timer = None
-                    if conn.client.is_connected:
+                    if conn.session.is_connected:
                         return conn
-                    conn.client.close()  # the server dropped it while idle
+                    conn.session.close()  # the server dropped it while idle
                     self._open -= 1
                 if self._open < self._size:
                     self._open += 1
@@ -226,7 +227,7 @@ class _Pool:
                     break
                 await self._cond.wait()
         if replaced is not None:
-            await self._adapter.quit(replaced.client)
+            await replaced.session.quit()
         try:
             return _Connection(await self._adapter.open_connection())
         except BaseException:
@@ -236,14 +237,14 @@ class _Pool:
     async def release(self, conn: _Connection, *, reusable: bool) -> None:
         """Give a connection back: kept idle if reusable and under the per-connection limit,
         else closed (QUIT) before its slot is freed."""
-        if reusable and conn.sent < self._per_connection and conn.client.is_connected:
+        if reusable and conn.sent < self._per_connection and conn.session.is_connected:
             loop = asyncio.get_running_loop()
             conn.idle_timer = loop.call_later(self._idle_timeout, self._expire, conn)
             async with self._cond:
                 self._idle.append(conn)
                 self._cond.notify()
             return
-        await self._adapter.quit(conn.client)
+        await conn.session.quit()
         await self._free_slot()
 
     async def _free_slot(self) -> None:
@@ -260,7 +261,7 @@ class _Pool:
             task.add_done_callback(self._closers.discard)
 
     async def _close(self, conn: _Connection) -> None:
-        await self._adapter.quit(conn.client)
+        await conn.session.quit()
         await self._free_slot()
 
     async def close(self) -> None:
@@ -346,8 +347,9 @@ class SmtpAdapter(ProviderAdapter):
                 provider=self.key,
             )
 
-    async def open_connection(self) -> aiosmtplib.SMTP:
-        """Connect, EHLO, STARTTLS (unless implicit TLS) and AUTH when a user is set.
+    async def open_connection(self) -> Session:
+        """Connect, EHLO, STARTTLS (unless implicit TLS) and AUTH when a user is set, with
+        aiosmtplib; then the connection's transactions are a `Session`'s.
 
         Raises ConfigurationError, and sends no AUTH and no mail, when TLS is required and the
         server does not offer STARTTLS or the handshake fails.
@@ -420,10 +422,15 @@ class SmtpAdapter(ProviderAdapter):
         except (OSError, ssl.SSLError) as exc:
             client.close()
             raise _classify_exception(exc, self.key, stage) from exc
-        return client
+        try:
+            return Session.take_over(client, timeout=self.context.timeout)
+        except SessionLost as exc:
+            client.close()
+            raise _classify_exception(exc, self.key, "ehlo") from exc
 
     async def quit(self, client: aiosmtplib.SMTP) -> None:
-        """QUIT politely, then drop the socket whatever happens. Never raises."""
+        """QUIT a connection still in aiosmtplib's hands, then drop the socket whatever
+        happens. Never raises."""
         try:
             if client.is_connected:
                 await client.quit(timeout=self.context.timeout)
@@ -470,19 +477,20 @@ class SmtpAdapter(ProviderAdapter):
         conn = await self._pool.acquire()
         reusable = False
         try:
-            # sendmail with the serialised bytes: send_message would re-parse From/To and
-            # serialise again; the envelope is ours anyway.
-            await conn.client.sendmail(sender.email, [message.to], data)
+            await conn.session.send(sender.email, message.to, data)
             reusable = True
-        except aiosmtplib.SMTPResponseException as exc:
-            # aiosmtplib sends RSET after a refused command, so the session stays usable,
-            # except when the server said it is closing (421).
-            reusable = exc.code != 421
-            raise _classify_exception(exc, self.key, "data") from exc
-        except aiosmtplib.SMTPRecipientsRefused as exc:
+        except ReplyError as exc:
+            # The session reset the envelope (RSET) and stays usable, unless the server said
+            # it is closing (421): then it is closed, and release() sees that.
             reusable = True
-            raise _classify_exception(exc, self.key, "rcpt") from exc
-        except (aiosmtplib.SMTPException, OSError) as exc:
+            code, text = exc.reply
+            raise classify_reply(code, text, stage=exc.stage, provider=self.key) from exc
+        except AddressError as exc:  # nothing was written
+            reusable = True
+            if exc.stage == "mail":
+                raise ConfigurationError(f"sender: {exc}", provider=self.key) from None
+            raise RecipientError(f"recipient: {exc}", provider=self.key) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:  # SessionLost, TimeoutError
             raise _classify_exception(exc, self.key, "data") from exc
         finally:
             conn.sent += 1
