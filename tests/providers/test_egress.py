@@ -173,6 +173,40 @@ async def test_callbacks_use_the_same_policy() -> None:
         await session.close()
 
 
+async def test_sessions_keep_no_cookies_between_requests() -> None:
+    """One session carries every clinic's calls: a cookie set in answer to one request must
+    not go out with the next one (another clinic's, to the same host). A host name, not an
+    IP address: aiohttp's default jar already refuses cookies from IP addresses."""
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"ok": True})
+        response.set_cookie("session", "clinic-a-secret", path="/")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/send", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    session = http_session(EgressPolicy())
+    try:
+        for _ in range(2):
+            async with session.post(f"http://localhost:{port}/v1/send", data=b"{}") as answer:
+                assert answer.status == 200
+                assert "session" in answer.cookies  # the host did set one
+        assert seen == [None, None]
+        assert len(session.cookie_jar) == 0
+    finally:
+        await session.close()
+        await runner.cleanup()
+
+
 def test_settings_defaults_and_bad_allow_entries() -> None:
     from pydantic import ValidationError
 

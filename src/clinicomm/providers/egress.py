@@ -242,11 +242,17 @@ class EgressConnector(aiohttp.TCPConnector):
 
 
 def http_session(policy: EgressPolicy, **kwargs: Any) -> aiohttp.ClientSession:
-    """The one way a clinicomm aiohttp session is built: through the policy's connector.
+    """The one way a clinicomm aiohttp session is built: through the policy's connector, and
+    keeping no cookies.
+
+    One session carries every clinic's provider calls (and callbacks), so a cookie a host set
+    in answer to one clinic's request would go out with the next clinic's request to that host:
+    no provider API or callback needs cookies, so none are stored or sent.
 
     `connector_args` (a dict) go to the connector; the other keyword arguments to the session.
     """
     connector_args: dict[str, Any] = kwargs.pop("connector_args", {})
+    kwargs.setdefault("cookie_jar", aiohttp.DummyCookieJar())
     return aiohttp.ClientSession(connector=policy.connector(**connector_args), **kwargs)
 
 
