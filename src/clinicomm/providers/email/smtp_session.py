@@ -141,8 +141,7 @@ class Session(asyncio.Protocol):
         self._expected -= 1
         text = "\n".join(x[4:].decode("utf-8", "surrogateescape").strip() for x in lines)
         self._replies.append(Reply(int(line[:3]), text))
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._wake()
         return True
 
     def eof_received(self) -> bool:
@@ -180,10 +179,7 @@ class Session(asyncio.Protocol):
 
     def close(self) -> None:
         """Drop the connection (no QUIT). Safe to call twice."""
-        if self._lost is None:
-            self._lost = SessionLost("closed")
-        if self._transport is not None:
-            self._transport.close()
+        self._fail(SessionLost("closed"))
 
     async def quit(self) -> None:
         """QUIT, wait for its reply (or the timeout), then close. Never raises."""
