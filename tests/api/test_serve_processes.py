@@ -9,6 +9,7 @@ API processes did work, and that the provider stand-in received each delivery on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import Counter
@@ -47,6 +48,25 @@ def comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
+def listening(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on TCP `port` (its fds' socket inodes
+    against /proc/net/tcp and tcp6: state 0A is LISTEN)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "0A" and fields[9] in inodes:
+                    return True
+    return False
+
+
 def proc_kb(pid: int, key: str, file: str = "status") -> int:
     """A kB field of /proc/<pid>/<file>: `VmRSS` of status, `Pss` of smaps_rollup."""
     for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
@@ -70,8 +90,11 @@ async def test_two_api_processes_and_a_worker_deliver_each_message_once(
         server = ServeProcess(
             settings,
             tmp_path / "serve.log",
-            {"CLINICOMM_PROCESSES": "2", "CLINICOMM_WORKER": "true",
-             "CLINICOMM_WORKER_POLL_SECONDS": "0.2"},
+            {
+                "CLINICOMM_PROCESSES": "2",
+                "CLINICOMM_WORKER": "true",
+                "CLINICOMM_WORKER_POLL_SECONDS": "0.2",
+            },
         )
         try:
             server.wait_ready()
@@ -81,6 +104,12 @@ async def test_two_api_processes_and_a_worker_deliver_each_message_once(
             apis = [p for p in kids if comm(p) == "clinicomm-api"]
             workers = [p for p in kids if comm(p) == "clinicomm-work"]
             assert len(apis) == 2 and len(workers) == 1, [comm(p) for p in kids]
+            # Ready means one API process answers: the other may still be starting. Until it
+            # listens, every connection (kept alive for the whole test) goes to the first.
+            port = server.port
+            while not all(listening(p, port) for p in apis) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert all(listening(p, port) for p in apis), "an API process is not listening"
             # Forked from the supervisor after it imported the service: most of an API
             # process's pages are the supervisor's, shared (PSS well under RSS).
             assert proc_kb(apis[0], "Pss", "smaps_rollup") < proc_kb(apis[0], "VmRSS") * 0.8
@@ -139,7 +168,11 @@ def test_sqlite_refuses_more_than_one_process(tmp_path: Path) -> None:
     }
     done = subprocess.run(
         [sys.executable, "-m", "clinicomm.cli", "serve", "--processes", "2"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 2
     assert "SQLite runs one process" in done.stderr
