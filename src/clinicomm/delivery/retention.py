@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.store.models import (
@@ -54,21 +54,26 @@ async def purge_contents(session: AsyncSession, before: datetime, limit: int = 5
 async def purge_events(session: AsyncSession, before: datetime, limit: int = 5000) -> int:
     """Erase the encrypted address of webhook events received before `before` that match no
     delivery (inbound messages, reports about unknown ids); their blind index stays."""
-    old = (
-        select(DeliveryEventRecord.id)
-        .where(
-            DeliveryEventRecord.received_at < before,
-            DeliveryEventRecord.recipient_enc.is_not(None),
-        )
-        .limit(limit)
-        .scalar_subquery()
-    )
+    old = events_to_erase(before, limit).scalar_subquery()
     result = await session.execute(
         update(DeliveryEventRecord)
         .where(DeliveryEventRecord.id.in_(old))
         .values(recipient_enc=None, payload={})
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def events_to_erase(before: datetime, limit: int) -> Select[int]:
+    """Up to `limit` events received before `before` whose address is still stored: read
+    from `ix_delivery_events_retained`, which holds only those (every reaper pass runs it)."""
+    return (
+        select(DeliveryEventRecord.id)
+        .where(
+            DeliveryEventRecord.received_at < before,
+            DeliveryEventRecord.recipient_enc.is_not(None),
+        )
+        .limit(limit)
+    )
 
 
 async def purge_audit(session: AsyncSession, before: datetime, limit: int = 5000) -> int:

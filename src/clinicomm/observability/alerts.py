@@ -308,7 +308,8 @@ class AlertEngine:
         """bounce_rate per clinic in the window, as `delivery.bounces` defines it (bounced /
         handed to a provider)."""
         since = self.now() - timedelta(seconds=self.settings.bounce_window_seconds)
-        async with self.db.read() as session:
+        # A day of deliveries (ix_deliveries_sent): off the loop's thread on SQLite.
+        async with self.db.report() as session:
             counts = await bounce_counts(session, since)
         found = []
         cfg = self.settings

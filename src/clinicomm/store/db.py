@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from clinicomm.store.sqlite_inline import inline_connect
+from clinicomm.store.sqlite_inline import BUSY_TIMEOUT_MS, inline_connect
 from clinicomm.store.sqlite_raw import RawSqlite
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class Database:
         path = make_url(url).database if self.is_sqlite else None
         if path not in (None, "", ":memory:") and not str(path).startswith("file:"):
             self.raw = RawSqlite(str(path), self.engine.dialect, _pragmas)
+        #: `report`'s engine on a SQLite file (made on first use).
+        self._reports: AsyncEngine | None = None
+        self._report_sessions: async_sessionmaker[AsyncSession] | None = None
         #: `fast_pool`'s pools, by "custom plans only".
         self._fast_pools: dict[bool, Any] = {}
         self._fast_opening = asyncio.Lock()
@@ -106,6 +109,34 @@ class Database:
         """A read-only session (no write turn; WAL readers never block the writer). On
         PostgreSQL its statements run outside a transaction (autocommit): never write in it."""
         async with self._readers() as session:
+            yield session
+
+    @asynccontextmanager
+    async def report(self) -> AsyncIterator[AsyncSession]:
+        """A read-only session for reads that scan many rows (statistics, the alert engine's
+        counts), as `read` gives otherwise.
+
+        On a SQLite file its statements run on their connection's thread (aiosqlite as it
+        is, not `store.sqlite_inline`): the engine of `read` runs each statement on the
+        event loop's thread, which is right for the service's short statements, but while a
+        scan of a large table runs there every request of the process waits for it. The
+        sqlite3 module lets go of the GIL while SQLite works, so the loop keeps serving. On
+        PostgreSQL (and an in-memory SQLite database) it is `read`."""
+        if self.raw is None:
+            async with self.read() as session:
+                yield session
+            return
+        if self._report_sessions is None:
+            self._reports = create_async_engine(
+                self.url,
+                json_serializer=json_dumps,
+                json_deserializer=orjson.loads,
+                pool_size=2,
+                max_overflow=2,
+            )
+            event.listen(self._reports.sync_engine, "connect", _report_pragmas)
+            self._report_sessions = async_sessionmaker(self._reports, expire_on_commit=False)
+        async with self._report_sessions() as session:
             yield session
 
     async def ping(self) -> bool:
@@ -171,6 +202,9 @@ class Database:
                 pool.terminate()
         if self.raw is not None:
             self.raw.close()
+        if self._reports is not None:
+            await self._reports.dispose()
+            self._reports = self._report_sessions = None
         await self.engine.dispose()
 
 
@@ -251,6 +285,15 @@ def _pragmas(dbapi_connection: Any) -> None:
     # Deleted and overwritten content is zeroed in the file, so what retention erases is gone
     # from the database file (older page images can stay in the WAL until it is overwritten).
     cursor.execute("PRAGMA secure_delete=ON")
+    cursor.close()
+
+
+def _report_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """`Database.report`'s connections: the service's settings, and a busy timeout (they
+    wait on their own threads, never on the loop's)."""
+    _pragmas(dbapi_connection)
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.close()
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect
@@ -230,6 +231,18 @@ class Delivery(Base):
         Index("ix_deliveries_clinic_status_list", "clinic_id", "status", "id"),
         # Whose patient wrote to a global provider (`WebhookService._inbound_owner`).
         Index("ix_deliveries_recipient_index", "recipient_index"),
+        # Deliveries handed to a provider in a period, by clinic and provider, with their
+        # status: the bounce-rate alert's and the stats API's counts read this index alone
+        # (migration i20_0004), not the whole table.
+        Index(
+            "ix_deliveries_sent",
+            "sent_at",
+            "clinic_id",
+            "provider",
+            "status",
+            postgresql_where=text("sent_at IS NOT NULL"),
+            sqlite_where=text("sent_at IS NOT NULL"),
+        ),
     )
 
 
@@ -305,6 +318,14 @@ class DeliveryEventRecord(Base):
     __table_args__ = (
         UniqueConstraint("provider", "clinic_id", "event_id", name="uq_delivery_events_dedupe"),
         Index("ix_delivery_events_pending", "clinic_id", "provider_message_id"),
+        # The events whose address retention has still to erase (`purge_events`, every
+        # reaper pass): an entry leaves the index when the address is erased (i20_0004).
+        Index(
+            "ix_delivery_events_retained",
+            "received_at",
+            postgresql_where=text("recipient_enc IS NOT NULL"),
+            sqlite_where=text("recipient_enc IS NOT NULL"),
+        ),
     )
 
 

@@ -20,7 +20,9 @@ Contract of `InlineConnection._execute` (the one method every aiosqlite call goe
 
 What the loop gives up: while SQLite's C code runs, the loop's thread does nothing else (the
 worker thread let Python run on the other core meanwhile). The service's statements are
-short and bounded (retention and reads go in pages), so this is the cheaper side.
+short and bounded (retention and reads go in pages), so this is the cheaper side. A read
+that scans many rows (statistics, the bounce-rate alert's count) goes to `Database.report`,
+whose connections run each statement on their own thread.
 """
 
 from __future__ import annotations
