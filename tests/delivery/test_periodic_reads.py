@@ -1,6 +1,7 @@
 """The periodic reads of every serve and worker process read indexes for what they need
 (migration i20_0004): the bounce-rate alert's count `ix_deliveries_sent` for its period,
-the retention pass `ix_delivery_events_retained`; and long reads on a SQLite file
+the retention pass `ix_delivery_events_retained`, the webhook sweep
+`ix_delivery_events_unprocessed`; and long reads on a SQLite file
 (`Database.report`) leave the event loop free."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from sqlalchemy import insert, text
 
 from clinicomm.delivery.bounces import bounce_counts, bounce_query
+from clinicomm.delivery.ingest import unapplied
 from clinicomm.delivery.retention import events_to_erase, purge_events
 from clinicomm.store.db import Database
 from clinicomm.store.models import Delivery, DeliveryEventRecord, Message
@@ -132,6 +134,40 @@ async def test_the_retention_pass_reads_only_events_still_holding_an_address(
         assert await purge_events(session, NOW - timedelta(days=30)) == 3
     async with db.read() as session:
         assert (await session.scalars(events_to_erase(NOW - timedelta(days=30), 5000))).all() == []
+
+
+async def test_the_webhook_sweep_reads_only_unapplied_events(db: Database) -> None:
+    """The sweep (every 5 s) by `ix_delivery_events_unprocessed`, for its day only."""
+    async with db.session() as session:
+        await session.execute(
+            insert(DeliveryEventRecord),
+            [
+                {
+                    "clinic_id": "c-1",
+                    "provider": "sendgrid",
+                    "event_id": f"applied-{i}",
+                    "event_type": "delivered",
+                    "provider_message_id": f"pm-{i}",
+                    "processed_at": NOW,
+                    "received_at": NOW - timedelta(hours=1),
+                }
+                for i in range(2000)
+            ]
+            + [
+                {
+                    "clinic_id": "c-1",
+                    "provider": "sendgrid",
+                    "event_id": "waiting",
+                    "event_type": "delivered",
+                    "provider_message_id": "pm-unknown",
+                    "received_at": NOW - timedelta(minutes=5),
+                }
+            ],
+        )
+        if not db.is_sqlite:
+            await session.execute(text("ANALYZE delivery_events"))
+    plan = await _plan(db, unapplied(None, NOW - timedelta(days=1), 500))
+    assert "ix_delivery_events_unprocessed" in plan, plan
 
 
 #: A statement that keeps SQLite busy for a while (hundreds of milliseconds here).

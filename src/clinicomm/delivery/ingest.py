@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import Select, and_, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.callbacks import queue as callbacks
@@ -77,6 +77,7 @@ def global_label_prefix(provider: str) -> str:
     """The `deliveries.provider` prefix of a delivery sent by a global provider (`global:
     sendgrid`, `global:sendgrid#2`)."""
     return f"global:{provider}"
+
 
 _RANK = {
     DeliveryStatus.QUEUED: 0,
@@ -219,28 +220,10 @@ async def apply_stored(
     """
     result = ApplyResult()
     when = now or _utcnow()
-    query = select(DeliveryEventRecord).where(DeliveryEventRecord.processed_at.is_(None))
-    if ids is not None:
-        wanted = list(ids)
-        if not wanted:
-            return result
-        query = query.where(DeliveryEventRecord.id.in_(wanted))
-    else:
-        has_delivery = exists().where(
-            or_(
-                Delivery.clinic_id == DeliveryEventRecord.clinic_id,
-                and_(
-                    DeliveryEventRecord.clinic_id == GLOBAL_SCOPE,
-                    Delivery.provider.like("global:%"),
-                ),
-            ),
-            Delivery.provider_message_id == DeliveryEventRecord.provider_message_id,
-        )
-        query = query.where(or_(DeliveryEventRecord.event_type == INBOUND, has_delivery))
-        if since is not None:
-            query = query.where(DeliveryEventRecord.received_at >= since)
-    query = query.order_by(DeliveryEventRecord.id).limit(limit)
-    query = query.with_for_update(skip_locked=True, of=DeliveryEventRecord)
+    wanted = None if ids is None else list(ids)
+    if wanted is not None and not wanted:
+        return result
+    query = unapplied(wanted, since, limit)
     records = (await session.scalars(query)).all()
     for record in records:
         if record.event_type == INBOUND:
@@ -255,6 +238,33 @@ async def apply_stored(
         record.delivery_id = delivery_id
         record.processed_at = when
     return result
+
+
+def unapplied(
+    ids: list[int] | None, since: datetime | None, limit: int
+) -> Select[DeliveryEventRecord]:
+    """`apply_stored`'s rows, locked: `ids` among the unprocessed, or the sweep's (every
+    unprocessed inbound message and status event whose delivery exists, received after
+    `since`), read from `ix_delivery_events_unprocessed` in (received_at, id) order."""
+    query = select(DeliveryEventRecord).where(DeliveryEventRecord.processed_at.is_(None))
+    if ids is not None:
+        query = query.where(DeliveryEventRecord.id.in_(ids)).order_by(DeliveryEventRecord.id)
+    else:
+        has_delivery = exists().where(
+            or_(
+                Delivery.clinic_id == DeliveryEventRecord.clinic_id,
+                and_(
+                    DeliveryEventRecord.clinic_id == GLOBAL_SCOPE,
+                    Delivery.provider.like("global:%"),
+                ),
+            ),
+            Delivery.provider_message_id == DeliveryEventRecord.provider_message_id,
+        )
+        query = query.where(or_(DeliveryEventRecord.event_type == INBOUND, has_delivery))
+        if since is not None:
+            query = query.where(DeliveryEventRecord.received_at >= since)
+        query = query.order_by(DeliveryEventRecord.received_at, DeliveryEventRecord.id)
+    return query.limit(limit).with_for_update(skip_locked=True, of=DeliveryEventRecord)
 
 
 async def _find_delivery(

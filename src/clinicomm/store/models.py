@@ -320,6 +320,15 @@ class DeliveryEventRecord(Base):
         Index("ix_delivery_events_pending", "clinic_id", "provider_message_id"),
         # The events whose address retention has still to erase (`purge_events`, every
         # reaper pass): an entry leaves the index when the address is erased (i20_0004).
+        # The events the webhook sweep still has to apply (`ingest.apply_stored`, every 5 s):
+        # an event leaves it once applied (i20_0004).
+        Index(
+            "ix_delivery_events_unprocessed",
+            "received_at",
+            "id",
+            postgresql_where=text("processed_at IS NULL"),
+            sqlite_where=text("processed_at IS NULL"),
+        ),
         Index(
             "ix_delivery_events_retained",
             "received_at",

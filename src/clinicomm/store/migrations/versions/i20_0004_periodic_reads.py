@@ -1,10 +1,10 @@
-"""indexes for the periodic reads: ix_deliveries_sent and ix_delivery_events_retained
+"""indexes for the periodic reads: ix_deliveries_sent, ix_delivery_events_retained and _unprocessed
 
 Revision ID: i20_0004
 Revises: i20_0003
 Create Date: 2026-12-07 16:30:00
 
-Two reads that every serve and worker process repeats scanned a whole table that only grows;
+Three reads that serve and worker processes repeat scanned a whole table that only grows;
 on SQLite they ran on the event loop's thread, so every request of the process waited.
 
 - The bounce-rate alert counts, every `CLINICOMM_ALERT_INTERVAL_SECONDS` (60), the
@@ -19,6 +19,11 @@ on SQLite they ran on the event loop's thread, so every request of the process w
   still stored past the retention period: 67 ms on SQLite at 300,000 events.
   `ix_delivery_events_retained (received_at) WHERE recipient_enc IS NOT NULL` holds only
   those events, and an event leaves it when retention erases its address: 0.02 ms.
+- The webhook sweep (`delivery.ingest.apply_stored`, every 5 s in every API process) looks
+  for the last day's events not applied yet, in order: it read every event in id order
+  (31 ms on SQLite at 300,000 applied events). `ix_delivery_events_unprocessed (received_at,
+  id) WHERE processed_at IS NULL` holds only those not applied, which the sweep now reads in
+  (received_at, id) order: 0.9 ms.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ INDEXES = (
      "sent_at IS NOT NULL"),
     ("ix_delivery_events_retained", "delivery_events", ["received_at"],
      "recipient_enc IS NOT NULL"),
+    ("ix_delivery_events_unprocessed", "delivery_events", ["received_at", "id"],
+     "processed_at IS NULL"),
 )  # fmt: skip
 
 
