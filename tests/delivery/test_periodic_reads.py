@@ -48,6 +48,16 @@ def _sent(n: int, *, clinic: str, provider: str, status: str, at: datetime) -> l
     ]
 
 
+async def _events(db: Database, rows: list[dict[str, Any]]) -> None:
+    """Webhook event rows of clinic c-1 (a status report unless a row says otherwise)."""
+    base = {"clinic_id": "c-1", "provider": "sendgrid", "event_type": "delivered"}
+    async with db.session() as session:
+        await session.execute(
+            insert(DeliveryEventRecord),
+            [{**base, "event_id": f"ev-{next(_ids)}", **row} for row in rows],
+        )
+
+
 async def test_counts_only_what_was_handed_over_in_the_period(db: Database) -> None:
     await _deliveries(
         db,
@@ -113,21 +123,17 @@ async def test_the_retention_pass_reads_only_events_still_holding_an_address(
 ) -> None:
     """`purge_events` (every reaper pass) by `ix_delivery_events_retained`; an erased event
     leaves it, so the pass does not read it again."""
-    async with db.session() as session:
-        await session.execute(
-            insert(DeliveryEventRecord),
-            [
-                {
-                    "clinic_id": "c-1",
-                    "provider": "meta_business",
-                    "event_id": f"ev-{i}",
-                    "event_type": "inbound",
-                    "recipient_enc": "sealed",
-                    "received_at": NOW - timedelta(days=40),
-                }
-                for i in range(3)
-            ],
-        )
+    await _events(
+        db,
+        [
+            {
+                "event_type": "inbound",
+                "recipient_enc": "sealed",
+                "received_at": NOW - timedelta(days=40),
+            }
+            for _ in range(3)
+        ],
+    )
     plan = await _plan(db, events_to_erase(NOW - timedelta(days=30), 5000))
     assert "ix_delivery_events_retained" in plan, plan
     async with db.session() as session:
@@ -138,33 +144,12 @@ async def test_the_retention_pass_reads_only_events_still_holding_an_address(
 
 async def test_the_webhook_sweep_reads_only_unapplied_events(db: Database) -> None:
     """The sweep (every 5 s) by `ix_delivery_events_unprocessed`, for its day only."""
-    async with db.session() as session:
-        await session.execute(
-            insert(DeliveryEventRecord),
-            [
-                {
-                    "clinic_id": "c-1",
-                    "provider": "sendgrid",
-                    "event_id": f"applied-{i}",
-                    "event_type": "delivered",
-                    "provider_message_id": f"pm-{i}",
-                    "processed_at": NOW,
-                    "received_at": NOW - timedelta(hours=1),
-                }
-                for i in range(2000)
-            ]
-            + [
-                {
-                    "clinic_id": "c-1",
-                    "provider": "sendgrid",
-                    "event_id": "waiting",
-                    "event_type": "delivered",
-                    "provider_message_id": "pm-unknown",
-                    "received_at": NOW - timedelta(minutes=5),
-                }
-            ],
-        )
-        if not db.is_sqlite:
+    applied = {"processed_at": NOW, "received_at": NOW - timedelta(hours=1)}
+    waiting = {"provider_message_id": "pm-unknown", "received_at": NOW - timedelta(minutes=5)}
+    await _events(db, [{**applied, "provider_message_id": f"pm-{i}"} for i in range(2000)])
+    await _events(db, [waiting])
+    if not db.is_sqlite:
+        async with db.session() as session:
             await session.execute(text("ANALYZE delivery_events"))
     plan = await _plan(db, unapplied(None, NOW - timedelta(days=1), 500))
     assert "ix_delivery_events_unprocessed" in plan, plan
