@@ -1,11 +1,15 @@
 """Retention sweeps the worker's reaper runs: what identifies a patient in old messages,
-deliveries and events; old audit entries; expired idempotency keys."""
+deliveries and events; old audit entries; expired idempotency keys.
+
+Each call handles at most `limit` rows and returns how many it did; the reaper runs each in
+transactions of its own, batch after batch (`delivery.worker.RETENTION_BATCH`), so that no
+sweep holds the write lock (and on SQLite the event loop) for long."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import Select, delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clinicomm.store.models import (
@@ -83,7 +87,15 @@ async def purge_audit(session: AsyncSession, before: datetime, limit: int = 5000
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-async def purge_idempotency_keys(session: AsyncSession, now: datetime) -> int:
-    """Forget idempotency keys older than their 24 hours."""
-    result = await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
+async def purge_idempotency_keys(session: AsyncSession, now: datetime, limit: int = 5000) -> int:
+    """Forget up to `limit` idempotency keys older than their 24 hours (the oldest first)."""
+    expired = (
+        select(IdempotencyKey.scope, IdempotencyKey.key)
+        .where(IdempotencyKey.expires_at < now)
+        .order_by(IdempotencyKey.expires_at)
+        .limit(limit)
+    )
+    result = await session.execute(
+        delete(IdempotencyKey).where(tuple_(IdempotencyKey.scope, IdempotencyKey.key).in_(expired))
+    )
     return int(getattr(result, "rowcount", 0) or 0)
