@@ -300,13 +300,18 @@ def serve(
     async def go() -> None:
         from sqlalchemy import text
 
+        # An API process of `--processes N` joins the port's SO_REUSEPORT group before it
+        # starts (the N are forked together): the kernel spreads connections over all N from
+        # the first one on, and those of a process still starting wait in its backlog. Bound
+        # once ready instead, a client's keep-alive connections opened as soon as the first
+        # process answered stayed on that one (a pool opened at start used one core).
+        sockets = [_reuse_port_socket(settings.host, settings.port)] if reuse_port else None
         runtime = await Runtime.create(settings, migrate=settings.is_sqlite)
         try:
             async with runtime.db.engine.connect() as conn:  # fail now, not on the first request
                 await conn.execute(text("SELECT 1"))
             api = create_app(settings, runtime)
             api.state.verifier = verifier
-            sockets = [_reuse_port_socket(settings.host, settings.port)] if reuse_port else None
             config = uvicorn.Config(
                 api,
                 host=settings.host,

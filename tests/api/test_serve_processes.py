@@ -104,12 +104,10 @@ async def test_two_api_processes_and_a_worker_deliver_each_message_once(
             apis = [p for p in kids if comm(p) == "clinicomm-api"]
             workers = [p for p in kids if comm(p) == "clinicomm-work"]
             assert len(apis) == 2 and len(workers) == 1, [comm(p) for p in kids]
-            # Ready means one API process answers: the other may still be starting. Until it
-            # listens, every connection (kept alive for the whole test) goes to the first.
-            port = server.port
-            while not all(listening(p, port) for p in apis) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            assert all(listening(p, port) for p in apis), "an API process is not listening"
+            # Ready means one API process answers; the other may still be starting, but it
+            # joined the port's SO_REUSEPORT group first thing, so the connections below
+            # (kept alive for the whole test) are spread over both.
+            assert all(listening(p, server.port) for p in apis), "an API process is not listening"
             # Forked from the supervisor after it imported the service: most of an API
             # process's pages are the supervisor's, shared (PSS well under RSS).
             assert proc_kb(apis[0], "Pss", "smaps_rollup") < proc_kb(apis[0], "VmRSS") * 0.8
@@ -154,6 +152,42 @@ async def test_two_api_processes_and_a_worker_deliver_each_message_once(
         attempts = await session.scalar(select(func.count()).select_from(DeliveryAttempt))
     assert attempts == MESSAGES
     assert server.proc.returncode == 0, server.output()[-3000:]
+
+
+@pytest.mark.postgres
+async def test_api_processes_listen_while_they_start(settings: Settings, tmp_path: Path) -> None:
+    """Each API process joins the port before it starts its runtime: with a database that
+    accepts the connection and never answers, neither is ever ready, yet both listen (the
+    kernel spreads connections over both from the first one on)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # keep the connection open, answer nothing
+
+    blackhole = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = blackhole.sockets[0].getsockname()[1]
+    stalled = settings.model_copy(
+        update={"database_url": f"postgresql+asyncpg://postgres@127.0.0.1:{port}/none"}
+    )
+    server = ServeProcess(
+        stalled, tmp_path / "serve.log", {"CLINICOMM_PROCESSES": "2", "CLINICOMM_WORKER": "false"}
+    )
+    try:
+        deadline = time.monotonic() + 20
+        apis: list[int] = []
+        while time.monotonic() < deadline:
+            apis = [p for p in children(server.proc.pid) if comm(p) == "clinicomm-api"]
+            if len(apis) == 2 and all(listening(p, server.port) for p in apis):
+                break
+            await asyncio.sleep(0.1)
+        assert len(apis) == 2 and all(listening(p, server.port) for p in apis), server.output()
+        assert held, "the API processes never reached the database"
+    finally:
+        server.stop()
+        for writer in held:
+            writer.close()
+        blackhole.close()
+        await blackhole.wait_closed()
 
 
 def test_sqlite_refuses_more_than_one_process(tmp_path: Path) -> None:
