@@ -105,8 +105,10 @@ async def test_two_api_processes_and_a_worker_deliver_each_message_once(
             workers = [p for p in kids if comm(p) == "clinicomm-work"]
             assert len(apis) == 2 and len(workers) == 1, [comm(p) for p in kids]
             # Ready means one API process answers; the other may still be starting, but it
-            # joined the port's SO_REUSEPORT group first thing, so the connections below
-            # (kept alive for the whole test) are spread over both.
+            # joins the port's SO_REUSEPORT group first thing (the test below), so the
+            # connections below, kept alive for the whole test, are spread over both.
+            while not all(listening(p, server.port) for p in apis) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             assert all(listening(p, server.port) for p in apis), "an API process is not listening"
             # Forked from the supervisor after it imported the service: most of an API
             # process's pages are the supervisor's, shared (PSS well under RSS).
