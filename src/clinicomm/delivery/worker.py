@@ -538,22 +538,26 @@ class Worker:
         now = utcnow()
         before = now - timedelta(seconds=self.options.retention_seconds)
         audit_before = now - timedelta(seconds=self.options.audit_retention_seconds)
-        sweeps: list[tuple[bool, Callable[[AsyncSession], Awaitable[int]]]] = [
-            (False, lambda s: purge_idempotency_keys(s, now, RETENTION_BATCH)),
-            (True, lambda s: purge_contents(s, before, RETENTION_BATCH)),
-            (False, lambda s: purge_events(s, before, RETENTION_BATCH)),
-            (False, lambda s: purge_audit(s, audit_before, RETENTION_BATCH)),
-        ]
-        erased = 0
-        for contents, sweep in sweeps:
-            for _ in range(RETENTION_BATCHES):
-                async with self.db.session() as session:
-                    done = await sweep(session)
-                erased += done if contents else 0
-                if done < RETENTION_BATCH or stop.is_set():
-                    break
-                await asyncio.sleep(0)  # the other writers' turn
+        await self._in_batches(stop, lambda s: purge_idempotency_keys(s, now, RETENTION_BATCH))
+        erased = await self._in_batches(stop, lambda s: purge_contents(s, before, RETENTION_BATCH))
+        await self._in_batches(stop, lambda s: purge_events(s, before, RETENTION_BATCH))
+        await self._in_batches(stop, lambda s: purge_audit(s, audit_before, RETENTION_BATCH))
         return erased
+
+    async def _in_batches(
+        self, stop: asyncio.Event, sweep: Callable[[AsyncSession], Awaitable[int]]
+    ) -> int:
+        """`sweep` in transactions of its own until it handles fewer than `RETENTION_BATCH`
+        rows, `RETENTION_BATCHES` times at most or until `stop`; the rows it handled."""
+        total = 0
+        for _ in range(RETENTION_BATCHES):
+            async with self.db.session() as session:
+                done = await sweep(session)
+            total += done
+            if done < RETENTION_BATCH or stop.is_set():
+                break
+            await asyncio.sleep(0)  # the other writers' turn
+        return total
 
     async def _shutdown(self) -> None:
         """Let in-flight sends finish (bounded), then release what is left."""

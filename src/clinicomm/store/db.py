@@ -42,11 +42,7 @@ class Database:
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {
-            "echo": echo,
-            "json_serializer": json_dumps,
-            "json_deserializer": orjson.loads,
-        }
+        kwargs: dict[str, Any] = {"echo": echo, **_JSON}
         if self.is_sqlite:
             # Statements run on the loop's thread, and a wait for another process's write
             # lock on the connection's own (store/sqlite_inline.py). Each aiosqlite connection
@@ -127,13 +123,7 @@ class Database:
                 yield session
             return
         if self._report_sessions is None:
-            self._reports = create_async_engine(
-                self.url,
-                json_serializer=json_dumps,
-                json_deserializer=orjson.loads,
-                pool_size=2,
-                max_overflow=2,
-            )
+            self._reports = create_async_engine(self.url, **_JSON, pool_size=2, max_overflow=2)
             event.listen(self._reports.sync_engine, "connect", _report_pragmas)
             self._report_sessions = async_sessionmaker(self._reports, expire_on_commit=False)
         async with self._report_sessions() as session:
@@ -286,6 +276,10 @@ def _pragmas(dbapi_connection: Any) -> None:
     # from the database file (older page images can stay in the WAL until it is overwritten).
     cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
+
+
+#: How both engines store and read JSON columns.
+_JSON: dict[str, Any] = {"json_serializer": json_dumps, "json_deserializer": orjson.loads}
 
 
 def _report_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -318,8 +318,6 @@ class DeliveryEventRecord(Base):
     __table_args__ = (
         UniqueConstraint("provider", "clinic_id", "event_id", name="uq_delivery_events_dedupe"),
         Index("ix_delivery_events_pending", "clinic_id", "provider_message_id"),
-        # The events whose address retention has still to erase (`purge_events`, every
-        # reaper pass): an entry leaves the index when the address is erased (i20_0004).
         # The events the webhook sweep still has to apply (`ingest.apply_stored`, every 5 s):
         # an event leaves it once applied (i20_0004).
         Index(
@@ -329,6 +327,8 @@ class DeliveryEventRecord(Base):
             postgresql_where=text("processed_at IS NULL"),
             sqlite_where=text("processed_at IS NULL"),
         ),
+        # The events whose address retention has still to erase (`purge_events`, every
+        # reaper pass): an entry leaves the index when the address is erased (i20_0004).
         Index(
             "ix_delivery_events_retained",
             "received_at",
